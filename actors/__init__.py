@@ -1,0 +1,1 @@
+"""The Trio actors (loader, scheduler, pipelines, signals), their messages and supervision."""

@@ -1,0 +1,27 @@
+"""The runtime's exception hierarchy.
+
+Every error a caller can cause (a bad model file, a bad option) is a ``RuntimeInputError``;
+anything else escaping the runtime is a bug. ``api/errors.py`` maps these to HTTP statuses.
+"""
+
+from __future__ import annotations
+
+
+class RuntimeInputError(Exception):
+    """Base for errors caused by input: model files, names, options, prompts."""
+
+
+class ModelLoadError(RuntimeInputError):
+    """A model could not be resolved or loaded. The message names the file and tensor."""
+
+
+class ModelNotFoundError(ModelLoadError):
+    """No model of that name or path exists."""
+
+
+class OptionsError(RuntimeInputError, ValueError):
+    """A sampling or generation option is out of range or of the wrong type."""
+
+
+class PromptError(RuntimeInputError, ValueError):
+    """The prompt is empty or does not fit the context."""

@@ -1,0 +1,26 @@
+"""Model registry: one module per HF ``model_type``, each exporting ``Model`` and ``ModelArgs``."""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Any
+
+from runtime.errors import ModelLoadError
+from runtime.models import llama, qwen2, qwen3
+
+ARCHITECTURES: dict[str, ModuleType] = {"llama": llama, "qwen2": qwen2, "qwen3": qwen3}
+
+# Configs whose layers are llama's under another name.
+ALIASES = {"mistral": "llama", "smollm2": "llama"}
+
+
+def architecture(config: dict[str, Any]) -> ModuleType:
+    """The module implementing ``config["model_type"]``, or a ``ModelLoadError`` naming the options."""
+    model_type = str(config.get("model_type", ""))
+    module = ARCHITECTURES.get(ALIASES.get(model_type, model_type))
+    if module is None:
+        supported = ", ".join(sorted([*ARCHITECTURES, *ALIASES]))
+        raise ModelLoadError(
+            f"unsupported model_type {model_type!r}; supported model types: {supported}"
+        )
+    return module

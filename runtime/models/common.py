@@ -1,0 +1,157 @@
+"""Pieces every architecture shares: packed spans, RoPE variants and ragged attention.
+
+A model step runs on a *packed* batch: the tokens of several sequences laid end to end in one
+``[1, N]`` row. Everything that works per token (embedding, norms, projections, MLP) runs on
+the whole row at once, which is where batching pays (weights are read once per step). Only
+attention is per sequence: each ``Span`` names its slice of the row and its own KV cache, and
+positions start at that cache's offset. A prefill chunk of one sequence and the decode tokens of
+others therefore share one forward pass.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from functools import partial
+from typing import Any
+
+import attrs
+import mlx.core as mx
+import mlx.nn as nn
+
+from runtime.kvcache import KVCache, SequenceCache
+
+
+@attrs.frozen
+class Span:
+    """``length`` tokens at ``start`` in the packed row that belong to the sequence of ``cache``."""
+
+    start: int
+    length: int
+    cache: SequenceCache
+
+
+class Rope(nn.Module):
+    """Rotary embedding with the scalings the supported checkpoints use (none, linear, llama3)."""
+
+    def __init__(
+        self,
+        dims: int,
+        *,
+        base: float,
+        traditional: bool = False,
+        scaling: dict[str, Any] | None = None,
+        max_position_embeddings: int = 2048,
+    ) -> None:
+        super().__init__()
+        self.dims = dims
+        self.traditional = traditional
+        self.base: float | None = base
+        self.scale = 1.0
+        self._freqs: mx.array | None = None
+        kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+        if kind == "linear":
+            self.scale = 1.0 / float(scaling["factor"])  # type: ignore[index]
+        elif kind == "llama3":
+            self._freqs = _llama3_freqs(dims, base, scaling or {}, max_position_embeddings)
+            self.base = None
+        elif kind not in ("default", None):
+            raise ValueError(f"unsupported rope scaling {kind!r}")
+
+    def __call__(self, x: mx.array, offset: int) -> mx.array:
+        return mx.fast.rope(
+            x,
+            self.dims,
+            traditional=self.traditional,
+            base=self.base,
+            scale=self.scale,
+            offset=offset,
+            freqs=self._freqs,
+        )
+
+
+def _llama3_freqs(dims: int, base: float, cfg: dict[str, Any], max_pos: int) -> mx.array:
+    factor = float(cfg.get("factor", 1.0))
+    low = float(cfg.get("low_freq_factor", 1.0))
+    high = float(cfg.get("high_freq_factor", 4.0))
+    old_ctx = float(cfg.get("original_max_position_embeddings", max_pos))
+    low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+    freqs = base ** (mx.arange(0, dims, 2, dtype=mx.float32) / dims)
+    wavelens = 2 * math.pi * freqs
+    freqs = mx.where(wavelens > low_wavelen, freqs * factor, freqs)
+    medium = (wavelens > high_wavelen) & (wavelens < low_wavelen)
+    smooth = (old_ctx / wavelens - low) / (high - low)
+    smoothed = freqs / ((1 - smooth) / factor + smooth)
+    return mx.where(medium, smoothed, freqs)
+
+
+def ragged_attention(
+    queries: mx.array,
+    keys: mx.array,
+    values: mx.array,
+    *,
+    spans: Sequence[Span],
+    layer: int,
+    rope: Rope,
+    scale: float,
+) -> mx.array:
+    """Attention over packed ``[1, H, N, D]`` tensors, each span against its own cache.
+
+    Returns ``[1, N, H * D]``. RoPE is applied here because each span starts at its own
+    position.
+    """
+    outputs = []
+    for span in spans:
+        if len(spans) == 1:
+            q, k, v = queries, keys, values
+        else:
+            end = span.start + span.length
+            q = queries[:, :, span.start : end]
+            k = keys[:, :, span.start : end]
+            v = values[:, :, span.start : end]
+        cache: KVCache = span.cache[layer]
+        q = rope(q, cache.offset)
+        k = rope(k, cache.offset)
+        k, v = cache.update_and_fetch(k, v)
+        mask = "causal" if span.length > 1 else None
+        outputs.append(mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask))
+    out = outputs[0] if len(outputs) == 1 else mx.concatenate(outputs, axis=2)
+    batch, heads, length, dims = out.shape
+    return out.transpose(0, 2, 1, 3).reshape(batch, length, heads * dims)
+
+
+def split_heads(x: mx.array, heads: int) -> mx.array:
+    """``[1, N, H * D]`` -> ``[1, H, N, D]``."""
+    batch, length, _ = x.shape
+    return x.reshape(batch, length, heads, -1).transpose(0, 2, 1, 3)
+
+
+@partial(mx.compile, shapeless=True)
+def swiglu(gate: mx.array, up: mx.array) -> mx.array:
+    return nn.silu(gate) * up
+
+
+def single_span(inputs: mx.array, cache: SequenceCache) -> list[Span]:
+    """The spans of an unpacked ``[1, L]`` call (the mlx-lm-compatible path)."""
+    if inputs.ndim != 2 or inputs.shape[0] != 1:
+        raise ValueError("expected token ids shaped [1, L]")
+    return [Span(0, inputs.shape[1], cache)]
+
+
+def normalize_config(config: dict[str, Any]) -> dict[str, Any]:
+    """Fold newer HF spellings into the fields the model args read.
+
+    transformers >= 4.5x writes ``rope_parameters`` (``rope_theta`` and scaling together) where
+    older configs have top-level ``rope_theta`` and ``rope_scaling``.
+    """
+    out = dict(config)
+    params = out.get("rope_parameters")
+    if isinstance(params, dict):
+        if "rope_theta" in params and out.get("rope_theta") is None:
+            out["rope_theta"] = params["rope_theta"]
+        kind = params.get("rope_type", params.get("type", "default"))
+        if kind not in (None, "default") and out.get("rope_scaling") is None:
+            out["rope_scaling"] = params
+    if out.get("rope_theta") is None:
+        out.pop("rope_theta", None)
+    return out

@@ -1,0 +1,165 @@
+"""Llama-family decoder (Llama 2/3.x, SmolLM2, Mistral-style configs), ``model_type: llama``.
+
+Attribute names equal the checkpoint tensor names (``model.layers.0.self_attn.q_proj``...), so
+``load_weights`` takes a HF/MLX checkpoint as-is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import attrs
+import mlx.core as mx
+import mlx.nn as nn
+
+from runtime.kvcache import SequenceCache
+from runtime.models.common import (
+    Rope,
+    Span,
+    normalize_config,
+    ragged_attention,
+    single_span,
+    split_heads,
+    swiglu,
+)
+
+
+@attrs.frozen(kw_only=True)
+class ModelArgs:
+    model_type: str
+    hidden_size: int
+    num_hidden_layers: int
+    intermediate_size: int
+    num_attention_heads: int
+    vocab_size: int
+    rms_norm_eps: float = 1e-5
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    max_position_embeddings: int = 4096
+    rope_theta: float = 10000.0
+    rope_traditional: bool = False
+    rope_scaling: dict[str, Any] | None = None
+    tie_word_embeddings: bool = True
+    attention_bias: bool = False
+    mlp_bias: bool = False
+
+    @classmethod
+    def from_dict(cls, config: dict[str, Any]) -> ModelArgs:
+        names = {f.name for f in attrs.fields(cls)}
+        return cls(**{k: v for k, v in normalize_config(config).items() if k in names})
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_key_value_heads or self.num_attention_heads
+
+    @property
+    def dims_per_head(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_attention_heads
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.n_heads = args.num_attention_heads
+        self.n_kv_heads = args.kv_heads
+        head_dim = args.dims_per_head
+        self.scale = head_dim**-0.5
+        bias = args.attention_bias
+        self.q_proj = nn.Linear(args.hidden_size, self.n_heads * head_dim, bias=bias)
+        self.k_proj = nn.Linear(args.hidden_size, self.n_kv_heads * head_dim, bias=bias)
+        self.v_proj = nn.Linear(args.hidden_size, self.n_kv_heads * head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * head_dim, args.hidden_size, bias=bias)
+        self.rope = Rope(
+            head_dim,
+            base=args.rope_theta,
+            traditional=args.rope_traditional,
+            scaling=args.rope_scaling,
+            max_position_embeddings=args.max_position_embeddings,
+        )
+
+    def __call__(self, x: mx.array, spans: Sequence[Span]) -> mx.array:
+        q = split_heads(self.q_proj(x), self.n_heads)
+        k = split_heads(self.k_proj(x), self.n_kv_heads)
+        v = split_heads(self.v_proj(x), self.n_kv_heads)
+        out = ragged_attention(
+            q, k, v, spans=spans, layer=self.layer, rope=self.rope, scale=self.scale
+        )
+        return self.o_proj(out)
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        dim, hidden, bias = args.hidden_size, args.intermediate_size, args.mlp_bias
+        self.gate_proj = nn.Linear(dim, hidden, bias=bias)
+        self.down_proj = nn.Linear(hidden, dim, bias=bias)
+        self.up_proj = nn.Linear(dim, hidden, bias=bias)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int) -> None:
+        super().__init__()
+        self.self_attn = Attention(args, layer)
+        self.mlp = MLP(args)
+        self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+
+    def __call__(self, x: mx.array, spans: Sequence[Span]) -> mx.array:
+        h = x + self.self_attn(self.input_layernorm(x), spans)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = [TransformerBlock(args, i) for i in range(args.num_hidden_layers)]
+        self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+
+    def __call__(self, inputs: mx.array, spans: Sequence[Span]) -> mx.array:
+        h = self.embed_tokens(inputs)
+        for layer in self.layers:
+            h = layer(h, spans)
+        return self.norm(h)
+
+
+class Model(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.args = args
+        self.model_type = args.model_type
+        self.model = LlamaModel(args)
+        if not args.tie_word_embeddings:
+            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+
+    def hidden(self, inputs: mx.array, spans: Sequence[Span]) -> mx.array:
+        """Final hidden states ``[1, N, D]`` of the packed token row ``inputs`` (``[1, N]``)."""
+        return self.model(inputs, spans)
+
+    def unembed(self, hidden: mx.array) -> mx.array:
+        if self.args.tie_word_embeddings:
+            return self.model.embed_tokens.as_linear(hidden)
+        return self.lm_head(hidden)
+
+    def __call__(self, inputs: mx.array, cache: SequenceCache | None = None) -> mx.array:
+        """Logits for a ``[1, L]`` prompt, like mlx-lm's ``Model.__call__``."""
+        cache = cache if cache is not None else self.make_cache()
+        return self.unembed(self.hidden(inputs, single_span(inputs, cache)))
+
+    def make_cache(self) -> SequenceCache:
+        return SequenceCache(len(self.model.layers))
+
+    def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
+        weights = {k: v for k, v in weights.items() if "rotary_emb.inv_freq" not in k}
+        if self.args.tie_word_embeddings:
+            weights = {k: v for k, v in weights.items() if not k.startswith("lm_head.")}
+        return weights
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.model.layers)
