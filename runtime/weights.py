@@ -16,10 +16,12 @@ from the tensor shapes.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import attrs
+import mlx.core as mx
 
 from runtime.errors import ModelLoadError, ModelNotFoundError
 
@@ -83,3 +85,113 @@ def folder_files(folder: Path) -> ModelFiles:
         size_bytes=sum(f.stat().st_size for f in files),
         modified_at=max(f.stat().st_mtime for f in files),
     )
+
+
+# ---- the three-phase tensor read ----
+
+_SCALE = ".weight.scale"
+_QBIAS = ".weight.bias"
+_QUANT_TYPES = {"int4": 4, "q4": 4, "fp4": 4, "int8": 8, "q8": 8, "fp8": 8}
+
+
+@attrs.frozen(kw_only=True)
+class TensorSet:
+    """Tensors in mlx-lm naming, where each came from, and declared quantization per weight."""
+
+    tensors: dict[str, mx.array]
+    origins: dict[str, str]  # tensor name -> file it was read from
+    quant: dict[str, tuple[int, int]]  # module path -> (bits, group_size) from file metadata
+
+
+def check_safetensors(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
+    """Validate a safetensors file's header against its size; return (tensor header, metadata).
+
+    MLX reads tensor data lazily, so a truncated file would otherwise fail only at first use.
+    """
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise ModelLoadError(f"{path}: truncated safetensors file (no header)")
+            n = int.from_bytes(head, "little")
+            if n > 100 * 1024 * 1024 or 8 + n > size:
+                raise ModelLoadError(f"{path}: truncated or corrupt safetensors header")
+            header = json.loads(f.read(n))
+    except OSError as exc:
+        raise ModelLoadError(f"{path}: cannot read ({exc})") from exc
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"{path}: corrupt safetensors header ({exc})") from exc
+    if not isinstance(header, dict):
+        raise ModelLoadError(f"{path}: corrupt safetensors header")
+    metadata = header.pop("__metadata__", None) or {}
+    data_size = size - 8 - n
+    for name, info in header.items():
+        try:
+            start, end = info["data_offsets"]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelLoadError(f"{path}: tensor {name!r} has no valid data_offsets") from exc
+        if not 0 <= start <= end <= data_size:
+            raise ModelLoadError(
+                f"{path}: truncated: tensor {name!r} needs bytes up to {end}, "
+                f"the file holds {data_size}"
+            )
+    return header, {str(k): str(v) for k, v in metadata.items()}
+
+
+def _declared_quant(metadata: dict[str, str], weight: str) -> tuple[int, int] | None:
+    kind = metadata.get(f"{weight}.quant_type", metadata.get("quant_type", "")).lower()
+    if not kind:
+        return None
+    bits = _QUANT_TYPES.get(kind)
+    if bits is None:
+        raise ModelLoadError(f"unsupported quant_type {kind!r} for tensor {weight!r}")
+    group = int(metadata.get(f"{weight}.group_size", metadata.get("group_size", "64")))
+    return bits, group
+
+
+def read_tensors(
+    files: Sequence[Path], *, on_file: Callable[[Path, int], None] | None = None
+) -> TensorSet:
+    """Read safetensors files in three phases (raw, scales, bias remap); see the module doc."""
+    raw: dict[str, mx.array] = {}
+    origins: dict[str, str] = {}
+    metas: dict[str, dict[str, str]] = {}
+    # Phase 1: raw tensors, every file, names as stored.
+    for path in files:
+        _, metadata = check_safetensors(path)
+        try:
+            arrays = mx.load(str(path))
+        except (RuntimeError, ValueError, OSError) as exc:
+            raise ModelLoadError(f"{path}: cannot load safetensors ({exc})") from exc
+        assert isinstance(arrays, dict)
+        for name, array in arrays.items():
+            raw[name] = array
+            origins[name] = str(path)
+            metas[name] = metadata
+        if on_file is not None:
+            on_file(path, path.stat().st_size)
+    # Phase 2: scales.
+    out: dict[str, mx.array] = {}
+    out_origins: dict[str, str] = {}
+    quant: dict[str, tuple[int, int]] = {}
+    scaled: set[str] = set()
+    for name, array in raw.items():
+        if name.endswith(_SCALE):
+            module = name[: -len(_SCALE)]
+            scaled.add(module)
+            out[module + ".scales"] = array
+            out_origins[module + ".scales"] = origins[name]
+            declared = _declared_quant(metas[name], module + ".weight")
+            if declared is not None:
+                quant[module] = declared
+    # Phase 3: everything else; a ".weight.bias" is a quantization bias only beside a scale.
+    for name, array in raw.items():
+        if name.endswith(_SCALE):
+            continue
+        target = name
+        if name.endswith(_QBIAS) and name[: -len(_QBIAS)] in scaled:
+            target = name[: -len(_QBIAS)] + ".biases"
+        out[target] = array
+        out_origins[target] = origins[name]
+    return TensorSet(tensors=out, origins=out_origins, quant=quant)

@@ -1,0 +1,121 @@
+"""Tiny real models for tests: random weights in a real HF/MLX folder with a trained tokenizer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from runtime.loader import flat_parameters
+from runtime.models import architecture
+
+TINY_CONFIGS: dict[str, dict[str, Any]] = {
+    "llama": {
+        "model_type": "llama",
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "intermediate_size": 128,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "max_position_embeddings": 256,
+        "tie_word_embeddings": True,
+    },
+    "qwen2": {
+        "model_type": "qwen2",
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "intermediate_size": 96,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000.0,
+        "max_position_embeddings": 256,
+        "tie_word_embeddings": False,
+    },
+    "qwen3": {
+        "model_type": "qwen3",
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "intermediate_size": 96,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 32,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000.0,
+        "max_position_embeddings": 256,
+        "tie_word_embeddings": True,
+    },
+}
+
+
+def tiny_config(
+    model_type: str = "llama", *, vocab_size: int = 512, **overrides: Any
+) -> dict[str, Any]:
+    return {**TINY_CONFIGS[model_type], "vocab_size": vocab_size, **overrides}
+
+
+def random_weights(config: dict[str, Any], *, seed: int = 0) -> dict[str, mx.array]:
+    """Float32 random weights with the checkpoint names of ``config``'s architecture."""
+    mx.random.seed(seed)
+    module = architecture(config)
+    model = module.Model(module.ModelArgs.from_dict(config))
+    weights = flat_parameters(model)
+    # Norm weights start at 1; perturb them so a wrong norm placement changes the logits.
+    return {
+        k: (v + 0.1 * mx.random.normal(v.shape) if "norm" in k else v).astype(mx.float32)
+        for k, v in weights.items()
+    }
+
+
+def quantize_weights(
+    config: dict[str, Any], weights: dict[str, mx.array], *, bits: int, group_size: int
+) -> dict[str, mx.array]:
+    """mlx-lm layout (``.weight``/``.scales``/``.biases``) of every Linear and the embedding."""
+    module = architecture(config)
+    model = module.Model(module.ModelArgs.from_dict(config))
+    model.load_weights(list(weights.items()))
+    nn.quantize(model, group_size=group_size, bits=bits)
+    return flat_parameters(model)
+
+
+def make_tiny_folder(
+    path: Path,
+    model_type: str = "llama",
+    *,
+    tokenizer_json: str | None = None,
+    tokenizer_config: dict[str, Any] | None = None,
+    quantize: tuple[int, int] | None = None,
+    seed: int = 0,
+    **overrides: Any,
+) -> Path:
+    """Write a loadable model folder: config.json, model.safetensors, tokenizer files.
+
+    ``quantize=(bits, group_size)`` writes an MLX-quantized checkpoint.
+    """
+    if tokenizer_json is None:
+        from tests.tokenizer_fixture import tokenizer_config as default_tok_config
+        from tests.tokenizer_fixture import train_tokenizer
+
+        tokenizer_json = train_tokenizer()
+        tokenizer_config = tokenizer_config or default_tok_config()
+    vocab = json.loads(tokenizer_json)
+    vocab_size = len(vocab["model"]["vocab"]) + len(
+        [t for t in vocab.get("added_tokens", []) if t["id"] >= len(vocab["model"]["vocab"])]
+    )
+    config = tiny_config(model_type, vocab_size=vocab_size, **overrides)
+    weights = random_weights(config, seed=seed)
+    if quantize is not None:
+        bits, group = quantize
+        weights = quantize_weights(config, weights, bits=bits, group_size=group)
+        config["quantization"] = {"group_size": group, "bits": bits}
+    path.mkdir(parents=True, exist_ok=True)
+    mx.save_safetensors(str(path / "model.safetensors"), weights, metadata={"format": "mlx"})
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    (path / "tokenizer.json").write_text(tokenizer_json)
+    (path / "tokenizer_config.json").write_text(json.dumps(tokenizer_config or {}, indent=2))
+    return path
