@@ -284,7 +284,8 @@ def build_model(
 
 def _describe_quant(params: dict[str, tuple[int, int]], weights: dict[str, mx.array]) -> str:
     if not params:
-        dtypes = {str(a.dtype).split(".")[-1].upper() for a in weights.values()}
+        names = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+        dtypes = {names.get(str(a.dtype).split(".")[-1], "?") for a in weights.values()}
         return "/".join(sorted(dtypes)) or "F32"
     common: dict[tuple[int, int], int] = {}
     for p in params.values():
