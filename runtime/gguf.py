@@ -1,0 +1,484 @@
+"""Read GGUF files (llama.cpp's format) into an HF/mlx-lm-shaped model: config, weights, tokenizer.
+
+``read_gguf`` parses and checks the header itself (so a broken file gets an error naming the file
+and tensor instead of a crash inside a C reader), then lets ``mx.load`` read the tensor data:
+Q4_0/Q4_1/Q8_0 come back in MLX's affine layout (packed ``uint32`` weight, ``scales``,
+``biases``, group 32; scales and biases as float32), F32/F16/BF16 dense. Tensors are renamed to mlx-lm names, and for llama
+the q/k projection rows are put back in HF order (llama.cpp interleaves the two rotary halves of
+each head; qwen2/qwen3 use NEOX RoPE and are stored unpermuted). ``write_folder`` turns the
+result into a model folder that ``mlx_lm.load`` accepts. The tokenizer is rebuilt in
+``runtime.gguf_tokenizer``.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import re
+import struct
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import attrs
+import mlx.core as mx
+import numpy as np
+
+from runtime.errors import ModelLoadError
+from runtime.gguf_tokenizer import build_tokenizer
+
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3")
+
+# GGML tensor type -> (name, values per block, bytes per block, quantized bits or None)
+_TENSOR_TYPES: dict[int, tuple[str, int, int, int | None]] = {
+    0: ("F32", 1, 4, None),
+    1: ("F16", 1, 2, None),
+    2: ("Q4_0", 32, 18, 4),
+    3: ("Q4_1", 32, 20, 4),
+    8: ("Q8_0", 32, 34, 8),
+    30: ("BF16", 1, 2, None),
+}
+_GROUP_SIZE = 32
+
+
+@attrs.frozen(kw_only=True)
+class GGUFContents:
+    """A GGUF file in HF/mlx-lm terms."""
+
+    config: dict[str, Any]  # config.json, with "quantization" when any tensor is quantized
+    weights: dict[str, mx.array]  # mlx-lm names; quantized: .weight (uint32) + .scales + .biases
+    tokenizer_json: str
+    tokenizer_config: dict[str, Any]  # chat_template, bos_token, eos_token, add_bos_token, ...
+    metadata: dict[str, Any]  # the file's metadata as plain Python values
+
+
+@attrs.frozen
+class _TensorInfo:
+    name: str
+    shape: tuple[int, ...]  # row-major (the reverse of GGUF's ne[] order)
+    kind: int
+    offset: int  # from the start of the data section
+
+
+# ---- header ----
+
+_SCALARS = {
+    0: "<B",
+    1: "<b",
+    2: "<H",
+    3: "<h",
+    4: "<I",
+    5: "<i",
+    6: "<f",
+    7: "<?",
+    10: "<Q",
+    11: "<q",
+    12: "<d",
+}
+_NUMPY = {
+    0: "<u1",
+    1: "<i1",
+    2: "<u2",
+    3: "<i2",
+    4: "<u4",
+    5: "<i4",
+    6: "<f4",
+    7: "?",
+    10: "<u8",
+    11: "<i8",
+    12: "<f8",
+}
+_STRING, _ARRAY = 8, 9
+
+
+class _Header:
+    """A bounds-checked cursor over the file's bytes."""
+
+    def __init__(self, data: mmap.mmap, path: Path) -> None:
+        self.data = data
+        self.pos = 0
+        self.path = path
+
+    def fail(self, what: str) -> ModelLoadError:
+        return ModelLoadError(f"{self.path}: {what}")
+
+    def take(self, n: int) -> bytes:
+        if n < 0 or self.pos + n > len(self.data):
+            raise self.fail("truncated GGUF header")
+        chunk = self.data[self.pos : self.pos + n]
+        self.pos += n
+        return chunk
+
+    def scalar(self, fmt: str) -> Any:
+        size = struct.calcsize(fmt)
+        return struct.unpack(fmt, self.take(size))[0]
+
+    def string(self) -> str:
+        n = self.scalar("<Q")
+        return self.take(n).decode("utf-8", errors="replace")
+
+    def strings(self, count: int) -> list[str]:
+        # The vocabulary is ~100k strings: one tight loop instead of method calls per item.
+        data, pos, size, out = self.data, self.pos, len(self.data), []
+        if count > size:
+            raise self.fail("truncated GGUF header")
+        unpack = struct.Struct("<Q").unpack_from
+        for _ in range(count):
+            if pos + 8 > size:
+                raise self.fail("truncated GGUF header")
+            (n,) = unpack(data, pos)
+            end = pos + 8 + n
+            if end > size:
+                raise self.fail("truncated GGUF header")
+            out.append(data[pos + 8 : end].decode("utf-8", errors="replace"))
+            pos = end
+        self.pos = pos
+        return out
+
+    def value(self, kind: int, key: str) -> Any:
+        if kind in _SCALARS:
+            return self.scalar(_SCALARS[kind])
+        if kind == _STRING:
+            return self.string()
+        if kind == _ARRAY:
+            item, count = self.scalar("<I"), self.scalar("<Q")
+            if item in _NUMPY:
+                dtype = np.dtype(_NUMPY[item])
+                return np.frombuffer(self.take(count * dtype.itemsize), dtype).tolist()
+            if item == _STRING:
+                return self.strings(count)
+            raise self.fail(f"metadata {key!r}: unsupported array type {item}")
+        raise self.fail(f"metadata {key!r}: unknown value type {kind}")
+
+
+def _read_header(path: Path, data: mmap.mmap) -> tuple[dict[str, Any], list[_TensorInfo], int]:
+    h = _Header(data, path)
+    if len(data) < 4 or bytes(data[:4]) != b"GGUF":
+        raise h.fail("not a GGUF file (bad magic)")
+    h.pos = 4
+    version = h.scalar("<I")
+    if version not in (2, 3):
+        raise h.fail(f"unsupported GGUF version {version} (supported: 2, 3)")
+    n_tensors, n_kv = h.scalar("<Q"), h.scalar("<Q")
+    if n_tensors > len(data) or n_kv > len(data):
+        raise h.fail("corrupt GGUF header (impossible counts)")
+    metadata: dict[str, Any] = {}
+    for _ in range(n_kv):
+        key = h.string()
+        metadata[key] = h.value(h.scalar("<I"), key)
+    infos = []
+    for _ in range(n_tensors):
+        name = h.string()
+        n_dims = h.scalar("<I")
+        if not 1 <= n_dims <= 4:
+            raise h.fail(f"tensor {name!r}: {n_dims} dimensions")
+        dims = [h.scalar("<Q") for _ in range(n_dims)]
+        kind, offset = h.scalar("<I"), h.scalar("<Q")
+        infos.append(_TensorInfo(name, tuple(reversed(dims)), kind, offset))
+    alignment = metadata.get("general.alignment", 32)
+    if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
+        raise h.fail(f"invalid general.alignment {alignment!r}")
+    start = h.pos + (-h.pos % alignment)
+    for info in infos:
+        _check_tensor(path, info, start, len(data))
+    return metadata, infos, start
+
+
+def _check_tensor(path: Path, info: _TensorInfo, start: int, size: int) -> None:
+    spec = _TENSOR_TYPES.get(info.kind)
+    if spec is None:
+        supported = ", ".join(s[0] for s in _TENSOR_TYPES.values())
+        raise ModelLoadError(
+            f"{path}: tensor {info.name!r} has unsupported type {_type_name(info.kind)} "
+            f"(supported: {supported})"
+        )
+    type_name, block, block_bytes, _ = spec
+    if info.shape[-1] % block:
+        raise ModelLoadError(
+            f"{path}: tensor {info.name!r} ({type_name}) has a row of {info.shape[-1]} values, "
+            f"not a multiple of {block}"
+        )
+    n_bytes = int(np.prod(info.shape, dtype=np.uint64)) // block * block_bytes
+    end = start + info.offset + n_bytes
+    if end > size:
+        raise ModelLoadError(
+            f"{path}: truncated: tensor {info.name!r} needs bytes up to {end}, the file has {size}"
+        )
+
+
+def _type_name(kind: int) -> str:
+    known = {6: "Q5_0", 7: "Q5_1", 9: "Q8_1", 10: "Q2_K", 11: "Q3_K", 12: "Q4_K", 13: "Q5_K"}
+    known |= {14: "Q6_K", 15: "Q8_K", 16: "IQ2_XXS", 24: "I8", 25: "I16", 26: "I32", 28: "F64"}
+    return known.get(kind, f"#{kind}")
+
+
+# ---- config ----
+
+
+def _arch_config(path: Path, meta: dict[str, Any], infos: dict[str, _TensorInfo]) -> dict[str, Any]:
+    arch = meta.get("general.architecture")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ModelLoadError(
+            f"{path}: unsupported architecture {arch!r}; "
+            f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+
+    def get(key: str, default: Any = None) -> Any:
+        value = meta.get(f"{arch}.{key}", default)
+        if value is None:
+            raise ModelLoadError(f"{path}: missing metadata {arch}.{key}")
+        return value
+
+    heads = int(get("attention.head_count"))
+    hidden = int(get("embedding_length"))
+    head_dim = int(get("attention.key_length", hidden // max(heads, 1)))
+    embed = infos.get("token_embd.weight")
+    if embed is None:
+        raise ModelLoadError(f"{path}: missing tensor 'token_embd.weight'")
+    config: dict[str, Any] = {
+        "model_type": arch,
+        "architectures": [
+            {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}.get(arch, "Qwen3ForCausalLM")
+        ],
+        "hidden_size": hidden,
+        "num_hidden_layers": int(get("block_count")),
+        "intermediate_size": int(get("feed_forward_length")),
+        "num_attention_heads": heads,
+        "num_key_value_heads": int(get("attention.head_count_kv", heads)),
+        "head_dim": head_dim,
+        "rms_norm_eps": _short_float(get("attention.layer_norm_rms_epsilon")),
+        "rope_theta": _short_float(get("rope.freq_base", 10000.0 if arch == "llama" else 1e6)),
+        "max_position_embeddings": int(get("context_length")),
+        "vocab_size": embed.shape[0],
+        "tie_word_embeddings": "output.weight" not in infos,
+    }
+    if int(get("rope.dimension_count", head_dim)) != head_dim:
+        raise ModelLoadError(f"{path}: partial rotary embeddings are not supported")
+    scaling = meta.get(f"{arch}.rope.scaling.type", "none")
+    if scaling == "linear":
+        config["rope_scaling"] = {"type": "linear", "factor": float(get("rope.scaling.factor"))}
+    elif scaling != "none":
+        raise ModelLoadError(f"{path}: unsupported RoPE scaling {scaling!r}")
+    if arch == "llama":
+        config["attention_bias"] = "blk.0.attn_q.bias" in infos
+        config["mlp_bias"] = "blk.0.ffn_gate.bias" in infos
+    return config
+
+
+def _short_float(value: Any) -> float:
+    # GGUF stores float32: 1e-5 reads back as 9.99999974e-06; keep the float32's shortest repr.
+    return float(str(np.float32(value)))
+
+
+# ---- tensors ----
+
+_TOP = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+_LAYER = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)")
+
+
+def _hf_module(gguf_module: str) -> str | None:
+    if gguf_module in _TOP:
+        return _TOP[gguf_module]
+    m = _LAYER_RE.fullmatch(gguf_module)
+    if m is None or m.group(2) not in _LAYER:
+        return None
+    return f"model.layers.{m.group(1)}.{_LAYER[m.group(2)]}"
+
+
+def _expected_shapes(config: dict[str, Any]) -> tuple[dict[str, tuple[int, ...]], set[str]]:
+    """GGUF tensor name -> row-major shape, and the names that may be absent."""
+    d, ff, vocab = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
+    hd, nq, nkv = config["head_dim"], config["num_attention_heads"], config["num_key_value_heads"]
+    arch = config["model_type"]
+    shapes: dict[str, tuple[int, ...]] = {
+        "token_embd.weight": (vocab, d),
+        "output_norm.weight": (d,),
+        "output.weight": (vocab, d),
+    }
+    optional = {"output.weight"}
+    for i in range(config["num_hidden_layers"]):
+        b = f"blk.{i}."
+        shapes |= {
+            b + "attn_norm.weight": (d,),
+            b + "ffn_norm.weight": (d,),
+            b + "attn_q.weight": (nq * hd, d),
+            b + "attn_k.weight": (nkv * hd, d),
+            b + "attn_v.weight": (nkv * hd, d),
+            b + "attn_output.weight": (d, nq * hd),
+            b + "ffn_gate.weight": (ff, d),
+            b + "ffn_up.weight": (ff, d),
+            b + "ffn_down.weight": (d, ff),
+        }
+        if arch == "qwen2" or config.get("attention_bias"):
+            shapes |= {b + "attn_q.bias": (nq * hd,), b + "attn_k.bias": (nkv * hd,)}
+            shapes |= {b + "attn_v.bias": (nkv * hd,)}
+            if arch == "llama":
+                shapes[b + "attn_output.bias"] = (d,)
+        if config.get("mlp_bias"):
+            shapes |= {
+                b + "ffn_gate.bias": (ff,),
+                b + "ffn_up.bias": (ff,),
+                b + "ffn_down.bias": (d,),
+            }
+        if arch == "qwen3":
+            shapes |= {b + "attn_q_norm.weight": (hd,), b + "attn_k_norm.weight": (hd,)}
+    return shapes, optional
+
+
+def _check_tensor_set(path: Path, config: dict[str, Any], infos: dict[str, _TensorInfo]) -> None:
+    expected, optional = _expected_shapes(config)
+    for name, info in infos.items():
+        if name not in expected:
+            raise ModelLoadError(f"{path}: unexpected tensor {name!r}")
+        if info.shape != expected[name]:
+            raise ModelLoadError(
+                f"{path}: tensor {name!r} has shape {info.shape}, expected {expected[name]}"
+            )
+    missing = [n for n in expected if n not in infos and n not in optional]
+    if missing:
+        raise ModelLoadError(f"{path}: missing tensor {missing[0]!r} ({len(missing)} missing)")
+
+
+def _unpermute(x: mx.array, n_head: int) -> mx.array:
+    """Undo llama.cpp's q/k row order: per head, rows (pairs, 2) -> (2 halves, pairs)."""
+    rows = x.shape[0]
+    return x.reshape(n_head, rows // n_head // 2, 2, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)
+
+
+def _load_tensors(
+    path: Path, config: dict[str, Any], infos: dict[str, _TensorInfo]
+) -> tuple[dict[str, mx.array], dict[str, int]]:
+    """mlx-lm-named arrays and the bits of each quantized module."""
+    try:
+        raw = mx.load(str(path), format="gguf")
+    except (RuntimeError, ValueError, OSError) as exc:
+        raise ModelLoadError(f"{path}: cannot read GGUF tensors ({exc})") from exc
+    assert isinstance(raw, dict)
+    weights: dict[str, mx.array] = {}
+    bits: dict[str, int] = {}
+    heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
+    for name, info in infos.items():
+        module, _, suffix = name.rpartition(".")
+        hf = _hf_module(module)
+        if hf is None:  # _check_tensor_set admits only known names
+            raise ModelLoadError(f"{path}: unexpected tensor {name!r}")
+        parts = [suffix]
+        q_bits = _TENSOR_TYPES[info.kind][3]
+        if q_bits is not None:
+            parts += ["scales", "biases"]
+            bits[hf] = q_bits
+        n_head = heads.get(module.rpartition(".")[2]) if config["model_type"] == "llama" else None
+        for part in parts:
+            array = raw.get(f"{module}.{part}")
+            if array is None:
+                raise ModelLoadError(f"{path}: tensor {name!r} could not be read ({part})")
+            if part != suffix:
+                # MLX returns float16 scales/biases; float32 is exact for Q4_0/Q4_1/Q8_0 grids,
+                # and float16 scales make CPU quantized matmul ~50x slower.
+                array = array.astype(mx.float32)
+            weights[f"{hf}.{part}"] = array if n_head is None else _unpermute(array, n_head)
+    return weights, bits
+
+
+def _quantization(bits: dict[str, int]) -> dict[str, Any]:
+    main = Counter(bits.values()).most_common(1)[0][0]
+    out: dict[str, Any] = {"group_size": _GROUP_SIZE, "bits": main}
+    for module, b in sorted(bits.items()):
+        if b != main:
+            out[module] = {"group_size": _GROUP_SIZE, "bits": b}
+    return out
+
+
+def read_gguf(path: Path) -> GGUFContents:
+    """Read a llama/qwen2/qwen3 GGUF file; every failure is a ``ModelLoadError`` naming the file."""
+    path = Path(path)
+    try:
+        with path.open("rb") as f:
+            if path.stat().st_size == 0:
+                raise ModelLoadError(f"{path}: empty file, not a GGUF file")
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+                metadata, info_list, _ = _read_header(path, data)
+    except OSError as exc:
+        raise ModelLoadError(f"{path}: cannot read ({exc})") from exc
+    infos = {i.name: i for i in info_list}
+    if len(infos) != len(info_list):
+        raise ModelLoadError(f"{path}: duplicate tensor names")
+    # llama3-style RoPE factors: not supported by the model code; say so rather than drift.
+    if "rope_freqs.weight" in infos:
+        raise ModelLoadError(
+            f"{path}: tensor 'rope_freqs.weight' (llama3 RoPE scaling) is not supported"
+        )
+    config = _arch_config(path, metadata, infos)
+    _check_tensor_set(path, config, infos)
+    tokenizer_json, tokenizer_config, special = build_tokenizer(
+        path, metadata, config["vocab_size"]
+    )
+    config |= special
+    weights, bits = _load_tensors(path, config, infos)
+    if bits:
+        config["quantization"] = _quantization(bits)
+    return GGUFContents(
+        config=config,
+        weights=weights,
+        tokenizer_json=tokenizer_json,
+        tokenizer_config=tokenizer_config,
+        metadata=metadata,
+    )
+
+
+def write_folder(
+    contents: GGUFContents, out_dir: Path, *, dequantize: bool = False, dtype: mx.Dtype = mx.float32
+) -> Path:
+    """Write an HF/MLX model folder (``mlx_lm.load`` reads it); floats, scales and biases in ``dtype``."""
+    out_dir = Path(out_dir)
+    config = dict(contents.config)
+    quant = config.pop("quantization", None)
+    weights: dict[str, mx.array] = {}
+    for name, array in contents.weights.items():
+        module, _, part = name.rpartition(".")
+        if part in ("scales", "biases"):
+            if not dequantize:
+                weights[name] = array.astype(dtype)
+            continue
+        if f"{module}.scales" in contents.weights and part == "weight":
+            if dequantize:
+                array = mx.dequantize(
+                    array,
+                    contents.weights[f"{module}.scales"].astype(mx.float32),
+                    contents.weights[f"{module}.biases"].astype(mx.float32),
+                    group_size=_GROUP_SIZE,
+                    bits=_module_bits(quant, module),
+                ).astype(dtype)
+            weights[name] = array
+        else:
+            weights[name] = array.astype(dtype)
+    if quant is not None and not dequantize:
+        config["quantization"] = quant
+    config["torch_dtype"] = {mx.float16: "float16", mx.bfloat16: "bfloat16"}.get(dtype, "float32")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    mx.save_safetensors(str(out_dir / "model.safetensors"), weights, metadata={"format": "mlx"})
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    (out_dir / "tokenizer.json").write_text(contents.tokenizer_json, encoding="utf-8")
+    (out_dir / "tokenizer_config.json").write_text(
+        json.dumps(contents.tokenizer_config, indent=2), encoding="utf-8"
+    )
+    return out_dir
+
+
+def _module_bits(quant: dict[str, Any] | None, module: str) -> int:
+    assert quant is not None
+    override = quant.get(module)
+    return int(override["bits"]) if isinstance(override, dict) else int(quant["bits"])
