@@ -28,7 +28,8 @@ def _greedy(model: Any, prompt: list[int], cache: Any, steps: int) -> list[int]:
     out: list[int] = []
     logits = model(mx.array(prompt)[None], cache)
     for _ in range(steps):
-        token = int(mx.argmax(logits[0, -1]).item())
+        token = mx.argmax(logits[0, -1]).tolist()
+        assert isinstance(token, int)
         out.append(token)
         logits = model(mx.array([token])[None], cache)
     return out
