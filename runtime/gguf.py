@@ -215,7 +215,9 @@ def _type_name(kind: int) -> str:
 # ---- config ----
 
 
-def _arch_config(path: Path, meta: dict[str, Any], infos: dict[str, _TensorInfo]) -> dict[str, Any]:
+def _arch_config(
+    path: Path, meta: dict[str, Any], infos: dict[str, _TensorInfo], rope_freqs: np.ndarray | None
+) -> dict[str, Any]:
     arch = meta.get("general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
         raise ModelLoadError(
@@ -223,46 +225,97 @@ def _arch_config(path: Path, meta: dict[str, Any], infos: dict[str, _TensorInfo]
             f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
 
-    def get(key: str, default: Any = None) -> Any:
+    def get(key: str, default: float | None = None, *, kind: type = int) -> Any:
         value = meta.get(f"{arch}.{key}", default)
         if value is None:
             raise ModelLoadError(f"{path}: missing metadata {arch}.{key}")
-        return value
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        if not ok or (kind is int and (value != int(value) or value <= 0)):
+            raise ModelLoadError(f"{path}: metadata {arch}.{key} = {value!r} is not valid")
+        return kind(value)
 
-    heads = int(get("attention.head_count"))
-    hidden = int(get("embedding_length"))
-    head_dim = int(get("attention.key_length", hidden // max(heads, 1)))
+    heads, hidden = get("attention.head_count"), get("embedding_length")
+    head_dim = get("attention.key_length", hidden // heads)
     embed = infos.get("token_embd.weight")
     if embed is None:
         raise ModelLoadError(f"{path}: missing tensor 'token_embd.weight'")
     config: dict[str, Any] = {
         "model_type": arch,
-        "architectures": [
-            {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}.get(arch, "Qwen3ForCausalLM")
-        ],
+        "architectures": [_HF_CLASSES[arch]],
         "hidden_size": hidden,
-        "num_hidden_layers": int(get("block_count")),
-        "intermediate_size": int(get("feed_forward_length")),
+        "num_hidden_layers": get("block_count"),
+        "intermediate_size": get("feed_forward_length"),
         "num_attention_heads": heads,
-        "num_key_value_heads": int(get("attention.head_count_kv", heads)),
+        "num_key_value_heads": get("attention.head_count_kv", heads),
         "head_dim": head_dim,
-        "rms_norm_eps": _short_float(get("attention.layer_norm_rms_epsilon")),
-        "rope_theta": _short_float(get("rope.freq_base", 10000.0 if arch == "llama" else 1e6)),
-        "max_position_embeddings": int(get("context_length")),
+        "rms_norm_eps": _short_float(get("attention.layer_norm_rms_epsilon", kind=float)),
+        "rope_theta": _short_float(get("rope.freq_base", _ROPE_BASE[arch], kind=float)),
+        "max_position_embeddings": get("context_length"),
         "vocab_size": embed.shape[0],
         "tie_word_embeddings": "output.weight" not in infos,
     }
-    if int(get("rope.dimension_count", head_dim)) != head_dim:
+    if get("rope.dimension_count", head_dim) != head_dim:
         raise ModelLoadError(f"{path}: partial rotary embeddings are not supported")
     scaling = meta.get(f"{arch}.rope.scaling.type", "none")
     if scaling == "linear":
-        config["rope_scaling"] = {"type": "linear", "factor": float(get("rope.scaling.factor"))}
+        config["rope_scaling"] = {
+            "type": "linear",
+            "factor": get("rope.scaling.factor", kind=float),
+        }
     elif scaling != "none":
         raise ModelLoadError(f"{path}: unsupported RoPE scaling {scaling!r}")
+    if rope_freqs is not None:
+        config["rope_scaling"] = _llama3_scaling(path, rope_freqs, config["rope_theta"], head_dim)
     if arch == "llama":
         config["attention_bias"] = "blk.0.attn_q.bias" in infos
         config["mlp_bias"] = "blk.0.ffn_gate.bias" in infos
     return config
+
+
+_HF_CLASSES = {
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
+_ROPE_BASE = {"llama": 10000.0, "qwen2": 1e6, "qwen3": 1e6}
+
+
+def _llama3_scaling(path: Path, factors: np.ndarray, base: float, dims: int) -> dict[str, Any]:
+    """HF's llama3 ``rope_scaling`` from llama.cpp's per-frequency divisors (``rope_freqs``).
+
+    Each divisor is 1 (short wavelengths), ``factor`` (long ones) or ``1 / ((1 - s) / factor
+    + s)`` with ``s = old_ctx / (wavelen * (high - low)) - low / (high - low)`` in between: a
+    line in ``1 / wavelen`` whose two coefficients fix the boundaries. Taking
+    ``low_freq_factor = 1`` picks the one parameter set the divisors cannot tell apart.
+    """
+    wavelens = 2 * np.pi * base ** (np.arange(0, dims, 2, dtype=np.float64) / dims)
+    f = factors.astype(np.float64)
+    if f.shape != wavelens.shape or not np.all(f > 0):
+        raise ModelLoadError(f"{path}: tensor 'rope_freqs.weight' has shape {factors.shape}")
+    factor = float(f.max())
+    if factor <= 1 + 1e-6:
+        return {"type": "default"}
+    medium = (f > 1 + 1e-4) & (f < factor * (1 - 1e-4))
+    if medium.sum() >= 2:
+        s = (1 / f[medium] - 1 / factor) / (1 - 1 / factor)
+        a, b = np.polyfit(1 / wavelens[medium], s, 1)
+        high, old_ctx = round(float((b - 1) / b), 4), round(float(-a / b), 2)
+    else:  # a step: put both boundaries between the last unscaled and first scaled wavelength
+        first = int(np.argmax(f > 1 + 1e-4))
+        inner = wavelens[first - 1] if first else wavelens[0] / 2
+        old_ctx = float(wavelens[first]) * 0.999
+        high = old_ctx / (float(inner) * 1.001)
+    scaling = {
+        "rope_type": "llama3",
+        "factor": round(factor, 4),
+        "low_freq_factor": 1.0,
+        "high_freq_factor": high,
+        "original_max_position_embeddings": int(old_ctx) if old_ctx == int(old_ctx) else old_ctx,
+    }
+    smooth = np.clip((old_ctx / wavelens - 1) / (high - 1), 0, 1)
+    if not np.allclose(1 / ((1 - smooth) / factor + smooth), f, rtol=1e-3):
+        raise ModelLoadError(f"{path}: tensor 'rope_freqs.weight' is not llama3 RoPE scaling")
+    return scaling
 
 
 def _short_float(value: Any) -> float:
@@ -402,6 +455,21 @@ def _quantization(bits: dict[str, int]) -> dict[str, Any]:
     return out
 
 
+_ROPE_FREQS = "rope_freqs.weight"
+
+
+def _rope_factors(
+    path: Path, infos: list[_TensorInfo], data: mmap.mmap, start: int
+) -> np.ndarray | None:
+    info = next((i for i in infos if i.name == _ROPE_FREQS), None)
+    if info is None:
+        return None
+    if info.kind != 0 or len(info.shape) != 1:
+        raise ModelLoadError(f"{path}: tensor {_ROPE_FREQS!r} must be a 1-D F32 tensor")
+    begin = start + info.offset
+    return np.frombuffer(data[begin : begin + 4 * info.shape[0]], "<f4").copy()
+
+
 def read_gguf(path: Path) -> GGUFContents:
     """Read a llama/qwen2/qwen3 GGUF file; every failure is a ``ModelLoadError`` naming the file."""
     path = Path(path)
@@ -410,18 +478,14 @@ def read_gguf(path: Path) -> GGUFContents:
             if path.stat().st_size == 0:
                 raise ModelLoadError(f"{path}: empty file, not a GGUF file")
             with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-                metadata, info_list, _ = _read_header(path, data)
+                metadata, info_list, start = _read_header(path, data)
+                rope_factors = _rope_factors(path, info_list, data, start)
     except OSError as exc:
         raise ModelLoadError(f"{path}: cannot read ({exc})") from exc
-    infos = {i.name: i for i in info_list}
-    if len(infos) != len(info_list):
+    infos = {i.name: i for i in info_list if i.name != _ROPE_FREQS}
+    if len(infos) + (rope_factors is not None) != len(info_list):
         raise ModelLoadError(f"{path}: duplicate tensor names")
-    # llama3-style RoPE factors: not supported by the model code; say so rather than drift.
-    if "rope_freqs.weight" in infos:
-        raise ModelLoadError(
-            f"{path}: tensor 'rope_freqs.weight' (llama3 RoPE scaling) is not supported"
-        )
-    config = _arch_config(path, metadata, infos)
+    config = _arch_config(path, metadata, infos, rope_factors)
     _check_tensor_set(path, config, infos)
     tokenizer_json, tokenizer_config, special = build_tokenizer(
         path, metadata, config["vocab_size"]

@@ -349,10 +349,12 @@ def write_model_gguf(
     extra_metadata: Mapping[str, Any] | None = None,
     drop: tuple[str, ...] = (),
     shapes: Mapping[str, tuple[int, ...]] | None = None,
+    extra_tensors: Mapping[str, tuple[np.ndarray, str]] | None = None,
 ) -> dict[str, bytes]:
     """Write HF-named ``weights`` as llama.cpp would (names, q/k row order); GGUF name -> bytes.
 
-    ``types`` maps an HF tensor name to a GGML type name; ``drop`` omits GGUF tensors.
+    ``types`` maps an HF tensor name to a GGML type name; ``drop`` omits GGUF tensors;
+    ``extra_tensors`` are GGUF-named and written as given.
     """
     tensors: dict[str, tuple[np.ndarray, str]] = {}
     for hf_name, array in weights.items():
@@ -364,5 +366,6 @@ def write_model_gguf(
             heads = config["num_attention_heads" if ".attn_q." in name else "num_key_value_heads"]
             array = rope_permute(array, heads)
         tensors[name] = (array, types(hf_name))
+    tensors |= extra_tensors or {}
     metadata = {**model_metadata(config), **tokenizer, **(extra_metadata or {})}
     return write_gguf(path, metadata, tensors, shapes=shapes)

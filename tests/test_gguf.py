@@ -182,6 +182,63 @@ def test_quantized_gguf_logits_equal_mlx_lm_on_write_folder(
     assert _diff(_ours(contents, execution)(x), ref(x)) <= 1e-4
 
 
+def _llama3_divisors(dims: int, base: float, scaling: dict[str, Any]) -> np.ndarray:
+    """What llama.cpp's converter stores in ``rope_freqs.weight`` for HF llama3 scaling."""
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old = scaling["original_max_position_embeddings"]
+    out = []
+    for i in range(0, dims, 2):
+        wavelen = 2 * np.pi * base ** (i / dims)
+        if wavelen < old / high:
+            out.append(1.0)
+        elif wavelen > old / low:
+            out.append(factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(out, dtype=np.float32)
+
+
+LLAMA3 = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
+}
+
+
+def test_llama3_rope_factors_become_rope_scaling(tmp_path: Path) -> None:
+    config, weights = _model("llama", tie_word_embeddings=False)
+    path = tmp_path / "m.gguf"
+    divisors = _llama3_divisors(16, 10000.0, LLAMA3)
+    extra = {"rope_freqs.weight": (divisors, "F32")}
+    gw.write_model_gguf(
+        path, config, weights, GPT2_TOKENS, types=lambda _: "F32", extra_tensors=extra
+    )
+    contents = read_gguf(path)
+    assert contents.config["rope_scaling"] == LLAMA3
+    assert "rope_freqs.weight" not in contents.weights
+    ref = importlib.import_module("mlx_lm.models.llama")
+    model = ref.Model(ref.ModelArgs.from_dict({**config, "rope_scaling": LLAMA3}))
+    model.load_weights([(k, mx.array(v)) for k, v in weights.items()])
+    x = _ids(40)
+    assert _diff(_ours(contents, "dense")(x), model(x)) <= 1e-4
+
+
+def test_stepped_rope_factors_are_reproduced(tmp_path: Path) -> None:
+    """Divisors with no smooth band still give a scaling that reproduces them."""
+    config, weights = _model("llama")
+    path = tmp_path / "m.gguf"
+    divisors = np.array([1, 1, 1, 1, 1, 4, 4, 4], dtype=np.float32)
+    extra = {"rope_freqs.weight": (divisors, "F32")}
+    gw.write_model_gguf(
+        path, config, weights, GPT2_TOKENS, types=lambda _: "F32", extra_tensors=extra
+    )
+    scaling = read_gguf(path).config["rope_scaling"]
+    assert np.allclose(_llama3_divisors(16, 10000.0, scaling), divisors, rtol=1e-3)
+
+
 def test_write_folder_dequantized_matches_quantized(tmp_path: Path) -> None:
     contents = read_gguf(_gguf(tmp_path))
     dense_dir = write_folder(contents, tmp_path / "dense", dequantize=True)
