@@ -1,12 +1,12 @@
 """Read GGUF files (llama.cpp's format) into an HF/mlx-lm-shaped model: config, weights, tokenizer.
 
-``read_gguf`` parses and checks the header itself (so a broken file gets an error naming the file
-and tensor instead of a crash inside a C reader), then lets ``mx.load`` read the tensor data:
-Q4_0/Q4_1/Q8_0 come back in MLX's affine layout (packed ``uint32`` weight, ``scales``,
-``biases``, group 32; scales and biases as float32), F32/F16/BF16 dense. Tensors are renamed to mlx-lm names, and for llama
-the q/k projection rows are put back in HF order (llama.cpp interleaves the two rotary halves of
-each head; qwen2/qwen3 use NEOX RoPE and are stored unpermuted). ``write_folder`` turns the
-result into a model folder that ``mlx_lm.load`` accepts. The tokenizer is rebuilt in
+``read_gguf`` parses and checks the header itself, so a broken file gets an error naming the
+file and tensor, then decodes each tensor from the file's bytes (``runtime.gguf_blocks``):
+block-quantized types become MLX's quantized layout (packed ``uint32`` weight, float32
+``scales`` and ``biases``, group 32), the rest dense arrays. Tensors get mlx-lm names, and for
+llama the q/k projection rows are put back in HF order (llama.cpp interleaves the two rotary
+halves of each head; qwen2/qwen3 use NEOX RoPE and are stored unpermuted). ``write_folder``
+turns the result into a model folder that ``mlx_lm.load`` accepts. The tokenizer is rebuilt in
 ``runtime.gguf_tokenizer``.
 """
 
@@ -25,20 +25,10 @@ import mlx.core as mx
 import numpy as np
 
 from runtime.errors import ModelLoadError
+from runtime.gguf_blocks import GROUP_SIZE, TYPES, to_mlx, type_name
 from runtime.gguf_tokenizer import build_tokenizer
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3")
-
-# GGML tensor type -> (name, values per block, bytes per block, quantized bits or None)
-_TENSOR_TYPES: dict[int, tuple[str, int, int, int | None]] = {
-    0: ("F32", 1, 4, None),
-    1: ("F16", 1, 2, None),
-    2: ("Q4_0", 32, 18, 4),
-    3: ("Q4_1", 32, 20, 4),
-    8: ("Q8_0", 32, 34, 8),
-    30: ("BF16", 1, 2, None),
-}
-_GROUP_SIZE = 32
 
 
 @attrs.frozen(kw_only=True)
@@ -185,31 +175,28 @@ def _read_header(path: Path, data: mmap.mmap) -> tuple[dict[str, Any], list[_Ten
 
 
 def _check_tensor(path: Path, info: _TensorInfo, start: int, size: int) -> None:
-    spec = _TENSOR_TYPES.get(info.kind)
+    spec = TYPES.get(info.kind)
     if spec is None:
-        supported = ", ".join(s[0] for s in _TENSOR_TYPES.values())
+        supported = ", ".join(t.name for t in TYPES.values())
         raise ModelLoadError(
-            f"{path}: tensor {info.name!r} has unsupported type {_type_name(info.kind)} "
+            f"{path}: tensor {info.name!r} has unsupported type {type_name(info.kind)} "
             f"(supported: {supported})"
         )
-    type_name, block, block_bytes, _ = spec
-    if info.shape[-1] % block:
+    if info.shape[-1] % spec.block:
         raise ModelLoadError(
-            f"{path}: tensor {info.name!r} ({type_name}) has a row of {info.shape[-1]} values, "
-            f"not a multiple of {block}"
+            f"{path}: tensor {info.name!r} ({spec.name}) has a row of {info.shape[-1]} values, "
+            f"not a multiple of {spec.block}"
         )
-    n_bytes = int(np.prod(info.shape, dtype=np.uint64)) // block * block_bytes
-    end = start + info.offset + n_bytes
+    end = start + info.offset + _nbytes(info)
     if end > size:
         raise ModelLoadError(
             f"{path}: truncated: tensor {info.name!r} needs bytes up to {end}, the file has {size}"
         )
 
 
-def _type_name(kind: int) -> str:
-    known = {6: "Q5_0", 7: "Q5_1", 9: "Q8_1", 10: "Q2_K", 11: "Q3_K", 12: "Q4_K", 13: "Q5_K"}
-    known |= {14: "Q6_K", 15: "Q8_K", 16: "IQ2_XXS", 24: "I8", 25: "I16", 26: "I32", 28: "F64"}
-    return known.get(kind, f"#{kind}")
+def _nbytes(info: _TensorInfo) -> int:
+    spec = TYPES[info.kind]
+    return int(np.prod(info.shape, dtype=np.uint64)) // spec.block * spec.size
 
 
 # ---- config ----
@@ -412,14 +399,9 @@ def _unpermute(x: mx.array, n_head: int) -> mx.array:
 
 
 def _load_tensors(
-    path: Path, config: dict[str, Any], infos: dict[str, _TensorInfo]
+    path: Path, data: mmap.mmap, start: int, config: dict[str, Any], infos: dict[str, _TensorInfo]
 ) -> tuple[dict[str, mx.array], dict[str, int]]:
     """mlx-lm-named arrays and the bits of each quantized module."""
-    try:
-        raw = mx.load(str(path), format="gguf")
-    except (RuntimeError, ValueError, OSError) as exc:
-        raise ModelLoadError(f"{path}: cannot read GGUF tensors ({exc})") from exc
-    assert isinstance(raw, dict)
     weights: dict[str, mx.array] = {}
     bits: dict[str, int] = {}
     heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
@@ -428,30 +410,26 @@ def _load_tensors(
         hf = _hf_module(module)
         if hf is None:  # _check_tensor_set admits only known names
             raise ModelLoadError(f"{path}: unexpected tensor {name!r}")
-        parts = [suffix]
-        q_bits = _TENSOR_TYPES[info.kind][3]
-        if q_bits is not None:
-            parts += ["scales", "biases"]
-            bits[hf] = q_bits
+        begin = start + info.offset
+        raw = np.frombuffer(data[begin : begin + _nbytes(info)], dtype=np.uint8)
+        parts = to_mlx(info.kind, raw, info.shape)
+        if "scales" in parts:
+            if suffix != "weight" or len(info.shape) != 2:
+                raise ModelLoadError(f"{path}: tensor {name!r}: only 2-D weights may be quantized")
+            bits[hf] = TYPES[info.kind].bits or 0
         n_head = heads.get(module.rpartition(".")[2]) if config["model_type"] == "llama" else None
-        for part in parts:
-            array = raw.get(f"{module}.{part}")
-            if array is None:
-                raise ModelLoadError(f"{path}: tensor {name!r} could not be read ({part})")
-            if part != suffix:
-                # MLX returns float16 scales/biases; float32 is exact for Q4_0/Q4_1/Q8_0 grids,
-                # and float16 scales make CPU quantized matmul ~50x slower.
-                array = array.astype(mx.float32)
-            weights[f"{hf}.{part}"] = array if n_head is None else _unpermute(array, n_head)
+        for part, array in parts.items():
+            key = f"{hf}.{suffix if part == 'weight' else part}"
+            weights[key] = array if n_head is None else _unpermute(array, n_head)
     return weights, bits
 
 
 def _quantization(bits: dict[str, int]) -> dict[str, Any]:
     main = Counter(bits.values()).most_common(1)[0][0]
-    out: dict[str, Any] = {"group_size": _GROUP_SIZE, "bits": main}
+    out: dict[str, Any] = {"group_size": GROUP_SIZE, "bits": main}
     for module, b in sorted(bits.items()):
         if b != main:
-            out[module] = {"group_size": _GROUP_SIZE, "bits": b}
+            out[module] = {"group_size": GROUP_SIZE, "bits": b}
     return out
 
 
@@ -478,11 +456,15 @@ def read_gguf(path: Path) -> GGUFContents:
             if path.stat().st_size == 0:
                 raise ModelLoadError(f"{path}: empty file, not a GGUF file")
             with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-                metadata, info_list, start = _read_header(path, data)
-                rope_factors = _rope_factors(path, info_list, data, start)
+                return _read(path, data)
     except OSError as exc:
         raise ModelLoadError(f"{path}: cannot read ({exc})") from exc
+
+
+def _read(path: Path, data: mmap.mmap) -> GGUFContents:
+    metadata, info_list, start = _read_header(path, data)
     infos = {i.name: i for i in info_list if i.name != _ROPE_FREQS}
+    rope_factors = _rope_factors(path, info_list, data, start)
     if len(infos) + (rope_factors is not None) != len(info_list):
         raise ModelLoadError(f"{path}: duplicate tensor names")
     config = _arch_config(path, metadata, infos, rope_factors)
@@ -491,7 +473,7 @@ def read_gguf(path: Path) -> GGUFContents:
         path, metadata, config["vocab_size"]
     )
     config |= special
-    weights, bits = _load_tensors(path, config, infos)
+    weights, bits = _load_tensors(path, data, start, config, infos)
     if bits:
         config["quantization"] = _quantization(bits)
     return GGUFContents(
@@ -523,7 +505,7 @@ def write_folder(
                     array,
                     contents.weights[f"{module}.scales"].astype(mx.float32),
                     contents.weights[f"{module}.biases"].astype(mx.float32),
-                    group_size=_GROUP_SIZE,
+                    group_size=GROUP_SIZE,
                     bits=_module_bits(quant, module),
                 ).astype(dtype)
             weights[name] = array

@@ -19,7 +19,13 @@ import numpy as np
 ALIGNMENT = 32
 QK = 32  # values per quantized block
 
-GGML_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 8, "Q4_K": 12, "BF16": 30}
+GGML_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8}
+GGML_TYPES |= {"Q4_K": 12, "Q5_K": 13}
+GGML_TYPES |= {"Q6_K": 14, "Q2_K": 10, "BF16": 30}
+QK_K = 256  # values per K-quant super-block
+_Q4_K = [("d", "<f2"), ("dmin", "<f2"), ("scales", "u1", 12), ("qs", "u1", 128)]
+_Q5_K = [("d", "<f2"), ("dmin", "<f2"), ("scales", "u1", 12), ("qh", "u1", 32), ("qs", "u1", 128)]
+_Q6_K = [("ql", "u1", 128), ("qh", "u1", 64), ("scales", "i1", 16), ("d", "<f2")]
 
 # GGUF metadata value types
 _U8, _I8, _U16, _I16, _U32, _I32, _F32, _BOOL, _STR, _ARR, _U64, _I64, _F64 = range(13)
@@ -91,6 +97,30 @@ def _nibbles(q: np.ndarray) -> np.ndarray:
     return q[:, :16] | (q[:, 16:] << 4)
 
 
+def _encode_q5(b: np.ndarray, kind: str) -> bytes:
+    """Q5_0 (symmetric, d = signed max / -16) or Q5_1 (min + d * q); fifth bits in ``qh``."""
+    n = len(b)
+    if kind == "Q5_0":
+        idx = np.abs(b).argmax(axis=1)
+        d = b[np.arange(n), idx] / -16
+        lo = np.zeros(n, np.float32)
+        inv = np.divide(1.0, d, out=np.zeros_like(d), where=d != 0)
+        q = np.minimum(31, np.trunc(b * inv[:, None] + 16.5))
+    else:
+        lo, hi = b.min(axis=1), b.max(axis=1)
+        d = (hi - lo) / 31
+        inv = np.divide(1.0, d, out=np.zeros_like(d), where=d != 0)
+        q = np.trunc((b - lo[:, None]) * inv[:, None] + 0.5)
+    q = q.astype(np.uint32)
+    qh = ((q >> 4) << np.arange(32, dtype=np.uint32)).sum(axis=1).astype(np.uint32)
+    fields = [("d", "<f2"), ("m", "<f2"), ("qh", "<u4"), ("q", "u1", 16)]
+    out = np.zeros(n, dtype=fields if kind == "Q5_1" else [fields[0], *fields[2:]])
+    out["d"], out["qh"], out["q"] = d, qh, _nibbles(q & 0xF)
+    if kind == "Q5_1":
+        out["m"] = lo
+    return out.tobytes()
+
+
 def encode(x: np.ndarray, kind: str) -> bytes:
     """The bytes of tensor ``x`` (row-major) as GGML type ``kind``."""
     if kind == "F32":
@@ -100,10 +130,14 @@ def encode(x: np.ndarray, kind: str) -> bytes:
     if kind == "BF16":  # the upper half of each float32, rounded to nearest even
         bits = np.asarray(x, np.float32).view(np.uint32).astype(np.uint64)
         return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype("<u2").tobytes()
-    if kind == "Q4_K":  # only its size is right: enough to make a file a reader must refuse
-        return bytes(144 * (np.asarray(x).size // 256))
+    if kind in ("Q4_K", "Q5_K", "Q6_K"):
+        return _random_k_blocks(np.asarray(x), kind)
+    if kind == "Q2_K":  # only its size is right: enough to make a file a reader must refuse
+        return bytes(84 * (np.asarray(x).size // QK_K))
     b = _blocks(x)
     n = len(b)
+    if kind in ("Q5_0", "Q5_1"):
+        return _encode_q5(b, kind)
     if kind == "Q8_0":
         amax = np.abs(b).max(axis=1)
         d = amax / 127
@@ -132,6 +166,64 @@ def encode(x: np.ndarray, kind: str) -> bytes:
     raise ValueError(f"no encoder for {kind}")
 
 
+def _random_k_blocks(x: np.ndarray, kind: str) -> bytes:
+    """Valid K-quant blocks with random contents, seeded by ``x``.
+
+    There is no K-quant quantizer here: the values do not approximate ``x``. ``decode`` gives
+    what they hold, which is what a reader must reproduce.
+    """
+    if x.size % QK_K:
+        raise ValueError("K-quant tensors need a multiple of 256 values per row")
+    rng = np.random.default_rng(int(np.abs(x).sum() * 1e6) % 2**32)
+    n = x.size // QK_K
+    out = np.zeros(n, dtype={"Q4_K": _Q4_K, "Q5_K": _Q5_K, "Q6_K": _Q6_K}[kind])
+    for name in out.dtype.names or ():
+        field = out[name]
+        if name in ("d", "dmin"):
+            out[name] = rng.uniform(0.002, 0.02, size=n)
+        elif field.dtype == np.int8:
+            out[name] = rng.integers(-128, 128, size=field.shape)
+        else:
+            out[name] = rng.integers(0, 256, size=field.shape)
+    return out.tobytes()
+
+
+def _decode_q4_k(data: bytes, *, five: bool = False) -> np.ndarray:
+    blk = np.frombuffer(data, dtype=_Q5_K if five else _Q4_K)
+    sc = blk["scales"].astype(np.int32)
+    # Eight 6-bit (scale, min) pairs per block: 0-3 in the low bits of bytes 0-7, 4-7 split.
+    scale = np.concatenate([sc[:, 0:4] & 63, (sc[:, 8:12] & 0xF) | ((sc[:, 0:4] >> 6) << 4)], 1)
+    mins = np.concatenate([sc[:, 4:8] & 63, (sc[:, 8:12] >> 4) | ((sc[:, 4:8] >> 6) << 4)], 1)
+    d = blk["d"].astype(np.float32)[:, None] * scale.astype(np.float32)
+    m = blk["dmin"].astype(np.float32)[:, None] * mins.astype(np.float32)
+    qs = blk["qs"].reshape(-1, 4, 32)  # 4 chunks of 32 bytes: low nibbles, then high nibbles
+    q = np.stack([qs & 0xF, qs >> 4], axis=2).reshape(-1, 8, 32).astype(np.float32)
+    if five:  # bit s of qh[l] adds 16 to value l of sub-block s
+        for s in range(8):
+            q[:, s] += 16 * ((blk["qh"] >> s) & 1)
+    return (d[:, :, None] * q - m[:, :, None]).reshape(-1)
+
+
+def _decode_q6_k(data: bytes) -> np.ndarray:
+    blk = np.frombuffer(data, dtype=_Q6_K)
+    out = np.zeros((len(blk), 2, 4, 32), dtype=np.float32)
+    for half in range(2):
+        ql = blk["ql"][:, 64 * half : 64 * half + 64].astype(np.int32)
+        qh = blk["qh"][:, 32 * half : 32 * half + 32].astype(np.int32)
+        sc = blk["scales"][:, 8 * half : 8 * half + 8].astype(np.float32)
+        quads = [
+            (ql[:, :32] & 0xF) | ((qh & 3) << 4),
+            (ql[:, 32:] & 0xF) | (((qh >> 2) & 3) << 4),
+            (ql[:, :32] >> 4) | (((qh >> 4) & 3) << 4),
+            (ql[:, 32:] >> 4) | (((qh >> 6) & 3) << 4),
+        ]
+        for k, q in enumerate(quads):
+            # Values 0-15 of each 32 use scale 2k, values 16-31 scale 2k + 1.
+            scale = np.repeat(sc[:, [2 * k, 2 * k + 1]], 16, axis=1)
+            out[:, half, k] = scale * (q - 32).astype(np.float32)
+    return (blk["d"].astype(np.float32)[:, None] * out.reshape(len(blk), -1)).reshape(-1)
+
+
 def decode(data: bytes, kind: str, shape: tuple[int, ...]) -> np.ndarray:
     """What ``encode`` stored, back as float32 (the value a GGML reader must reproduce)."""
     if kind == "F32":
@@ -141,6 +233,22 @@ def decode(data: bytes, kind: str, shape: tuple[int, ...]) -> np.ndarray:
     if kind == "BF16":
         wide = np.frombuffer(data, "<u2").astype(np.uint32) << 16
         return wide.view(np.float32).reshape(shape)
+    if kind == "Q4_K":
+        return _decode_q4_k(data).reshape(shape)
+    if kind == "Q5_K":
+        return _decode_q4_k(data, five=True).reshape(shape)
+    if kind == "Q6_K":
+        return _decode_q6_k(data).reshape(shape)
+    if kind in ("Q5_0", "Q5_1"):
+        fields = [("d", "<f2"), ("m", "<f2"), ("qh", "<u4"), ("q", "u1", 16)]
+        blk = np.frombuffer(data, dtype=fields if kind == "Q5_1" else [fields[0], *fields[2:]])
+        low = np.concatenate([blk["q"] & 0xF, blk["q"] >> 4], axis=1).astype(np.uint32)
+        q = (low | (((blk["qh"][:, None] >> np.arange(32, dtype=np.uint32)) & 1) << 4)).astype(
+            np.float32
+        )
+        d = blk["d"].astype(np.float32)[:, None]
+        vals = d * q + blk["m"].astype(np.float32)[:, None] if kind == "Q5_1" else d * (q - 16)
+        return vals.reshape(shape)
     if kind == "Q8_0":
         blk = np.frombuffer(data, dtype=[("d", "<f2"), ("q", "i1", 32)])
         vals = blk["d"].astype(np.float32)[:, None] * blk["q"].astype(np.float32)

@@ -122,39 +122,92 @@ def test_writer_permutation_is_mlx_lm_permute_weights() -> None:
     assert np.array_equal(gw.rope_permute(w, 4), np.array(permute_weights(mx.array(w), 4)))
 
 
+BITS = {"Q4_0": 4, "Q4_1": 4, "Q5_0": 5, "Q5_1": 5, "Q8_0": 8, "Q4_K": 4, "Q5_K": 5}
+# The sizes K-quants need (rows of 256 values).
+WIDE = {"hidden_size": 256, "intermediate_size": 512}
+
+
+def k_quant_types(hf_name: str) -> str:
+    """Like a Q4_K_M file: Q4_K, Q6_K and Q5_K layers, legacy Q5 types, BF16 norms."""
+    if hf_name.endswith("norm.weight"):
+        return "BF16"
+    if hf_name.endswith(".bias"):
+        return "F32"
+    for part, kind in [("v_proj", "Q6_K"), ("down_proj", "Q5_K"), ("embed", "Q6_K")]:
+        if part in hf_name:
+            return kind
+    if "o_proj" in hf_name:
+        return "Q5_0"
+    return "Q5_1" if "up_proj" in hf_name else "Q4_K"
+
+
+def _check_weights(
+    contents: GGUFContents,
+    config: dict[str, Any],
+    types: Any,
+    blobs: Any,
+    weights: dict[str, np.ndarray],
+) -> None:
+    quant = contents.config.get("quantization", {})
+    for hf_name, original in weights.items():
+        module, _, part = hf_name.rpartition(".")
+        kind = types(hf_name)
+        stored = gw.decode(blobs[gw.gguf_name(hf_name)], kind, original.shape)
+        gguf_module = gw.gguf_name(hf_name).split(".")[-2]
+        if config["model_type"] == "llama" and gguf_module in ("attn_q", "attn_k"):
+            heads = config[
+                "num_attention_heads" if gguf_module == "attn_q" else "num_key_value_heads"
+            ]
+            stored = _hf_order(stored, heads)
+        if kind in BITS:
+            bits = quant.get(module, quant)["bits"]
+            assert bits == BITS[kind], hf_name
+            assert contents.weights[f"{module}.scales"].dtype == mx.float32
+            got = mx.dequantize(
+                contents.weights[hf_name],
+                contents.weights[f"{module}.scales"],
+                contents.weights[f"{module}.biases"],
+                group_size=32,
+                bits=bits,
+            )
+        else:
+            assert part != "weight" or f"{module}.scales" not in contents.weights, hf_name
+            got = contents.weights[hf_name].astype(mx.float32)
+        assert np.array_equal(np.array(got), stored), hf_name
+        if not kind.endswith("_K"):  # the test's K-quant blocks are random, not a quantization
+            # Within quantization error of the original, in the original (HF) row order.
+            step = np.abs(original).max() / {8: 127, 5: 15}.get(BITS.get(kind, 8), 7)
+            assert np.abs(np.array(got) - original).max() <= step, hf_name
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_dequantized_weights_equal_the_encoded_blocks(tmp_path: Path, arch: str) -> None:
     config, weights = _model(arch)
     path = tmp_path / "m.gguf"
     blobs = gw.write_model_gguf(path, config, weights, GPT2_TOKENS)
+    _check_weights(read_gguf(path), config, gw.mixed_types, blobs, weights)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_k_quant_and_q5_weights_equal_the_encoded_blocks(tmp_path: Path, arch: str) -> None:
+    config, weights = _model(arch, **WIDE)
+    path = tmp_path / "m.gguf"
+    blobs = gw.write_model_gguf(path, config, weights, GPT2_TOKENS, types=k_quant_types)
     contents = read_gguf(path)
+    _check_weights(contents, config, k_quant_types, blobs, weights)
+    assert contents.weights["model.norm.weight"].dtype == mx.bfloat16
     quant = contents.config["quantization"]
-    for hf_name, original in weights.items():
-        module, _, part = hf_name.rpartition(".")
-        kind = gw.mixed_types(hf_name)
-        stored = gw.decode(blobs[gw.gguf_name(hf_name)], kind, original.shape)
-        gguf_module = gw.gguf_name(hf_name).split(".")[-2]
-        if arch == "llama" and gguf_module in ("attn_q", "attn_k"):
-            heads = config[
-                "num_attention_heads" if gguf_module == "attn_q" else "num_key_value_heads"
-            ]
-            stored = _hf_order(stored, heads)
-        if f"{module}.scales" in contents.weights and part == "weight":
-            bits = quant.get(module, quant)["bits"]
-            got = mx.dequantize(
-                contents.weights[hf_name],
-                contents.weights[f"{module}.scales"].astype(mx.float32),
-                contents.weights[f"{module}.biases"].astype(mx.float32),
-                group_size=32,
-                bits=bits,
-            )
-            assert bits == (8 if kind == "Q8_0" else 4), hf_name
-        else:
-            got = contents.weights[hf_name].astype(mx.float32)
-        assert np.array_equal(np.array(got), stored), hf_name
-        # Within quantization error of the original, in the original (HF) row order.
-        step = np.abs(original).max() / (127 if kind == "Q8_0" else 7)
-        assert np.abs(np.array(got) - original).max() <= step, hf_name
+    assert (quant["bits"], quant["model.layers.0.mlp.down_proj"]["bits"]) == (4, 5)
+
+
+def test_k_quant_gguf_logits_equal_mlx_lm_on_write_folder(tmp_path: Path) -> None:
+    config, weights = _model("llama", **WIDE)
+    path = tmp_path / "m.gguf"
+    gw.write_model_gguf(path, config, weights, GPT2_TOKENS, types=k_quant_types)
+    contents = read_gguf(path)
+    ref = _mlx_lm(write_folder(contents, tmp_path / "folder"))
+    x = _ids(seed=3)
+    assert _diff(_ours(contents, "quantized")(x), ref(x)) <= 1e-4
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
@@ -453,10 +506,10 @@ def test_unsupported_tensor_type_names_the_tensor(tmp_path: Path) -> None:
     path = tmp_path / "m.gguf"
 
     def types(name: str) -> str:
-        return "Q4_K" if name == "model.layers.0.mlp.down_proj.weight" else "F32"
+        return "Q2_K" if name == "model.layers.0.mlp.down_proj.weight" else "F32"
 
     gw.write_model_gguf(path, config, weights, GPT2_TOKENS, types=types)
-    _raises(path, "'blk.0.ffn_down.weight'", "Q4_K", "Q4_0")
+    _raises(path, "'blk.0.ffn_down.weight'", "Q2_K", "Q4_0", "Q4_K")
 
 
 def test_unsupported_tokenizer_is_reported(tmp_path: Path) -> None:
