@@ -1,7 +1,7 @@
 """Read GGUF files (llama.cpp's format) into an HF/mlx-lm-shaped model: config, weights, tokenizer.
 
 ``read_gguf`` parses and checks the header itself, so a broken file gets an error naming the
-file and tensor, then decodes each tensor from the file's bytes (``runtime.gguf_blocks``):
+file and tensor, then decodes each tensor from the file's bytes (``runtime.gguf_format``):
 block-quantized types become MLX's quantized layout (packed ``uint32`` weight, float32
 ``scales`` and ``biases``, group 32), the rest dense arrays. Tensors get mlx-lm names, and for
 llama the q/k projection rows are put back in HF order (llama.cpp interleaves the two rotary
@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import mmap
 import re
-import struct
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ import mlx.core as mx
 import numpy as np
 
 from runtime.errors import ModelLoadError
-from runtime.gguf_blocks import GROUP_SIZE, TYPES, to_mlx, type_name
+from runtime.gguf_format import GROUP_SIZE, TYPES, TensorInfo, nbytes, read_header, to_mlx
 from runtime.gguf_tokenizer import build_tokenizer
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3")
@@ -42,168 +41,11 @@ class GGUFContents:
     metadata: dict[str, Any]  # the file's metadata as plain Python values
 
 
-@attrs.frozen
-class _TensorInfo:
-    name: str
-    shape: tuple[int, ...]  # row-major (the reverse of GGUF's ne[] order)
-    kind: int
-    offset: int  # from the start of the data section
-
-
-# ---- header ----
-
-_SCALARS = {
-    0: "<B",
-    1: "<b",
-    2: "<H",
-    3: "<h",
-    4: "<I",
-    5: "<i",
-    6: "<f",
-    7: "<?",
-    10: "<Q",
-    11: "<q",
-    12: "<d",
-}
-_NUMPY = {
-    0: "<u1",
-    1: "<i1",
-    2: "<u2",
-    3: "<i2",
-    4: "<u4",
-    5: "<i4",
-    6: "<f4",
-    7: "?",
-    10: "<u8",
-    11: "<i8",
-    12: "<f8",
-}
-_STRING, _ARRAY = 8, 9
-
-
-class _Header:
-    """A bounds-checked cursor over the file's bytes."""
-
-    def __init__(self, data: mmap.mmap, path: Path) -> None:
-        self.data = data
-        self.pos = 0
-        self.path = path
-
-    def fail(self, what: str) -> ModelLoadError:
-        return ModelLoadError(f"{self.path}: {what}")
-
-    def take(self, n: int) -> bytes:
-        if n < 0 or self.pos + n > len(self.data):
-            raise self.fail("truncated GGUF header")
-        chunk = self.data[self.pos : self.pos + n]
-        self.pos += n
-        return chunk
-
-    def scalar(self, fmt: str) -> Any:
-        size = struct.calcsize(fmt)
-        return struct.unpack(fmt, self.take(size))[0]
-
-    def string(self) -> str:
-        n = self.scalar("<Q")
-        return self.take(n).decode("utf-8", errors="replace")
-
-    def strings(self, count: int) -> list[str]:
-        # The vocabulary is ~100k strings: one tight loop instead of method calls per item.
-        data, pos, size, out = self.data, self.pos, len(self.data), []
-        if count > size:
-            raise self.fail("truncated GGUF header")
-        unpack = struct.Struct("<Q").unpack_from
-        for _ in range(count):
-            if pos + 8 > size:
-                raise self.fail("truncated GGUF header")
-            (n,) = unpack(data, pos)
-            end = pos + 8 + n
-            if end > size:
-                raise self.fail("truncated GGUF header")
-            out.append(data[pos + 8 : end].decode("utf-8", errors="replace"))
-            pos = end
-        self.pos = pos
-        return out
-
-    def value(self, kind: int, key: str) -> Any:
-        if kind in _SCALARS:
-            return self.scalar(_SCALARS[kind])
-        if kind == _STRING:
-            return self.string()
-        if kind == _ARRAY:
-            item, count = self.scalar("<I"), self.scalar("<Q")
-            if item in _NUMPY:
-                dtype = np.dtype(_NUMPY[item])
-                return np.frombuffer(self.take(count * dtype.itemsize), dtype).tolist()
-            if item == _STRING:
-                return self.strings(count)
-            raise self.fail(f"metadata {key!r}: unsupported array type {item}")
-        raise self.fail(f"metadata {key!r}: unknown value type {kind}")
-
-
-def _read_header(path: Path, data: mmap.mmap) -> tuple[dict[str, Any], list[_TensorInfo], int]:
-    h = _Header(data, path)
-    if len(data) < 4 or bytes(data[:4]) != b"GGUF":
-        raise h.fail("not a GGUF file (bad magic)")
-    h.pos = 4
-    version = h.scalar("<I")
-    if version not in (2, 3):
-        raise h.fail(f"unsupported GGUF version {version} (supported: 2, 3)")
-    n_tensors, n_kv = h.scalar("<Q"), h.scalar("<Q")
-    if n_tensors > len(data) or n_kv > len(data):
-        raise h.fail("corrupt GGUF header (impossible counts)")
-    metadata: dict[str, Any] = {}
-    for _ in range(n_kv):
-        key = h.string()
-        metadata[key] = h.value(h.scalar("<I"), key)
-    infos = []
-    for _ in range(n_tensors):
-        name = h.string()
-        n_dims = h.scalar("<I")
-        if not 1 <= n_dims <= 4:
-            raise h.fail(f"tensor {name!r}: {n_dims} dimensions")
-        dims = [h.scalar("<Q") for _ in range(n_dims)]
-        kind, offset = h.scalar("<I"), h.scalar("<Q")
-        infos.append(_TensorInfo(name, tuple(reversed(dims)), kind, offset))
-    alignment = metadata.get("general.alignment", 32)
-    if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
-        raise h.fail(f"invalid general.alignment {alignment!r}")
-    start = h.pos + (-h.pos % alignment)
-    for info in infos:
-        _check_tensor(path, info, start, len(data))
-    return metadata, infos, start
-
-
-def _check_tensor(path: Path, info: _TensorInfo, start: int, size: int) -> None:
-    spec = TYPES.get(info.kind)
-    if spec is None:
-        supported = ", ".join(t.name for t in TYPES.values())
-        raise ModelLoadError(
-            f"{path}: tensor {info.name!r} has unsupported type {type_name(info.kind)} "
-            f"(supported: {supported})"
-        )
-    if info.shape[-1] % spec.block:
-        raise ModelLoadError(
-            f"{path}: tensor {info.name!r} ({spec.name}) has a row of {info.shape[-1]} values, "
-            f"not a multiple of {spec.block}"
-        )
-    end = start + info.offset + _nbytes(info)
-    if end > size:
-        raise ModelLoadError(
-            f"{path}: truncated: tensor {info.name!r} needs bytes up to {end}, the file has {size}"
-        )
-
-
-def _nbytes(info: _TensorInfo) -> int:
-    spec = TYPES[info.kind]
-    return int(np.prod(info.shape, dtype=np.uint64)) // spec.block * spec.size
-
-
 # ---- config ----
 
 
 def _arch_config(
-    path: Path, meta: dict[str, Any], infos: dict[str, _TensorInfo], rope_freqs: np.ndarray | None
+    path: Path, meta: dict[str, Any], infos: dict[str, TensorInfo], rope_freqs: np.ndarray | None
 ) -> dict[str, Any]:
     arch = meta.get("general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
@@ -378,7 +220,7 @@ def _expected_shapes(config: dict[str, Any]) -> tuple[dict[str, tuple[int, ...]]
     return shapes, optional
 
 
-def _check_tensor_set(path: Path, config: dict[str, Any], infos: dict[str, _TensorInfo]) -> None:
+def _check_tensor_set(path: Path, config: dict[str, Any], infos: dict[str, TensorInfo]) -> None:
     expected, optional = _expected_shapes(config)
     for name, info in infos.items():
         if name not in expected:
@@ -399,7 +241,7 @@ def _unpermute(x: mx.array, n_head: int) -> mx.array:
 
 
 def _load_tensors(
-    path: Path, data: mmap.mmap, start: int, config: dict[str, Any], infos: dict[str, _TensorInfo]
+    path: Path, data: mmap.mmap, start: int, config: dict[str, Any], infos: dict[str, TensorInfo]
 ) -> tuple[dict[str, mx.array], dict[str, int]]:
     """mlx-lm-named arrays and the bits of each quantized module."""
     weights: dict[str, mx.array] = {}
@@ -411,7 +253,7 @@ def _load_tensors(
         if hf is None:  # _check_tensor_set admits only known names
             raise ModelLoadError(f"{path}: unexpected tensor {name!r}")
         begin = start + info.offset
-        raw = np.frombuffer(data[begin : begin + _nbytes(info)], dtype=np.uint8)
+        raw = np.frombuffer(data[begin : begin + nbytes(info)], dtype=np.uint8)
         parts = to_mlx(info.kind, raw, info.shape)
         if "scales" in parts:
             if suffix != "weight" or len(info.shape) != 2:
@@ -437,7 +279,7 @@ _ROPE_FREQS = "rope_freqs.weight"
 
 
 def _rope_factors(
-    path: Path, infos: list[_TensorInfo], data: mmap.mmap, start: int
+    path: Path, infos: list[TensorInfo], data: mmap.mmap, start: int
 ) -> np.ndarray | None:
     info = next((i for i in infos if i.name == _ROPE_FREQS), None)
     if info is None:
@@ -462,7 +304,7 @@ def read_gguf(path: Path) -> GGUFContents:
 
 
 def _read(path: Path, data: mmap.mmap) -> GGUFContents:
-    metadata, info_list, start = _read_header(path, data)
+    metadata, info_list, start = read_header(path, data)
     infos = {i.name: i for i in info_list if i.name != _ROPE_FREQS}
     rope_factors = _rope_factors(path, info_list, data, start)
     if len(infos) + (rope_factors is not None) != len(info_list):

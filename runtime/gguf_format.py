@@ -1,11 +1,14 @@
-"""GGML tensor encodings -> MLX arrays, decoded from a GGUF file's bytes with numpy.
+"""The GGUF container: its header parsed and bounds-checked, its tensors decoded to MLX arrays.
 
-Every block format whose values follow one affine map per 32 (``x = scale * code + bias``)
-becomes MLX's quantized layout exactly: codes packed as a little-endian bit stream in ``uint32``
-words, ``scales`` and ``biases`` in float32, group size 32. That covers Q4_0, Q4_1, Q8_0, Q5_0,
-Q5_1, and the K-quants Q4_K and Q5_K (a 256-value super-block is eight such groups). Q6_K
-keeps one scale per 16 values, finer than MLX's smallest group, so it is decoded to float32.
-F32, F16 and BF16 are copied as stored.
+``read_header`` reads metadata and tensor infos with every length checked against the file
+(a truncated or corrupt file is a ``ModelLoadError`` naming the file and tensor, never a read
+past the end). ``to_mlx`` decodes one tensor's bytes with numpy. Every block format whose
+values follow one affine map per 32 (``x = scale * code + bias``) becomes MLX's quantized
+layout exactly: codes packed as a little-endian bit stream in ``uint32`` words, ``scales`` and
+``biases`` in float32, group size 32. That covers Q4_0, Q4_1, Q8_0, Q5_0, Q5_1, and the
+K-quants Q4_K and Q5_K (a 256-value super-block is eight such groups). Q6_K keeps one scale per
+16 values, finer than MLX's smallest group, so it is decoded to float32. F32, F16 and BF16 are
+copied as stored.
 
 ``mx.load`` reads GGUF too, but the gguflib it bundles decodes Q4_K wrongly (the high-nibble
 sub-blocks take the previous sub-block's scale) and cannot read Q5 types; so it is not used.
@@ -13,9 +16,16 @@ sub-blocks take the previous sub-block's scale) and cannot read Q5 types; so it 
 
 from __future__ import annotations
 
+import mmap
+import struct
+from pathlib import Path
+from typing import Any
+
 import attrs
 import mlx.core as mx
 import numpy as np
+
+from runtime.errors import ModelLoadError
 
 GROUP_SIZE = 32
 
@@ -49,6 +59,166 @@ OTHER_NAMES |= {24: "I8", 25: "I16", 26: "I32", 27: "I64", 28: "F64", 29: "IQ1_M
 def type_name(kind: int) -> str:
     return TYPES[kind].name if kind in TYPES else OTHER_NAMES.get(kind, f"type #{kind}")
 
+
+# ---- header ----
+
+
+@attrs.frozen
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]  # row-major (the reverse of GGUF's ne[] order)
+    kind: int
+    offset: int  # from the start of the data section
+
+
+_SCALARS = {
+    0: "<B",
+    1: "<b",
+    2: "<H",
+    3: "<h",
+    4: "<I",
+    5: "<i",
+    6: "<f",
+    7: "<?",
+    10: "<Q",
+    11: "<q",
+    12: "<d",
+}
+_NUMPY = {
+    0: "<u1",
+    1: "<i1",
+    2: "<u2",
+    3: "<i2",
+    4: "<u4",
+    5: "<i4",
+    6: "<f4",
+    7: "?",
+    10: "<u8",
+    11: "<i8",
+    12: "<f8",
+}
+_STRING, _ARRAY = 8, 9
+
+
+class _Header:
+    """A bounds-checked cursor over the file's bytes."""
+
+    def __init__(self, data: mmap.mmap, path: Path) -> None:
+        self.data = data
+        self.pos = 0
+        self.path = path
+
+    def fail(self, what: str) -> ModelLoadError:
+        return ModelLoadError(f"{self.path}: {what}")
+
+    def take(self, n: int) -> bytes:
+        if n < 0 or self.pos + n > len(self.data):
+            raise self.fail("truncated GGUF header")
+        chunk = self.data[self.pos : self.pos + n]
+        self.pos += n
+        return chunk
+
+    def scalar(self, fmt: str) -> Any:
+        size = struct.calcsize(fmt)
+        return struct.unpack(fmt, self.take(size))[0]
+
+    def string(self) -> str:
+        n = self.scalar("<Q")
+        return self.take(n).decode("utf-8", errors="replace")
+
+    def strings(self, count: int) -> list[str]:
+        # The vocabulary is ~100k strings: one tight loop instead of method calls per item.
+        data, pos, size, out = self.data, self.pos, len(self.data), []
+        if count > size:
+            raise self.fail("truncated GGUF header")
+        unpack = struct.Struct("<Q").unpack_from
+        for _ in range(count):
+            if pos + 8 > size:
+                raise self.fail("truncated GGUF header")
+            (n,) = unpack(data, pos)
+            end = pos + 8 + n
+            if end > size:
+                raise self.fail("truncated GGUF header")
+            out.append(data[pos + 8 : end].decode("utf-8", errors="replace"))
+            pos = end
+        self.pos = pos
+        return out
+
+    def value(self, kind: int, key: str) -> Any:
+        if kind in _SCALARS:
+            return self.scalar(_SCALARS[kind])
+        if kind == _STRING:
+            return self.string()
+        if kind == _ARRAY:
+            item, count = self.scalar("<I"), self.scalar("<Q")
+            if item in _NUMPY:
+                dtype = np.dtype(_NUMPY[item])
+                return np.frombuffer(self.take(count * dtype.itemsize), dtype).tolist()
+            if item == _STRING:
+                return self.strings(count)
+            raise self.fail(f"metadata {key!r}: unsupported array type {item}")
+        raise self.fail(f"metadata {key!r}: unknown value type {kind}")
+
+
+def read_header(path: Path, data: mmap.mmap) -> tuple[dict[str, Any], list[TensorInfo], int]:
+    h = _Header(data, path)
+    if len(data) < 4 or bytes(data[:4]) != b"GGUF":
+        raise h.fail("not a GGUF file (bad magic)")
+    h.pos = 4
+    version = h.scalar("<I")
+    if version not in (2, 3):
+        raise h.fail(f"unsupported GGUF version {version} (supported: 2, 3)")
+    n_tensors, n_kv = h.scalar("<Q"), h.scalar("<Q")
+    if n_tensors > len(data) or n_kv > len(data):
+        raise h.fail("corrupt GGUF header (impossible counts)")
+    metadata: dict[str, Any] = {}
+    for _ in range(n_kv):
+        key = h.string()
+        metadata[key] = h.value(h.scalar("<I"), key)
+    infos = []
+    for _ in range(n_tensors):
+        name = h.string()
+        n_dims = h.scalar("<I")
+        if not 1 <= n_dims <= 4:
+            raise h.fail(f"tensor {name!r}: {n_dims} dimensions")
+        dims = [h.scalar("<Q") for _ in range(n_dims)]
+        kind, offset = h.scalar("<I"), h.scalar("<Q")
+        infos.append(TensorInfo(name, tuple(reversed(dims)), kind, offset))
+    alignment = metadata.get("general.alignment", 32)
+    if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
+        raise h.fail(f"invalid general.alignment {alignment!r}")
+    start = h.pos + (-h.pos % alignment)
+    for info in infos:
+        _check_tensor(path, info, start, len(data))
+    return metadata, infos, start
+
+
+def _check_tensor(path: Path, info: TensorInfo, start: int, size: int) -> None:
+    spec = TYPES.get(info.kind)
+    if spec is None:
+        supported = ", ".join(t.name for t in TYPES.values())
+        raise ModelLoadError(
+            f"{path}: tensor {info.name!r} has unsupported type {type_name(info.kind)} "
+            f"(supported: {supported})"
+        )
+    if info.shape[-1] % spec.block:
+        raise ModelLoadError(
+            f"{path}: tensor {info.name!r} ({spec.name}) has a row of {info.shape[-1]} values, "
+            f"not a multiple of {spec.block}"
+        )
+    end = start + info.offset + nbytes(info)
+    if end > size:
+        raise ModelLoadError(
+            f"{path}: truncated: tensor {info.name!r} needs bytes up to {end}, the file has {size}"
+        )
+
+
+def nbytes(info: TensorInfo) -> int:
+    spec = TYPES[info.kind]
+    return int(np.prod(info.shape, dtype=np.uint64)) // spec.block * spec.size
+
+
+# ---- tensor encodings ----
 
 _F16 = ("d", "<f2")
 _LAYOUTS: dict[str, list[tuple[str, str] | tuple[str, str, int]]] = {
