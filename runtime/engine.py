@@ -13,11 +13,12 @@ scripted fake with the same behaviour for actor tests.
 from __future__ import annotations
 
 import enum
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import attrs
 
-from runtime.sampler import SamplingOptions
+if TYPE_CHECKING:
+    from runtime.sampler import SamplingOptions
 
 
 class FinishReason(enum.Enum):

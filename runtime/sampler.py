@@ -1,12 +1,24 @@
 """Sampling options and the per-sequence sampler.
 
-(SamplingOptions is final; the Sampler class lands with the sampler work.)
+Order of operations (Ollama's, with llama.cpp's typical sampling added): penalties on the raw
+logits over the last ``repeat_last_n`` tokens (the prompt's included) -> temperature 0 means
+greedy argmax -> top_k -> softmax(logits / temperature) -> typical_p -> top_p -> min_p ->
+categorical draw. A seeded sampler derives the key of draw *n* from (seed, n) alone, so a
+sequence's samples never depend on what else shares the batch.
 """
 
 from __future__ import annotations
 
-import attrs
+import math
+import secrets
+from collections.abc import Mapping, Sequence
+from typing import Any
 
+import attrs
+import mlx.core as mx
+import numpy as np
+
+from runtime.engine import TokenLogprob
 from runtime.errors import OptionsError
 
 
@@ -30,6 +42,11 @@ class SamplingOptions:
     frequency_penalty: float = 0.0
     seed: int | None = None
 
+    @classmethod
+    def from_dict(cls, options: Mapping[str, Any]) -> SamplingOptions:
+        """See ``options_from_dict``."""
+        return options_from_dict(options)
+
     def __attrs_post_init__(self) -> None:
         _check(self.temperature >= 0, "temperature must be >= 0")
         _check(self.top_k >= 0, "top_k must be >= 0 (0 disables it)")
@@ -40,3 +57,146 @@ class SamplingOptions:
         _check(self.repeat_last_n >= -1, "repeat_last_n must be >= -1 (-1: the whole context)")
         _check(-2 <= self.presence_penalty <= 2, "presence_penalty must be in [-2, 2]")
         _check(-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]")
+
+
+_INT_FIELDS = {"top_k", "repeat_last_n", "seed"}
+_FLOAT_FIELDS = {f.name for f in attrs.fields(SamplingOptions)} - _INT_FIELDS
+
+
+def _coerce(name: str, value: Any) -> Any:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise OptionsError(f"option {name!r} must be a number, got {type(value).__name__}")
+    if name in _INT_FIELDS:
+        if isinstance(value, float) and not value.is_integer():
+            raise OptionsError(f"option {name!r} must be an integer, got {value}")
+        return int(value)
+    if not math.isfinite(value):
+        raise OptionsError(f"option {name!r} must be finite")
+    return float(value)
+
+
+def options_from_dict(options: Mapping[str, Any]) -> SamplingOptions:
+    """Sampling options from Ollama-named keys; other keys (num_predict, stop...) are ignored.
+
+    ``None`` means the default; a negative ``seed`` means unseeded.
+    """
+    values: dict[str, Any] = {}
+    for name in _INT_FIELDS | _FLOAT_FIELDS:
+        value = options.get(name)
+        if value is None:
+            continue
+        values[name] = _coerce(name, value)
+    if values.get("seed", 0) < 0:
+        values["seed"] = None
+    return SamplingOptions(**values)
+
+
+def _splitmix64(seed: int, counter: int) -> int:
+    mask = (1 << 64) - 1
+    z = (seed + 0x9E3779B97F4A7C15 * (counter + 1)) & mask
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+    return z ^ (z >> 31)
+
+
+class Sampler:
+    """Samples one sequence's tokens; holds its penalty history and its random stream.
+
+    ``sample`` and ``accept`` build lazy MLX graphs: the engine evaluates the samples of a
+    whole batch at once, and can feed a sampled token to the next step (and to ``accept``)
+    before it is materialized.
+    """
+
+    def __init__(
+        self,
+        options: SamplingOptions,
+        *,
+        prompt: Sequence[int],
+        vocab_size: int,
+        context_length: int,
+    ) -> None:
+        self.options = options
+        self.vocab_size = vocab_size
+        o = options
+        self._window = context_length if o.repeat_last_n == -1 else o.repeat_last_n
+        self._penalize = self._window > 0 and (
+            o.repeat_penalty != 1.0 or o.presence_penalty != 0.0 or o.frequency_penalty != 0.0
+        )
+        recent = list(prompt)[-self._window :] if self._penalize else []
+        self._history = mx.array(recent, dtype=mx.int32)
+        self._seed = o.seed if o.seed is not None else secrets.randbits(63)
+        self._draws = 0
+
+    @property
+    def greedy(self) -> bool:
+        return self.options.temperature == 0.0
+
+    def accept(self, token: int | mx.array) -> None:
+        """Add a produced token to the penalty window."""
+        if not self._penalize:
+            return
+        tok = mx.array([token], dtype=mx.int32) if isinstance(token, int) else token.reshape(1)
+        self._history = mx.concatenate([self._history, tok.astype(mx.int32)])[-self._window :]
+
+    def _penalties(self, logits: mx.array) -> mx.array:
+        o = self.options
+        counts = mx.zeros((logits.shape[-1],), mx.float32).at[self._history].add(1.0)
+        present = counts > 0
+        if o.repeat_penalty != 1.0:
+            scaled = mx.where(logits < 0, logits * o.repeat_penalty, logits / o.repeat_penalty)
+            logits = mx.where(present, scaled, logits)
+        if o.presence_penalty != 0.0:
+            logits = logits - o.presence_penalty * present.astype(mx.float32)
+        if o.frequency_penalty != 0.0:
+            logits = logits - o.frequency_penalty * counts
+        return logits
+
+    def sample(self, logits: mx.array) -> mx.array:
+        """A lazy int32 scalar: the next token for raw float32 ``logits`` of shape ``[V]``."""
+        o = self.options
+        if self._penalize and self._history.size:
+            logits = self._penalties(logits)
+        if self.greedy:
+            return mx.argmax(logits).astype(mx.int32)
+        key = mx.random.key(_splitmix64(self._seed, self._draws))
+        self._draws += 1
+        vocab = logits.shape[-1]
+        if 0 < o.top_k < vocab:
+            ids = mx.argpartition(-logits, kth=o.top_k - 1)[: o.top_k]
+            cand = logits[ids]
+        else:
+            ids, cand = None, logits
+        order = mx.argsort(-cand)  # candidates by descending probability
+        cand = cand[order]
+        probs = mx.softmax(cand / o.temperature)
+        keep = mx.ones(probs.shape, dtype=mx.bool_)
+        if o.typical_p < 1.0:
+            logp = mx.log(mx.maximum(probs, 1e-30))
+            entropy = -mx.sum(probs * logp)
+            by_typicality = mx.argsort(mx.abs(-logp - entropy))
+            p_t = probs[by_typicality]
+            keep_t = (mx.cumsum(p_t) - p_t) < o.typical_p
+            keep = keep & keep_t[mx.argsort(by_typicality)]
+        if o.top_p < 1.0:
+            keep = keep & ((mx.cumsum(probs) - probs) < o.top_p)
+        if o.min_p > 0.0:
+            keep = keep & (probs >= o.min_p * probs[0])
+        keep = keep | (mx.arange(probs.shape[0]) == 0)  # the likeliest token always survives
+        masked = mx.where(keep, mx.log(mx.maximum(probs, 1e-30)), -mx.inf)
+        pick = mx.random.categorical(masked, key=key)
+        chosen = order[pick]
+        return (ids[chosen] if ids is not None else chosen).astype(mx.int32)
+
+
+def logprobs(logits: mx.array, token: int, top: int) -> TokenLogprob:
+    """Log-probability of ``token`` and the ``top`` likeliest tokens, from raw logits."""
+    logp = logits.astype(mx.float32) - mx.logsumexp(logits.astype(mx.float32))
+    best: tuple[tuple[int, float], ...] = ()
+    if top > 0:
+        k = min(top, logp.shape[-1])
+        ids = mx.argpartition(-logp, kth=k - 1)[:k]
+        ids = ids[mx.argsort(-logp[ids])]
+        id_list = np.array(ids).tolist()
+        val_list = np.array(logp[ids]).tolist()
+        best = tuple(zip(id_list, val_list, strict=True))
+    return TokenLogprob(token=token, logprob=float(np.array(logp[token])), top=best)

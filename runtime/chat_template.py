@@ -1,0 +1,87 @@
+"""Rendering of HF-style Jinja chat templates (``tokenizer_config.json``'s ``chat_template``).
+
+Templates run in Jinja's immutable sandbox with the helpers HF templates expect
+(``raise_exception``, ``strftime_now``, a ``tojson`` that keeps non-ASCII text) and the
+whitespace rules transformers uses (``trim_blocks``, ``lstrip_blocks``). A model without a
+template gets ChatML, which is what most small instruct models were tuned on.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from functools import lru_cache
+from typing import Any
+
+import jinja2
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from runtime.errors import OptionsError
+
+CHATML = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+class TemplateError(OptionsError):
+    """The chat template refused the messages or failed to render."""
+
+
+def _raise(message: str) -> None:
+    raise TemplateError(message)
+
+
+def _tojson(value: Any, indent: int | None = None, ensure_ascii: bool = False) -> str:
+    return json.dumps(value, indent=indent, ensure_ascii=ensure_ascii)
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.now().strftime(fmt)
+
+
+@lru_cache(maxsize=16)
+def _compile(source: str) -> jinja2.Template:
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+    )
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise
+    env.globals["strftime_now"] = _strftime_now
+    try:
+        return env.from_string(source)
+    except jinja2.TemplateSyntaxError as exc:
+        raise TemplateError(f"invalid chat template: {exc}") from exc
+
+
+def render(
+    template: str | None,
+    messages: Sequence[Mapping[str, Any]],
+    *,
+    add_generation_prompt: bool = True,
+    bos_token: str = "",
+    eos_token: str = "",
+    tools: Sequence[Mapping[str, Any]] | None = None,
+    **extra: Any,
+) -> str:
+    """Render ``messages`` with ``template`` (ChatML when ``None``)."""
+    for i, m in enumerate(messages):
+        if not isinstance(m.get("role"), str):
+            raise TemplateError(f"message {i} has no string 'role'")
+    compiled = _compile(template or CHATML)
+    try:
+        return compiled.render(
+            messages=[dict(m) for m in messages],
+            add_generation_prompt=add_generation_prompt,
+            bos_token=bos_token,
+            eos_token=eos_token,
+            tools=list(tools) if tools else None,
+            **extra,
+        )
+    except TemplateError:
+        raise
+    except (jinja2.TemplateError, TypeError, ValueError, KeyError, AttributeError) as exc:
+        raise TemplateError(f"chat template failed: {exc}") from exc

@@ -1,0 +1,177 @@
+"""The tokenizer of a loaded model: HF ``tokenizers`` plus the model's special-token rules.
+
+Owns encoding (special tokens in the text are matched whole; BOS added once, when the model
+asks for it), decoding, the end-of-sequence set, the chat template, and streaming
+detokenizers. EOS ids follow Ollama's priority: ``generation_config.json``, then
+``config.json``, then ``tokenizer_config.json``; the template's end-of-turn marker
+(``<|im_end|>``, ``<|eot_id|>``, ...) is added when the vocabulary has it as a special token,
+because chat models end their turn with it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import tokenizers
+
+from runtime import chat_template
+from runtime.detokenizer import StreamingDetokenizer
+from runtime.errors import ModelLoadError, OptionsError
+
+if TYPE_CHECKING:
+    from runtime.weights import ModelFiles
+
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
+
+
+def _token_text(value: Any) -> str | None:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, Mapping) and isinstance(value.get("content"), str):
+        return str(value["content"])
+    return None
+
+
+def _ids(value: Any) -> list[int]:
+    if isinstance(value, bool):
+        return []
+    if isinstance(value, int):
+        return [value]
+    if isinstance(value, list):
+        return [v for v in value if isinstance(v, int) and not isinstance(v, bool)]
+    return []
+
+
+class Tokenizer:
+    def __init__(
+        self,
+        tokenizer: tokenizers.Tokenizer,
+        *,
+        bos_id: int | None,
+        eos_ids: frozenset[int],
+        add_bos: bool,
+        chat_template: str | None,
+    ) -> None:
+        self._tok = tokenizer
+        self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+        self.bos_id = bos_id
+        self.eos_ids = eos_ids
+        self.add_bos = add_bos
+        self.chat_template = chat_template
+        self.bos_token = tokenizer.id_to_token(bos_id) if bos_id is not None else ""
+        eos = min(eos_ids) if eos_ids else None
+        self.eos_token = tokenizer.id_to_token(eos) if eos is not None else ""
+
+    @classmethod
+    def from_model_files(cls, files: ModelFiles) -> Tokenizer:
+        return cls.from_parts(
+            files.tokenizer_json,
+            files.tokenizer_config,
+            generation_config=files.generation_config,
+            config=files.config,
+        )
+
+    @classmethod
+    def from_parts(
+        cls,
+        tokenizer_json: str,
+        tokenizer_config: Mapping[str, Any],
+        *,
+        generation_config: Mapping[str, Any] | None = None,
+        config: Mapping[str, Any] | None = None,
+    ) -> Tokenizer:
+        try:
+            tok = tokenizers.Tokenizer.from_str(tokenizer_json)
+        except Exception as exc:  # tokenizers raises its own untyped exception
+            raise ModelLoadError(f"tokenizer.json: cannot parse ({exc})") from exc
+
+        def lookup(key: str) -> int | None:
+            text = _token_text(tokenizer_config.get(key))
+            return tok.token_to_id(text) if text is not None else None
+
+        eos: list[int] = []
+        for source in (generation_config or {}, config or {}):
+            eos = _ids(source.get("eos_token_id"))
+            if eos:
+                break
+        if not eos:
+            found = lookup("eos_token")
+            eos = [found] if found is not None else []
+        specials = {t.content for t in tok.get_added_tokens_decoder().values() if t.special}
+        for marker in END_OF_TURN:
+            marker_id = tok.token_to_id(marker)
+            if marker in specials and marker_id is not None:
+                eos.append(marker_id)
+
+        bos: int | None = None
+        for source in (generation_config or {}, config or {}):
+            found_bos = _ids(source.get("bos_token_id"))
+            if found_bos:
+                bos = found_bos[0]
+                break
+        if bos is None:
+            bos = lookup("bos_token")
+        add_bos = tokenizer_config.get("add_bos_token")
+        if add_bos is None:
+            # The tokenizer's own post-processor says whether it prefixes BOS.
+            probe = tok.encode("a", add_special_tokens=True).ids
+            add_bos = bos is not None and bool(probe) and probe[0] == bos
+        template = tokenizer_config.get("chat_template")
+        if isinstance(template, list):  # several named templates: take "default"
+            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+            template = named.get("default")
+        return cls(
+            tok,
+            bos_id=bos,
+            eos_ids=frozenset(eos),
+            add_bos=bool(add_bos),
+            chat_template=template if isinstance(template, str) else None,
+        )
+
+    def encode(self, text: str, *, add_bos: bool | None = None) -> list[int]:
+        ids: list[int] = self._tok.encode(text, add_special_tokens=False).ids
+        want_bos = self.add_bos if add_bos is None else add_bos
+        if want_bos and self.bos_id is not None and (not ids or ids[0] != self.bos_id):
+            ids.insert(0, self.bos_id)
+        return ids
+
+    def _check(self, ids: Sequence[int]) -> list[int]:
+        out = list(ids)
+        for t in out:
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size:
+                raise OptionsError(
+                    f"token id {t!r} is outside the vocabulary (0..{self.vocab_size - 1})"
+                )
+        return out
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return str(self._tok.decode(self._check(ids), skip_special_tokens=False))
+
+    def _decode_unchecked(self, ids: list[int]) -> str:
+        return str(self._tok.decode(ids, skip_special_tokens=False))
+
+    def piece(self, token: int) -> str:
+        """The text of one token (may be part of a character), for logprobs."""
+        return self.decode([token])
+
+    def detokenizer(self, context: Sequence[int] = ()) -> StreamingDetokenizer:
+        return StreamingDetokenizer(self._decode_unchecked, self._check(context))
+
+    def apply_chat_template(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        add_generation_prompt: bool = True,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        **extra: Any,
+    ) -> str:
+        return chat_template.render(
+            self.chat_template,
+            messages,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=self.bos_token or "",
+            eos_token=self.eos_token or "",
+            tools=tools,
+            **extra,
+        )

@@ -1,0 +1,186 @@
+"""ModelEngine: batched steps on a tiny real model."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlx.core as mx
+import pytest
+
+from runtime.engine import FinishReason, SequenceRequest, TokenEvent
+from runtime.errors import PromptError
+from runtime.generator import ModelEngine
+from runtime.loader import LoadedModel, load_model
+from runtime.sampler import SamplingOptions
+from tests.tiny import make_tiny_folder
+
+GREEDY = SamplingOptions(temperature=0.0, repeat_penalty=1.0)
+SEEDED = SamplingOptions(temperature=1.0, top_k=0, top_p=1.0, repeat_penalty=1.0, seed=7)
+
+
+@pytest.fixture(scope="module")
+def loaded(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
+    folder = make_tiny_folder(tmp_path_factory.mktemp("tiny") / "m", "llama")
+    return load_model(folder)
+
+
+def _request(seq_id: int, prompt: list[int], **kw: Any) -> SequenceRequest:
+    return SequenceRequest(
+        seq_id=seq_id,
+        prompt=tuple(prompt),
+        sampling=kw.pop("sampling", GREEDY),
+        max_tokens=kw.pop("max_tokens", 8),
+        **kw,
+    )
+
+
+def _run(engine: ModelEngine) -> dict[int, list[TokenEvent]]:
+    out: dict[int, list[TokenEvent]] = {}
+    while engine.has_work():
+        for ev in engine.step():
+            out.setdefault(ev.seq_id, []).append(ev)
+    return out
+
+
+def _tokens(events: list[TokenEvent]) -> list[int]:
+    return [e.token for e in events if e.token is not None]
+
+
+def _reference_greedy(loaded: LoadedModel, prompt: list[int], n: int) -> list[int]:
+    model = loaded.model
+    cache = model.make_cache()
+    logits = model(mx.array(prompt)[None], cache)
+    out = []
+    for _ in range(n):
+        tok = int(mx.argmax(logits[0, -1]).item())
+        out.append(tok)
+        if tok in loaded.tokenizer.eos_ids:
+            break
+        logits = model(mx.array([[tok]]), cache)
+    return out
+
+
+PROMPTS = [[5, 17, 99, 3, 250, 41, 7], [12, 300, 8], list(range(20, 61))]
+
+
+def test_single_sequence_matches_plain_greedy_loop(loaded: LoadedModel) -> None:
+    engine = ModelEngine(loaded)
+    engine.add(_request(1, PROMPTS[0], max_tokens=12))
+    got = _tokens(_run(engine)[1])
+    assert got == _reference_greedy(loaded, PROMPTS[0], 12)
+
+
+@pytest.mark.parametrize("sampling", [GREEDY, SEEDED])
+def test_batched_sequences_equal_solo_runs(loaded: LoadedModel, sampling: SamplingOptions) -> None:
+    solo = []
+    for i, p in enumerate(PROMPTS):
+        engine = ModelEngine(loaded)
+        engine.add(_request(i, p, sampling=sampling, max_tokens=10))
+        solo.append(_tokens(_run(engine)[i]))
+    engine = ModelEngine(loaded, prefill_chunk=16)
+    engine.add(_request(0, PROMPTS[0], sampling=sampling, max_tokens=10))
+    out: dict[int, list[TokenEvent]] = {}
+    for step in range(100):
+        if step == 2:  # late joiners share steps with a decoding sequence
+            engine.add(_request(1, PROMPTS[1], sampling=sampling, max_tokens=10))
+            engine.add(_request(2, PROMPTS[2], sampling=sampling, max_tokens=10))
+        if not engine.has_work():
+            break
+        for ev in engine.step():
+            out.setdefault(ev.seq_id, []).append(ev)
+    assert [_tokens(out[i]) for i in range(3)] == solo
+
+
+def test_prefill_is_chunked_and_budgeted(loaded: LoadedModel) -> None:
+    engine = ModelEngine(loaded, prefill_chunk=16)
+    engine.add(_request(0, list(range(40)), max_tokens=1))
+    first = engine.step()
+    assert first == [TokenEvent(seq_id=0, token=None, prefilled=16)]
+    assert engine.statistics().prefilling_sequences == 1
+    second = engine.step()
+    assert second[0].prefilled == 16
+    assert second[0].token is None
+    third = engine.step()
+    assert third[0].prefilled == 8
+    assert third[0].token is not None
+    assert third[0].finish is FinishReason.LENGTH
+    assert not engine.has_work()
+
+
+def test_max_tokens_and_removal_free_the_cache(loaded: LoadedModel) -> None:
+    engine = ModelEngine(loaded)
+    engine.add(_request(0, PROMPTS[0], max_tokens=3))
+    engine.add(_request(1, PROMPTS[1], max_tokens=50))
+    engine.step()
+    assert engine.statistics().cache_bytes > 0
+    engine.remove(1)
+    events = _run(engine)
+    assert len(_tokens(events[0])) <= 3
+    assert events[0][-1].finish in (FinishReason.LENGTH, FinishReason.STOP)
+    assert engine.statistics().active_sequences == 0
+    assert engine.statistics().cache_bytes == 0
+
+
+def test_eos_finishes_with_stop(loaded: LoadedModel) -> None:
+    want = _reference_greedy(loaded, PROMPTS[2], 40)
+    engine = ModelEngine(loaded)
+    # Make the first greedy token an end-of-sequence token for this engine.
+    object.__setattr__(engine, "_eos", frozenset({want[0]}))
+    engine.add(_request(0, PROMPTS[2], max_tokens=40))
+    events = _run(engine)[0]
+    assert events[-1].token == want[0]
+    assert events[-1].finish is FinishReason.STOP
+
+
+def test_failed_step_leaves_caches_at_last_complete_position(loaded: LoadedModel) -> None:
+    engine = ModelEngine(loaded)
+    engine.add(_request(0, PROMPTS[0], max_tokens=6))
+    engine.step()
+    seq = engine._seqs[0]
+    offset = seq.cache.offset
+    model = engine.model
+    original = model.unembed
+
+    def boom(h: mx.array) -> mx.array:
+        raise RuntimeError("injected")
+
+    model.unembed = boom
+    try:
+        with pytest.raises(RuntimeError, match="injected"):
+            engine.step()
+    finally:
+        model.unembed = original
+    assert seq.cache.offset == offset
+    rest = _tokens(_run(engine)[0])
+    full = _reference_greedy(loaded, PROMPTS[0], 6)
+    assert rest == full[1 : 1 + len(rest)]
+
+
+def test_prompt_errors(loaded: LoadedModel) -> None:
+    engine = ModelEngine(loaded, context_length=32)
+    with pytest.raises(PromptError, match="empty"):
+        engine.add(_request(0, []))
+    with pytest.raises(PromptError, match="context length"):
+        engine.add(_request(0, list(range(32))))
+    with pytest.raises(PromptError, match="vocabulary"):
+        engine.add(_request(0, [10**6]))
+
+
+def test_context_full_ends_with_length(loaded: LoadedModel) -> None:
+    engine = ModelEngine(loaded, context_length=12)
+    engine.add(_request(0, list(range(8)), max_tokens=100))
+    events = _run(engine)[0]
+    assert events[-1].finish is FinishReason.LENGTH
+    assert len(_tokens(events)) == 12 - 8
+
+
+def test_logprobs_are_reported(loaded: LoadedModel) -> None:
+    engine = ModelEngine(loaded)
+    engine.add(_request(0, PROMPTS[0], max_tokens=2, logprobs=True, top_logprobs=3))
+    events = [e for e in _run(engine)[0] if e.token is not None]
+    for ev in events:
+        assert ev.logprob is not None
+        assert ev.logprob.token == ev.token
+        assert len(ev.logprob.top) == 3
+        assert ev.logprob.top[0][1] >= ev.logprob.top[1][1] >= ev.logprob.top[2][1]
+        assert ev.logprob.logprob <= 0
