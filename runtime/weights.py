@@ -161,7 +161,7 @@ def read_tensors(
     for path in files:
         _, metadata = check_safetensors(path)
         try:
-            arrays = mx.load(str(path))
+            arrays = mx.load(str(path), format="safetensors")  # store blobs have no extension
         except (RuntimeError, ValueError, OSError) as exc:
             raise ModelLoadError(f"{path}: cannot load safetensors ({exc})") from exc
         assert isinstance(arrays, dict)
