@@ -1,0 +1,269 @@
+"""Import a model folder (HF/MLX) or a GGUF file into the store, optionally quantizing it.
+
+The result is what Ollama writes for an MLX model: one safetensors blob per module
+(``application/vnd.ollama.image.tensor``) with quantized weights as ``<path>.weight`` (packed
+``uint32``), ``<path>.weight.scale`` and ``<path>.weight.bias`` and ``quant_type``/``group_size``
+in the blob's ``__metadata__``; ``config.json``, ``tokenizer.json``, ``tokenizer_config.json``
+(with the chat template) and ``generation_config.json`` as JSON layers; a config blob saying
+``model_format: safetensors``. Scales and biases are float32 (float16 ones are ~50x slower on
+CPU). Blobs are content-addressed, so re-importing the same weights reuses them; the manifest
+is written last (``Store.commit_manifest``), so an interrupted import leaves no manifest or the
+previous one.
+
+``quantize``: ``None`` keeps the source's encoding; ``"q4"``/``"q8"`` re-quantizes every Linear
+and the embedding (``mx.quantize``, affine, ``group_size`` 32 or 64, default 64 as Ollama and
+mlx-lm); ``"f32"`` dequantizes everything to float32 (the reference for perplexity).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any, Literal
+
+import attrs
+import mlx.core as mx
+
+from runtime.errors import ModelLoadError
+from runtime.models import architecture
+from runtime.progress import Progress, ProgressCallback
+from runtime.store import Store, sha256_file
+from runtime.store_manifest import (
+    CONFIG_MEDIA_TYPE,
+    JSON_MEDIA_TYPE,
+    TENSOR_MEDIA_TYPE,
+    Layer,
+    Manifest,
+)
+from runtime.store_names import ModelName
+from runtime.store_source import Source, read_source
+
+Quantize = Literal["q4", "q8", "f32"]
+_BITS = {"q4": 4, "q8": 8}
+GROUP_SIZES = (32, 64)
+DEFAULT_GROUP_SIZE = 64
+
+
+@attrs.frozen(kw_only=True)
+class ImportResult:
+    name: str
+    digest: str  # of the manifest
+    size_bytes: int
+    file_type: str
+    parameters: int
+    blobs_written: int
+    blobs_reused: int
+
+
+def _quantizable(config: dict[str, Any], weights: dict[str, mx.array], group: int) -> set[str]:
+    """Modules ``nn.quantize`` would quantize (Linear, Embedding) whose input size fits ``group``."""
+    module = architecture(config)
+    model = module.Model(module.ModelArgs.from_dict(config))
+    out = set()
+    for path, mod in model.named_modules():
+        key = f"{path}.weight"
+        w = weights.get(key)
+        if (
+            hasattr(mod, "to_quantized")
+            and w is not None
+            and w.ndim == 2
+            and w.shape[-1] % group == 0
+        ):
+            out.add(path)
+    return out
+
+
+def _dequantized(src: Source) -> dict[str, mx.array]:
+    out: dict[str, mx.array] = {}
+    for name, array in src.weights.items():
+        module, _, part = name.rpartition(".")
+        if module in src.quant:
+            if part == "weight":
+                bits, group = src.quant[module]
+                array = mx.dequantize(
+                    array,
+                    src.weights[f"{module}.scales"].astype(mx.float32),
+                    src.weights[f"{module}.biases"].astype(mx.float32),
+                    group_size=group,
+                    bits=bits,
+                )
+            elif part in ("scales", "biases"):
+                continue
+        out[name] = array
+    return out
+
+
+def transform(
+    src: Source, quantize: Quantize | None, group_size: int
+) -> tuple[dict[str, mx.array], dict[str, tuple[int, int]]]:
+    """The tensors to store (mlx-lm names) and (bits, group) of each quantized module."""
+    if quantize is None:
+        weights = {
+            k: v.astype(mx.float32) if k.endswith((".scales", ".biases")) else v
+            for k, v in src.weights.items()
+        }
+        return weights, dict(src.quant)
+    weights = _dequantized(src)
+    if quantize == "f32":
+        return {k: v.astype(mx.float32) for k, v in weights.items()}, {}
+    bits = _BITS[quantize]
+    quant: dict[str, tuple[int, int]] = {}
+    for module in sorted(_quantizable(src.config, weights, group_size)):
+        w, scales, biases = mx.quantize(
+            weights.pop(f"{module}.weight").astype(mx.float32), group_size=group_size, bits=bits
+        )
+        weights |= {f"{module}.weight": w, f"{module}.scales": scales, f"{module}.biases": biases}
+        quant[module] = (bits, group_size)
+    return weights, quant
+
+
+def count_parameters(weights: dict[str, mx.array], quant: dict[str, tuple[int, int]]) -> int:
+    total = 0
+    for name, array in weights.items():
+        module, _, part = name.rpartition(".")
+        if module in quant and part in ("scales", "biases"):
+            continue
+        if module in quant and part == "weight":
+            total += array.size * 32 // quant[module][0]
+        else:
+            total += array.size
+    return total
+
+
+def human_parameters(n: int) -> str:
+    """Ollama's style: ``134.52M``, ``1.24B``."""
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
+
+
+def file_type(weights: dict[str, mx.array], quant: dict[str, tuple[int, int]]) -> str:
+    """``int4``/``int8`` by the most common quantized module, else the float dtype."""
+    if quant:
+        bits = Counter(b for b, _ in quant.values()).most_common(1)[0][0]
+        return f"int{bits}"
+    names = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+    dtypes = Counter(names.get(str(v.dtype).split(".")[-1], "?") for v in weights.values())
+    return dtypes.most_common(1)[0][0] if dtypes else "F32"
+
+
+def _ollama_tensors(module: str, weights: dict[str, mx.array], quantized: bool) -> dict[str, Any]:
+    out = {}
+    for name, array in weights.items():
+        if quantized and name == f"{module}.scales":
+            name = f"{module}.weight.scale"
+        elif quantized and name == f"{module}.biases":
+            name = f"{module}.weight.bias"
+        out[name] = array
+    return out
+
+
+def _json_bytes(data: Any) -> bytes:
+    return json.dumps(data, indent=2, ensure_ascii=False).encode("utf-8")
+
+
+def import_model(
+    source: str | Path,
+    name: str,
+    *,
+    store: Store,
+    quantize: Quantize | None = None,
+    group_size: int | None = None,
+    progress: ProgressCallback | None = None,
+) -> ImportResult:
+    """Import ``source`` (folder or ``.gguf``) as ``name``; see the module doc."""
+    parsed = ModelName.parse(name)
+    if quantize not in (None, "q4", "q8", "f32"):
+        raise ModelLoadError(f"unknown quantization {quantize!r}; use q4, q8 or f32")
+    if group_size is not None and quantize not in ("q4", "q8"):
+        raise ModelLoadError("a group size needs --quantize q4 or q8")
+    group = group_size or DEFAULT_GROUP_SIZE
+    if group not in GROUP_SIZES:
+        raise ModelLoadError(f"group size must be 32 or 64, not {group}")
+    src = read_source(Path(source).expanduser())
+    weights, quant = transform(src, quantize, group)
+
+    modules: dict[str, dict[str, mx.array]] = {}
+    for key in sorted(weights):
+        modules.setdefault(key.rpartition(".")[0], {})[key] = weights[key]
+    total_bytes = sum(v.nbytes for v in weights.values())
+    done_bytes = done_items = written = reused = 0
+
+    def report(phase: str) -> None:
+        if progress is not None:
+            progress(
+                Progress(
+                    phase=phase,
+                    done_bytes=done_bytes,
+                    total_bytes=total_bytes,
+                    done_items=done_items,
+                    total_items=len(weights),
+                )
+            )
+
+    store.remove_stale_temps()
+    report("write")
+    layers: list[Layer] = []
+    for module, tensors in modules.items():
+        metadata: dict[str, str] = {}
+        if module in quant:
+            bits, g = quant[module]
+            metadata = {"quant_type": f"int{bits}", "group_size": str(g)}
+        temp = store.temp_blob()
+        try:
+            mx.save_safetensors(
+                str(temp), _ollama_tensors(module, tensors, module in quant), metadata=metadata
+            )
+            blob, was_reused = store.add_blob(temp)
+        finally:
+            temp.unlink(missing_ok=True)
+        written, reused = written + (not was_reused), reused + was_reused
+        layers.append(attrs.evolve(blob, media_type=TENSOR_MEDIA_TYPE, name=module))
+        done_items += len(tensors)
+        done_bytes += sum(v.nbytes for v in tensors.values())
+        report("write")
+
+    json_files: dict[str, bytes] = {
+        "config.json": _json_bytes(src.config),
+        "tokenizer.json": src.tokenizer_json.encode("utf-8"),
+        "tokenizer_config.json": _json_bytes(src.tokenizer_config),
+    }
+    if src.generation_config is not None:
+        json_files["generation_config.json"] = _json_bytes(src.generation_config)
+    for file_name, data in json_files.items():
+        blob, was_reused = store.add_bytes(data)
+        written, reused = written + (not was_reused), reused + was_reused
+        layers.append(attrs.evolve(blob, media_type=JSON_MEDIA_TYPE, name=file_name))
+
+    n_params = count_parameters(weights, quant)
+    model_type = str(src.config.get("model_type", ""))
+    kind = file_type(weights, quant)
+    config_blob = {
+        "model_format": "safetensors",
+        "model_family": model_type,
+        "model_families": [model_type],
+        "model_type": human_parameters(n_params),
+        "file_type": kind,
+        "capabilities": ["completion"],
+        "rootfs": {"type": "layers", "diff_ids": [layer.digest for layer in layers]},
+    }
+    blob, was_reused = store.add_bytes(_json_bytes(config_blob))
+    written, reused = written + (not was_reused), reused + was_reused
+    manifest = Manifest(
+        config=attrs.evolve(blob, media_type=CONFIG_MEDIA_TYPE), layers=tuple(layers)
+    )
+    try:
+        previous = store.read_manifest(parsed)[1].digests()
+    except ModelLoadError:
+        previous = set()
+    path = store.commit_manifest(parsed, manifest)
+    store.prune(previous - manifest.digests())
+    report("done")
+    return ImportResult(
+        name=parsed.short,
+        digest=sha256_file(path),
+        size_bytes=manifest.config.size + sum(layer.size for layer in layers),
+        file_type=kind,
+        parameters=n_params,
+        blobs_written=written,
+        blobs_reused=reused,
+    )

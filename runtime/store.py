@@ -1,0 +1,341 @@
+"""The model store: Ollama's on-disk layout, resolved by name, listed, described and pruned.
+
+``<root>/manifests/<host>/<namespace>/<name>/<tag>`` (JSON, ``runtime.store_manifest``) and
+``<root>/blobs/sha256-<hex>``. ``resolve`` turns a name into ``ModelFiles`` after checking every
+blob it will read against its digest, so a damaged store fails with an error naming the blob
+and the model instead of loading wrong weights. Writes (``runtime.importer`` puts blobs, then
+the manifest) go through ``add_blob``/``commit_manifest``: temp file, fsync, rename, so a crash
+leaves either no manifest or a complete one, and ``rm`` never deletes a blob another manifest
+uses. ``Store.default()`` is ``$MLXRUNNER_HOME/models`` (``~/.mlxrunner/models``); an Ollama
+``models`` directory works too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from runtime.errors import ModelLoadError, ModelNotFoundError
+from runtime.store_manifest import Layer, Manifest, parse_manifest
+from runtime.store_names import ModelName
+from runtime.weights import ModelFiles
+
+_CHUNK = 1 << 20
+TEMP_PREFIX = ".partial-"  # blobs/ and manifests/ temp files; never a valid name part
+
+
+@attrs.frozen(kw_only=True)
+class ModelEntry:
+    """One line of ``mlxrunner list``."""
+
+    name: str
+    digest: str  # sha256 of the manifest, as Ollama reports it
+    size_bytes: int
+    quantization: str
+    modified_at: float
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return "sha256:" + h.hexdigest()
+
+
+def _fsync(fd: int) -> None:
+    """``os.fsync``; one name for the tests to interrupt an import at."""
+    os.fsync(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        _fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Store:
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root).expanduser()
+
+    @classmethod
+    def default(cls) -> Store:
+        home = os.environ.get("MLXRUNNER_HOME") or str(Path.home() / ".mlxrunner")
+        return cls(Path(home) / "models")
+
+    @classmethod
+    def at(cls, models_dir: str | Path | None) -> Store:
+        """``--models-dir`` if given, else the default store."""
+        return cls(Path(models_dir)) if models_dir else cls.default()
+
+    @property
+    def manifests(self) -> Path:
+        return self.root / "manifests"
+
+    @property
+    def blobs(self) -> Path:
+        return self.root / "blobs"
+
+    def blob_path(self, digest: str) -> Path:
+        return self.blobs / digest.replace(":", "-")
+
+    def manifest_path(self, name: ModelName) -> Path:
+        return self.manifests.joinpath(*name.parts)
+
+    # ---- reading ----
+
+    def read_manifest(self, name: str | ModelName) -> tuple[ModelName, Manifest, Path]:
+        parsed = name if isinstance(name, ModelName) else ModelName.parse(name)
+        path = self.manifest_path(parsed)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise ModelNotFoundError(
+                f"model {parsed.short!r} not found in {self.root} "
+                "(import it with `mlxrunner import SRC NAME`)"
+            ) from None
+        except OSError as exc:
+            raise ModelLoadError(f"model {parsed.short!r}: cannot read {path} ({exc})") from exc
+        return parsed, parse_manifest(data, f"model {parsed.short!r} ({path})"), path
+
+    def check_blob(self, model: str, layer: Layer, *, verify: bool = True) -> Path:
+        """The blob's path once its size (and, with ``verify``, its sha256) match the manifest."""
+        path = self.blob_path(layer.digest)
+        what = f"model {model!r}: blob {layer.digest}"
+        label = f" ({layer.name})" if layer.name else ""
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            raise ModelLoadError(f"{what}{label} is missing ({path})") from None
+        if size != layer.size:
+            raise ModelLoadError(
+                f"{what}{label} is {'truncated' if size < layer.size else 'corrupt'}: "
+                f"{size} bytes, manifest says {layer.size}"
+            )
+        if verify:
+            try:
+                actual = sha256_file(path)
+            except OSError as exc:
+                raise ModelLoadError(f"{what}{label} cannot be read ({exc})") from exc
+            if actual != layer.digest:
+                raise ModelLoadError(f"{what}{label} is corrupt: its sha256 is {actual}")
+        return path
+
+    def _json_blob(self, model: str, manifest: Manifest, file_name: str) -> Any:
+        layer = manifest.json_layer(file_name)
+        if layer is None:
+            return None
+        return self._read_json(model, layer)
+
+    def _read_json(self, model: str, layer: Layer) -> Any:
+        path = self.check_blob(model, layer)
+        try:
+            return json.loads(path.read_bytes())
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ModelLoadError(
+                f"model {model!r}: blob {layer.digest} ({layer.name or 'config'}) "
+                f"is not valid JSON ({exc})"
+            ) from exc
+
+    def resolve(self, name: str, *, verify: bool = True) -> ModelFiles:
+        """The files of ``name``, every used blob's digest checked (``ModelLoadError`` if not)."""
+        parsed, manifest, path = self.read_manifest(name)
+        model = parsed.short
+        for layer in manifest.used_layers():
+            self.check_blob(model, layer, verify=verify)
+        if not manifest.tensor_layers():
+            raise ModelLoadError(f"model {model!r}: the manifest lists no tensor layers")
+
+        def json_object(file_name: str, *, required: bool) -> dict[str, Any] | None:
+            data = self._json_blob(model, manifest, file_name)
+            if data is None and required:
+                raise ModelLoadError(f"model {model!r}: the manifest has no {file_name} layer")
+            if data is not None and not isinstance(data, dict):
+                raise ModelLoadError(f"model {model!r}: {file_name} is not a JSON object")
+            return data
+
+        config = json_object("config.json", required=True)
+        assert config is not None
+        tok_layer = manifest.json_layer("tokenizer.json")
+        if tok_layer is None:
+            raise ModelLoadError(f"model {model!r}: the manifest has no tokenizer.json layer")
+        try:
+            tokenizer_json = self.blob_path(tok_layer.digest).read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise ModelLoadError(f"model {model!r}: tokenizer.json is not UTF-8") from exc
+        tensors = manifest.tensor_layers()
+        return ModelFiles(
+            name=model,
+            config=config,
+            tokenizer_json=tokenizer_json,
+            tokenizer_config=json_object("tokenizer_config.json", required=False) or {},
+            generation_config=json_object("generation_config.json", required=False),
+            weight_files=tuple(self.blob_path(layer.digest) for layer in tensors),
+            digest="sha256:" + hashlib.sha256(path.read_bytes()).hexdigest(),
+            size_bytes=sum(layer.size for layer in tensors),
+            modified_at=path.stat().st_mtime,
+        )
+
+    def names(self) -> Iterator[ModelName]:
+        """Every manifest in the store whose path is a valid name (temp files skipped)."""
+        if not self.manifests.is_dir():
+            return
+        for path in sorted(self.manifests.glob("*/*/*/*")):
+            if not path.is_file() or path.name.startswith(TEMP_PREFIX):
+                continue
+            host, namespace, name, tag = path.relative_to(self.manifests).parts
+            try:
+                yield ModelName.parse(f"{host}/{namespace}/{name}:{tag}")
+            except ModelNotFoundError:
+                continue
+
+    def list_models(self) -> list[ModelEntry]:
+        """Every model in the store, by name. A damaged manifest is listed with ``?`` fields."""
+        out = []
+        for name in self.names():
+            path = self.manifest_path(name)
+            stat = path.stat()
+            digest = "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+            try:
+                _, manifest, _ = self.read_manifest(name)
+                size = manifest.config.size + sum(layer.size for layer in manifest.layers)
+                quant = str(self._read_json(name.short, manifest.config).get("file_type", "?"))
+            except (ModelLoadError, AttributeError):
+                size, quant = 0, "? (damaged)"
+            out.append(
+                ModelEntry(
+                    name=name.short,
+                    digest=digest,
+                    size_bytes=size,
+                    quantization=quant,
+                    modified_at=stat.st_mtime,
+                )
+            )
+        return out
+
+    # ---- writing ----
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Exclusive lock for committing a manifest or removing one (``flock`` on ``.lock``)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with (self.root / ".lock").open("a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def temp_blob(self) -> Path:
+        """A fresh temp path in ``blobs/`` (same file system as the final blob, for rename)."""
+        self.blobs.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=".safetensors", dir=self.blobs)
+        os.close(fd)
+        return Path(name)
+
+    def add_blob(self, temp: Path) -> tuple[Layer, bool]:
+        """Move a finished temp file into ``blobs/`` under its digest; (layer, reused)."""
+        try:
+            digest = sha256_file(temp)
+            size = temp.stat().st_size
+            final = self.blob_path(digest)
+            # Same digest: reuse the blob, unless it was damaged since (then replace it).
+            if final.exists() and final.stat().st_size == size and sha256_file(final) == digest:
+                return Layer(media_type="", digest=digest, size=size), True
+            with temp.open("rb") as f:
+                _fsync(f.fileno())
+            os.replace(temp, final)
+            fsync_dir(self.blobs)
+            return Layer(media_type="", digest=digest, size=size), False
+        finally:
+            temp.unlink(missing_ok=True)
+
+    def add_bytes(self, data: bytes) -> tuple[Layer, bool]:
+        temp = self.temp_blob()
+        temp.write_bytes(data)
+        return self.add_blob(temp)
+
+    def commit_manifest(self, name: ModelName, manifest: Manifest) -> Path:
+        """Write the manifest atomically, after checking under the lock that its blobs exist."""
+        path = self.manifest_path(name)
+        with self.lock():
+            for digest in sorted(manifest.digests()):
+                if not self.blob_path(digest).exists():
+                    raise ModelLoadError(
+                        f"model {name.short!r}: blob {digest} vanished during the import "
+                        "(removed by a concurrent `rm`?); run the import again"
+                    )
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, temp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=path.parent)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(manifest.to_bytes())
+                    f.flush()
+                    _fsync(f.fileno())
+                os.replace(temp, path)
+            finally:
+                Path(temp).unlink(missing_ok=True)
+            fsync_dir(path.parent)
+        return path
+
+    def remove(self, name: str) -> list[str]:
+        """Remove a manifest and the blobs no other manifest uses; return the removed digests."""
+        parsed = ModelName.parse(name)
+        with self.lock():
+            path = self.manifest_path(parsed)
+            try:
+                manifest: Manifest | None = self.read_manifest(parsed)[1]
+            except ModelNotFoundError:
+                raise
+            except ModelLoadError:
+                manifest = None  # a damaged manifest can still be removed; its blobs are kept
+            path.unlink()
+            for parent in path.parents:  # drop empty tag/name/namespace/host dirs
+                if parent == self.manifests:
+                    break
+                with contextlib.suppress(OSError):
+                    parent.rmdir()
+            return self._prune(manifest.digests()) if manifest is not None else []
+
+    def prune(self, candidates: set[str]) -> list[str]:
+        """Remove those of ``candidates`` no manifest uses (after a re-import replaced one)."""
+        with self.lock():
+            return self._prune(candidates)
+
+    def _prune(self, candidates: set[str]) -> list[str]:
+        still_used: set[str] = set()
+        for other in self.names():
+            try:
+                still_used |= self.read_manifest(other)[1].digests()
+            except ModelLoadError:
+                return []  # cannot tell what a damaged manifest uses: keep every blob
+        removed = sorted(candidates - still_used)
+        for digest in removed:
+            self.blob_path(digest).unlink(missing_ok=True)
+        return removed
+
+    def remove_stale_temps(self, *, older_than_s: float = 3600.0) -> int:
+        """Delete temp files left by killed imports (any import still running is younger)."""
+        count = 0
+        now = time.time()
+        for folder in (self.blobs, self.manifests):
+            if not folder.is_dir():
+                continue
+            for temp in folder.rglob(TEMP_PREFIX + "*"):
+                with contextlib.suppress(OSError):
+                    if now - temp.stat().st_mtime > older_than_s:
+                        temp.unlink()
+                        count += 1
+        return count
