@@ -1,0 +1,58 @@
+"""What every route needs: the runner client, the HTTP configuration, metrics and drain state."""
+
+from __future__ import annotations
+
+import contextlib
+
+import attrs
+
+from actors.messages import ModelInfo, RunnerClient, UnavailableError
+from api.errors import not_found
+from api.metrics import Metrics
+
+
+@attrs.frozen(kw_only=True)
+class ApiConfig:
+    model_name: str = ""  # the name clients use; empty: whatever ModelInfo.name says
+    api_key: str | None = None
+    max_body: int = 8 * 1024 * 1024
+    version: str = "0.1.0"
+
+
+@attrs.define(kw_only=True)
+class ApiContext:
+    client: RunnerClient
+    config: ApiConfig
+    metrics: Metrics
+    draining: bool = False  # set on SIGTERM: new generations get 503, streams already open finish
+
+    def check_admitting(self) -> None:
+        if self.draining:
+            raise UnavailableError("server is shutting down", state="shutting_down")
+
+    def served_name(self) -> str:
+        if self.config.model_name:
+            return self.config.model_name
+        return self.client.model_info().name
+
+    def resolve_model(self, requested: str | None) -> str:
+        """The served model's name if ``requested`` names it (or is empty); 404 otherwise."""
+        served = self.served_name()
+        if not requested:
+            return served
+        names = {_canonical(served)}
+        with contextlib.suppress(UnavailableError):
+            names.add(_canonical(self.client.model_info().name))
+        if _canonical(requested) not in names:
+            raise not_found(f"model '{requested}' not found")
+        return requested
+
+    def model_info(self) -> ModelInfo:
+        return self.client.model_info()
+
+
+def _canonical(name: str) -> str:
+    name = name.strip()
+    if "/" not in name and ":" not in name:
+        return f"{name}:latest"
+    return name

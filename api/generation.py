@@ -1,0 +1,189 @@
+"""The bridge between one ``RunnerClient.generate`` context and one HTTP response.
+
+Admission errors must become a status code before any header is sent, but a streamed body is
+iterated after the handler returns, outside the request context, and Trio forbids yielding
+from an async generator while a cancel scope or nursery it entered is open. So the generation
+context is entered by a small pump task in the app's nursery: ``open_generation`` waits until
+the runner admitted the request (errors raise here, in the handler), then the response iterates
+a ``Generation`` that only receives from a channel.
+
+``Generation.close()`` is synchronous (cancel the pump, close the channel) so it is safe in the
+``finally`` of a cancelled handler or of a body generator that sees ``Cancelled`` or
+``GeneratorExit`` on client disconnect; the pump then leaves the runner's context, which frees
+the sequence within one engine step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+import attrs
+import trio
+
+from actors.messages import Chunk, DoneReason, GenerateRequest
+from api.context import ApiContext
+
+log = logging.getLogger(__name__)
+
+
+@attrs.frozen
+class _Failed:
+    """A runner error after admission, carried to the response to end the stream."""
+
+    error: BaseException
+
+
+class GenerationFailed(Exception):
+    """The runner failed a generation after its response had started."""
+
+
+async def _pump(
+    ctx: ApiContext,
+    request: GenerateRequest,
+    send: trio.MemorySendChannel[Chunk | _Failed],
+    *,
+    task_status: trio.TaskStatus[trio.CancelScope],
+) -> None:
+    admitted = False
+    with trio.CancelScope() as scope, send:
+        try:
+            async with ctx.client.generate(request) as chunks:
+                admitted = True
+                task_status.started(scope)
+                async for chunk in chunks:
+                    await send.send(chunk)
+                    if chunk.done:
+                        break
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            if not admitted:
+                raise
+        except Exception as exc:
+            if not admitted:
+                raise
+            log.exception("generation failed after admission")
+            # If the response is gone already there is nobody left to tell.
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await send.send(_Failed(exc))
+
+
+async def open_generation(ctx: ApiContext, request: GenerateRequest) -> Generation:
+    """Admit ``request`` (raising request errors here) and return its chunk iterator."""
+    ctx.check_admitting()
+    nursery: trio.Nursery = _app_nursery()
+    # Unbuffered: the runner's stream paces with the client's reads.
+    send, receive = trio.open_memory_channel[Chunk | _Failed](0)
+    started_at = trio.current_time()
+    try:
+        scope = await nursery.start(_pump, ctx, request, send)
+    except BaseException:
+        receive.close()
+        raise
+    return Generation(ctx, receive, scope, started_at)
+
+
+def _app_nursery() -> trio.Nursery:
+    from quart import current_app
+
+    nursery: trio.Nursery = current_app.nursery  # type: ignore[attr-defined]
+    return nursery
+
+
+class Generation:
+    """Chunks of one admitted generation; ends with exactly one ``done`` chunk."""
+
+    def __init__(
+        self,
+        ctx: ApiContext,
+        receive: trio.MemoryReceiveChannel[Chunk | _Failed],
+        scope: trio.CancelScope,
+        started_at: float,
+    ) -> None:
+        self._metrics = ctx.metrics
+        self._receive = receive
+        self._scope = scope
+        self._last = started_at
+        self._first = True
+        self._finished = False
+        self._closed = False
+
+    def __aiter__(self) -> AsyncIterator[Chunk]:
+        return self
+
+    async def __anext__(self) -> Chunk:
+        if self._finished:
+            raise StopAsyncIteration
+        try:
+            item = await self._receive.receive()
+        except (trio.EndOfChannel, trio.ClosedResourceError):
+            # The runner ended the stream without a final chunk: report it as cancelled.
+            item = Chunk(done=True, done_reason=DoneReason.CANCELLED)
+        if isinstance(item, _Failed):
+            self._finished = True
+            self.close()
+            raise GenerationFailed(str(item.error) or type(item.error).__name__)
+        self._observe(item)
+        return item
+
+    def _observe(self, chunk: Chunk) -> None:
+        m = self._metrics
+        if chunk.tokens:
+            now = trio.current_time()
+            if self._first:
+                m.ttft.observe(now - self._last)
+                self._first = False
+            else:
+                per_token = (now - self._last) / len(chunk.tokens)
+                for _ in chunk.tokens:
+                    m.token_latency.observe(per_token)
+            self._last = now
+            m.generated_tokens.inc(len(chunk.tokens))
+        if chunk.done:
+            self._finished = True
+            m.prompt_tokens.inc(chunk.prompt_eval_count)
+            if chunk.done_reason == DoneReason.CANCELLED:
+                m.cancellations.inc()
+            self.close()
+
+    def close(self) -> None:
+        """Leave the generation now (idempotent, never blocks, safe while cancelled)."""
+        if self._closed:
+            return
+        self._closed = True
+        if not self._finished:
+            self._finished = True
+            self._metrics.cancellations.inc()
+        self._scope.cancel()
+        self._receive.close()
+
+    def __del__(self) -> None:
+        # Safety net: a response dropped before its body was iterated never calls close().
+        if not self._closed:
+            self._scope.cancel()
+            self._receive.close()
+
+
+class StreamBody:
+    """A response body over rendered pieces that closes its generation however it ends.
+
+    Quart's ``IterableBody`` calls ``aclose()`` when the response loop ends or is cancelled;
+    closing the generation first (synchronously) means a client that goes away frees its
+    sequence even if the body was never iterated.
+    """
+
+    def __init__(self, generation: Generation, pieces: AsyncIterator[bytes]) -> None:
+        self._generation = generation
+        self._pieces = pieces
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self
+
+    async def __anext__(self) -> bytes:
+        return await self._pieces.__anext__()
+
+    async def aclose(self) -> None:
+        self._generation.close()
+        aclose = getattr(self._pieces, "aclose", None)
+        if aclose is not None:
+            await aclose()

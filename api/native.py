@@ -1,0 +1,184 @@
+"""The native runner routes: ``POST /completion`` (NDJSON), ``/health``, ``/tokenize``,
+``/detokenize``.
+
+``/completion`` speaks the seed runner's wire: one object per chunk with ``content`` and
+``token``; the last has ``done: true``, an integer ``done_reason`` (0 stop, 1 length,
+2 cancelled) and Ollama's counters in nanoseconds.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from quart import Blueprint, Response, jsonify, request
+
+from actors.messages import Chunk, DoneReason, GenerateRequest, Logprob
+from api.context import ApiContext
+from api.errors import RETRY_AFTER_LOADING, RETRY_AFTER_SHUTTING_DOWN, bad_request
+from api.generation import Generation, GenerationFailed, StreamBody, open_generation
+from api.schemas import (
+    generation_options,
+    get_bool,
+    get_int,
+    get_object,
+    get_token_ids,
+    get_top_logprobs,
+    read_json,
+)
+
+NDJSON = "application/x-ndjson"
+
+
+def logprobs_json(logprobs: tuple[Logprob, ...]) -> list[dict[str, Any]]:
+    return [
+        {
+            "token": lp.token,
+            "token_id": lp.token_id,
+            "logprob": lp.logprob,
+            "top_logprobs": [{"token": t, "logprob": p} for t, p in lp.top],
+        }
+        for lp in logprobs
+    ]
+
+
+def stats_json(chunk: Chunk) -> dict[str, Any]:
+    return {
+        "total_duration": chunk.total_duration,
+        "load_duration": chunk.load_duration,
+        "prompt_eval_count": chunk.prompt_eval_count,
+        "prompt_eval_duration": chunk.prompt_eval_duration,
+        "eval_count": chunk.eval_count,
+        "eval_duration": chunk.eval_duration,
+    }
+
+
+def _chunk_json(chunk: Chunk, *, logprobs: bool) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "content": chunk.content,
+        "token": chunk.tokens[-1] if chunk.tokens else None,
+        "tokens": list(chunk.tokens),
+        "done": chunk.done,
+    }
+    if logprobs:
+        out["logprobs"] = logprobs_json(chunk.logprobs)
+    if chunk.done:
+        reason = chunk.done_reason if chunk.done_reason is not None else DoneReason.STOP
+        out["done_reason"] = int(reason)
+        out.update(stats_json(chunk))
+    return out
+
+
+def ndjson_line(obj: dict[str, Any]) -> bytes:
+    return (json.dumps(obj, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
+
+
+def ndjson_response(generation: Generation, pieces: AsyncIterator[bytes]) -> Response:
+    response = Response(StreamBody(generation, pieces), mimetype=NDJSON)
+    response.timeout = None  # a long generation must not be cut by Quart's response timeout
+    response.headers["Cache-Control"] = "no-cache"
+    response.headers["X-Accel-Buffering"] = "no"
+    return response
+
+
+def _parse_completion(body: dict[str, Any]) -> GenerateRequest:
+    prompt = body.get("prompt")
+    tokens = get_token_ids(body, "prompt") if isinstance(prompt, list) else None
+    if tokens is None and not isinstance(prompt, str):
+        raise bad_request("'prompt' must be a string or a list of token ids")
+    max_tokens = get_int(body, "max_tokens")
+    options = generation_options(get_object(body, "options"), num_predict=max_tokens)
+    logprobs = get_bool(body, "logprobs", False)
+    return GenerateRequest(
+        prompt=prompt if tokens is None else None,
+        tokens=tuple(tokens) if tokens is not None else None,
+        options=options,
+        logprobs=logprobs,
+        top_logprobs=get_top_logprobs(body),
+    )
+
+
+def blueprint(ctx: ApiContext) -> Blueprint:
+    bp = Blueprint("native", __name__)
+
+    @bp.post("/completion")
+    async def completion() -> Response:
+        body = await read_json(request)
+        stream = get_bool(body, "stream", True)
+        req = _parse_completion(body)
+        generation = await open_generation(ctx, req)
+        if stream:
+
+            async def pieces() -> AsyncIterator[bytes]:
+                try:
+                    async for chunk in generation:
+                        yield ndjson_line(_chunk_json(chunk, logprobs=req.logprobs))
+                except GenerationFailed as exc:
+                    yield ndjson_line({"error": str(exc)})
+                finally:
+                    generation.close()
+
+            return ndjson_response(generation, pieces())
+
+        content: list[str] = []
+        tokens: list[int] = []
+        logprobs: list[Logprob] = []
+        last = Chunk(done=True, done_reason=DoneReason.CANCELLED)
+        try:
+            async for chunk in generation:
+                content.append(chunk.content)
+                tokens.extend(chunk.tokens)
+                logprobs.extend(chunk.logprobs)
+                last = chunk
+        finally:
+            generation.close()
+        whole = Chunk(
+            content="".join(content),
+            tokens=tuple(tokens),
+            logprobs=tuple(logprobs),
+            done=True,
+            done_reason=last.done_reason,
+            prompt_eval_count=last.prompt_eval_count,
+            prompt_eval_duration=last.prompt_eval_duration,
+            eval_count=last.eval_count,
+            eval_duration=last.eval_duration,
+            total_duration=last.total_duration,
+            load_duration=last.load_duration,
+        )
+        return jsonify(_chunk_json(whole, logprobs=req.logprobs))
+
+    @bp.get("/health")
+    async def health() -> Response:
+        h = ctx.client.health()
+        if ctx.draining or h.status == "shutting_down":
+            response = jsonify({"status": "shutting_down"})
+            response.status_code = 503
+            response.headers["Retry-After"] = str(RETRY_AFTER_SHUTTING_DOWN)
+        elif h.status == "loading":
+            response = jsonify({"status": "loading", "progress": h.progress})
+            response.status_code = 503
+            response.headers["Retry-After"] = str(RETRY_AFTER_LOADING)
+        else:
+            response = jsonify({"status": "ok"})
+        return response
+
+    @bp.post("/tokenize")
+    async def tokenize() -> Response:
+        body = await read_json(request)
+        text = next((body[k] for k in ("content", "text", "prompt") if k in body), None)
+        if not isinstance(text, str):
+            raise bad_request("'content' must be a string")
+        ctx.resolve_model(body.get("model") if isinstance(body.get("model"), str) else None)
+        return jsonify({"tokens": ctx.client.tokenize(text)})
+
+    @bp.post("/detokenize")
+    async def detokenize() -> Response:
+        body = await read_json(request)
+        tokens = get_token_ids(body, "tokens")
+        if tokens is None:
+            raise bad_request("'tokens' must be a list of integers")
+        ctx.resolve_model(body.get("model") if isinstance(body.get("model"), str) else None)
+        return jsonify({"content": ctx.client.detokenize(tokens)})
+
+    return bp

@@ -1,0 +1,281 @@
+"""Ollama's API: ``/api/generate``, ``/api/chat`` (NDJSON streams), ``/api/tags``,
+``/api/show``, ``/api/ps``, ``/api/version``.
+
+Field names, defaults (``stream: true``), the empty-prompt "load" reply and the final
+statistics follow Ollama, so the official ``ollama`` client works against this server.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from quart import Blueprint, Response, jsonify, request
+
+from actors.messages import Chunk, DoneReason, GenerateRequest, ModelInfo
+from api.context import ApiContext
+from api.errors import bad_request
+from api.generation import GenerationFailed, open_generation
+from api.native import ndjson_line, ndjson_response, stats_json
+from api.schemas import (
+    chat_messages,
+    generation_options,
+    get_bool,
+    get_object,
+    get_str,
+    get_top_logprobs,
+    read_json,
+    reject_format,
+    tool_list,
+)
+
+DONE_REASONS = {
+    DoneReason.STOP: "stop",
+    DoneReason.LENGTH: "length",
+    DoneReason.CANCELLED: "connection closed",  # Ollama's DoneReasonConnectionClosed
+}
+_FAR_FUTURE = "2318-11-25T00:00:00Z"  # a model that never unloads, as `keep_alive: -1` shows
+
+
+def now_rfc3339() -> str:
+    return dt.datetime.now(dt.UTC).isoformat().replace("+00:00", "Z")
+
+
+def _rfc3339(timestamp: float) -> str:
+    return dt.datetime.fromtimestamp(timestamp, dt.UTC).isoformat().replace("+00:00", "Z")
+
+
+def parameter_size(parameters: int) -> str:
+    for scale, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if parameters >= scale:
+            return f"{parameters / scale:.2f}{suffix}"
+    return str(parameters)
+
+
+def details(info: ModelInfo) -> dict[str, Any]:
+    family = info.family or info.model_type
+    return {
+        "parent_model": "",
+        "format": "gguf" if "Q" in info.quantization.upper()[:1] else "safetensors",
+        "family": family,
+        "families": [family],
+        "parameter_size": parameter_size(info.parameters),
+        "quantization_level": info.quantization,
+    }
+
+
+def _digest(info: ModelInfo) -> str:
+    return info.digest.removeprefix("sha256:")
+
+
+def _common(body: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    """Validate what /api/generate and /api/chat share; (options, stream)."""
+    reject_format(body)
+    if body.get("think") not in (None, False, ""):
+        raise bad_request("this model does not support thinking")
+    return get_object(body, "options"), get_bool(body, "stream", True)
+
+
+def blueprint(ctx: ApiContext) -> Blueprint:
+    bp = Blueprint("ollama", __name__)
+
+    def stream_or_collect(
+        generation_request: GenerateRequest,
+        name: str,
+        stream: bool,
+        render: Callable[[str, Chunk | None], dict[str, Any]],
+    ) -> Callable[[], Any]:
+        """A coroutine factory producing the NDJSON stream or the single object."""
+
+        def final_fields(chunk: Chunk) -> dict[str, Any]:
+            reason = chunk.done_reason if chunk.done_reason is not None else DoneReason.STOP
+            return {"done_reason": DONE_REASONS[reason], **stats_json(chunk)}
+
+        def line(content: str, chunk: Chunk, logprobs: list[dict[str, Any]]) -> dict[str, Any]:
+            out = {"model": name, "created_at": now_rfc3339(), **render(content, chunk)}
+            out["done"] = chunk.done
+            if generation_request.logprobs:
+                out["logprobs"] = logprobs
+            if chunk.done:
+                out.update(final_fields(chunk))
+            return out
+
+        async def run() -> Response:
+            generation = await open_generation(ctx, generation_request)
+            if stream:
+
+                async def pieces() -> AsyncIterator[bytes]:
+                    try:
+                        async for chunk in generation:
+                            if chunk.content or chunk.done or chunk.logprobs:
+                                lps = _logprobs(chunk)
+                                yield ndjson_line(line(chunk.content, chunk, lps))
+                    except GenerationFailed as exc:
+                        yield ndjson_line({"error": str(exc)})
+                    finally:
+                        generation.close()
+
+                return ndjson_response(generation, pieces())
+
+            parts: list[str] = []
+            lps: list[dict[str, Any]] = []
+            last = Chunk(done=True, done_reason=DoneReason.CANCELLED)
+            try:
+                async for chunk in generation:
+                    parts.append(chunk.content)
+                    lps.extend(_logprobs(chunk))
+                    last = chunk
+            finally:
+                generation.close()
+            return jsonify(line("".join(parts), last, lps))
+
+        return run
+
+    def load_reply(name: str, render: Callable[[str, Chunk | None], dict[str, Any]]) -> Response:
+        # Ollama answers an empty prompt by loading the model and returning at once.
+        return jsonify(
+            {
+                "model": name,
+                "created_at": now_rfc3339(),
+                **render("", None),
+                "done": True,
+                "done_reason": "load",
+            }
+        )
+
+    @bp.post("/api/generate")
+    async def generate() -> Response:
+        body = await read_json(request)
+        name = ctx.resolve_model(get_str(body, "model"))
+        options, stream = _common(body)
+        prompt = get_str(body, "prompt", "") or ""
+        system = get_str(body, "system")
+        if get_str(body, "suffix"):
+            raise bad_request("'suffix' (fill-in-the-middle) is not supported by this model")
+        if get_str(body, "template"):
+            raise bad_request("a custom 'template' is not supported; use 'raw' instead")
+        if body.get("images"):
+            raise bad_request("this model does not support image input")
+        raw = get_bool(body, "raw", False)
+
+        def render(content: str, chunk: Chunk | None) -> dict[str, Any]:
+            return {"response": content}
+
+        if not prompt and not system:
+            ctx.check_admitting()
+            return load_reply(name, render)
+        req = GenerateRequest(
+            prompt=prompt,
+            system=None if raw else system,
+            template=not raw,
+            options=generation_options(options),
+            logprobs=get_bool(body, "logprobs", False),
+            top_logprobs=get_top_logprobs(body),
+        )
+        result: Response = await stream_or_collect(req, name, stream, render)()
+        return result
+
+    @bp.post("/api/chat")
+    async def chat() -> Response:
+        body = await read_json(request)
+        name = ctx.resolve_model(get_str(body, "model"))
+        options, stream = _common(body)
+        messages = chat_messages(body)
+
+        def render(content: str, chunk: Chunk | None) -> dict[str, Any]:
+            return {"message": {"role": "assistant", "content": content}}
+
+        if not messages:
+            ctx.check_admitting()
+            return load_reply(name, render)
+        req = GenerateRequest(
+            messages=messages,
+            tools=tool_list(body),
+            options=generation_options(options),
+            logprobs=get_bool(body, "logprobs", False),
+            top_logprobs=get_top_logprobs(body),
+        )
+        result: Response = await stream_or_collect(req, name, stream, render)()
+        return result
+
+    def model_entry(info: ModelInfo, name: str) -> dict[str, Any]:
+        return {
+            "name": name,
+            "model": name,
+            "modified_at": _rfc3339(info.modified_at),
+            "size": info.size_bytes,
+            "digest": _digest(info),
+            "details": details(info),
+        }
+
+    @bp.get("/api/tags")
+    async def tags() -> Response:
+        info = ctx.model_info()
+        return jsonify({"models": [model_entry(info, ctx.served_name())]})
+
+    @bp.post("/api/show")
+    async def show() -> Response:
+        body = await read_json(request)
+        requested = get_str(body, "model") or get_str(body, "name")
+        if not requested:
+            raise bad_request("'model' is required")
+        name = ctx.resolve_model(requested)
+        info = ctx.model_info()
+        arch = info.model_type
+        return jsonify(
+            {
+                "license": "",
+                "modelfile": f"# Modelfile generated by mlxrunner\nFROM {name}\n",
+                "parameters": "",
+                "template": info.chat_template or "",
+                "details": details(info),
+                "model_info": {
+                    "general.architecture": arch,
+                    "general.parameter_count": info.parameters,
+                    f"{arch}.context_length": info.context_length,
+                },
+                "capabilities": ["completion"] + (["tools"] if info.chat_template else []),
+                "modified_at": _rfc3339(info.modified_at),
+            }
+        )
+
+    @bp.get("/api/ps")
+    async def ps() -> Response:
+        if ctx.client.health().status != "ok":
+            return jsonify({"models": []})
+        info = ctx.model_info()
+        entry = model_entry(info, ctx.served_name())
+        entry.pop("modified_at")
+        entry.update(
+            {
+                "expires_at": _FAR_FUTURE,
+                "size_vram": 0,  # CPU backend: nothing lives in GPU memory
+                "context_length": info.context_length,
+            }
+        )
+        return jsonify({"models": [entry]})
+
+    @bp.get("/api/version")
+    async def version() -> Response:
+        return jsonify({"version": ctx.config.version})
+
+    @bp.route("/", methods=["GET", "HEAD"])
+    async def root() -> Response:
+        return Response("mlxrunner is running", content_type="text/plain")
+
+    return bp
+
+
+def _logprobs(chunk: Chunk) -> list[dict[str, Any]]:
+    return [
+        {
+            "token": lp.token,
+            "logprob": lp.logprob,
+            "bytes": list(lp.token.encode()),
+            "top_logprobs": [
+                {"token": t, "logprob": p, "bytes": list(t.encode())} for t, p in lp.top
+            ],
+        }
+        for lp in chunk.logprobs
+    ]

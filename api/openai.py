@@ -1,0 +1,300 @@
+"""OpenAI's API: ``/v1/completions``, ``/v1/chat/completions`` (SSE when streaming) and
+``/v1/models``.
+
+OpenAI's option names map onto Ollama's (``max_tokens`` -> ``num_predict``; temperature and
+top_p default to 1 as in OpenAI and Ollama's compatibility layer). Streams are
+``data: {json}`` events ending in ``data: [DONE]``; with ``stream_options.include_usage`` a
+last event carries ``usage`` and no choices.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from quart import Blueprint, Response, jsonify, request
+
+from actors.messages import Chunk, DoneReason, GenerateRequest, Logprob, UnavailableError
+from api.context import ApiContext
+from api.errors import bad_request
+from api.generation import Generation, GenerationFailed, StreamBody, open_generation
+from api.schemas import (
+    chat_messages,
+    generation_options,
+    get_bool,
+    get_float,
+    get_int,
+    get_object,
+    get_stop,
+    get_str,
+    get_token_ids,
+    read_json,
+    tool_list,
+)
+
+FINISH_REASONS = {
+    DoneReason.STOP: "stop",
+    DoneReason.LENGTH: "length",
+    DoneReason.CANCELLED: "stop",
+}
+_OLLAMA_EXTRAS = ("top_k", "min_p", "typical_p", "repeat_penalty", "repeat_last_n", "num_ctx")
+_FINGERPRINT = "fp_mlxrunner"
+
+
+def _sse(obj: dict[str, Any] | str) -> bytes:
+    data = (
+        obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+    )
+    return f"data: {data}\n\n".encode()
+
+
+def _options(body: dict[str, Any], num_predict_key: tuple[str, ...]) -> dict[str, Any]:
+    """Keyword arguments for ``generation_options`` from OpenAI's names."""
+    if get_int(body, "n", 1) != 1:
+        raise bad_request("'n' must be 1: one choice per request")
+    options: dict[str, Any] = {
+        "temperature": get_float(body, "temperature", 1.0, lo=0.0, hi=2.0),
+        "top_p": get_float(body, "top_p", 1.0, lo=0.0, hi=1.0),
+        "presence_penalty": get_float(body, "presence_penalty", 0.0, lo=-2.0, hi=2.0),
+        "frequency_penalty": get_float(body, "frequency_penalty", 0.0, lo=-2.0, hi=2.0),
+        "seed": body.get("seed"),
+    }
+    if options["top_p"] == 0.0:
+        options["top_p"] = 1e-9  # "only the most likely token": Ollama's range excludes 0
+    for key in _OLLAMA_EXTRAS:  # Ollama's compatibility layer accepts these too
+        if key in body:
+            options[key] = body[key]
+    max_tokens = None
+    for key in num_predict_key:
+        max_tokens = get_int(body, key, lo=1) if max_tokens is None else max_tokens
+    fmt = get_object(body, "response_format").get("type")
+    if fmt not in (None, "text"):
+        raise bad_request("'response_format' other than text is not supported by this server")
+    return {
+        "options": generation_options(options, num_predict=max_tokens, stop=get_stop(body)),
+    }
+
+
+def _usage(chunk: Chunk) -> dict[str, int]:
+    return {
+        "prompt_tokens": chunk.prompt_eval_count,
+        "completion_tokens": chunk.eval_count,
+        "total_tokens": chunk.prompt_eval_count + chunk.eval_count,
+    }
+
+
+def _finish(chunk: Chunk) -> str:
+    return FINISH_REASONS[chunk.done_reason if chunk.done_reason is not None else DoneReason.STOP]
+
+
+def _chat_logprobs(logprobs: list[Logprob]) -> dict[str, Any]:
+    return {
+        "content": [
+            {
+                "token": lp.token,
+                "logprob": lp.logprob,
+                "bytes": list(lp.token.encode()),
+                "top_logprobs": [
+                    {"token": t, "logprob": p, "bytes": list(t.encode())} for t, p in lp.top
+                ],
+            }
+            for lp in logprobs
+        ]
+    }
+
+
+def _text_logprobs(logprobs: list[Logprob], offset: int) -> dict[str, Any]:
+    offsets = []
+    for lp in logprobs:
+        offsets.append(offset)
+        offset += len(lp.token)
+    return {
+        "tokens": [lp.token for lp in logprobs],
+        "token_logprobs": [lp.logprob for lp in logprobs],
+        "top_logprobs": [dict(lp.top) for lp in logprobs],
+        "text_offset": offsets,
+    }
+
+
+class _Shape:
+    """How one endpoint renders choices: chat (message/delta) or text completion."""
+
+    def __init__(self, *, chat: bool, name: str, logprobs: bool) -> None:
+        self.chat = chat
+        self.object = "chat.completion" if chat else "text_completion"
+        self.chunk_object = "chat.completion.chunk" if chat else "text_completion"
+        self.id = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
+        self.created = int(time.time())
+        self.name = name
+        self.logprobs = logprobs
+        self.text_offset = 0
+
+    def envelope(self, object_name: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": object_name,
+            "created": self.created,
+            "model": self.name,
+            "system_fingerprint": _FINGERPRINT,
+            "choices": choices,
+        }
+
+    def logprobs_json(self, logprobs: list[Logprob]) -> dict[str, Any] | None:
+        if not self.logprobs:
+            return None
+        if self.chat:
+            return _chat_logprobs(logprobs)
+        out = _text_logprobs(logprobs, self.text_offset)
+        self.text_offset += sum(len(lp.token) for lp in logprobs)
+        return out
+
+    def choice(
+        self, text: str, logprobs: list[Logprob], finish: str | None, *, delta: bool
+    ) -> dict[str, Any]:
+        body: dict[str, Any] = {"index": 0}
+        if self.chat:
+            key = "delta" if delta else "message"
+            if not delta:
+                body[key] = {"role": "assistant", "content": text}
+            else:  # the role was named by the first delta of the stream
+                body[key] = {"content": text} if text else {}
+        else:
+            body["text"] = text
+        body["logprobs"] = self.logprobs_json(logprobs)
+        body["finish_reason"] = finish
+        return body
+
+
+async def _respond(
+    ctx: ApiContext, req: GenerateRequest, shape: _Shape, body: dict[str, Any]
+) -> Response:
+    stream = get_bool(body, "stream", False)
+    include_usage = stream and get_bool(get_object(body, "stream_options"), "include_usage", False)
+    generation = await open_generation(ctx, req)
+    if stream:
+        return _sse_response(generation, _stream(generation, shape, include_usage))
+    text: list[str] = []
+    logprobs: list[Logprob] = []
+    last = Chunk(done=True, done_reason=DoneReason.CANCELLED)
+    try:
+        async for chunk in generation:
+            text.append(chunk.content)
+            logprobs.extend(chunk.logprobs)
+            last = chunk
+    finally:
+        generation.close()
+    choice = shape.choice("".join(text), logprobs, _finish(last), delta=False)
+    return jsonify({**shape.envelope(shape.object, [choice]), "usage": _usage(last)})
+
+
+async def _stream(
+    generation: Generation, shape: _Shape, include_usage: bool
+) -> AsyncIterator[bytes]:
+    usage_field: dict[str, Any] = {"usage": None} if include_usage else {}
+    try:
+        if shape.chat:  # the first delta names the role, as OpenAI's does
+            first = {"index": 0, "delta": {"role": "assistant", "content": ""}}
+            first.update({"logprobs": None, "finish_reason": None})
+            yield _sse({**shape.envelope(shape.chunk_object, [first]), **usage_field})
+        async for chunk in generation:
+            if chunk.content or chunk.logprobs:
+                choice = shape.choice(chunk.content, list(chunk.logprobs), None, delta=True)
+                yield _sse({**shape.envelope(shape.chunk_object, [choice]), **usage_field})
+            if chunk.done:
+                choice = shape.choice("", [], _finish(chunk), delta=True)
+                if not shape.chat:
+                    choice["logprobs"] = None
+                yield _sse({**shape.envelope(shape.chunk_object, [choice]), **usage_field})
+                if include_usage:
+                    yield _sse({**shape.envelope(shape.chunk_object, []), "usage": _usage(chunk)})
+        yield _sse("[DONE]")
+    except GenerationFailed as exc:
+        yield _sse({"error": {"message": str(exc), "type": "server_error"}})
+    finally:
+        generation.close()
+
+
+def _sse_response(generation: Generation, pieces: AsyncIterator[bytes]) -> Response:
+    response = Response(StreamBody(generation, pieces), mimetype="text/event-stream")
+    response.timeout = None
+    response.headers["Cache-Control"] = "no-cache"
+    response.headers["X-Accel-Buffering"] = "no"
+    return response
+
+
+def blueprint(ctx: ApiContext) -> Blueprint:
+    bp = Blueprint("openai", __name__)
+
+    @bp.post("/v1/chat/completions")
+    async def chat_completions() -> Response:
+        body = await read_json(request)
+        name = ctx.resolve_model(get_str(body, "model"))
+        messages = chat_messages(body)
+        if not messages:
+            raise bad_request("'messages' must be a non-empty list")
+        logprobs = get_bool(body, "logprobs", False)
+        top = get_int(body, "top_logprobs", 0, lo=0, hi=20) or 0
+        if top and not logprobs:
+            raise bad_request("'top_logprobs' requires 'logprobs': true")
+        req = GenerateRequest(
+            messages=messages,
+            tools=tool_list(body),
+            logprobs=logprobs,
+            top_logprobs=top,
+            **_options(body, ("max_completion_tokens", "max_tokens")),
+        )
+        return await _respond(ctx, req, _Shape(chat=True, name=name, logprobs=logprobs), body)
+
+    @bp.post("/v1/completions")
+    async def completions() -> Response:
+        body = await read_json(request)
+        name = ctx.resolve_model(get_str(body, "model"))
+        prompt, tokens = _completion_prompt(body)
+        if get_bool(body, "echo", False):
+            raise bad_request("'echo' is not supported by this server")
+        if get_str(body, "suffix"):
+            raise bad_request("'suffix' is not supported by this server")
+        top = get_int(body, "logprobs", None, lo=0, hi=5)
+        req = GenerateRequest(
+            prompt=prompt,
+            tokens=tokens,
+            logprobs=top is not None,
+            top_logprobs=top or 0,
+            **_options(body, ("max_tokens",)),
+        )
+        return await _respond(
+            ctx, req, _Shape(chat=False, name=name, logprobs=top is not None), body
+        )
+
+    def model_object(name: str) -> dict[str, Any]:
+        try:
+            created = int(ctx.model_info().modified_at)
+        except UnavailableError:
+            created = 0
+        return {"id": name, "object": "model", "created": created, "owned_by": "mlxrunner"}
+
+    @bp.get("/v1/models")
+    async def models() -> Response:
+        return jsonify({"object": "list", "data": [model_object(ctx.served_name())]})
+
+    @bp.get("/v1/models/<path:model>")
+    async def model(model: str) -> Response:
+        return jsonify(model_object(ctx.resolve_model(model)))
+
+    return bp
+
+
+def _completion_prompt(body: dict[str, Any]) -> tuple[str | None, tuple[int, ...] | None]:
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
+        prompt = prompt[0]  # a batch of one
+    if isinstance(prompt, str):
+        return prompt, None
+    if isinstance(prompt, list):
+        tokens = get_token_ids({"prompt": prompt}, "prompt")
+        if tokens:
+            return None, tuple(tokens)
+    raise bad_request("'prompt' must be a string, a list of one string, or a list of token ids")

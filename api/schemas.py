@@ -1,0 +1,266 @@
+"""Request parsing and validation shared by the native, Ollama and OpenAI routes.
+
+Bodies are decoded here (malformed JSON, wrong types and out-of-range values raise a 400
+``ApiError`` or ``OptionsError``), options arrive under Ollama's names and become
+``GenerationOptions``; the OpenAI routes map their names onto the same fields first.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from actors.messages import ChatMessage, GenerationOptions
+from api.errors import ApiError, bad_request
+from runtime.errors import OptionsError
+from runtime.sampler import SamplingOptions
+
+_FLOAT_OPTIONS = (
+    "temperature",
+    "top_p",
+    "min_p",
+    "typical_p",
+    "repeat_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+)
+_INT_OPTIONS = ("top_k", "repeat_last_n")
+# Ollama options with no meaning here (GPU layout, threads, mirostat...): accepted and ignored,
+# as Ollama ignores options it does not know.
+_SEED_RANGE = (-(2**63), 2**64 - 1)
+MAX_TOP_LOGPROBS = 20
+_ROLES = {"system", "user", "assistant", "tool"}
+
+
+def decode_json(data: bytes) -> dict[str, Any]:
+    """The request body as a JSON object; 400 for anything else."""
+    if not data.strip():
+        return {}
+    try:
+        body = json.loads(data, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:
+        raise bad_request(f"invalid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise bad_request("request body must be a JSON object")
+    return body
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+# ---- typed field access ----
+
+
+def get_str(body: Mapping[str, Any], key: str, default: str | None = None) -> str | None:
+    value = body.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, str):
+        raise bad_request(f"'{key}' must be a string")
+    return value
+
+
+def get_bool(body: Mapping[str, Any], key: str, default: bool) -> bool:
+    value = body.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise bad_request(f"'{key}' must be a boolean")
+    return value
+
+
+def get_int(
+    body: Mapping[str, Any],
+    key: str,
+    default: int | None = None,
+    *,
+    lo: int | None = None,
+    hi: int | None = None,
+) -> int | None:
+    value = body.get(key)
+    if value is None:
+        return default
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        value = int(value)  # Go's JSON numbers are float64: 40.0 is a valid top_k for Ollama
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise bad_request(f"'{key}' must be an integer")
+    if lo is not None and value < lo:
+        raise bad_request(f"'{key}' must be >= {lo}")
+    if hi is not None and value > hi:
+        raise bad_request(f"'{key}' must be <= {hi}")
+    return value
+
+
+def get_float(
+    body: Mapping[str, Any],
+    key: str,
+    default: float | None = None,
+    *,
+    lo: float | None = None,
+    hi: float | None = None,
+) -> float | None:
+    value = body.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise bad_request(f"'{key}' must be a number")
+    value = float(value)
+    if not math.isfinite(value):
+        raise bad_request(f"'{key}' must be a finite number")
+    if lo is not None and value < lo:
+        raise bad_request(f"'{key}' must be >= {lo}")
+    if hi is not None and value > hi:
+        raise bad_request(f"'{key}' must be <= {hi}")
+    return value
+
+
+def get_object(body: Mapping[str, Any], key: str) -> dict[str, Any]:
+    value = body.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise bad_request(f"'{key}' must be an object")
+    return value
+
+
+def get_stop(body: Mapping[str, Any], key: str = "stop") -> tuple[str, ...]:
+    value = body.get(key)
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
+        raise bad_request(f"'{key}' must be a string or a list of strings")
+    return tuple(s for s in value if s)
+
+
+def get_token_ids(body: Mapping[str, Any], key: str) -> list[int] | None:
+    value = body.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(
+        isinstance(t, int) and not isinstance(t, bool) for t in value
+    ):
+        raise bad_request(f"'{key}' must be a list of integers")
+    return value
+
+
+def get_top_logprobs(body: Mapping[str, Any], key: str = "top_logprobs") -> int:
+    value = get_int(body, key, 0, lo=0, hi=MAX_TOP_LOGPROBS)
+    assert value is not None
+    return value
+
+
+# ---- options ----
+
+
+def generation_options(
+    options: Mapping[str, Any],
+    *,
+    num_predict: int | None = None,
+    stop: tuple[str, ...] = (),
+) -> GenerationOptions:
+    """``GenerationOptions`` from Ollama-named options; ``num_predict``/``stop`` override."""
+    sampling: dict[str, Any] = {}
+    for key in _FLOAT_OPTIONS:
+        value = get_float(options, key)
+        if value is not None:
+            sampling[key] = value
+    for key in _INT_OPTIONS:
+        value_i = get_int(options, key)
+        if value_i is not None:
+            sampling[key] = value_i
+    seed = get_int(options, "seed", lo=_SEED_RANGE[0], hi=_SEED_RANGE[1])
+    if seed is not None and seed >= 0:
+        sampling["seed"] = seed  # a negative seed means "random", as in Ollama
+    try:
+        sampling_options = SamplingOptions(**sampling)
+    except (TypeError, ValueError) as exc:
+        raise OptionsError(str(exc)) from None
+    if num_predict is None:
+        num_predict = get_int(options, "num_predict")
+    num_ctx = get_int(options, "num_ctx", lo=1)
+    return GenerationOptions(
+        sampling=sampling_options,
+        # Ollama: zero or negative means "until the end of sequence or of the context".
+        num_predict=num_predict if num_predict is not None and num_predict > 0 else -1,
+        stop=stop or get_stop(options),
+        num_ctx=num_ctx,
+    )
+
+
+# ---- chat messages ----
+
+
+def _content_text(content: Any, where: str) -> str:
+    """A message's text: a string, or OpenAI's list of text parts."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if not isinstance(part, dict):
+                raise bad_request(f"{where}: content parts must be objects")
+            kind = part.get("type")
+            if kind == "text" and isinstance(part.get("text"), str):
+                parts.append(part["text"])
+            elif kind in ("image_url", "input_image", "image", "input_audio"):
+                raise bad_request(f"{where}: this model does not support {kind} input")
+            else:
+                raise bad_request(f"{where}: unsupported content part {kind!r}")
+        return "".join(parts)
+    raise bad_request(f"{where}: 'content' must be a string")
+
+
+def chat_messages(body: Mapping[str, Any], key: str = "messages") -> tuple[ChatMessage, ...]:
+    value = body.get(key)
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise bad_request(f"'{key}' must be a list of messages")
+    messages = []
+    for i, raw in enumerate(value):
+        where = f"{key}[{i}]"
+        if not isinstance(raw, dict):
+            raise bad_request(f"{where} must be an object")
+        role = raw.get("role")
+        if role == "developer":  # OpenAI's newer name for the system role
+            role = "system"
+        if not isinstance(role, str) or role not in _ROLES:
+            raise bad_request(f"{where}: 'role' must be one of {sorted(_ROLES)}")
+        if raw.get("images"):
+            raise bad_request(f"{where}: this model does not support image input")
+        extra = {
+            k: v for k, v in raw.items() if k not in ("role", "content", "images") and v is not None
+        }
+        messages.append(
+            ChatMessage(role=role, content=_content_text(raw.get("content"), where), extra=extra)
+        )
+    return tuple(messages)
+
+
+def tool_list(body: Mapping[str, Any]) -> tuple[Mapping[str, Any], ...] | None:
+    value = body.get("tools")
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
+        raise bad_request("'tools' must be a list of objects")
+    return tuple(value) or None
+
+
+def reject_format(body: Mapping[str, Any]) -> None:
+    """Structured output is not implemented: say so rather than silently ignore it."""
+    fmt = body.get("format")
+    if fmt not in (None, ""):
+        raise ApiError(400, "'format' (structured output) is not supported by this server")
+
+
+async def read_json(request: Any) -> dict[str, Any]:
+    """Decode a Quart request's body (413 past MAX_CONTENT_LENGTH comes from Quart)."""
+    data: bytes = await request.get_data(cache=False, as_text=False)
+    return decode_json(data)

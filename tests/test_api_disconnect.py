@@ -1,0 +1,92 @@
+"""Disconnect cancellation over a real socket: hypercorn on 127.0.0.1:0, a raw client that
+reads a little and hangs up, and the runner's own counters as the witness."""
+
+from __future__ import annotations
+
+import trio
+
+from api.app import ApiConfig, context_of, create_app
+from tests.api_fakes import FakeRunner, raw_request, serve_app
+
+
+def paced_runner() -> FakeRunner:
+    # An endless generation, one token per checkpoint-and-sleep: it only stops if cancelled.
+    return FakeRunner(endless=True, step=lambda: trio.sleep(0.002))
+
+
+async def wait_until(predicate, what: str) -> None:
+    with trio.fail_after(20):  # a hang guard, not a speed assertion
+        while not predicate():
+            await trio.sleep(0.005)
+
+
+async def assert_generation_stopped(fake: FakeRunner) -> None:
+    await wait_until(lambda: fake.active == 0, "sequence freed")
+    assert fake.statistics().active_sequences == 0
+    assert fake.cancelled == 1
+    produced = fake.generated
+    # Were anything still running, the paced producer would add dozens of tokens meanwhile.
+    await trio.sleep(0.1)
+    assert fake.generated == produced
+    assert fake.finished == 0
+
+
+async def test_stream_disconnect_frees_the_sequence() -> None:
+    fake = paced_runner()
+    app = create_app(fake, ApiConfig(model_name="fake"))
+    async with serve_app(app) as (host, port):
+        stream = await raw_request(host, port, "POST", "/completion", {"prompt": "hi"})
+        received = b""
+        while received.count(b'"done":false') < 2:
+            received += await stream.receive_some(65536)
+        assert received.startswith(b"HTTP/1.1 200")
+        assert fake.active == 1
+        await stream.aclose()
+        await assert_generation_stopped(fake)
+        assert context_of(app).metrics.value("mlxrunner_cancellations_total") == 1
+
+
+async def test_sse_disconnect_frees_the_sequence() -> None:
+    fake = paced_runner()
+    app = create_app(fake, ApiConfig(model_name="fake"))
+    async with serve_app(app) as (host, port):
+        body = {"model": "fake", "messages": [{"role": "user", "content": "x"}], "stream": True}
+        stream = await raw_request(host, port, "POST", "/v1/chat/completions", body)
+        received = b""
+        while received.count(b"data: ") < 3:
+            received += await stream.receive_some(65536)
+        await stream.aclose()
+        await assert_generation_stopped(fake)
+
+
+async def test_non_streaming_disconnect_frees_the_sequence() -> None:
+    fake = paced_runner()
+    app = create_app(fake, ApiConfig(model_name="fake"))
+    async with serve_app(app) as (host, port):
+        body = {"prompt": "hi", "stream": False}
+        stream = await raw_request(host, port, "POST", "/completion", body)
+        await wait_until(lambda: fake.generated >= 2, "two tokens generated")
+        await stream.aclose()
+        await assert_generation_stopped(fake)
+
+
+async def test_other_streams_continue_when_one_client_leaves() -> None:
+    fake = FakeRunner(script=("a",) * 40, step=lambda: trio.sleep(0.002))
+    app = create_app(fake, ApiConfig(model_name="fake"))
+    async with serve_app(app) as (host, port):
+        leaving = await raw_request(host, port, "POST", "/completion", {"prompt": "x"})
+        staying = await raw_request(host, port, "POST", "/completion", {"prompt": "y"})
+        first = await leaving.receive_some(65536)
+        assert first.startswith(b"HTTP/1.1 200")
+        await leaving.aclose()
+        received = b""
+        while b'"done":true' not in received:
+            data = await staying.receive_some(65536)
+            assert data, "stream ended before its last chunk"
+            received += data
+        await staying.aclose()
+        assert b'"done_reason":0' in received
+        assert received.count(b'"done":false') == 40
+        await wait_until(lambda: fake.active == 0, "both sequences gone")
+        assert fake.finished == 1
+        assert fake.cancelled == 1
