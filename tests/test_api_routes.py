@@ -1,0 +1,262 @@
+"""Route-by-route tests with Quart's test client over the scripted fake runner."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import trio
+
+from actors.messages import DoneReason, QueueFullError, UnavailableError
+from api.app import ApiConfig, context_of, create_app
+from runtime.errors import OptionsError, PromptError
+from tests.api_fakes import FakeRunner
+
+
+@pytest.fixture
+def fake() -> FakeRunner:
+    return FakeRunner()
+
+
+@pytest.fixture
+async def client(fake: FakeRunner) -> AsyncIterator[Any]:
+    app = create_app(fake, ApiConfig(model_name="fake:latest", max_body=4096))
+    async with app.test_app() as test_app:
+        yield test_app.test_client()
+
+
+def lines(data: bytes) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in data.decode().splitlines() if line]
+
+
+# ---- /completion ----
+
+
+async def test_completion_streams_ndjson_with_final_statistics(client, fake) -> None:
+    response = await client.post("/completion", json={"prompt": "hi"})
+    assert response.status_code == 200
+    assert response.mimetype == "application/x-ndjson"
+    chunks = lines(await response.get_data())
+    assert [c["content"] for c in chunks] == ["Hello", " world", "!", ""]
+    assert [c["token"] for c in chunks[:3]] == [1, 2, 3]
+    assert not any(c["done"] for c in chunks[:-1])
+    last = chunks[-1]
+    assert last["done"] is True
+    assert last["done_reason"] == 0
+    for key in ("prompt_eval_count", "prompt_eval_duration", "eval_count", "eval_duration"):
+        assert isinstance(last[key], int)
+    assert last["eval_count"] == 3
+    assert fake.requests[0].prompt == "hi"
+    assert fake.requests[0].template is False
+
+
+async def test_completion_without_stream_returns_one_object(client) -> None:
+    response = await client.post("/completion", json={"prompt": "hi", "stream": False})
+    body = await response.get_json()
+    assert body["content"] == "Hello world!"
+    assert body["tokens"] == [1, 2, 3]
+    assert body["done"] is True
+    assert body["done_reason"] == 0
+
+
+async def test_max_tokens_is_an_alias_of_num_predict(client, fake) -> None:
+    response = await client.post(
+        "/completion", json={"prompt": "hi", "max_tokens": 2, "stream": False}
+    )
+    body = await response.get_json()
+    assert fake.requests[0].options.num_predict == 2
+    assert body["content"] == "Hello world"
+    assert body["done_reason"] == DoneReason.LENGTH == 1
+
+
+async def test_completion_options_and_token_prompt(client, fake) -> None:
+    options = {"temperature": 0, "top_k": 5, "seed": 7, "stop": ["\n"], "num_ctx": 32}
+    response = await client.post(
+        "/completion", json={"prompt": [1, 2, 3], "options": options, "stream": False}
+    )
+    assert response.status_code == 200
+    request = fake.requests[0]
+    assert request.tokens == (1, 2, 3)
+    assert request.prompt is None
+    assert request.options.sampling.temperature == 0
+    assert request.options.sampling.top_k == 5
+    assert request.options.sampling.seed == 7
+    assert request.options.stop == ("\n",)
+    assert request.options.num_ctx == 32
+
+
+async def test_completion_logprobs(client) -> None:
+    body = {"prompt": "hi", "logprobs": True, "top_logprobs": 2}
+    chunks = lines(await (await client.post("/completion", json=body)).get_data())
+    first = chunks[0]["logprobs"][0]
+    assert first["token"] == "Hello"
+    assert first["logprob"] == -0.5
+    assert [t["token"] for t in first["top_logprobs"]] == ["alt0", "alt1"]
+
+
+# ---- /health, /tokenize, /detokenize, /metrics ----
+
+
+async def test_health_reports_loading_ready_and_draining(client, fake) -> None:
+    fake.state = "loading"
+    fake.progress = 0.42
+    response = await client.get("/health")
+    assert response.status_code == 503
+    assert await response.get_json() == {"status": "loading", "progress": 0.42}
+    assert response.headers["Retry-After"]
+    fake.state = "ok"
+    response = await client.get("/health")
+    assert response.status_code == 200
+    assert await response.get_json() == {"status": "ok"}
+    context_of(client.app).draining = True
+    response = await client.get("/health")
+    assert response.status_code == 503
+    assert await response.get_json() == {"status": "shutting_down"}
+
+
+async def test_tokenize_and_detokenize(client) -> None:
+    response = await client.post("/tokenize", json={"content": "ab cde"})
+    assert await response.get_json() == {"tokens": [2, 3]}
+    response = await client.post("/detokenize", json={"tokens": [2, 3]})
+    assert await response.get_json() == {"content": "<2> <3>"}
+    response = await client.post("/detokenize", json={"tokens": [-1]})
+    assert response.status_code == 400
+    response = await client.post("/detokenize", json={"tokens": "abc"})
+    assert response.status_code == 400
+
+
+async def test_metrics_exposes_counters_histograms_and_runner_state(client) -> None:
+    await client.post("/completion", json={"prompt": "hi"})
+    await client.post("/completion", data=b"{")
+    text = (await (await client.get("/metrics")).get_data()).decode()
+    assert (
+        'mlxrunner_http_requests_total{method="POST",route="/completion",status="200"} 1.0' in text
+    )
+    assert 'status="400"' in text
+    assert "mlxrunner_generated_tokens_total 3.0" in text
+    assert "mlxrunner_prompt_tokens_total 5.0" in text
+    assert "mlxrunner_time_to_first_token_seconds_count 1.0" in text
+    assert "mlxrunner_token_latency_seconds_count 2.0" in text
+    for name in (
+        "mlxrunner_queue_depth",
+        "mlxrunner_active_sequences",
+        "mlxrunner_cache_bytes",
+        "mlxrunner_cache_hit_ratio 0.25",
+        "mlxrunner_cancellations_total",
+    ):
+        assert name in text
+
+
+# ---- errors ----
+
+
+@pytest.mark.parametrize(
+    ("body", "needle"),
+    [
+        (b"{not json", "invalid JSON"),
+        (b"[1, 2]", "JSON object"),
+        (b'{"prompt": 3}', "prompt"),
+        (b'{"prompt": "x", "options": {"temperature": "hot"}}', "temperature"),
+        (b'{"prompt": "x", "options": {"top_p": 2}}', "top_p"),
+        (b'{"prompt": "x", "options": {"top_k": -1}}', "top_k"),
+        (b'{"prompt": "x", "options": {"top_k": true}}', "top_k"),
+        (b'{"prompt": "x", "options": {"temperature": NaN}}', "NaN"),
+        (b'{"prompt": "x", "options": {"stop": [1]}}', "stop"),
+        (b'{"prompt": "x", "options": {"num_ctx": 0}}', "num_ctx"),
+        (b'{"prompt": "x", "options": "fast"}', "options"),
+        (b'{"prompt": "x", "stream": "yes"}', "stream"),
+        (b'{"prompt": "x", "top_logprobs": 99}', "top_logprobs"),
+    ],
+)
+async def test_bad_requests_are_400_with_a_json_error(client, body, needle) -> None:
+    response = await client.post(
+        "/completion", data=body, headers={"Content-Type": "application/json"}
+    )
+    assert response.status_code == 400
+    payload = await response.get_json()
+    assert needle in payload["error"]
+
+
+async def test_unknown_route_and_model_are_404(client) -> None:
+    response = await client.get("/no/such/route")
+    assert response.status_code == 404
+    assert "error" in await response.get_json()
+    response = await client.post("/api/generate", json={"model": "other", "prompt": "x"})
+    assert response.status_code == 404
+    assert "other" in (await response.get_json())["error"]
+    response = await client.get("/completion")
+    assert response.status_code == 405
+    assert "error" in await response.get_json()
+
+
+async def test_body_over_max_body_is_413(client) -> None:
+    response = await client.post("/completion", json={"prompt": "x" * 5000})
+    assert response.status_code == 413
+    assert "error" in await response.get_json()
+
+
+@pytest.mark.parametrize(
+    ("error", "status", "retry_after"),
+    [
+        (
+            PromptError("input length (99 tokens) exceeds the context length (64 tokens)"),
+            413,
+            False,
+        ),
+        (PromptError("empty prompt"), 400, False),
+        (OptionsError("top_p must be in (0, 1]"), 400, False),
+        (QueueFullError("queue full (64 waiting)"), 429, True),
+        (UnavailableError("loading", state="loading"), 503, True),
+        (UnavailableError("draining", state="shutting_down"), 503, True),
+    ],
+)
+async def test_runner_errors_on_entry_map_to_statuses(client, fake, error, status, retry_after):
+    fake.entry_error = error
+    for path, body in (
+        ("/completion", {"prompt": "x"}),
+        ("/api/generate", {"model": "fake", "prompt": "x"}),
+        ("/v1/completions", {"model": "fake", "prompt": "x", "stream": True}),
+    ):
+        response = await client.post(path, json=body)
+        assert response.status_code == status, path
+        assert (await response.get_json())["error"] == str(error)
+        assert ("Retry-After" in response.headers) == retry_after
+
+
+async def test_draining_refuses_new_generations_with_503(client) -> None:
+    context_of(client.app).draining = True
+    response = await client.post("/completion", json={"prompt": "x"})
+    assert response.status_code == 503
+    assert response.headers["Retry-After"]
+
+
+async def test_api_key_is_required_when_set(fake) -> None:
+    app = create_app(fake, ApiConfig(model_name="fake", api_key="s3cret"))
+    async with app.test_app() as test_app:
+        client = test_app.test_client()
+        response = await client.post("/completion", json={"prompt": "x"})
+        assert response.status_code == 401
+        assert "error" in await response.get_json()
+        wrong = {"Authorization": "Bearer nope"}
+        response = await client.post("/completion", json={"prompt": "x"}, headers=wrong)
+        assert response.status_code == 401
+        right = {"Authorization": "Bearer s3cret"}
+        response = await client.post("/completion", json={"prompt": "x"}, headers=right)
+        assert response.status_code == 200
+        assert (await client.get("/health")).status_code == 200
+        assert (await client.get("/v1/models")).status_code == 401
+
+
+async def test_long_stream_outlives_quarts_default_response_timeout(fake, autojump_clock) -> None:
+    async def slow_step() -> None:
+        await trio.sleep(30)  # 30 virtual seconds per token: 90 s in all, over Quart's 60 s
+
+    fake.step = slow_step
+    app = create_app(fake, ApiConfig(model_name="fake"))
+    async with app.test_app() as test_app:
+        response = await test_app.test_client().post("/completion", json={"prompt": "x"})
+        chunks = lines(await response.get_data())
+    assert chunks[-1]["done"] is True
+    assert "".join(c["content"] for c in chunks) == "Hello world!"
