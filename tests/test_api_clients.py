@@ -48,7 +48,8 @@ async def test_ollama_generate(server) -> None:
 
     parts = await in_thread(stream)
     assert "".join(p.response for p in parts) == "Hello world!"
-    assert parts[-1].done and parts[-1].eval_duration == 6000
+    assert parts[-1].done
+    assert parts[-1].eval_duration == 6000
     assert fake.requests[1].options.sampling.seed == 3
 
 
@@ -116,7 +117,8 @@ async def test_openai_chat_completion(server) -> None:
     )
     assert result.choices[0].message.content == "Hello world"
     assert result.choices[0].finish_reason == "length"
-    assert result.usage is not None and result.usage.completion_tokens == 2
+    assert result.usage is not None
+    assert result.usage.completion_tokens == 2
     options = fake.requests[0].options
     assert options.num_predict == 2
     assert options.sampling.temperature == 0.5
@@ -146,7 +148,8 @@ async def test_openai_chat_streaming_with_usage_and_logprobs(server) -> None:
     finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
     assert finishes[-1] == "stop"
     assert chunks[-1].choices == []
-    assert chunks[-1].usage is not None and chunks[-1].usage.total_tokens == 8
+    assert chunks[-1].usage is not None
+    assert chunks[-1].usage.total_tokens == 8
     with_logprobs = [c for c in chunks if c.choices and c.choices[0].logprobs]
     first = with_logprobs[0].choices[0].logprobs.content[0]
     assert first.token == "Hello"

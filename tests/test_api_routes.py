@@ -68,7 +68,7 @@ async def test_max_tokens_is_an_alias_of_num_predict(client, fake) -> None:
     body = await response.get_json()
     assert fake.requests[0].options.num_predict == 2
     assert body["content"] == "Hello world"
-    assert body["done_reason"] == DoneReason.LENGTH == 1
+    assert body["done_reason"] == int(DoneReason.LENGTH) == 1
 
 
 async def test_completion_options_and_token_prompt(client, fake) -> None:
@@ -257,6 +257,6 @@ async def test_long_stream_outlives_quarts_default_response_timeout(fake, autoju
     app = create_app(fake, ApiConfig(model_name="fake"))
     async with app.test_app() as test_app:
         response = await test_app.test_client().post("/completion", json={"prompt": "x"})
-        chunks = lines(await response.get_data())
+        chunks = lines(await response.get_data(as_text=False))
     assert chunks[-1]["done"] is True
     assert "".join(c["content"] for c in chunks) == "Hello world!"
