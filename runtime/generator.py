@@ -43,6 +43,24 @@ class _Sequence:
         return not self.pending
 
 
+@attrs.define(eq=False)
+class _Work:
+    """What one sequence contributes to this step's packed forward pass."""
+
+    seq: _Sequence
+    fed: int  # tokens fed
+    sample: bool  # whether its last row is sampled
+    prefill: bool  # prompt tokens (else its last sampled token)
+
+
+@attrs.frozen(eq=False)
+class _Ahead:
+    """Logits of the next decode step, dispatched before this step's tokens were read."""
+
+    logits: mx.array  # [rows, vocab]
+    rows: dict[int, int]  # seq_id -> row
+
+
 class ModelEngine:
     """Runs sequences of one loaded model in batched steps (engine thread only)."""
 
@@ -63,6 +81,7 @@ class ModelEngine:
         self._eos = loaded.tokenizer.eos_ids
         self._vocab = int(loaded.model.args.vocab_size)
         self._seqs: dict[int, _Sequence] = {}
+        self._ahead: _Ahead | None = None
 
     @property
     def context_length(self) -> int:
@@ -108,16 +127,26 @@ class ModelEngine:
         )
 
     def step(self) -> list[TokenEvent]:
+        ahead, self._ahead = self._ahead, None
+        # Decoders whose logits the previous step already dispatched, and the rest.
+        ready: list[tuple[_Sequence, mx.array]] = []
+        feed: list[_Sequence] = []
+        for seq in self._seqs.values():
+            if not seq.decoding:
+                continue
+            row = ahead.rows.get(seq.request.seq_id) if ahead is not None else None
+            if ahead is not None and row is not None:
+                ready.append((seq, ahead.logits[row]))
+            else:
+                feed.append(seq)
         tokens: list[int] = []
         spans: list[Span] = []
-        # (sequence, tokens fed this step, whether its last row is sampled)
-        plan: list[tuple[_Sequence, int, bool]] = []
-        for seq in self._seqs.values():
-            if seq.decoding:
-                assert seq.last is not None
-                spans.append(Span(len(tokens), 1, seq.cache))
-                tokens.append(seq.last)
-                plan.append((seq, 1, True))
+        plan: list[_Work] = []
+        for seq in feed:
+            assert seq.last is not None
+            spans.append(Span(len(tokens), 1, seq.cache))
+            tokens.append(seq.last)
+            plan.append(_Work(seq, fed=1, sample=True, prefill=False))
         budget = self.prefill_chunk
         for seq in self._seqs.values():
             if seq.decoding or budget <= 0:
@@ -126,64 +155,103 @@ class ModelEngine:
             budget -= n
             spans.append(Span(len(tokens), n, seq.cache))
             tokens.extend(seq.pending[:n])
-            plan.append((seq, n, n == len(seq.pending)))
-        if not plan:
+            plan.append(_Work(seq, fed=n, sample=n == len(seq.pending), prefill=True))
+        if not plan and not ready:
             return []
-        before = {id(seq): seq.cache.offset for seq, _, _ in plan}
+        # Positions known complete: a dispatched-ahead position is not, until this step ends.
+        before = {id(seq): seq.cache.offset - 1 for seq, _ in ready}
+        before.update({id(w.seq): w.seq.cache.offset for w in plan})
         try:
-            return self._run(tokens, spans, plan)
+            return self._run(tokens, spans, plan, ready)
         except BaseException:
-            # Leave no half-written positions behind for a later step or reuse.
-            for seq, _, _ in plan:
+            # Leave no half-written positions behind; re-feed the last token next time.
+            self._ahead = None
+            for seq, _ in ready:
                 seq.cache.truncate(before[id(seq)])
+            for w in plan:
+                w.seq.cache.truncate(before[id(w.seq)])
             raise
 
     def _run(
-        self, tokens: list[int], spans: list[Span], plan: list[tuple[_Sequence, int, bool]]
+        self,
+        tokens: list[int],
+        spans: list[Span],
+        plan: list[_Work],
+        ready: list[tuple[_Sequence, mx.array]],
     ) -> list[TokenEvent]:
-        hidden = self.model.hidden(mx.array(tokens, dtype=mx.int32)[None], spans)
-        rows = [
-            span.start + span.length - 1
-            for span, (_, _, sample) in zip(spans, plan, strict=True)
-            if sample
-        ]
-        samples: list[mx.array] = []
-        logits = None
-        if rows:
-            picked = hidden[0, mx.array(rows)] if len(rows) < len(tokens) else hidden[0]
-            logits = self.model.unembed(picked).astype(mx.float32)
-            i = 0
-            for seq, _, sample in plan:
-                if sample:
-                    samples.append(seq.sampler.sample(logits[i]))
-                    i += 1
-        mx.eval(samples, [seq.cache.arrays for seq, _, _ in plan])
+        sampled: list[tuple[_Sequence, mx.array, _Work | None]] = []
+        for seq, row_logits in ready:
+            sampled.append((seq, row_logits, None))
+        if plan:
+            hidden = self.model.hidden(mx.array(tokens, dtype=mx.int32)[None], spans)
+            rows = [sp.start + sp.length - 1 for sp, w in zip(spans, plan, strict=True) if w.sample]
+            if rows:
+                picked = hidden[0, mx.array(rows)] if len(rows) < len(tokens) else hidden[0]
+                logits = self.model.unembed(picked).astype(mx.float32)
+                for i, w in enumerate(w for w in plan if w.sample):
+                    sampled.append((w.seq, logits[i], w))
+        samples = []
+        for seq, row_logits, _ in sampled:
+            drawn = seq.sampler.sample(row_logits)
+            seq.sampler.accept(drawn)
+            samples.append(drawn)
+        # Dispatch the next decode step now, fed with the still-lazy samples, so the model
+        # computes it while this step's tokens are routed (the pipelining mlx-lm does too).
+        self._ahead = self._dispatch_ahead(sampled, samples)
+        pending_caches = [w.seq.cache.arrays for w in plan if not w.sample]
+        to_eval = [samples, pending_caches]
+        if self._ahead is not None:
+            to_eval.append(self._ahead.logits)
+        mx.async_eval(*to_eval)
         events: list[TokenEvent] = []
-        i = 0
-        for seq, n, sample in plan:
-            prefilled = 0 if seq.decoding else n
-            del seq.pending[:prefilled]
-            if not sample:
-                events.append(TokenEvent(seq_id=seq.request.seq_id, token=None, prefilled=n))
-                continue
-            token = int(samples[i].item())
+        for w in plan:
+            if w.prefill:
+                del w.seq.pending[: w.fed]
+            if not w.sample:
+                events.append(TokenEvent(seq_id=w.seq.request.seq_id, token=None, prefilled=w.fed))
+        for (seq, row_logits, work), sample in zip(sampled, samples, strict=True):
+            token: int = sample.item()  # type: ignore[assignment]  # an int32 scalar
             lp: TokenLogprob | None = None
-            if seq.request.logprobs and logits is not None:
-                lp = logprobs(logits[i], token, seq.request.top_logprobs)
-            i += 1
+            if seq.request.logprobs:
+                lp = logprobs(row_logits, token, seq.request.top_logprobs)
+            prefilled = work.fed if work is not None and work.prefill else 0
             events.append(self._advance(seq, token, prefilled=prefilled, lp=lp))
+        mx.eval(pending_caches)
         return events
+
+    def _dispatch_ahead(
+        self, sampled: list[tuple[_Sequence, mx.array, _Work | None]], samples: list[mx.array]
+    ) -> _Ahead | None:
+        rows: dict[int, int] = {}
+        inputs: list[mx.array] = []
+        spans: list[Span] = []
+        for (seq, _, _), sample in zip(sampled, samples, strict=True):
+            # Sequences certain to end with this token need no next step.
+            if seq.generated + 1 >= seq.request.max_tokens:
+                continue
+            if self._full(seq, 1):
+                continue
+            rows[seq.request.seq_id] = len(inputs)
+            spans.append(Span(len(inputs), 1, seq.cache))
+            inputs.append(sample.reshape(1))
+        if not inputs:
+            return None
+        hidden = self.model.hidden(mx.concatenate(inputs)[None], spans)
+        return _Ahead(logits=self.model.unembed(hidden[0]).astype(mx.float32), rows=rows)
+
+    def _full(self, seq: _Sequence, extra: int) -> bool:
+        """Whether prompt + generated (+ ``extra``) tokens fill the context."""
+        return len(seq.request.prompt) + seq.generated + extra >= self._context
 
     def _advance(
         self, seq: _Sequence, token: int, *, prefilled: int, lp: TokenLogprob | None
     ) -> TokenEvent:
-        seq.sampler.accept(token)
         seq.last = token
         seq.generated += 1
         finish: FinishReason | None = None
         if token in self._eos:
             finish = FinishReason.STOP
-        elif seq.generated >= seq.request.max_tokens or seq.cache.offset + 1 >= self._context:
+        elif seq.generated >= seq.request.max_tokens or self._full(seq, 0):
             finish = FinishReason.LENGTH
         if finish is not None:
             self._seqs.pop(seq.request.seq_id, None)

@@ -137,7 +137,9 @@ def test_failed_step_leaves_caches_at_last_complete_position(loaded: LoadedModel
     engine.add(_request(0, PROMPTS[0], max_tokens=6))
     engine.step()
     seq = engine._seqs[0]
-    offset = seq.cache.offset
+    # Known complete: the prompt and every generated token but the newest, which was only
+    # dispatched (pipelined) when the failing step began.
+    complete = len(PROMPTS[0]) + seq.generated - 1
     model = engine.model
     original = model.unembed
 
@@ -150,7 +152,7 @@ def test_failed_step_leaves_caches_at_last_complete_position(loaded: LoadedModel
             engine.step()
     finally:
         model.unembed = original
-    assert seq.cache.offset == offset
+    assert seq.cache.offset == complete
     rest = _tokens(_run(engine)[0])
     full = _reference_greedy(loaded, PROMPTS[0], 6)
     assert rest == full[1 : 1 + len(rest)]
