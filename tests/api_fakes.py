@@ -189,3 +189,33 @@ async def raw_request(
     ).encode()
     await stream.send_all(head + data)
     return stream
+
+
+def _serve_fake_main() -> None:
+    """``python -m tests.api_fakes --grace S --tokens N --delay S``: ``serve`` over a fake."""
+    import argparse
+    import logging
+
+    from api.app import ApiConfig
+    from api.serve_command import serve
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--grace", type=float, default=5.0)
+    parser.add_argument("--tokens", type=int, default=0, help="0: endless")
+    parser.add_argument("--delay", type=float, default=0.01)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO)
+
+    async def step() -> None:
+        await trio.sleep(args.delay)
+
+    fake = FakeRunner(script=("tok",) * max(args.tokens, 1), endless=args.tokens == 0, step=step)
+    trio.run(
+        functools.partial(
+            serve, fake, ApiConfig(model_name="fake"), host="127.0.0.1", port=0, grace=args.grace
+        )
+    )
+
+
+if __name__ == "__main__":
+    _serve_fake_main()
