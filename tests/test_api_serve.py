@@ -39,7 +39,7 @@ async def fake_server(*args: str) -> AsyncIterator[tuple[trio.Process, int, list
             async def drain_stderr() -> None:
                 assert process.stderr is not None
                 async for data in process.stderr:
-                    stderr.append(data)
+                    stderr.append(bytes(data))
                     match = re.search(rb"serving on http://127\.0\.0\.1:(\d+)", b"".join(stderr))
                     if match and not port_found.is_set():
                         port.append(int(match.group(1)))
