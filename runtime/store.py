@@ -21,14 +21,16 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
 from runtime.errors import ModelLoadError, ModelNotFoundError
 from runtime.store_manifest import Layer, Manifest, parse_manifest
 from runtime.store_names import ModelName
-from runtime.weights import ModelFiles
+
+if TYPE_CHECKING:  # runtime.weights imports MLX, which `mlxrunner list` does not need
+    from runtime.weights import ModelFiles
 
 _CHUNK = 1 << 20
 TEMP_PREFIX = ".partial-"  # blobs/ and manifests/ temp files; never a valid name part
@@ -151,6 +153,8 @@ class Store:
 
     def resolve(self, name: str, *, verify: bool = True) -> ModelFiles:
         """The files of ``name``, every used blob's digest checked (``ModelLoadError`` if not)."""
+        from runtime.weights import ModelFiles
+
         parsed, manifest, path = self.read_manifest(name)
         model = parsed.short
         for layer in manifest.used_layers():
