@@ -132,8 +132,11 @@ def count_parameters(weights: dict[str, mx.array], quant: dict[str, tuple[int, i
 
 
 def human_parameters(n: int) -> str:
-    """Ollama's style: ``134.52M``, ``1.24B``."""
-    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
+    """Ollama's style: ``134.52M``, ``1.24B``, ``116.74K``."""
+    for size, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(n)
 
 
 def file_type(weights: dict[str, mx.array], quant: dict[str, tuple[int, int]]) -> str:
