@@ -40,8 +40,17 @@ class StreamingDetokenizer:
 
     def _advance(self, text: str) -> str:
         piece = text[len(self._emitted_prefix) :]
-        # Keep only the newest token as context for the next window.
-        self._ids = self._ids[-1:]
-        self._read = 1
-        self._emitted_prefix = self._decode(self._ids)
+        # The next window keeps the shortest tail of tokens that decodes cleanly on its own:
+        # usually just the newest token, but a character spelled in byte tokens needs all of
+        # them (a lone continuation byte decodes to U+FFFD and would poison the window).
+        for start in range(len(self._ids) - 1, max(-1, len(self._ids) - 9), -1):
+            tail_text = self._decode(self._ids[start:])
+            if _REPLACEMENT not in tail_text:
+                self._ids = self._ids[start:]
+                self._emitted_prefix = tail_text
+                break
+        else:
+            self._ids = []
+            self._emitted_prefix = ""
+        self._read = len(self._ids)
         return piece
