@@ -19,6 +19,7 @@ from api.context import ApiContext
 from api.errors import RETRY_AFTER_LOADING, RETRY_AFTER_SHUTTING_DOWN, bad_request
 from api.generation import Generation, GenerationFailed, StreamBody, open_generation
 from api.schemas import (
+    INT32_MAX,
     generation_options,
     get_bool,
     get_int,
@@ -87,7 +88,7 @@ def _parse_completion(body: dict[str, Any]) -> GenerateRequest:
     tokens = get_token_ids(body, "prompt") if isinstance(prompt, list) else None
     if tokens is None and not isinstance(prompt, str):
         raise bad_request("'prompt' must be a string or a list of token ids")
-    max_tokens = get_int(body, "max_tokens")
+    max_tokens = get_int(body, "max_tokens", hi=INT32_MAX)
     options = generation_options(get_object(body, "options"), num_predict=max_tokens)
     logprobs = get_bool(body, "logprobs", False)
     return GenerateRequest(

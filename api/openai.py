@@ -22,6 +22,7 @@ from api.context import ApiContext
 from api.errors import bad_request
 from api.generation import Generation, GenerationFailed, StreamBody, open_generation
 from api.schemas import (
+    INT32_MAX,
     chat_messages,
     generation_options,
     get_bool,
@@ -69,7 +70,7 @@ def _options(body: dict[str, Any], num_predict_key: tuple[str, ...]) -> dict[str
             options[key] = body[key]
     max_tokens = None
     for key in num_predict_key:
-        max_tokens = get_int(body, key, lo=1) if max_tokens is None else max_tokens
+        max_tokens = get_int(body, key, lo=1, hi=INT32_MAX) if max_tokens is None else max_tokens
     fmt = get_object(body, "response_format").get("type")
     if fmt not in (None, "text"):
         raise bad_request("'response_format' other than text is not supported by this server")

@@ -30,6 +30,7 @@ _INT_OPTIONS = ("top_k", "repeat_last_n")
 # Ollama options with no meaning here (GPU layout, threads, mirostat...): accepted and ignored,
 # as Ollama ignores options it does not know.
 _SEED_RANGE = (-(2**63), 2**64 - 1)
+INT32_MAX = 2**31 - 1  # counts and lengths beyond this are nonsense and overflow MLX int32s
 MAX_TOP_LOGPROBS = 20
 _ROLES = {"system", "user", "assistant", "tool"}
 
@@ -39,12 +40,32 @@ def decode_json(data: bytes) -> dict[str, Any]:
     if not data.strip():
         return {}
     try:
-        body = json.loads(data, parse_constant=_reject_constant)
+        body = json.loads(data.decode("utf-8"), parse_constant=_reject_constant)
+    except UnicodeDecodeError:
+        raise bad_request("request body is not valid UTF-8") from None
     except (ValueError, RecursionError) as exc:
         raise bad_request(f"invalid JSON: {exc}") from None
     if not isinstance(body, dict):
         raise bad_request("request body must be a JSON object")
+    _check_strings(body)
     return body
+
+
+def _check_strings(value: Any) -> None:
+    """Reject lone surrogates (``"\\ud800"``): no tokenizer or encoder can take them."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                raise bad_request("request contains an invalid unicode escape") from None
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
 
 
 def _reject_constant(name: str) -> Any:
@@ -145,6 +166,8 @@ def get_token_ids(body: Mapping[str, Any], key: str) -> list[int] | None:
         isinstance(t, int) and not isinstance(t, bool) for t in value
     ):
         raise bad_request(f"'{key}' must be a list of integers")
+    if any(not 0 <= t <= INT32_MAX for t in value):
+        raise bad_request(f"'{key}' holds a token id out of range")
     return value
 
 
@@ -170,7 +193,7 @@ def generation_options(
         if value is not None:
             sampling[key] = value
     for key in _INT_OPTIONS:
-        value_i = get_int(options, key)
+        value_i = get_int(options, key, hi=INT32_MAX)
         if value_i is not None:
             sampling[key] = value_i
     seed = get_int(options, "seed", lo=_SEED_RANGE[0], hi=_SEED_RANGE[1])
@@ -181,8 +204,8 @@ def generation_options(
     except (TypeError, ValueError) as exc:
         raise OptionsError(str(exc)) from None
     if num_predict is None:
-        num_predict = get_int(options, "num_predict")
-    num_ctx = get_int(options, "num_ctx", lo=1)
+        num_predict = get_int(options, "num_predict", hi=INT32_MAX)
+    num_ctx = get_int(options, "num_ctx", lo=1, hi=INT32_MAX)
     return GenerationOptions(
         sampling=sampling_options,
         # Ollama: zero or negative means "until the end of sequence or of the context".

@@ -61,7 +61,8 @@ class FakeRunner:
     cancelled: int = 0
     generated: int = 0
     finished: int = 0
-    vocab: dict[int, str] = attrs.field(factory=dict)
+    admission: trio.Event | None = None  # when set: generate() waits on it, as if queued
+    waiting: int = 0
 
     # ---- RunnerClient ----
 
@@ -106,6 +107,12 @@ class FakeRunner:
         self._ready()
         if self.entry_error is not None:
             raise self.entry_error
+        if self.admission is not None:
+            self.waiting += 1
+            try:
+                await self.admission.wait()
+            finally:
+                self.waiting -= 1
         self.requests.append(request)
         send, receive = trio.open_memory_channel[Chunk](0)
         self.active += 1

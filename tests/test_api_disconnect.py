@@ -97,3 +97,21 @@ async def test_other_streams_continue_when_one_client_leaves() -> None:
         await wait_until(lambda: fake.active == 0, "both sequences gone")
         assert fake.finished == 1
         assert fake.cancelled == 1
+
+
+async def test_disconnect_while_queued_never_starts_the_generation() -> None:
+    fake = paced_runner()
+    fake.admission = trio.Event()
+    app = create_app(fake, ApiConfig(model_name="fake"))
+    async with serve_app(app) as (host, port):
+        for path, body in (
+            ("/completion", {"prompt": "x"}),
+            ("/api/generate", {"model": "fake", "prompt": "x", "stream": False}),
+        ):
+            stream = await raw_request(host, port, "POST", path, body)
+            await wait_until(lambda: fake.waiting == 1, "request queued")
+            await stream.aclose()
+            await wait_until(lambda: fake.waiting == 0, "queued request left")
+        fake.admission.set()
+        assert fake.requests == []
+        assert fake.generated == 0

@@ -125,6 +125,8 @@ async def test_tokenize_and_detokenize(client) -> None:
     assert response.status_code == 400
     response = await client.post("/detokenize", json={"tokens": "abc"})
     assert response.status_code == 400
+    response = await client.post("/detokenize", json={"tokens": [2**40]})
+    assert response.status_code == 400
 
 
 async def test_metrics_exposes_counters_histograms_and_runner_state(client) -> None:
@@ -168,6 +170,10 @@ async def test_metrics_exposes_counters_histograms_and_runner_state(client) -> N
         (b'{"prompt": "x", "options": "fast"}', "options"),
         (b'{"prompt": "x", "stream": "yes"}', "stream"),
         (b'{"prompt": "x", "top_logprobs": 99}', "top_logprobs"),
+        (b'{"prompt": "x", "options": {"top_k": 100000000000000000000}}', "top_k"),
+        (b'{"prompt": "\\ud800"}', "unicode"),
+        (b'{"prompt": "\xff"}', "UTF-8"),
+        (b'{"prompt": "x", "max_tokens": 1e400}', "max_tokens"),
     ],
 )
 async def test_bad_requests_are_400_with_a_json_error(client, body, needle) -> None:
