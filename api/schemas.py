@@ -14,22 +14,11 @@ from typing import Any
 
 from actors.messages import ChatMessage, GenerationOptions
 from api.errors import ApiError, bad_request
-from runtime.errors import OptionsError
 from runtime.sampler import SamplingOptions
 
-_FLOAT_OPTIONS = (
-    "temperature",
-    "top_p",
-    "min_p",
-    "typical_p",
-    "repeat_penalty",
-    "presence_penalty",
-    "frequency_penalty",
-)
 _INT_OPTIONS = ("top_k", "repeat_last_n")
-# Ollama options with no meaning here (GPU layout, threads, mirostat...): accepted and ignored,
-# as Ollama ignores options it does not know.
-_SEED_RANGE = (-(2**63), 2**64 - 1)
+# Ollama options with no meaning here (GPU layout, threads, mirostat...) are accepted and
+# ignored, as Ollama ignores options it does not know.
 INT32_MAX = 2**31 - 1  # counts and lengths beyond this are nonsense and overflow MLX int32s
 MAX_TOP_LOGPROBS = 20
 _ROLES = {"system", "user", "assistant", "tool"}
@@ -187,22 +176,9 @@ def generation_options(
     stop: tuple[str, ...] = (),
 ) -> GenerationOptions:
     """``GenerationOptions`` from Ollama-named options; ``num_predict``/``stop`` override."""
-    sampling: dict[str, Any] = {}
-    for key in _FLOAT_OPTIONS:
-        value = get_float(options, key)
-        if value is not None:
-            sampling[key] = value
-    for key in _INT_OPTIONS:
-        value_i = get_int(options, key, hi=INT32_MAX)
-        if value_i is not None:
-            sampling[key] = value_i
-    seed = get_int(options, "seed", lo=_SEED_RANGE[0], hi=_SEED_RANGE[1])
-    if seed is not None and seed >= 0:
-        sampling["seed"] = seed  # a negative seed means "random", as in Ollama
-    try:
-        sampling_options = SamplingOptions(**sampling)
-    except (TypeError, ValueError) as exc:
-        raise OptionsError(str(exc)) from None
+    for key in _INT_OPTIONS:  # bounded here; types and ranges are the sampler's to check
+        get_int(options, key, hi=INT32_MAX)
+    sampling_options = SamplingOptions.from_dict(options)
     if num_predict is None:
         num_predict = get_int(options, "num_predict", hi=INT32_MAX)
     num_ctx = get_int(options, "num_ctx", lo=1, hi=INT32_MAX)
