@@ -173,7 +173,7 @@ def import_model(
     group_size: int | None = None,
     progress: ProgressCallback | None = None,
 ) -> ImportResult:
-    """Import ``source`` (folder or ``.gguf``) as ``name``; see the module doc."""
+    """Import ``source`` (folder, ``.gguf`` file, or a name in ``store``) as ``name``."""
     parsed = ModelName.parse(name)
     if quantize not in (None, "q4", "q8", "f32"):
         raise ModelLoadError(f"unknown quantization {quantize!r}; use q4, q8 or f32")
@@ -182,7 +182,7 @@ def import_model(
     group = group_size or DEFAULT_GROUP_SIZE
     if group not in GROUP_SIZES:
         raise ModelLoadError(f"group size must be 32 or 64, not {group}")
-    src = read_source(Path(source).expanduser())
+    src = read_source(Path(source).expanduser(), store)
     weights, quant = transform(src, quantize, group)
 
     modules: dict[str, dict[str, mx.array]] = {}

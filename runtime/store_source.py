@@ -18,7 +18,8 @@ import mlx.core as mx
 from runtime.errors import ModelLoadError, ModelNotFoundError
 from runtime.loader import flat_parameters
 from runtime.models import architecture
-from runtime.weights import folder_files, read_tensors
+from runtime.store import Store
+from runtime.weights import ModelFiles, folder_files, read_tensors
 
 # Keys that describe the source's encoding, not the model: the stored blobs say it instead.
 _ENCODING_KEYS = ("quantization", "quantization_config")
@@ -99,8 +100,8 @@ def check_weights(
     return weights, quant
 
 
-def _folder(folder: Path) -> Source:
-    files = folder_files(folder)
+def _from_files(files: ModelFiles, folder: Path | None) -> Source:
+    where = str(folder) if folder is not None else f"model {files.name!r}"
     tensors = read_tensors(files.weight_files)
     declared = dict(tensors.quant)
     for key in tensors.tensors:
@@ -110,9 +111,9 @@ def _folder(folder: Path) -> Source:
             if path not in declared and found is not None:
                 declared[path] = found
     config = {k: v for k, v in files.config.items() if k not in _ENCODING_KEYS}
-    weights, quant = check_weights(str(folder), files.config, tensors.tensors, declared)
+    weights, quant = check_weights(where, files.config, tensors.tensors, declared)
     tok_config = dict(files.tokenizer_config)
-    if "chat_template" not in tok_config:
+    if "chat_template" not in tok_config and folder is not None:
         # Newer HF folders keep the template beside tokenizer_config.json.
         jinja = folder / "chat_template.jinja"
         legacy = folder / "chat_template.json"
@@ -155,14 +156,19 @@ def _gguf(path: Path) -> Source:
     )
 
 
-def read_source(path: Path) -> Source:
-    """A model folder or a ``.gguf`` file; anything else is a ``ModelNotFoundError``."""
+def read_source(path: Path, store: Store | None = None) -> Source:
+    """A model folder, a ``.gguf`` file, or a model already in ``store`` (to re-quantize it)."""
     if path.is_dir():
-        return _folder(path)
+        return _from_files(folder_files(path), path)
     if path.is_file():
         with path.open("rb") as f:
             magic = f.read(4)
         if magic == b"GGUF" or path.suffix == ".gguf":
             return _gguf(path)
         raise ModelLoadError(f"{path}: not a model folder or a GGUF file")
-    raise ModelNotFoundError(f"{path}: no such file or folder")
+    if store is not None:
+        try:
+            return _from_files(store.resolve(str(path)), None)
+        except ModelNotFoundError:
+            pass
+    raise ModelNotFoundError(f"{path}: no such file or folder, nor a model in the store")

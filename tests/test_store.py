@@ -11,6 +11,8 @@ import json
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from runtime.errors import ModelLoadError, ModelNotFoundError
 from runtime.importer import import_model
@@ -268,3 +270,17 @@ def test_progress_fraction_without_bytes_uses_tensors() -> None:
     assert Progress(phase="write", done_items=1, total_items=4).fraction == 0.25
     assert Progress(phase="write").fraction == 0.0
     assert Progress(phase="done").fraction == 1.0
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet="abc./:-_\\ \x00A9", max_size=24))
+def test_any_parsed_name_stays_inside_the_store(text: str) -> None:
+    try:
+        name = ModelName.parse(text)
+    except InvalidNameError:
+        return
+    root = Path("/store/models")
+    path = Store(root).manifest_path(name)
+    assert path.resolve().is_relative_to(root / "manifests")
+    assert len(path.relative_to(root / "manifests").parts) == 4
+    assert all(part not in (".", "..") and "/" not in part for part in name.parts)

@@ -326,3 +326,13 @@ def test_rm_during_import_cannot_leave_a_dangling_manifest(
         store.resolve("b")
     import_model(folder, "b", store=store)  # a retry works
     load_model("b", store=store)
+
+
+def test_import_from_a_store_name_requantizes(tmp_path: Path, folder: Path) -> None:
+    store = Store(tmp_path / "models")
+    import_model(folder, "tiny", store=store)
+    result = import_model("tiny", "tiny:q8", store=store, quantize="q8", group_size=32)
+    assert result.file_type == "int8"
+    assert load_model("tiny:q8", store=store).quantization == "int8 g32"
+    with pytest.raises(ModelNotFoundError, match="nor a model in the store"):
+        import_model("nope", "x", store=store)
