@@ -135,14 +135,8 @@ class Store:
                 raise ModelLoadError(f"{what}{label} is corrupt: its sha256 is {actual}")
         return path
 
-    def _json_blob(self, model: str, manifest: Manifest, file_name: str) -> Any:
-        layer = manifest.json_layer(file_name)
-        if layer is None:
-            return None
-        return self._read_json(model, layer)
-
-    def _read_json(self, model: str, layer: Layer) -> Any:
-        path = self.check_blob(model, layer)
+    def _read_json(self, model: str, layer: Layer, *, verify: bool = True) -> Any:
+        path = self.check_blob(model, layer, verify=verify)
         try:
             return json.loads(path.read_bytes())
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -163,7 +157,8 @@ class Store:
             raise ModelLoadError(f"model {model!r}: the manifest lists no tensor layers")
 
         def json_object(file_name: str, *, required: bool) -> dict[str, Any] | None:
-            data = self._json_blob(model, manifest, file_name)
+            layer = manifest.json_layer(file_name)
+            data = None if layer is None else self._read_json(model, layer, verify=False)
             if data is None and required:
                 raise ModelLoadError(f"model {model!r}: the manifest has no {file_name} layer")
             if data is not None and not isinstance(data, dict):
@@ -187,7 +182,7 @@ class Store:
             tokenizer_config=json_object("tokenizer_config.json", required=False) or {},
             generation_config=json_object("generation_config.json", required=False),
             weight_files=tuple(self.blob_path(layer.digest) for layer in tensors),
-            digest="sha256:" + hashlib.sha256(path.read_bytes()).hexdigest(),
+            digest=manifest.digest,
             size_bytes=sum(layer.size for layer in tensors),
             modified_at=path.stat().st_mtime,
         )
@@ -210,10 +205,14 @@ class Store:
         out = []
         for name in self.names():
             path = self.manifest_path(name)
-            stat = path.stat()
-            digest = "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+            try:
+                stat = path.stat()
+                digest = "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+            except OSError:
+                continue  # removed since the directory was listed
             try:
                 _, manifest, _ = self.read_manifest(name)
+                digest = manifest.digest
                 size = manifest.config.size + sum(layer.size for layer in manifest.layers)
                 quant = str(self._read_json(name.short, manifest.config).get("file_type", "?"))
             except (ModelLoadError, AttributeError):

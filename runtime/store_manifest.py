@@ -8,6 +8,7 @@ media types a text model uses, which Ollama layers may be present and ignored, a
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from typing import Any
@@ -55,6 +56,7 @@ class Layer:
 class Manifest:
     config: Layer
     layers: tuple[Layer, ...]
+    digest: str = ""  # sha256 of the bytes it was parsed from (Ollama's model digest)
 
     def to_bytes(self) -> bytes:
         body = {
@@ -134,4 +136,5 @@ def parse_manifest(data: bytes, where: str) -> Manifest:
             raise ModelLoadError(f"{where}: layer {layer.digest} has unknown media type {kind!r}")
         if kind == JSON_MEDIA_TYPE and not layer.name:
             raise ModelLoadError(f"{where}: JSON layer {layer.digest} has no file name")
-    return Manifest(config=config, layers=layers)
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    return Manifest(config=config, layers=layers, digest=digest)
