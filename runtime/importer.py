@@ -38,6 +38,7 @@ from runtime.store_manifest import (
 )
 from runtime.store_names import ModelName
 from runtime.store_source import Source, read_source
+from runtime.weights import check_safetensors
 
 Quantize = Literal["q4", "q8", "f32"]
 _BITS = {"q4": 4, "q8": 8}
@@ -160,6 +161,22 @@ def _ollama_tensors(module: str, weights: dict[str, mx.array], quantized: bool) 
     return out
 
 
+def _write_tensors(path: Path, arrays: dict[str, Any], metadata: dict[str, str]) -> None:
+    """``mx.save_safetensors``, then a check of what reached the disk.
+
+    MLX does not report failed writes (a full disk gives a short file and no error), and a
+    short blob would still get a valid digest; reading the header back catches it here.
+    """
+    try:
+        mx.save_safetensors(str(path), arrays, metadata=metadata)
+    except RuntimeError as exc:
+        raise ModelLoadError(f"cannot write {path} ({exc})") from exc
+    try:
+        check_safetensors(path)
+    except ModelLoadError as exc:
+        raise ModelLoadError(f"writing a blob failed (is the disk full?): {exc}") from exc
+
+
 def _json_bytes(data: Any) -> bytes:
     return json.dumps(data, indent=2, ensure_ascii=False).encode("utf-8")
 
@@ -213,9 +230,7 @@ def import_model(
             metadata = {"quant_type": f"int{bits}", "group_size": str(g)}
         temp = store.temp_blob()
         try:
-            mx.save_safetensors(
-                str(temp), _ollama_tensors(module, tensors, module in quant), metadata=metadata
-            )
+            _write_tensors(temp, _ollama_tensors(module, tensors, module in quant), metadata)
             blob, was_reused = store.add_blob(temp)
         finally:
             temp.unlink(missing_ok=True)
