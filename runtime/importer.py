@@ -199,6 +199,8 @@ def import_model(
     group = group_size or DEFAULT_GROUP_SIZE
     if group not in GROUP_SIZES:
         raise ModelLoadError(f"group size must be 32 or 64, not {group}")
+    if progress is not None:
+        progress(Progress(phase="read"))
     src = read_source(Path(source).expanduser(), store)
     weights, quant = transform(src, quantize, group)
 
