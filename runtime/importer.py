@@ -181,6 +181,38 @@ def _json_bytes(data: Any) -> bytes:
     return json.dumps(data, indent=2, ensure_ascii=False).encode("utf-8")
 
 
+class _BlobWriter:
+    """Adds blobs to the store and counts how many were new and how many already there."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.written = 0
+        self.reused = 0
+
+    def _count(self, blob: Layer, reused: bool) -> Layer:
+        self.written += not reused
+        self.reused += reused
+        return blob
+
+    def tensors(
+        self, module: str, tensors: dict[str, mx.array], quant: tuple[int, int] | None
+    ) -> Layer:
+        metadata = {}
+        if quant is not None:
+            metadata = {"quant_type": f"int{quant[0]}", "group_size": str(quant[1])}
+        temp = self.store.temp_blob()
+        try:
+            _write_tensors(temp, _ollama_tensors(module, tensors, quant is not None), metadata)
+            blob = self._count(*self.store.add_blob(temp))
+        finally:
+            temp.unlink(missing_ok=True)
+        return attrs.evolve(blob, media_type=TENSOR_MEDIA_TYPE, name=module)
+
+    def json(self, media_type: str, data: bytes, name: str = "") -> Layer:
+        blob = self._count(*self.store.add_bytes(data))
+        return attrs.evolve(blob, media_type=media_type, name=name)
+
+
 def import_model(
     source: str | Path,
     name: str,
@@ -199,60 +231,39 @@ def import_model(
     group = group_size or DEFAULT_GROUP_SIZE
     if group not in GROUP_SIZES:
         raise ModelLoadError(f"group size must be 32 or 64, not {group}")
-    if progress is not None:
-        progress(Progress(phase="read"))
+    report = progress or (lambda _: None)
+    report(Progress(phase="read"))
     src = read_source(Path(source).expanduser(), store)
     weights, quant = transform(src, quantize, group)
 
     modules: dict[str, dict[str, mx.array]] = {}
     for key in sorted(weights):
         modules.setdefault(key.rpartition(".")[0], {})[key] = weights[key]
-    total_bytes = sum(v.nbytes for v in weights.values())
-    done_bytes = done_items = written = reused = 0
-
-    def report(phase: str) -> None:
-        if progress is not None:
-            progress(
-                Progress(
-                    phase=phase,
-                    done_bytes=done_bytes,
-                    total_bytes=total_bytes,
-                    done_items=done_items,
-                    total_items=len(weights),
-                )
-            )
-
+    total = Progress(
+        phase="write", total_bytes=sum(v.nbytes for v in weights.values()), total_items=len(weights)
+    )
     store.remove_stale_temps()
-    report("write")
+    report(total)
+    writer = _BlobWriter(store)
     layers: list[Layer] = []
+    done = total
     for module, tensors in modules.items():
-        metadata: dict[str, str] = {}
-        if module in quant:
-            bits, g = quant[module]
-            metadata = {"quant_type": f"int{bits}", "group_size": str(g)}
-        temp = store.temp_blob()
-        try:
-            _write_tensors(temp, _ollama_tensors(module, tensors, module in quant), metadata)
-            blob, was_reused = store.add_blob(temp)
-        finally:
-            temp.unlink(missing_ok=True)
-        written, reused = written + (not was_reused), reused + was_reused
-        layers.append(attrs.evolve(blob, media_type=TENSOR_MEDIA_TYPE, name=module))
-        done_items += len(tensors)
-        done_bytes += sum(v.nbytes for v in tensors.values())
-        report("write")
+        layers.append(writer.tensors(module, tensors, quant.get(module)))
+        done = attrs.evolve(
+            done,
+            done_items=done.done_items + len(tensors),
+            done_bytes=done.done_bytes + sum(v.nbytes for v in tensors.values()),
+        )
+        report(done)
 
-    json_files: dict[str, bytes] = {
+    json_files = {
         "config.json": _json_bytes(src.config),
         "tokenizer.json": src.tokenizer_json.encode("utf-8"),
         "tokenizer_config.json": _json_bytes(src.tokenizer_config),
     }
     if src.generation_config is not None:
         json_files["generation_config.json"] = _json_bytes(src.generation_config)
-    for file_name, data in json_files.items():
-        blob, was_reused = store.add_bytes(data)
-        written, reused = written + (not was_reused), reused + was_reused
-        layers.append(attrs.evolve(blob, media_type=JSON_MEDIA_TYPE, name=file_name))
+    layers += [writer.json(JSON_MEDIA_TYPE, data, file) for file, data in json_files.items()]
 
     n_params = count_parameters(weights, quant)
     model_type = str(src.config.get("model_type", ""))
@@ -266,24 +277,21 @@ def import_model(
         "capabilities": ["completion"],
         "rootfs": {"type": "layers", "diff_ids": [layer.digest for layer in layers]},
     }
-    blob, was_reused = store.add_bytes(_json_bytes(config_blob))
-    written, reused = written + (not was_reused), reused + was_reused
-    manifest = Manifest(
-        config=attrs.evolve(blob, media_type=CONFIG_MEDIA_TYPE), layers=tuple(layers)
-    )
+    config = writer.json(CONFIG_MEDIA_TYPE, _json_bytes(config_blob))
+    manifest = Manifest(config=config, layers=tuple(layers))
     try:
         previous = store.read_manifest(parsed)[1].digests()
     except ModelLoadError:
         previous = set()
     path = store.commit_manifest(parsed, manifest)
-    store.prune(previous - manifest.digests())
-    report("done")
+    store.prune(previous - manifest.digests())  # blobs only the replaced manifest used
+    report(attrs.evolve(done, phase="done"))
     return ImportResult(
         name=parsed.short,
         digest=sha256_file(path),
         size_bytes=manifest.config.size + sum(layer.size for layer in layers),
         file_type=kind,
         parameters=n_params,
-        blobs_written=written,
-        blobs_reused=reused,
+        blobs_written=writer.written,
+        blobs_reused=writer.reused,
     )
