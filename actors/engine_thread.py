@@ -1,0 +1,88 @@
+"""The engine thread: one OS thread, for the life of the process, that runs every MLX call.
+
+MLX streams belong to the thread that created them and Trio's worker threads are reused
+arbitrarily, so the model is loaded, stepped and freed here and nowhere else. The thread blocks
+on its job queue when idle (no polling). Trio tasks hand it a function with ``await
+engine.run(fn, *args)``; the result comes back through ``trio.from_thread``.
+
+Cancellation: a job that has not started when its caller is cancelled is skipped; a job that
+is running is waited for (shielded), because interrupting MLX mid-step would leave the model
+state undefined. Jobs are single steps, so that wait is bounded by one step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import attrs
+import trio
+
+T = TypeVar("T")
+
+
+@attrs.define(eq=False)
+class _Job:
+    fn: Callable[[], Any]
+    token: trio.lowlevel.TrioToken
+    done: trio.Event = attrs.field(factory=trio.Event)
+    started: bool = False
+    abandoned: bool = False
+    value: Any = None
+    error: BaseException | None = None
+
+
+class EngineThread:
+    """Runs submitted functions one at a time on a single dedicated thread."""
+
+    def __init__(self, name: str = "mlx-engine") -> None:
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._main, name=name, daemon=True)
+        self._thread.start()
+
+    @property
+    def ident(self) -> int | None:
+        return self._thread.ident
+
+    def _main(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            with self._lock:
+                if job.abandoned:
+                    continue
+                job.started = True
+            try:
+                job.value = job.fn()
+            except BaseException as exc:  # handed to the awaiting task, which re-raises it
+                job.error = exc
+            with contextlib.suppress(trio.RunFinishedError):
+                trio.from_thread.run_sync(job.done.set, trio_token=job.token)
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(*args)`` on the engine thread and return its result (or raise its error)."""
+        job = _Job(fn=lambda: fn(*args), token=trio.lowlevel.current_trio_token())
+        self._jobs.put(job)
+        try:
+            await job.done.wait()
+        except trio.Cancelled:
+            with self._lock:
+                job.abandoned = True
+                running = job.started
+            if running:
+                with trio.CancelScope(shield=True):
+                    await job.done.wait()
+            raise
+        if job.error is not None:
+            raise job.error
+        value: T = job.value
+        return value
+
+    def stop(self) -> None:
+        """Let the thread finish its queue and exit (it is a daemon: exit never waits on it)."""
+        self._jobs.put(None)

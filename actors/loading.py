@@ -1,0 +1,46 @@
+"""The real load function for the loader actor: model source -> ``ModelEngine`` + client info."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from actors.messages import ModelInfo
+
+if TYPE_CHECKING:
+    from actors.tree import Loaded, LoadFn, RunnerConfig
+
+
+def model_loader(config: RunnerConfig) -> LoadFn:
+    """A ``LoadFn`` for ``config.model`` (store name, folder or GGUF); runs on the engine thread."""
+
+    def load(progress: Callable[[float], None]) -> Loaded:
+        from actors.tree import Loaded
+        from runtime.generator import ModelEngine
+        from runtime.loader import load_model
+        from runtime.store import Store
+
+        loaded = load_model(
+            config.model,
+            store=Store.at(config.models_dir),
+            execution=config.execution,  # type: ignore[arg-type]
+            progress=lambda p: progress(p.fraction),
+        )
+        engine = ModelEngine(
+            loaded, prefill_chunk=config.prefill_chunk, context_length=config.context_length
+        )
+        info = ModelInfo(
+            name=config.model,
+            model_type=loaded.model_type,
+            context_length=engine.context_length,
+            parameters=loaded.parameters,
+            quantization=loaded.quantization,
+            chat_template=loaded.tokenizer.chat_template,
+            size_bytes=loaded.size_bytes,
+            digest=loaded.digest,
+            modified_at=loaded.modified_at,
+            family=loaded.model_type,
+        )
+        return Loaded(engine=engine, tokenizer=loaded.tokenizer, info=info)
+
+    return load

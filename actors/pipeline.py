@@ -1,0 +1,200 @@
+"""The per-request pipeline: prepare the prompt, then turn engine events into chunks.
+
+``prepare`` validates the options, renders the chat template, tokenizes, and clamps
+``num_predict`` to the context. ``stream`` runs as the request's own task: it reads the
+``TokenEvent``s the scheduler routes to it, detokenizes them with the streaming detokenizer,
+holds back text that may be the start of a stop string (a stop string is never emitted, not
+even in part, whatever the token boundaries), and sends ``Chunk``s, the last with the totals.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+import attrs
+import trio
+
+from actors.messages import Chunk, DoneReason, GenerateRequest, Logprob
+from actors.scheduler import Cancelled, Failed, Reply
+from runtime.engine import FinishReason, TokenEvent
+from runtime.errors import OptionsError, PromptError
+
+if TYPE_CHECKING:
+    from runtime.tokenizer import Tokenizer
+
+
+class EngineFailure(RuntimeError):
+    """The engine failed while running this request (a server fault, not the client's)."""
+
+
+@attrs.frozen(kw_only=True)
+class Prepared:
+    prompt: tuple[int, ...]
+    max_tokens: int
+    context_length: int
+
+
+def prepare(request: GenerateRequest, tokenizer: Tokenizer, model_context: int) -> Prepared:
+    options = request.options
+    context = model_context
+    if options.num_ctx is not None:
+        if options.num_ctx < 1:
+            raise OptionsError("num_ctx must be >= 1")
+        context = min(options.num_ctx, model_context)
+    if request.top_logprobs < 0 or request.top_logprobs > 20:
+        raise OptionsError("top_logprobs must be in 0..20")
+    given = [x is not None for x in (request.prompt, request.messages, request.tokens)]
+    if sum(given) != 1:
+        raise OptionsError("give exactly one of prompt, messages or tokens")
+    if request.tokens is not None:
+        ids = list(request.tokens)
+        if any(not 0 <= t < tokenizer.vocab_size for t in ids):
+            raise OptionsError(f"token ids must be in 0..{tokenizer.vocab_size - 1}")
+    else:
+        messages: list[dict[str, object]] = []
+        if request.messages is not None:
+            messages = [{**m.extra, "role": m.role, "content": m.content} for m in request.messages]
+        elif request.template:
+            messages = [{"role": "user", "content": request.prompt or ""}]
+        if messages or request.messages is not None:
+            if request.system is not None and not any(m["role"] == "system" for m in messages):
+                messages.insert(0, {"role": "system", "content": request.system})
+            text = tokenizer.apply_chat_template(messages, tools=request.tools)
+        else:
+            text = (request.system or "") + (request.prompt or "")
+        ids = tokenizer.encode(text)
+    if not ids:
+        raise PromptError("empty prompt")
+    if len(ids) >= context:
+        raise PromptError(
+            f"input length ({len(ids)} tokens) exceeds the context length ({context} tokens)"
+        )
+    room = context - len(ids)
+    wanted = options.num_predict
+    max_tokens = room if wanted < 0 else min(wanted, room)
+    return Prepared(prompt=tuple(ids), max_tokens=max_tokens, context_length=context)
+
+
+class StopMatcher:
+    """Holds back text that could still turn into a stop string."""
+
+    def __init__(self, stops: tuple[str, ...]) -> None:
+        self._stops = tuple(s for s in stops if s)
+        self._held = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """Return (text safe to emit, whether a stop string was hit)."""
+        buf = self._held + text
+        hits = [i for i in (buf.find(s) for s in self._stops) if i >= 0]
+        if hits:
+            self._held = ""
+            return buf[: min(hits)], True
+        keep = 0
+        for stop in self._stops:
+            for n in range(min(len(stop) - 1, len(buf)), 0, -1):
+                if buf.endswith(stop[:n]):
+                    keep = max(keep, n)
+                    break
+        self._held = buf[len(buf) - keep :] if keep else ""
+        return buf[: len(buf) - keep], False
+
+    def flush(self) -> str:
+        held, self._held = self._held, ""
+        return held
+
+
+def _logprob(tokenizer: Tokenizer, event: TokenEvent) -> Logprob | None:
+    lp = event.logprob
+    if lp is None:
+        return None
+    return Logprob(
+        token=tokenizer.piece(lp.token),
+        token_id=lp.token,
+        logprob=lp.logprob,
+        top=tuple((tokenizer.piece(t), v) for t, v in lp.top),
+    )
+
+
+async def stream(
+    prepared: Prepared,
+    request: GenerateRequest,
+    tokenizer: Tokenizer,
+    replies: trio.MemoryReceiveChannel[Reply],
+    chunks: trio.MemorySendChannel[Chunk],
+    *,
+    submitted_ns: int,
+) -> None:
+    """Turn the scheduler's events for one sequence into chunks (the pipeline task)."""
+    detok = tokenizer.detokenizer(prepared.prompt[-4:])
+    stops = StopMatcher(request.options.stop)
+    eos = tokenizer.eos_ids
+    first_token_ns: int | None = None
+    eval_count = 0
+    reason = DoneReason.CANCELLED
+    hit_stop = False
+    pending_ids: list[int] = []
+    pending_lps: list[Logprob] = []
+
+    async def emit(text: str) -> None:
+        nonlocal pending_ids, pending_lps
+        if not text:
+            return
+        await chunks.send(
+            Chunk(content=text, tokens=tuple(pending_ids), logprobs=tuple(pending_lps))
+        )
+        pending_ids, pending_lps = [], []
+
+    # Plain `with`: closing needs no checkpoint, so a cancellation cannot replace the
+    # exception that ends the stream.
+    with chunks, replies:
+        async for item in replies:
+            if isinstance(item, Failed):
+                raise EngineFailure(f"generation failed: {item.error}") from item.error
+            if isinstance(item, Cancelled):
+                reason = DoneReason.CANCELLED
+                break
+            if item.token is None:
+                continue
+            if first_token_ns is None:
+                first_token_ns = time.monotonic_ns()
+            if item.finish is FinishReason.STOP and item.token in eos:
+                reason = DoneReason.STOP
+                break
+            eval_count += 1
+            pending_ids.append(item.token)
+            lp = _logprob(tokenizer, item)
+            if lp is not None:
+                pending_lps.append(lp)
+            text, hit_stop = stops.feed(detok.add(item.token))
+            await emit(text)
+            if hit_stop:
+                reason = DoneReason.STOP
+                break
+            if item.finish is not None:
+                reason = (
+                    DoneReason.LENGTH if item.finish is FinishReason.LENGTH else DoneReason.STOP
+                )
+                break
+        else:
+            reason = DoneReason.CANCELLED  # the scheduler dropped us without a marker
+        if reason is not DoneReason.CANCELLED and not hit_stop:
+            # Text held for a stop string that never completed, or a last partial character.
+            text, hit_stop = stops.feed(detok.finish())
+            await emit(text if hit_stop else text + stops.flush())
+        now = time.monotonic_ns()
+        first = first_token_ns or now
+        await chunks.send(
+            Chunk(
+                content="",
+                tokens=tuple(pending_ids),
+                logprobs=tuple(pending_lps),
+                done=True,
+                done_reason=reason,
+                prompt_eval_count=len(prepared.prompt),
+                prompt_eval_duration=first - submitted_ns,
+                eval_count=eval_count,
+                eval_duration=now - first,
+                total_duration=now - submitted_ns,
+            )
+        )

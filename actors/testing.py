@@ -1,0 +1,203 @@
+"""Test harness: the actor tree with a scripted fake engine or a tiny real model, no HTTP.
+
+``ScriptedEngine`` implements ``runtime.engine.Engine`` without MLX: each sequence produces the
+tokens its script gives, one per step after a prefill in chunks, and the engine records every
+call (which thread ran it, what was removed) so tests can check the actors' behaviour.
+``open_test_runner`` opens the tree around it and waits until it is ready.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import attrs
+
+from actors.messages import Chunk, GenerateRequest, ModelInfo
+from actors.runner import Runner
+from actors.tree import Loaded, LoadFn, open_runner
+from runtime.engine import EngineStats, FinishReason, SequenceRequest, TokenEvent
+
+Script = Callable[[SequenceRequest], Sequence[int]]
+
+
+def count_up(request: SequenceRequest) -> list[int]:
+    """A default script: the token after the last prompt token, then +1 each step."""
+    start = request.prompt[-1] + 1
+    return [start + i for i in range(request.max_tokens)]
+
+
+@attrs.define(eq=False)
+class _Seq:
+    request: SequenceRequest
+    tokens: list[int]
+    prefill_left: int
+    produced: int = 0
+
+
+class ScriptedEngine:
+    """A fake ``Engine``: scripted tokens, optional gate per step, optional crash at step N."""
+
+    def __init__(
+        self,
+        script: Script = count_up,
+        *,
+        context_length: int = 256,
+        prefill_chunk: int = 8,
+        eos: int | None = None,
+        crash_at_step: int | None = None,
+        bytes_per_token: int = 1024,
+    ) -> None:
+        self.script = script
+        self._context = context_length
+        self.prefill_chunk = prefill_chunk
+        self.eos = eos
+        self.crash_at_step = crash_at_step
+        self.bytes_per_token = bytes_per_token
+        self.seqs: dict[int, _Seq] = {}
+        self.threads: set[int] = set()
+        self.removed: list[int] = []
+        self.added: list[int] = []
+        self.steps = 0
+        self.gate: threading.Event | None = None  # when set, each step waits for it
+
+    @property
+    def context_length(self) -> int:
+        return self._context
+
+    def _record(self) -> None:
+        self.threads.add(threading.get_ident())
+
+    def add(self, request: SequenceRequest) -> None:
+        self._record()
+        self.added.append(request.seq_id)
+        self.last_request = request
+        tokens = list(self.script(request))[: request.max_tokens]
+        self.seqs[request.seq_id] = _Seq(request, tokens, prefill_left=len(request.prompt))
+
+    def remove(self, seq_id: int) -> None:
+        self._record()
+        if self.seqs.pop(seq_id, None) is not None:
+            self.removed.append(seq_id)
+
+    def has_work(self) -> bool:
+        self._record()
+        return bool(self.seqs)
+
+    def statistics(self) -> EngineStats:
+        self._record()
+        return EngineStats(
+            active_sequences=len(self.seqs),
+            prefilling_sequences=sum(1 for s in self.seqs.values() if s.prefill_left),
+            cache_bytes=sum(
+                (len(s.request.prompt) - s.prefill_left + s.produced) * self.bytes_per_token
+                for s in self.seqs.values()
+            ),
+        )
+
+    def step(self) -> list[TokenEvent]:
+        self._record()
+        if self.gate is not None:
+            self.gate.wait()
+        self.steps += 1
+        if self.crash_at_step is not None and self.steps >= self.crash_at_step:
+            raise RuntimeError(f"engine crashed at step {self.steps}")
+        events = []
+        for seq in list(self.seqs.values()):
+            sid = seq.request.seq_id
+            if seq.prefill_left > self.prefill_chunk:
+                seq.prefill_left -= self.prefill_chunk
+                events.append(TokenEvent(seq_id=sid, token=None, prefilled=self.prefill_chunk))
+                continue
+            prefilled, seq.prefill_left = seq.prefill_left, 0
+            if seq.produced >= len(seq.tokens):
+                self.seqs.pop(sid)
+                continue
+            token = seq.tokens[seq.produced]
+            seq.produced += 1
+            finish = None
+            if self.eos is not None and token == self.eos:
+                finish = FinishReason.STOP
+            elif seq.produced >= seq.request.max_tokens or seq.produced >= len(seq.tokens):
+                finish = FinishReason.LENGTH
+            if finish is not None:
+                self.seqs.pop(sid)
+            events.append(TokenEvent(seq_id=sid, token=token, prefilled=prefilled, finish=finish))
+        return events
+
+
+def fake_info(name: str = "fake", context_length: int = 256) -> ModelInfo:
+    return ModelInfo(
+        name=name,
+        model_type="llama",
+        context_length=context_length,
+        parameters=1000,
+        quantization="F32",
+        chat_template=None,
+        size_bytes=4000,
+        digest="sha256:" + "0" * 64,
+        modified_at=0.0,
+        family="llama",
+    )
+
+
+def scripted_load(engine: ScriptedEngine, tokenizer: Any) -> LoadFn:
+    def load(progress: Callable[[float], None]) -> Loaded:
+        progress(0.5)
+        return Loaded(
+            engine=engine, tokenizer=tokenizer, info=fake_info(context_length=engine.context_length)
+        )
+
+    return load
+
+
+def tiny_tokenizer() -> Any:
+    """The tiny byte-level tokenizer trained in-process (tests/tokenizer_fixture.py)."""
+    from runtime.tokenizer import Tokenizer
+    from tests.tokenizer_fixture import tokenizer_config, train_tokenizer
+
+    return Tokenizer.from_parts(train_tokenizer(), tokenizer_config())
+
+
+@asynccontextmanager
+async def open_test_runner(
+    engine: ScriptedEngine | None = None,
+    *,
+    tokenizer: Any = None,
+    load: LoadFn | None = None,
+    wait_ready: bool = True,
+    **options: Any,
+) -> AsyncIterator[HarnessClient]:
+    """The tree around a scripted engine (default) or any ``load``; yields a ``HarnessClient``."""
+    engine = engine or ScriptedEngine()
+    load = load or scripted_load(engine, tokenizer or tiny_tokenizer())
+    async with open_runner(load=load, **options) as runner:
+        if wait_ready:
+            await runner.wait_ready()
+        yield HarnessClient(runner, engine)
+
+
+@attrs.define(eq=False)
+class HarnessClient:
+    """Drives the tree like the HTTP layer would."""
+
+    runner: Runner
+    engine: ScriptedEngine
+
+    async def generate(self, request: GenerateRequest) -> list[Chunk]:
+        """Run one generation to the end and return all its chunks."""
+        async with self.runner.generate(request) as chunks:
+            return [chunk async for chunk in chunks]
+
+    async def generate_text(self, prompt: str, **kwargs: Any) -> tuple[str, Chunk]:
+        chunks = await self.generate(GenerateRequest(prompt=prompt, **kwargs))
+        return "".join(c.content for c in chunks), chunks[-1]
+
+    def statistics(self) -> Any:
+        return self.runner.statistics()
+
+    def cancel_all(self) -> None:
+        assert self.runner.ready is not None
+        self.runner.ready.scheduler.cancel_all("cancelled by test")

@@ -1,0 +1,169 @@
+"""The supervision tree: one nursery for the loader, the scheduler and the signal handler.
+
+``open_runner`` starts the engine thread and the actors and yields the ``Runner`` client; the
+caller runs the HTTP actor (or ``mlxrunner run``) in its body. One-cancels-all: an actor that
+crashes cancels the body, and the error leaves ``open_runner``.
+
+Start order: the loader loads the model on the engine thread (reporting progress into the
+runner), then starts the scheduler, then marks the runner ready; until then ``generate``
+raises ``UnavailableError("loading")``.
+
+Signals (``handle_signals=True``): the first SIGINT/SIGTERM stops admission (``/health`` and
+new requests answer 503), lets open generations run for ``grace`` seconds, cancels what is
+left (open streams end with ``done_reason`` cancelled), then sets ``runner.stopped`` so the
+HTTP server closes. A second signal cancels everything at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import attrs
+import trio
+
+from actors.engine_thread import EngineThread
+from actors.messages import ModelInfo
+from actors.runner import Ready, Runner
+from actors.scheduler import Scheduler, SchedulerConfig
+from runtime.engine import Engine
+
+log = logging.getLogger("mlxrunner.tree")
+
+# After the grace period, how long cancelled streams get to deliver their last chunk.
+FLUSH_SECONDS = 2.0
+
+
+@attrs.frozen(kw_only=True)
+class Loaded:
+    engine: Engine
+    tokenizer: Any  # runtime.tokenizer.Tokenizer (or a test double with the same methods)
+    info: ModelInfo
+
+
+# Runs on the engine thread; reports progress in [0, 1] through the callback.
+LoadFn = Callable[[Callable[[float], None]], Loaded]
+
+
+@attrs.frozen(kw_only=True)
+class RunnerConfig:
+    model: str = "smollm2:135m"
+    models_dir: str | None = None
+    execution: str = "auto"
+    context_length: int | None = None
+    parallel: int = 4
+    prefill_chunk: int = 512
+    max_queue: int = 64
+    cache_gb: float = 2.0
+    grace: float = 10.0
+
+
+async def _loader(
+    runner: Runner,
+    thread: EngineThread,
+    load: LoadFn,
+    config: RunnerConfig,
+    nursery: trio.Nursery,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    task_status.started()
+
+    def progress(fraction: float) -> None:  # engine thread
+        runner.progress = fraction
+
+    loaded = await thread.run(load, progress)
+    scheduler = Scheduler(
+        SchedulerConfig(max_queue=config.max_queue, parallel=config.parallel), loaded.engine, thread
+    )
+    await nursery.start(_supervise_scheduler, scheduler, runner)
+    runner.set_ready(Ready(scheduler=scheduler, tokenizer=loaded.tokenizer, info=loaded.info))
+    log.info("model %s ready", loaded.info.name)
+
+
+async def _supervise_scheduler(
+    scheduler: Scheduler,
+    runner: Runner,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    try:
+        await scheduler.run(task_status=task_status)
+    except Exception:
+        # The scheduler has told every open request why; give them a moment to pass the
+        # error on to their clients before the tree (and the HTTP server) comes down.
+        runner.begin_shutdown()
+        with trio.CancelScope(shield=True), trio.move_on_after(FLUSH_SECONDS):
+            await runner.wait_idle()
+        raise
+
+
+async def _signals(
+    runner: Runner,
+    grace: float,
+    cancel_all: trio.CancelScope,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        task_status.started()
+        async for signum in signals:
+            log.info("%s: draining for up to %.1f s", signal.Signals(signum).name, grace)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(drain, runner, grace)
+
+                async def second_signal() -> None:
+                    async for again in signals:
+                        log.warning("%s again: stopping now", signal.Signals(again).name)
+                        runner.stopped.set()
+                        cancel_all.cancel()
+                        return
+
+                nursery.start_soon(second_signal)
+                await runner.stopped.wait()
+                nursery.cancel_scope.cancel()
+            return
+
+
+async def drain(runner: Runner, grace: float) -> None:
+    """Stop admitting, let open generations finish for ``grace`` s, cancel the rest, stop."""
+    runner.begin_shutdown()
+    with trio.move_on_after(grace):
+        await runner.wait_idle()
+    if runner.ready is not None:
+        runner.ready.scheduler.cancel_all("shutting down")
+    with trio.move_on_after(FLUSH_SECONDS):
+        await runner.wait_idle()
+    runner.stopped.set()
+
+
+@asynccontextmanager
+async def open_runner(
+    *,
+    load: LoadFn | None = None,
+    handle_signals: bool = False,
+    **options: Any,
+) -> AsyncIterator[Runner]:
+    """Open the actor tree and yield its client. ``options`` are ``RunnerConfig`` fields."""
+    config = RunnerConfig(**options)
+    if load is None:
+        from actors.loading import model_loader
+
+        load = model_loader(config)
+    thread = EngineThread()
+    runner = Runner()
+    try:
+        with trio.CancelScope() as everything:
+            async with trio.open_nursery() as nursery:
+                if handle_signals:
+                    await nursery.start(_signals, runner, config.grace, everything)
+                await nursery.start(_loader, runner, thread, load, config, nursery)
+                try:
+                    yield runner
+                finally:
+                    nursery.cancel_scope.cancel()
+    finally:
+        thread.stop()

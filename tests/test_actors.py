@@ -1,0 +1,261 @@
+"""The actor tree driven without HTTP, through actors.testing."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from collections.abc import Callable
+
+import pytest
+import trio
+
+from actors.messages import (
+    DoneReason,
+    GenerateRequest,
+    GenerationOptions,
+    QueueFullError,
+    UnavailableError,
+)
+from actors.pipeline import EngineFailure, StopMatcher
+from actors.runner import Runner
+from actors.testing import (
+    ScriptedEngine,
+    fake_info,
+    open_test_runner,
+    scripted_load,
+    tiny_tokenizer,
+)
+from actors.tree import Loaded, drain
+from runtime.engine import SequenceRequest
+from runtime.errors import PromptError
+
+TOK = tiny_tokenizer()
+
+
+def _ids(text: str) -> list[int]:
+    return TOK.encode(text)
+
+
+def _spell(text: str) -> Callable[[SequenceRequest], list[int]]:
+    return lambda request: _ids(text)
+
+
+def _request(prompt: str = "Hello", **options: object) -> GenerateRequest:
+    return GenerateRequest(prompt=prompt, options=GenerationOptions(**options))  # type: ignore[arg-type]
+
+
+async def test_generation_streams_detokenized_text_and_totals() -> None:
+    engine = ScriptedEngine(_spell(" the capital of France is Paris"))
+    async with open_test_runner(engine) as client:
+        text, last = await client.generate_text("Hi")
+    assert text == " the capital of France is Paris"
+    assert last.done
+    assert last.done_reason is DoneReason.LENGTH
+    assert last.eval_count == len(_ids(" the capital of France is Paris"))
+    assert last.prompt_eval_count == len(_ids("Hi"))
+    assert last.total_duration >= last.eval_duration >= 0
+
+
+async def test_every_engine_call_runs_on_one_thread() -> None:
+    engine = ScriptedEngine()
+    async with open_test_runner(engine) as client, trio.open_nursery() as nursery:
+        for i in range(4):
+            nursery.start_soon(client.generate, _request(f"p{i}", num_predict=5))
+    assert len(engine.threads) == 1
+    assert threading.get_ident() not in engine.threads
+
+
+async def test_scheduler_accepts_only_after_the_loader_is_ready() -> None:
+    release = threading.Event()
+    engine = ScriptedEngine()
+
+    def slow_load(progress: Callable[[float], None]) -> Loaded:
+        progress(0.25)
+        release.wait()
+        return Loaded(engine=engine, tokenizer=TOK, info=fake_info())
+
+    async with open_test_runner(engine, load=slow_load, wait_ready=False) as client:
+        while client.runner.progress < 0.25:
+            await trio.sleep(0.01)
+        health = client.runner.health()
+        assert health.status == "loading"
+        assert health.progress == 0.25
+        with pytest.raises(UnavailableError) as info:
+            async with client.runner.generate(_request()):
+                pass
+        assert info.value.state == "loading"
+        release.set()
+        await client.runner.wait_ready()
+        assert client.runner.health().status == "ok"
+        _, last = await client.generate_text("Hi", options=GenerationOptions(num_predict=2))
+        assert last.eval_count == 2
+
+
+async def test_queue_full_is_rejected_at_once() -> None:
+    engine = ScriptedEngine()
+    engine.gate = threading.Event()
+    async with open_test_runner(engine, parallel=1, max_queue=1) as client:
+        try:
+            async with client.runner.generate(_request()):
+                while client.statistics().active_sequences == 0:
+                    await trio.sleep(0.001)  # admitted: running, not queued
+                async with client.runner.generate(_request()):
+                    assert client.statistics().queued_requests == 1
+                    with pytest.raises(QueueFullError, match="queue is full"):
+                        async with client.runner.generate(_request()):
+                            pass
+        finally:
+            engine.gate.set()
+
+
+async def test_leaving_frees_the_sequence_within_one_step() -> None:
+    engine = ScriptedEngine()
+    async with open_test_runner(engine) as client:
+        async with client.runner.generate(_request(num_predict=100)) as chunks:
+            for _ in range(2):
+                await chunks.receive()
+        seq_id = engine.added[-1]
+        steps_at_exit = engine.steps
+        while seq_id not in engine.removed:
+            await trio.sleep(0.001)
+        assert engine.steps <= steps_at_exit + 1
+        while client.statistics().active_sequences:
+            await trio.sleep(0.001)
+        stats = client.statistics()
+        assert stats.cancelled_total == 1
+        generated = stats.generated_tokens_total
+        await trio.sleep(0.05)
+        assert client.statistics().generated_tokens_total == generated  # nothing more computed
+
+
+async def test_a_request_that_leaves_while_queued_never_runs() -> None:
+    engine = ScriptedEngine()
+    engine.gate = threading.Event()
+    async with open_test_runner(engine, parallel=1) as client:
+        try:
+            async with client.runner.generate(_request()):
+                while client.statistics().active_sequences == 0:
+                    await trio.sleep(0.001)
+                async with client.runner.generate(_request("queued")):
+                    pass
+        finally:
+            engine.gate.set()
+        await trio.sleep(0.05)
+    assert len(engine.added) == 1
+
+
+async def test_engine_crash_fails_the_tree_and_open_requests_see_the_error() -> None:
+    engine = ScriptedEngine(crash_at_step=3)
+    seen: list[BaseException] = []
+
+    async def consume(client: object) -> None:
+        try:
+            await client.generate(_request(num_predict=50))  # type: ignore[attr-defined]
+        except EngineFailure as exc:
+            seen.append(exc)
+
+    with pytest.RaisesGroup(
+        pytest.RaisesExc(RuntimeError, match="crashed at step 3"), flatten_subgroups=True
+    ):
+        async with open_test_runner(engine) as client:
+            await consume(client)
+            await trio.sleep_forever()
+    assert len(seen) == 1
+    assert "crashed at step 3" in str(seen[0])
+
+
+async def test_stop_string_across_token_boundaries_is_never_emitted() -> None:
+    engine = ScriptedEngine(_spell("Hello wor" + "ld! STOP and more"))
+    async with open_test_runner(engine) as client:
+        chunks = await client.generate(_request(stop=("world!", "zzz")))
+    text = "".join(c.content for c in chunks)
+    assert text == "Hello "
+    assert chunks[-1].done_reason is DoneReason.STOP
+    assert all("wor" not in c.content for c in chunks)
+
+
+def test_stop_matcher_holds_only_possible_prefixes() -> None:
+    m = StopMatcher(("</s>",))
+    assert m.feed("a<") == ("a", False)
+    assert m.feed("/x") == ("</x", False)
+    assert m.feed("b</") == ("b", False)
+    assert m.feed("s> tail") == ("", True)
+    m2 = StopMatcher(("abc",))
+    assert m2.feed("ab") == ("", False)
+    assert m2.flush() == "ab"
+
+
+async def test_num_predict_and_context_clamp() -> None:
+    engine = ScriptedEngine(context_length=32)
+    async with open_test_runner(engine) as client:
+        _, last = await client.generate_text("Hi", options=GenerationOptions(num_predict=3))
+        assert last.eval_count == 3
+        assert last.done_reason is DoneReason.LENGTH
+        prompt = "word " * 8
+        n_prompt = len(_ids(prompt))
+        await client.generate(_request(prompt, num_predict=1000))
+        assert engine_max_tokens(engine) == 32 - n_prompt
+        with pytest.raises(PromptError, match="exceeds the context"):
+            await client.generate(_request("word " * 40))
+
+
+def engine_max_tokens(engine: ScriptedEngine) -> int:
+    return engine.last_request.max_tokens
+
+
+async def test_eos_ends_with_stop_and_is_not_shown() -> None:
+    eos = min(TOK.eos_ids)
+    engine = ScriptedEngine(lambda r: [*_ids("done"), eos, *_ids(" never")], eos=eos)
+    async with open_test_runner(engine) as client:
+        text, last = await client.generate_text("Hi")
+    assert text == "done"
+    assert last.done_reason is DoneReason.STOP
+    assert last.eval_count == len(_ids("done"))
+
+
+async def test_drain_lets_short_work_finish_and_cancels_the_rest(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    engine = ScriptedEngine()
+    async with open_test_runner(engine) as client:
+        runner = client.runner
+        _, finished = await client.generate_text("Hi", options=GenerationOptions(num_predict=3))
+        assert finished.done_reason is DoneReason.LENGTH
+        engine.gate = threading.Event()  # the next generation is stuck in the engine
+        try:
+            await _drain_stuck(runner)
+        finally:
+            engine.gate.set()
+
+
+async def _drain_stuck(runner: Runner) -> None:
+    async with runner.generate(_request(num_predict=50)) as chunks:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(drain, runner, 5.0)
+            await trio.sleep(0.1)
+            assert runner.health().status == "shutting_down"
+            with pytest.raises(UnavailableError):
+                async with runner.generate(_request()):
+                    pass
+            rest = [c async for c in chunks]
+        assert rest[-1].done
+        assert rest[-1].done_reason is DoneReason.CANCELLED
+    await runner.stopped.wait()
+
+
+async def test_sigterm_drains_then_stops() -> None:
+    engine = ScriptedEngine()
+    async with open_test_runner(engine, handle_signals=True, grace=5.0) as client:
+        os.kill(os.getpid(), signal.SIGTERM)
+        with trio.fail_after(10):
+            await client.runner.stopped.wait()
+        assert client.runner.health().status == "shutting_down"
+
+
+async def test_tokenize_and_info_need_a_ready_model() -> None:
+    engine = ScriptedEngine()
+    async with open_test_runner(engine, load=scripted_load(engine, TOK)) as client:
+        assert client.runner.tokenize("Hello") == _ids("Hello")
+        assert client.runner.detokenize(_ids("Hello")) == "Hello"
+        assert client.runner.model_info().context_length == 256
