@@ -317,7 +317,8 @@ def to_mlx(kind: int, raw: np.ndarray, shape: tuple[int, ...]) -> dict[str, mx.a
     blk = raw.view(np.dtype(_LAYOUTS[spec.name]))
     if spec.bits is None:  # Q6_K
         return {"weight": mx.array(_q6_k(blk).reshape(shape))}
-    codes, scales, biases = _affine(blk, spec.name)
+    with np.errstate(all="ignore"):  # a corrupt file may hold inf/nan scales: values, not errors
+        codes, scales, biases = _affine(blk, spec.name)
     rows = int(np.prod(shape[:-1], dtype=np.int64))
     groups = (*shape[:-1], shape[-1] // GROUP_SIZE)
     return {

@@ -135,17 +135,28 @@ def build_tokenizer(
     path: Path, meta: dict[str, Any], vocab_size: int
 ) -> tuple[str, dict[str, Any], dict[str, Any]]:
     """(tokenizer.json text, tokenizer_config, config.json token-id entries) from ``meta``."""
+    try:
+        return _build(path, meta, vocab_size)
+    except ModelLoadError:
+        raise
+    except Exception as exc:  # tokenizers reports an inconsistent vocabulary as a bare Exception
+        raise ModelLoadError(f"{path}: invalid tokenizer metadata ({exc})") from exc
+
+
+def _build(
+    path: Path, meta: dict[str, Any], vocab_size: int
+) -> tuple[str, dict[str, Any], dict[str, Any]]:
     kind = meta.get("tokenizer.ggml.model")
     tokens = meta.get("tokenizer.ggml.tokens")
-    if not isinstance(tokens, list) or not tokens:
-        raise ModelLoadError(f"{path}: missing metadata tokenizer.ggml.tokens")
+    if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) for t in tokens):
+        raise ModelLoadError(f"{path}: missing or invalid metadata tokenizer.ggml.tokens")
     if len(tokens) > vocab_size:
         raise ModelLoadError(
             f"{path}: {len(tokens)} tokens but the embedding has {vocab_size} rows"
         )
     n = len(tokens)
     types = meta.get("tokenizer.ggml.token_type") or [NORMAL] * n
-    if len(types) != n:
+    if not isinstance(types, list) or len(types) != n:
         raise ModelLoadError(f"{path}: tokenizer.ggml.token_type is not one per token")
     if kind == "gpt2":
         tok = _gpt2(path, meta, tokens)

@@ -9,16 +9,20 @@ from __future__ import annotations
 
 import importlib
 import json
+import mmap
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from tokenizers import Tokenizer
 
 from runtime.errors import ModelLoadError
 from runtime.gguf import GGUFContents, read_gguf, write_folder
+from runtime.gguf_format import read_header
 from runtime.loader import build_model
 from runtime.weights import TensorSet
 from tests import gguf_writer as gw
@@ -558,3 +562,33 @@ def test_smollm2_gguf_reads_with_its_tokenizer() -> None:
     assert "<|im_start|>" in contents.tokenizer_config["chat_template"]
     text = "Hello, world! 3.14 — ünïcode\n\ttabs"
     assert tok.decode(tok.encode(text).ids) == text
+
+
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(data=st.data())
+def test_corrupt_header_bytes_give_model_load_error_or_a_model(tmp_path: Path, data: Any) -> None:
+    """Any damage to the header is harmless or a ModelLoadError naming the file: never a crash."""
+    source = tmp_path / "ok.gguf"
+    if not source.exists():
+        config, weights = _model("llama")
+        gw.write_model_gguf(source, config, weights, GPT2_TOKENS)
+    blob = bytearray(source.read_bytes())
+    with source.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+        header_end = read_header(source, mapped)[2]
+    for _ in range(data.draw(st.integers(1, 4))):
+        # Mostly the tensor infos at the end; anywhere in the header otherwise.
+        low = data.draw(st.sampled_from([4, max(4, header_end - 1500)]))
+        blob[data.draw(st.integers(low, header_end - 1))] = data.draw(st.integers(0, 255))
+    if data.draw(st.booleans()):
+        blob = blob[: data.draw(st.integers(0, len(blob)))]
+    path = tmp_path / "bad.gguf"
+    path.write_bytes(bytes(blob))
+    try:
+        read_gguf(path)
+    except ModelLoadError as exc:
+        message = str(exc)
+    else:
+        return
+    assert str(path) in message
