@@ -86,3 +86,13 @@ class EngineThread:
     def stop(self) -> None:
         """Let the thread finish its queue and exit (it is a daemon: exit never waits on it)."""
         self._jobs.put(None)
+
+    def join(self, timeout: float) -> bool:
+        """Wait for the thread to exit; whether it did.
+
+        MLX keeps per-thread state (streams with worker threads) that must be torn down when
+        this thread exits, not by the process's static destructors: the latter abort with
+        "terminate called without an active exception".
+        """
+        self._thread.join(timeout)
+        return not self._thread.is_alive()

@@ -35,6 +35,8 @@ log = logging.getLogger("mlxrunner.tree")
 
 # After the grace period, how long cancelled streams get to deliver their last chunk.
 FLUSH_SECONDS = 2.0
+# How long closing the tree waits for the engine thread to finish its last job.
+JOIN_SECONDS = 30.0
 
 
 @attrs.frozen(kw_only=True)
@@ -167,3 +169,6 @@ async def open_runner(
                     nursery.cancel_scope.cancel()
     finally:
         thread.stop()
+        with trio.CancelScope(shield=True):
+            if not await trio.to_thread.run_sync(thread.join, JOIN_SECONDS):
+                log.warning("engine thread still busy after %.0f s; exiting anyway", JOIN_SECONDS)
