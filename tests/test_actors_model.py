@@ -1,0 +1,67 @@
+"""The actor tree on a tiny real model: batching and cancellation never change a request's tokens."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import trio
+
+from actors.messages import Chunk, DoneReason, GenerateRequest, GenerationOptions
+from actors.runner import Runner
+from actors.tree import open_runner
+from runtime.sampler import SamplingOptions
+from tests.tiny import make_tiny_folder
+
+SEEDED = SamplingOptions(temperature=1.0, top_k=0, top_p=1.0, repeat_penalty=1.0, seed=11)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_folder(tmp_path_factory.mktemp("tiny") / "m", "qwen3")
+
+
+def _request(prompt: str, n: int) -> GenerateRequest:
+    return GenerateRequest(prompt=prompt, options=GenerationOptions(sampling=SEEDED, num_predict=n))
+
+
+async def _tokens(runner: Runner, request: GenerateRequest) -> list[int]:
+    async with runner.generate(request) as chunks:
+        got: list[Chunk] = [c async for c in chunks]
+    return [t for c in got for t in c.tokens]
+
+
+async def test_a_cancelled_neighbour_does_not_change_tokens(folder: Path) -> None:
+    async with open_runner(model=str(folder), parallel=4, prefill_chunk=16) as runner:
+        await runner.wait_ready()
+        alone = await _tokens(runner, _request("Once upon a time", 24))
+        assert len(alone) > 0
+
+        together: list[int] = []
+
+        async def main_request() -> None:
+            together.extend(await _tokens(runner, _request("Once upon a time", 24)))
+
+        async def neighbour_that_leaves() -> None:
+            async with runner.generate(_request("The quick brown fox " * 6, 200)) as chunks:
+                for _ in range(3):
+                    await chunks.receive()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(neighbour_that_leaves)
+            nursery.start_soon(main_request)
+        assert together == alone
+        while runner.statistics().active_sequences:
+            await trio.sleep(0.01)
+        assert runner.statistics().cache_bytes == 0
+
+
+async def test_real_model_streams_to_the_end(folder: Path) -> None:
+    async with open_runner(model=str(folder)) as runner:
+        await runner.wait_ready()
+        assert runner.model_info().model_type == "qwen3"
+        async with runner.generate(_request("Hello", 5)) as chunks:
+            got = [c async for c in chunks]
+        assert got[-1].done
+        assert got[-1].done_reason in (DoneReason.LENGTH, DoneReason.STOP)
+        assert got[-1].eval_count <= 5
