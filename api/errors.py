@@ -39,6 +39,10 @@ class ApiError(Exception):
         self.headers = headers or {}
 
 
+class GenerationFailed(Exception):
+    """The runner failed a generation after admitting it: a server fault (500)."""
+
+
 def bad_request(message: str) -> ApiError:
     return ApiError(400, message)
 
@@ -80,6 +84,8 @@ def status_of(exc: BaseException) -> tuple[int, str, dict[str, str]]:
         case MethodNotAllowed():
             allowed = ", ".join(exc.valid_methods or ())
             return 405, "method not allowed", {"Allow": allowed} if allowed else {}
+        case GenerationFailed():
+            return 500, str(exc), {}
         case HTTPException():
             code = exc.code or 400
             return code, exc.description or exc.name, {}

@@ -24,6 +24,7 @@ import trio
 
 from actors.messages import Chunk, DoneReason, GenerateRequest
 from api.context import ApiContext
+from api.errors import GenerationFailed
 
 log = logging.getLogger(__name__)
 
@@ -33,10 +34,6 @@ class _Failed:
     """A runner error after admission, carried to the response to end the stream."""
 
     error: BaseException
-
-
-class GenerationFailed(Exception):
-    """The runner failed a generation after its response had started."""
 
 
 async def _pump(

@@ -16,8 +16,13 @@ from quart import Blueprint, Response, jsonify, request
 
 from actors.messages import Chunk, DoneReason, GenerateRequest, Logprob
 from api.context import ApiContext
-from api.errors import RETRY_AFTER_LOADING, RETRY_AFTER_SHUTTING_DOWN, bad_request
-from api.generation import Generation, GenerationFailed, StreamBody, open_generation
+from api.errors import (
+    RETRY_AFTER_LOADING,
+    RETRY_AFTER_SHUTTING_DOWN,
+    GenerationFailed,
+    bad_request,
+)
+from api.generation import Generation, StreamBody, open_generation
 from api.schemas import (
     INT32_MAX,
     generation_options,

@@ -15,8 +15,8 @@ from quart import Blueprint, Response, jsonify, request
 
 from actors.messages import Chunk, DoneReason, GenerateRequest, ModelInfo
 from api.context import ApiContext
-from api.errors import bad_request
-from api.generation import GenerationFailed, open_generation
+from api.errors import GenerationFailed, bad_request
+from api.generation import open_generation
 from api.native import ndjson_line, ndjson_response, stats_json
 from api.schemas import (
     chat_messages,

@@ -19,8 +19,8 @@ from quart import Blueprint, Response, jsonify, request
 
 from actors.messages import Chunk, DoneReason, GenerateRequest, Logprob, UnavailableError
 from api.context import ApiContext
-from api.errors import bad_request
-from api.generation import Generation, GenerationFailed, StreamBody, open_generation
+from api.errors import GenerationFailed, bad_request
+from api.generation import Generation, StreamBody, open_generation
 from api.schemas import (
     INT32_MAX,
     chat_messages,

@@ -198,31 +198,32 @@ async def raw_request(
     return stream
 
 
-def _serve_fake_main() -> None:
-    """``python -m tests.api_fakes --grace S --tokens N --delay S``: ``serve`` over a fake."""
-    import argparse
+def _serve_scripted_main() -> None:
+    """``python -m tests.api_fakes [--delay S] [serve flags]``: ``mlxrunner serve``'s code over
+    the actor tree with a scripted engine (each step sleeps ``delay`` on the engine thread)."""
     import logging
+    import sys
+    import time
 
-    from api.app import ApiConfig
+    from actors.testing import ScriptedEngine, scripted_load, tiny_tokenizer
+    from api.cli import build_parser
     from api.serve_command import serve
 
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--grace", type=float, default=5.0)
-    parser.add_argument("--tokens", type=int, default=0, help="0: endless")
-    parser.add_argument("--delay", type=float, default=0.01)
-    args = parser.parse_args()
+    argv = sys.argv[1:]
+    delay = 0.01
+    if argv[:1] == ["--delay"]:
+        delay, argv = float(argv[1]), argv[2:]
+
+    class SlowEngine(ScriptedEngine):
+        def step(self) -> Any:
+            time.sleep(delay)
+            return super().step()
+
+    engine = SlowEngine(lambda r: [r.prompt[-1]] * r.max_tokens, context_length=100_000)
+    args = build_parser().parse_args(["serve", "--model", "fake", "--port", "0", *argv])
     logging.basicConfig(level=logging.INFO)
-
-    async def step() -> None:
-        await trio.sleep(args.delay)
-
-    fake = FakeRunner(script=("tok",) * max(args.tokens, 1), endless=args.tokens == 0, step=step)
-    trio.run(
-        functools.partial(
-            serve, fake, ApiConfig(model_name="fake"), host="127.0.0.1", port=0, grace=args.grace
-        )
-    )
+    trio.run(functools.partial(serve, args, load=scripted_load(engine, tiny_tokenizer())))
 
 
 if __name__ == "__main__":
-    _serve_fake_main()
+    _serve_scripted_main()

@@ -1,7 +1,7 @@
 """``serve`` as a process: SIGTERM drains open streams within the grace period, exit code 0.
 
-The server process runs ``api.serve_command.serve`` over the scripted fake runner
-(``python -m tests.api_fakes``), so these tests exercise the real signal handling, hypercorn
+The server process runs ``api.serve_command.serve`` (the actor tree, its signal handling and
+hypercorn) over the harness's scripted engine (``python -m tests.api_fakes``): the real
 drain and exit path without loading a model.
 """
 
@@ -66,29 +66,46 @@ async def read_until(stream: trio.SocketStream, marker: bytes) -> bytes:
     return received
 
 
+async def get(path: str, port: int) -> bytes:
+    stream = await raw_request("127.0.0.1", port, "GET", path)
+    data = await read_until(stream, b"}")
+    await stream.aclose()
+    return data
+
+
 async def test_sigterm_lets_open_streams_finish_then_exits_0() -> None:
-    async with fake_server("--grace", "30", "--tokens", "40", "--delay", "0.01") as (
+    async with fake_server("--delay", "0.01", "--grace", "30") as (
         process,
         port,
         stderr,
     ):
-        stream = await raw_request("127.0.0.1", port, "POST", "/completion", {"prompt": "x"})
+        body = {"prompt": "x", "max_tokens": 200}
+        stream = await raw_request("127.0.0.1", port, "POST", "/completion", body)
         first = await read_until(stream, b'"done":false')
         assert first.startswith(b"HTTP/1.1 200")
         process.send_signal(signal.SIGTERM)
+        # While it drains, the server still answers: not ready, and no new work.
+        while b"shutting_down" not in await get("/health", port):
+            await trio.sleep(0.01)
+        refused = await raw_request("127.0.0.1", port, "POST", "/completion", {"prompt": "y"})
+        answer = await read_until(refused, b"}")
+        await refused.aclose()
+        assert answer.startswith(b"HTTP/1.1 503")
+        assert b"retry-after" in answer.lower()
         rest = await read_until(stream, b"0\r\n\r\n")
         await stream.aclose()
         received = first + rest
-        assert received.count(b'"done":false') == 40
+        assert received.count(b'"done":false') == 200
+        assert b'"eval_count":200' in received
         assert b'"done":true' in received
-        assert b'"done_reason":0' in received
+        assert b'"done_reason":1' in received  # num_predict reached
         with trio.fail_after(30):  # hang guard
             code = await process.wait()
         assert code == 0, b"".join(stderr).decode()
 
 
 async def test_streams_past_the_grace_period_are_cut_and_exit_is_still_0() -> None:
-    async with fake_server("--grace", "0.3", "--tokens", "0", "--delay", "0.01") as (
+    async with fake_server("--delay", "0.01", "--grace", "0.3") as (
         process,
         port,
         stderr,
@@ -99,6 +116,7 @@ async def test_streams_past_the_grace_period_are_cut_and_exit_is_still_0() -> No
         with trio.fail_after(30):  # hang guard
             code = await process.wait()
         assert code == 0, b"".join(stderr).decode()
-        tail = await read_until(stream, b'"done":true')
-        assert b'"done":true' not in tail  # endless: it could only end by being cut
+        tail = await read_until(stream, b"0\r\n\r\n")
         await stream.aclose()
+        # 100k tokens at 10 ms each: it ended because the drain cancelled it.
+        assert b'"done_reason":2' in tail
