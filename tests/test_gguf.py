@@ -11,7 +11,7 @@ import importlib
 import json
 import mmap
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import mlx.core as mx
 import numpy as np
@@ -23,8 +23,7 @@ from tokenizers import Tokenizer
 from runtime.errors import ModelLoadError
 from runtime.gguf import GGUFContents, read_gguf, write_folder
 from runtime.gguf_format import read_header
-from runtime.loader import build_model
-from runtime.weights import TensorSet
+from runtime.loader import load_model
 from tests import gguf_writer as gw
 from tests.tiny import random_weights, tiny_config
 
@@ -51,11 +50,8 @@ def _gguf(tmp_path: Path, arch: str = "llama", name: str = "m.gguf", **kwargs: A
     return path
 
 
-def _ours(contents: GGUFContents, execution: str = "quantized") -> Any:
-    # TODO: runtime.loader.load_model(path) once runtime.tokenizer exists; same weights path.
-    tensors = TensorSet(tensors=dict(contents.weights), origins={}, quant={})
-    model, _ = build_model(contents.config, tensors, execution=execution)  # type: ignore[arg-type]
-    return model
+def _ours(path: Path, execution: Literal["dense", "quantized"] = "quantized") -> Any:
+    return load_model(path, execution=execution).model
 
 
 def _mlx_lm(folder: Path) -> Any:
@@ -211,7 +207,7 @@ def test_k_quant_gguf_logits_equal_mlx_lm_on_write_folder(tmp_path: Path) -> Non
     contents = read_gguf(path)
     ref = _mlx_lm(write_folder(contents, tmp_path / "folder"))
     x = _ids(seed=3)
-    assert _diff(_ours(contents, "quantized")(x), ref(x)) <= 1e-4
+    assert _diff(_ours(path, "quantized")(x), ref(x)) <= 1e-4
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
@@ -220,7 +216,7 @@ def test_f32_gguf_logits_equal_the_original_checkpoint(tmp_path: Path, arch: str
     config, weights = _model(arch)
     path = tmp_path / "m.gguf"
     gw.write_model_gguf(path, config, weights, GPT2_TOKENS, types=lambda _: "F32")
-    ours = _ours(read_gguf(path), execution="dense")
+    ours = _ours(path, execution="dense")
     module = importlib.import_module(f"mlx_lm.models.{arch}")
     ref = module.Model(module.ModelArgs.from_dict(config))
     ref.load_weights([(k, mx.array(v)) for k, v in weights.items()])
@@ -231,12 +227,12 @@ def test_f32_gguf_logits_equal_the_original_checkpoint(tmp_path: Path, arch: str
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
 @pytest.mark.parametrize("execution", ["quantized", "dense"])
 def test_quantized_gguf_logits_equal_mlx_lm_on_write_folder(
-    tmp_path: Path, arch: str, execution: str
+    tmp_path: Path, arch: str, execution: Literal["dense", "quantized"]
 ) -> None:
-    contents = read_gguf(_gguf(tmp_path, arch))
-    ref = _mlx_lm(write_folder(contents, tmp_path / "folder"))
+    path = _gguf(tmp_path, arch)
+    ref = _mlx_lm(write_folder(read_gguf(path), tmp_path / "folder"))
     x = _ids(seed=1)
-    assert _diff(_ours(contents, execution)(x), ref(x)) <= 1e-4
+    assert _diff(_ours(path, execution)(x), ref(x)) <= 1e-4
 
 
 def _llama3_divisors(dims: int, base: float, scaling: dict[str, Any]) -> np.ndarray:
@@ -280,7 +276,7 @@ def test_llama3_rope_factors_become_rope_scaling(tmp_path: Path) -> None:
     model = ref.Model(ref.ModelArgs.from_dict({**config, "rope_scaling": LLAMA3}))
     model.load_weights([(k, mx.array(v)) for k, v in weights.items()])
     x = _ids(40)
-    assert _diff(_ours(contents, "dense")(x), model(x)) <= 1e-4
+    assert _diff(_ours(path, "dense")(x), model(x)) <= 1e-4
 
 
 def test_stepped_rope_factors_are_reproduced(tmp_path: Path) -> None:

