@@ -198,14 +198,28 @@ async def raw_request(
     return stream
 
 
+def slow_engine(delay: float, context_length: int = 100_000) -> Any:
+    """The harness's scripted engine, sleeping ``delay`` s per step on the engine thread; each
+    sequence repeats its last prompt token until its budget (or the context) is spent."""
+    import time
+
+    from actors.testing import ScriptedEngine
+
+    class SlowEngine(ScriptedEngine):
+        def step(self) -> Any:
+            time.sleep(delay)
+            return super().step()
+
+    return SlowEngine(lambda r: [r.prompt[-1]] * r.max_tokens, context_length=context_length)
+
+
 def _serve_scripted_main() -> None:
     """``python -m tests.api_fakes [--delay S] [serve flags]``: ``mlxrunner serve``'s code over
     the actor tree with a scripted engine (each step sleeps ``delay`` on the engine thread)."""
     import logging
     import sys
-    import time
 
-    from actors.testing import ScriptedEngine, scripted_load, tiny_tokenizer
+    from actors.testing import scripted_load, tiny_tokenizer
     from api.cli import build_parser
     from api.serve_command import serve
 
@@ -214,12 +228,7 @@ def _serve_scripted_main() -> None:
     if argv[:1] == ["--delay"]:
         delay, argv = float(argv[1]), argv[2:]
 
-    class SlowEngine(ScriptedEngine):
-        def step(self) -> Any:
-            time.sleep(delay)
-            return super().step()
-
-    engine = SlowEngine(lambda r: [r.prompt[-1]] * r.max_tokens, context_length=100_000)
+    engine = slow_engine(delay)
     args = build_parser().parse_args(["serve", "--model", "fake", "--port", "0", *argv])
     logging.basicConfig(level=logging.INFO)
     trio.run(functools.partial(serve, args, load=scripted_load(engine, tiny_tokenizer())))

@@ -63,7 +63,7 @@ bodies = st.dictionaries(
 
 
 @settings(
-    max_examples=150,
+    max_examples=100,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
@@ -80,7 +80,7 @@ async def test_no_body_produces_a_server_error(route: str, body: Any) -> None:
         assert isinstance(json.loads(data)["error"], str)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(raw=st.binary(max_size=64))
 async def test_no_raw_bytes_produce_a_server_error(raw: bytes) -> None:
     app = create_app(FakeRunner(), ApiConfig(model_name="fake"))
