@@ -259,3 +259,14 @@ async def test_tokenize_and_info_need_a_ready_model() -> None:
         assert client.runner.tokenize("Hello") == _ids("Hello")
         assert client.runner.detokenize(_ids("Hello")) == "Hello"
         assert client.runner.model_info().context_length == 256
+
+
+async def test_a_load_failure_ends_the_tree_with_the_error() -> None:
+    from runtime.errors import ModelLoadError
+
+    def broken(progress: Callable[[float], None]) -> Loaded:
+        raise ModelLoadError("model.safetensors: tensor 'x' missing")
+
+    with pytest.RaisesGroup(pytest.RaisesExc(ModelLoadError, match="tensor 'x' missing")):
+        async with open_test_runner(load=broken, wait_ready=False) as client:
+            await client.runner.wait_ready()
