@@ -125,3 +125,42 @@ def test_unknown_model_type_lists_supported() -> None:
         build_model(
             {"model_type": "gpt9"}, TensorSet(tensors={}, origins={}, quant={}), execution="dense"
         )
+
+
+def test_sharded_folder_with_index_loads(tmp_path: Path) -> None:
+    import json
+
+    from runtime.loader import load_model
+    from tests.tiny import make_tiny_folder
+
+    folder = make_tiny_folder(tmp_path / "m", "llama")
+    whole = mx.load(str(folder / "model.safetensors"))
+    assert isinstance(whole, dict)
+    keys = sorted(whole)
+    shards = {
+        "model-00001-of-00002.safetensors": keys[::2],
+        "model-00002-of-00002.safetensors": keys[1::2],
+    }
+    for name, names in shards.items():
+        mx.save_safetensors(str(folder / name), {k: whole[k] for k in names})
+    (folder / "model.safetensors").unlink()
+    index = {"weight_map": {k: n for n, names in shards.items() for k in names}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    loaded = load_model(folder)
+    assert loaded.parameters > 0
+    (folder / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(ModelLoadError, match=r"00002-of-00002.*missing"):
+        load_model(folder)
+
+
+def test_mlx_quantized_folder_loads_with_float32_scales(tmp_path: Path) -> None:
+    from runtime.loader import load_model
+    from tests.tiny import make_tiny_folder
+
+    folder = make_tiny_folder(tmp_path / "q", "llama", quantize=(4, 32))
+    loaded = load_model(folder, execution="quantized")
+    assert loaded.quantization == "int4 g32"
+    assert loaded.model.model.layers[0].mlp.up_proj.scales.dtype == mx.float32
+    dense = load_model(folder, execution="dense")
+    assert dense.execution == "dense"
+    assert np.max(np.abs(_logits(loaded.model) - _logits(dense.model))) < 1e-3
