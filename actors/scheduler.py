@@ -35,10 +35,14 @@ log = logging.getLogger("mlxrunner.scheduler")
 class SchedulerConfig:
     max_queue: int = 64
     parallel: int = 4
+    # KV-cache memory above which no new sequence is admitted (running ones continue).
+    cache_bytes_limit: int = 2 << 30
 
     def __attrs_post_init__(self) -> None:
         if self.max_queue < 1 or self.parallel < 1:
             raise ValueError("max_queue and parallel must be >= 1")
+        if self.cache_bytes_limit < 1:
+            raise ValueError("cache_bytes_limit must be >= 1")
 
 
 @attrs.frozen
@@ -182,6 +186,8 @@ class Scheduler:
     def _admit(self) -> list[SequenceRequest]:
         admitted = []
         while len(self._running) < self.config.parallel:
+            if self._running and self.engine_stats.cache_bytes >= self.config.cache_bytes_limit:
+                break  # memory-bound: wait for a running sequence to finish
             try:
                 sub = self._receive.receive_nowait()
             except trio.WouldBlock:

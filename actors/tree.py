@@ -79,7 +79,13 @@ async def _loader(
 
     loaded = await thread.run(load, progress)
     scheduler = Scheduler(
-        SchedulerConfig(max_queue=config.max_queue, parallel=config.parallel), loaded.engine, thread
+        SchedulerConfig(
+            max_queue=config.max_queue,
+            parallel=config.parallel,
+            cache_bytes_limit=int(config.cache_gb * (1 << 30)),
+        ),
+        loaded.engine,
+        thread,
     )
     await nursery.start(_supervise_scheduler, scheduler, runner)
     runner.set_ready(Ready(scheduler=scheduler, tokenizer=loaded.tokenizer, info=loaded.info))
