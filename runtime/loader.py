@@ -33,6 +33,7 @@ from runtime.models import architecture
 from runtime.weights import ModelFiles, TensorSet, folder_files, read_tensors
 
 if TYPE_CHECKING:
+    from runtime.store import Store
     from runtime.tokenizer import Tokenizer
 
 Execution = Literal["auto", "dense", "quantized"]
@@ -86,7 +87,7 @@ def default_execution() -> Literal["dense", "quantized"]:
 def load_model(
     source: str | Path,
     *,
-    store: Any = None,
+    store: Store | None = None,
     execution: Execution = "auto",
     progress: ProgressCallback | None = None,
 ) -> LoadedModel:
