@@ -19,7 +19,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+from tokenizers import (
+    AddedToken,
+    Regex,
+    Tokenizer,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    processors,
+)
 
 from runtime.errors import ModelLoadError
 
@@ -116,9 +125,10 @@ def _spm(path: Path, meta: dict[str, Any], tokens: list[str], types: list[int]) 
     )
     tok = Tokenizer(bpe)
     prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(
-        replacement="▁", prepend_scheme="always" if prefix else "never", split=False
-    )
+    # A normalizer, not a Metaspace pre-tokenizer: SentencePiece and llama.cpp prepend the
+    # space even to text that starts with one, and Metaspace does not.
+    spaces = normalizers.Replace(" ", "▁")
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), spaces]) if prefix else spaces
     steps: list[Any] = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
     if prefix:
         steps.append(decoders.Strip(" ", 1, 0))

@@ -358,8 +358,8 @@ _CORPUS = [
 ]
 
 
-def gpt2_tokenizer_metadata(*, pre: str = "smollm", vocab_size: int = 320) -> dict[str, Any]:
-    """A byte-level BPE trained in-process, as ``tokenizer.ggml.*`` metadata (ChatML specials 0-2)."""
+def train_gpt2_tokenizer(vocab_size: int = 320) -> Any:
+    """A byte-level BPE (GPT-2 pre-tokenizer) trained in-process; ChatML specials are ids 0-2."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
@@ -372,7 +372,12 @@ def gpt2_tokenizer_metadata(*, pre: str = "smollm", vocab_size: int = 320) -> di
         show_progress=False,
     )
     tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
-    model = json.loads(tok.to_str())["model"]
+    return tok
+
+
+def gpt2_tokenizer_metadata(*, pre: str = "smollm", vocab_size: int = 320) -> dict[str, Any]:
+    """``train_gpt2_tokenizer``'s vocabulary as ``tokenizer.ggml.*`` metadata."""
+    model = json.loads(train_gpt2_tokenizer(vocab_size).to_str())["model"]
     tokens = [t for t, _ in sorted(model["vocab"].items(), key=lambda kv: kv[1])]
     merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
     types = np.array([3 if t in GPT2_SPECIALS else 1 for t in tokens], dtype=np.int32)

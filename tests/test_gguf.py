@@ -8,6 +8,7 @@ original HF weights, for F32 files).
 from __future__ import annotations
 
 import importlib
+import io
 import json
 import mmap
 from pathlib import Path
@@ -339,14 +340,18 @@ def test_gpt2_tokenizer_round_trips_and_splits_digits(tmp_path: Path) -> None:
 
 
 def test_tokenizer_matches_the_trained_original(tmp_path: Path) -> None:
-    """The rebuilt BPE gives the ids the vocabulary's own trainer gives (same merges)."""
+    """The rebuilt BPE (GPT-2 pre-tokenizer) gives the trained tokenizer's ids."""
     contents = read_gguf(_gguf(tmp_path, tokenizer=gw.gpt2_tokenizer_metadata(pre="default")))
-    tok = _tokenizer(contents)
-    tokens = GPT2_TOKENS["tokenizer.ggml.tokens"]
-    text = "The capital of France is Paris."
-    ids = tok.encode(text).ids
-    assert "".join(tokens[i] for i in ids) == text.replace(" ", "Ġ")
-    assert len(ids) < len(text)  # merges were applied
+    tok, original = _tokenizer(contents), gw.train_gpt2_tokenizer()
+    for text in [
+        "The capital of France is Paris.",
+        "Once upon a time,  there was a little girl who loved 2024's sun!\n\n",
+        "<|im_start|>user\nhéllo ✓<|im_end|>",
+    ]:
+        ids = tok.encode(text).ids
+        assert ids == original.encode(text).ids, text
+        assert len(ids) < len(text.encode())  # merges were applied
+        assert tok.decode(ids, skip_special_tokens=False) == text
 
 
 def test_chat_template_and_special_ids_are_carried(tmp_path: Path) -> None:
@@ -421,6 +426,66 @@ def test_sentencepiece_tokenizer_merges_by_score_with_byte_fallback(tmp_path: Pa
         assert tok.decode(tok.encode(text).ids, skip_special_tokens=True) == text
     assert contents.tokenizer_config["unk_token"] == "<unk>"
     assert contents.tokenizer_config["add_bos_token"] is True
+
+
+def _sentencepiece_bpe() -> Any:
+    """A SentencePiece BPE model trained in-process with llama's settings (byte fallback, no
+    normalization, a dummy space prefix)."""
+    import sentencepiece as spm
+
+    corpus = [*gw._CORPUS * 20, "Zwölf Boxkämpfer jagen Viktor quer über den Sylter Deich."]
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus),
+        model_writer=model,
+        vocab_size=400,
+        model_type="bpe",
+        byte_fallback=True,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        add_dummy_prefix=True,
+        character_coverage=1.0,
+        minloglevel=2,
+    )
+    return spm.SentencePieceProcessor(model_proto=model.getvalue())
+
+
+def test_sentencepiece_rebuild_encodes_like_sentencepiece(tmp_path: Path) -> None:
+    sp = _sentencepiece_bpe()
+    n = sp.get_piece_size()
+
+    def kind(i: int) -> int:
+        if sp.is_unknown(i):
+            return 2
+        return 3 if sp.is_control(i) else 6 if sp.is_byte(i) else 1
+
+    meta = {
+        "tokenizer.ggml.model": "llama",
+        "tokenizer.ggml.tokens": [sp.id_to_piece(i) for i in range(n)],
+        "tokenizer.ggml.scores": np.array([sp.get_score(i) for i in range(n)], np.float32),
+        "tokenizer.ggml.token_type": np.array([kind(i) for i in range(n)], np.int32),
+        "tokenizer.ggml.bos_token_id": sp.bos_id(),
+        "tokenizer.ggml.eos_token_id": sp.eos_id(),
+        "tokenizer.ggml.unknown_token_id": sp.unk_id(),
+    }
+    config, weights = _model("llama")
+    config["vocab_size"] = n
+    weights["model.embed_tokens.weight"] = np.resize(weights["model.embed_tokens.weight"], (n, 64))
+    path = tmp_path / "spm.gguf"
+    gw.write_model_gguf(path, config, weights, meta)
+    tok = _tokenizer(read_gguf(path))
+    texts = [
+        "The quick brown fox jumps over the lazy dog.",
+        "Once upon a time,  there was   a little girl.",
+        " leading space and trailing ",
+        "lines\nand\ttabs",
+        "Zwölf Boxkämpfer, naïve café ✓ 東京 🙂",
+        "capital capitals capitalize 12345",
+    ]
+    for text in texts:
+        expected = sp.encode(text)
+        assert tok.encode(text, add_special_tokens=False).ids == expected, text
+        assert tok.decode(expected) == sp.decode(expected), text
 
 
 # ---- broken files ----
