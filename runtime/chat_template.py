@@ -21,7 +21,9 @@ from runtime.errors import OptionsError
 
 CHATML = (
     "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% endif %}"
+    "{{ '<|im_end|>\n' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
@@ -35,8 +37,17 @@ def _raise(message: str) -> None:
     raise TemplateError(message)
 
 
-def _tojson(value: Any, indent: int | None = None, ensure_ascii: bool = False) -> str:
-    return json.dumps(value, indent=indent, ensure_ascii=ensure_ascii)
+def _tojson(
+    value: Any,
+    indent: int | None = None,
+    ensure_ascii: bool = False,
+    separators: tuple[str, str] | None = None,
+    sort_keys: bool = False,
+) -> str:
+    # transformers' filter: Jinja's own escapes HTML characters and forces ASCII.
+    return json.dumps(
+        value, indent=indent, ensure_ascii=ensure_ascii, separators=separators, sort_keys=sort_keys
+    )
 
 
 def _strftime_now(fmt: str) -> str:
@@ -69,7 +80,7 @@ def render(
 ) -> str:
     """Render ``messages`` with ``template`` (ChatML when ``None``)."""
     for i, m in enumerate(messages):
-        if not isinstance(m.get("role"), str):
+        if not isinstance(m, Mapping) or not isinstance(m.get("role"), str):
             raise TemplateError(f"message {i} has no string 'role'")
     compiled = _compile(template or CHATML)
     try:
@@ -83,5 +94,7 @@ def render(
         )
     except TemplateError:
         raise
-    except (jinja2.TemplateError, TypeError, ValueError, KeyError, AttributeError) as exc:
-        raise TemplateError(f"chat template failed: {exc}") from exc
+    except RecursionError as exc:
+        raise TemplateError("chat template failed: recursion too deep") from exc
+    except Exception as exc:  # a template is data: whatever it raises is the request's error
+        raise TemplateError(f"chat template failed: {type(exc).__name__}: {exc}") from exc

@@ -10,6 +10,7 @@ because chat models end their turn with it.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -22,7 +23,17 @@ from runtime.errors import ModelLoadError, OptionsError
 if TYPE_CHECKING:
     from runtime.weights import ModelFiles
 
-END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
+# End-of-turn markers of common chat formats (llama.cpp's end-of-generation list, in part).
+END_OF_TURN = (
+    "<|im_end|>",
+    "<|eot_id|>",
+    "<|end|>",
+    "<end_of_turn>",
+    "<|endoftext|>",
+    "<|end_of_text|>",
+    "<｜end▁of▁sentence｜>",
+    "<|return|>",
+)
 
 
 def _token_text(value: Any) -> str | None:
@@ -44,6 +55,8 @@ def _ids(value: Any) -> list[int]:
 
 
 class Tokenizer:
+    """A model's tokenizer; build it with ``from_parts`` or ``from_model_files``."""
+
     def __init__(
         self,
         tokenizer: tokenizers.Tokenizer,
@@ -52,16 +65,21 @@ class Tokenizer:
         eos_ids: frozenset[int],
         add_bos: bool,
         chat_template: str | None,
+        bos_token: str = "",
+        eos_token: str = "",
     ) -> None:
         self._tok = tokenizer
-        self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+        added = tokenizer.get_added_tokens_decoder()
+        # Ids run 0..n-1 in a well-formed tokenizer; added tokens may sit past a gap.
+        self.vocab_size = max(
+            tokenizer.get_vocab_size(with_added_tokens=True), max(added, default=-1) + 1
+        )
         self.bos_id = bos_id
         self.eos_ids = eos_ids
         self.add_bos = add_bos
         self.chat_template = chat_template
-        self.bos_token = tokenizer.id_to_token(bos_id) if bos_id is not None else ""
-        eos = min(eos_ids) if eos_ids else None
-        self.eos_token = tokenizer.id_to_token(eos) if eos is not None else ""
+        self.bos_token = bos_token  # text given to chat templates as ``bos_token``
+        self.eos_token = eos_token
 
     @classmethod
     def from_model_files(cls, files: ModelFiles) -> Tokenizer:
@@ -104,16 +122,17 @@ class Tokenizer:
             if marker in specials and marker_id is not None:
                 eos.append(marker_id)
 
-        bos: int | None = None
-        for source in (generation_config or {}, config or {}):
-            found_bos = _ids(source.get("bos_token_id"))
-            if found_bos:
-                bos = found_bos[0]
-                break
+        # The template's ``bos_token`` is tokenizer_config's, as in transformers; the
+        # model configs only fill in when it names none.
+        bos = lookup("bos_token")
         if bos is None:
-            bos = lookup("bos_token")
+            for source in (generation_config or {}, config or {}):
+                found_bos = _ids(source.get("bos_token_id"))
+                if found_bos:
+                    bos = found_bos[0]
+                    break
         add_bos = tokenizer_config.get("add_bos_token")
-        if add_bos is None:
+        if not isinstance(add_bos, bool):
             # The tokenizer's own post-processor says whether it prefixes BOS.
             probe = tok.encode("a", add_special_tokens=True).ids
             add_bos = bos is not None and bool(probe) and probe[0] == bos
@@ -121,12 +140,18 @@ class Tokenizer:
         if isinstance(template, list):  # several named templates: take "default"
             named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
             template = named.get("default")
+        eos_text = _token_text(tokenizer_config.get("eos_token"))
+        if eos_text is None and eos:
+            eos_text = tok.id_to_token(eos[0])
+        bos_text = tok.id_to_token(bos) if bos is not None else None
         return cls(
             tok,
             bos_id=bos,
             eos_ids=frozenset(eos),
             add_bos=bool(add_bos),
             chat_template=template if isinstance(template, str) else None,
+            bos_token=bos_text or "",
+            eos_token=eos_text or "",
         )
 
     def encode(self, text: str, *, add_bos: bool | None = None) -> list[int]:
@@ -137,12 +162,19 @@ class Tokenizer:
         return ids
 
     def _check(self, ids: Sequence[int]) -> list[int]:
-        out = list(ids)
-        for t in out:
-            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size:
+        out: list[int] = []
+        for t in ids:
+            try:
+                if isinstance(t, bool):
+                    raise TypeError
+                value = operator.index(t)  # ints, numpy integers
+            except TypeError:
+                raise OptionsError(f"token ids must be integers, got {t!r}") from None
+            if not 0 <= value < self.vocab_size:
                 raise OptionsError(
-                    f"token id {t!r} is outside the vocabulary (0..{self.vocab_size - 1})"
+                    f"token id {value} is outside the vocabulary (0..{self.vocab_size - 1})"
                 )
+            out.append(value)
         return out
 
     def decode(self, ids: Sequence[int]) -> str:
@@ -152,8 +184,21 @@ class Tokenizer:
         return str(self._tok.decode(ids, skip_special_tokens=False))
 
     def piece(self, token: int) -> str:
-        """The text of one token (may be part of a character), for logprobs."""
-        return self.decode([token])
+        """The text of one token, for logprobs; part of a character shows as U+FFFD.
+
+        SentencePiece decoders strip the leading space of the first token decoded; a
+        token's own piece keeps it (``"▁Paris"`` is ``" Paris"``), as llama.cpp shows it.
+        """
+        text = self.decode([token])
+        raw = self._tok.id_to_token(token)
+        if raw is not None and raw.startswith("▁") and not text.startswith(" "):
+            text = " " + text
+        return text
+
+    def token_to_id(self, token: str) -> int | None:
+        """The id of a vocabulary entry spelled ``token`` (``"<0x0A>"``, ``"<|im_end|>"``)."""
+        found = self._tok.token_to_id(token)
+        return int(found) if found is not None else None
 
     def detokenizer(self, context: Sequence[int] = ()) -> StreamingDetokenizer:
         return StreamingDetokenizer(self._decode_unchecked, self._check(context))
