@@ -305,6 +305,12 @@ def read_gguf(path: Path) -> GGUFContents:
 
 def _read(path: Path, data: mmap.mmap) -> GGUFContents:
     metadata, info_list, start = read_header(path, data)
+    splits = metadata.get("split.count", 1)
+    if isinstance(splits, int) and splits > 1:
+        raise ModelLoadError(
+            f"{path}: part of a GGUF split into {splits} files; merge them first "
+            "(llama-gguf-split --merge)"
+        )
     infos = {i.name: i for i in info_list if i.name != _ROPE_FREQS}
     rope_factors = _rope_factors(path, info_list, data, start)
     if len(infos) + (rope_factors is not None) != len(info_list):

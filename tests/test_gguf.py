@@ -561,6 +561,11 @@ def test_unexpected_tensor_names_the_tensor(tmp_path: Path) -> None:
     _raises(path, "unexpected tensor 'blk.0.attn_qkv.weight'")
 
 
+def test_split_gguf_is_reported(tmp_path: Path) -> None:
+    path = _gguf(tmp_path, extra_metadata={"split.count": 3, "split.no": 0})
+    _raises(path, "split into 3 files")
+
+
 def test_unsupported_architecture_lists_the_supported(tmp_path: Path) -> None:
     path = _gguf(tmp_path, extra_metadata={"general.architecture": "phi3"})
     _raises(path, "'phi3'", "llama", "qwen2", "qwen3")
