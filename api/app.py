@@ -10,6 +10,7 @@ accepting, lets open streams run for ``grace`` seconds and cancels the rest.
 from __future__ import annotations
 
 import hmac
+import logging
 from collections.abc import Awaitable, Callable
 
 import trio
@@ -78,7 +79,8 @@ def hypercorn_config(host: str, port: int, grace: float) -> HypercornConfig:
     config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
     config.graceful_timeout = grace
     config.accesslog = None
-    config.errorlog = "-"
+    # A logger, not "-": hypercorn then adds no handler of its own (no doubled lines).
+    config.errorlog = logging.getLogger("hypercorn.error")
     return config
 
 

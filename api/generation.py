@@ -98,6 +98,7 @@ class Generation:
         started_at: float,
     ) -> None:
         self._metrics = ctx.metrics
+        self._token = trio.lowlevel.current_trio_token()
         self._receive = receive
         self._scope = scope
         self._last = started_at
@@ -156,9 +157,17 @@ class Generation:
 
     def __del__(self) -> None:
         # Safety net: a response dropped before its body was iterated never calls close().
-        if not self._closed:
-            self._scope.cancel()
-            self._receive.close()
+        # The collector may run this on any thread, so the loop does the closing.
+        if self._closed:
+            return
+        scope, receive = self._scope, self._receive
+
+        def close() -> None:
+            scope.cancel()
+            receive.close()
+
+        with contextlib.suppress(trio.RunFinishedError):
+            self._token.run_sync_soon(close)
 
 
 class StreamBody:

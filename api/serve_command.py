@@ -14,6 +14,7 @@ import argparse
 import functools
 import logging
 import sys
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -27,9 +28,18 @@ log = logging.getLogger("mlxrunner.serve")
 FLUSH_SECONDS = 2.0
 
 
+def served_name(model: str) -> str:
+    """The name clients use: a store name as given; a folder or file path by its stem (the
+    full path is accepted too, as the loader reports it)."""
+    path = Path(model)
+    if model.endswith(".gguf") or "/" in model or path.exists():
+        return path.stem if model.endswith(".gguf") else path.name
+    return model
+
+
 def api_config(args: argparse.Namespace) -> ApiConfig:
     return ApiConfig(
-        model_name=str(args.model) if getattr(args, "model", None) else "",
+        model_name=served_name(str(args.model)) if getattr(args, "model", None) else "",
         api_key=getattr(args, "api_key", None) or None,
         max_body=int(getattr(args, "max_body", 8 * 1024 * 1024)),
     )

@@ -268,3 +268,23 @@ async def test_long_stream_outlives_quarts_default_response_timeout(fake, autoju
             chunks = lines(await response.get_data(as_text=False))
     assert chunks[-1]["done"] is True
     assert "".join(c["content"] for c in chunks) == "Hello world!"
+
+
+async def test_a_generation_dropped_unread_is_still_closed(fake) -> None:
+    import gc
+
+    from actors.messages import GenerateRequest
+    from api.generation import open_generation
+
+    fake.endless = True
+    app = create_app(fake, ApiConfig(model_name="fake"))
+    async with app.test_app():
+        async with app.app_context():
+            generation = await open_generation(context_of(app), GenerateRequest(prompt="x"))
+        assert fake.active == 1
+        del generation  # as when a client leaves before the response body is iterated
+        gc.collect()
+        with trio.fail_after(10):  # hang guard
+            while fake.active:
+                await trio.sleep(0.001)
+    assert fake.cancelled == 1

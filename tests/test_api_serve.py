@@ -120,3 +120,27 @@ async def test_streams_past_the_grace_period_are_cut_and_exit_is_still_0() -> No
         await stream.aclose()
         # 100k tokens at 10 ms each: it ended because the drain cancelled it.
         assert b'"done_reason":2' in tail
+
+
+def test_serve_command_line_errors_exit_nonzero_with_one_line(tmp_path, capsys) -> None:
+    from api.cli import build_parser
+    from api.serve_command import main
+
+    def serve(*flags: str) -> int:
+        args = build_parser().parse_args(["serve", "--port", "0", *flags])
+        return main(args)
+
+    assert serve("--parallel", "0") == 2
+    assert "--parallel" in capsys.readouterr().err
+    assert serve("--models-dir", str(tmp_path), "--model", "nosuch:model") == 1
+    err = capsys.readouterr().err
+    assert "nosuch" in err
+    assert "Traceback" not in err
+
+
+def test_served_names() -> None:
+    from api.serve_command import served_name
+
+    assert served_name("smollm2:135m") == "smollm2:135m"
+    assert served_name("/models/SmolLM2-135M-Instruct.Q4_1.gguf") == "SmolLM2-135M-Instruct.Q4_1"
+    assert served_name("/models/qwen3-folder") == "qwen3-folder"
