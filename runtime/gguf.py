@@ -59,7 +59,8 @@ def _arch_config(
         if value is None:
             raise ModelLoadError(f"{path}: missing metadata {arch}.{key}")
         ok = isinstance(value, int | float) and not isinstance(value, bool)
-        if not ok or (kind is int and (value != int(value) or value <= 0)):
+        fractional = isinstance(value, float) and not value.is_integer()  # nan and inf too
+        if not ok or (kind is int and (fractional or value <= 0)):
             raise ModelLoadError(f"{path}: metadata {arch}.{key} = {value!r} is not valid")
         return kind(value)
 
@@ -119,8 +120,10 @@ def _llama3_scaling(path: Path, factors: np.ndarray, base: float, dims: int) -> 
     """
     wavelens = 2 * np.pi * base ** (np.arange(0, dims, 2, dtype=np.float64) / dims)
     f = factors.astype(np.float64)
-    if f.shape != wavelens.shape or not np.all(f > 0):
-        raise ModelLoadError(f"{path}: tensor 'rope_freqs.weight' has shape {factors.shape}")
+    if f.shape != wavelens.shape or not np.all(np.isfinite(f) & (f > 0)):
+        raise ModelLoadError(
+            f"{path}: tensor 'rope_freqs.weight' must hold {len(wavelens)} positive factors"
+        )
     factor = float(f.max())
     if factor <= 1 + 1e-6:
         return {"type": "default"}
@@ -128,12 +131,16 @@ def _llama3_scaling(path: Path, factors: np.ndarray, base: float, dims: int) -> 
     if medium.sum() >= 2:
         s = (1 / f[medium] - 1 / factor) / (1 - 1 / factor)
         a, b = np.polyfit(1 / wavelens[medium], s, 1)
-        high, old_ctx = round(float((b - 1) / b), 4), round(float(-a / b), 2)
+        with np.errstate(all="ignore"):
+            high, old_ctx = round(float((b - 1) / b), 4), round(float(-a / b), 2)
     else:  # a step: put both boundaries between the last unscaled and first scaled wavelength
         first = int(np.argmax(f > 1 + 1e-4))
         inner = wavelens[first - 1] if first else wavelens[0] / 2
         old_ctx = float(wavelens[first]) * 0.999
         high = old_ctx / (float(inner) * 1.001)
+    not_llama3 = ModelLoadError(f"{path}: tensor 'rope_freqs.weight' is not llama3 RoPE scaling")
+    if not (np.isfinite(high) and np.isfinite(old_ctx) and high > 1 and old_ctx > 0):
+        raise not_llama3
     scaling = {
         "rope_type": "llama3",
         "factor": round(factor, 4),
@@ -143,7 +150,7 @@ def _llama3_scaling(path: Path, factors: np.ndarray, base: float, dims: int) -> 
     }
     smooth = np.clip((old_ctx / wavelens - 1) / (high - 1), 0, 1)
     if not np.allclose(1 / ((1 - smooth) / factor + smooth), f, rtol=1e-3):
-        raise ModelLoadError(f"{path}: tensor 'rope_freqs.weight' is not llama3 RoPE scaling")
+        raise not_llama3
     return scaling
 
 

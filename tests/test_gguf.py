@@ -293,6 +293,22 @@ def test_stepped_rope_factors_are_reproduced(tmp_path: Path) -> None:
     assert np.allclose(_llama3_divisors(16, 10000.0, scaling), divisors, rtol=1e-3)
 
 
+@pytest.mark.parametrize(
+    "divisors",
+    [[1, 2, 1, 2, 1, 2, 1, 2], [1, 1, 1, 1, 1, 1, 0, 4], [1] * 5, [1, 1, 2, 3, 2, 9, 9, 9]],
+)
+def test_rope_factors_that_are_not_llama3_are_refused(
+    tmp_path: Path, divisors: list[float]
+) -> None:
+    config, weights = _model("llama")
+    path = tmp_path / "m.gguf"
+    extra = {"rope_freqs.weight": (np.array(divisors, dtype=np.float32), "F32")}
+    gw.write_model_gguf(
+        path, config, weights, GPT2_TOKENS, types=lambda _: "F32", extra_tensors=extra
+    )
+    _raises(path, "'rope_freqs.weight'")
+
+
 def test_write_folder_dequantized_matches_quantized(tmp_path: Path) -> None:
     contents = read_gguf(_gguf(tmp_path))
     dense_dir = write_folder(contents, tmp_path / "dense", dequantize=True)
