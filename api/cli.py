@@ -69,7 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
     imp = sub.add_parser("import", help="import a model folder or GGUF file into the store")
     imp.add_argument("source")
     imp.add_argument("name")
-    imp.add_argument("--quantize", choices=["q4", "q8"], default=None)
+    imp.add_argument(
+        "--quantize",
+        choices=["q4", "q8", "f32"],
+        default=None,
+        help="re-quantize (q4, q8) or dequantize (f32); default: keep the source encoding",
+    )
     imp.add_argument("--group-size", type=int, choices=[32, 64], default=None)
     imp.add_argument("--models-dir", default=None)
 
