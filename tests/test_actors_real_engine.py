@@ -1,0 +1,178 @@
+"""The actor tree over a tiny real ``ModelEngine``: one thread, prefill cancellation, memory, ``run``.
+
+Complements tests/test_actors_model.py (a neighbour leaving mid-decode).
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import trio
+
+from actors.messages import GenerateRequest, GenerationOptions
+from actors.runner import Runner
+from actors.testing import fake_info
+from actors.tree import Loaded, open_runner
+from api import run_command
+from api.cli import build_parser
+from runtime.engine import EngineStats, SequenceRequest, TokenEvent
+from runtime.generator import ModelEngine
+from runtime.loader import load_model
+from runtime.sampler import SamplingOptions
+from tests.tiny import make_tiny_folder
+
+PROMPT = (5, 17, 99, 3, 250, 41, 7)
+NEIGHBOUR_PROMPT = tuple(range(20, 220))  # 25 prefill chunks of 8
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_folder(tmp_path_factory.mktemp("tiny") / "m", "llama")
+
+
+class RecordingEngine:
+    """``ModelEngine`` plus a record of the threads it ran on and the batches it stepped."""
+
+    def __init__(self, inner: ModelEngine, threads: set[int]) -> None:
+        self.inner = inner
+        self.threads = threads
+        self.removed: list[int] = []
+        # (seq_id, whether it was still reading its prompt, active sequences before removal)
+        self.removals: list[tuple[int, bool, int]] = []
+        self.largest_batch = 0
+        self.steps = 0
+
+    @property
+    def context_length(self) -> int:
+        return self.inner.context_length
+
+    def add(self, request: SequenceRequest) -> None:
+        self.threads.add(threading.get_ident())
+        self.inner.add(request)
+
+    def remove(self, seq_id: int) -> None:
+        self.threads.add(threading.get_ident())
+        self.removed.append(seq_id)
+        seq = self.inner._seqs.get(seq_id)  # private, read on the engine thread
+        prefilling = seq is not None and not seq.decoding
+        self.removals.append((seq_id, prefilling, self.inner.statistics().active_sequences))
+        self.inner.remove(seq_id)
+
+    def has_work(self) -> bool:
+        self.threads.add(threading.get_ident())
+        return self.inner.has_work()
+
+    def step(self) -> list[TokenEvent]:
+        self.threads.add(threading.get_ident())
+        self.largest_batch = max(self.largest_batch, self.inner.statistics().active_sequences)
+        self.steps += 1
+        return self.inner.step()
+
+    def statistics(self) -> EngineStats:
+        self.threads.add(threading.get_ident())
+        return self.inner.statistics()
+
+
+def _loader(
+    folder: Path, threads: set[int], engines: list[RecordingEngine]
+) -> Callable[..., Loaded]:
+    def load(progress: Callable[[float], None]) -> Loaded:
+        threads.add(threading.get_ident())
+        loaded = load_model(folder)
+        engine = RecordingEngine(ModelEngine(loaded, prefill_chunk=8), threads)
+        engines.append(engine)
+        info = fake_info(context_length=engine.context_length)
+        return Loaded(engine=engine, tokenizer=loaded.tokenizer, info=info)
+
+    return load
+
+
+def _request(prompt: tuple[int, ...], num_predict: int, seed: int = 7) -> GenerateRequest:
+    sampling = SamplingOptions(temperature=1.0, top_k=0, top_p=1.0, repeat_penalty=1.0, seed=seed)
+    return GenerateRequest(
+        tokens=prompt, options=GenerationOptions(sampling=sampling, num_predict=num_predict)
+    )
+
+
+async def _tokens(runner: Runner, request: GenerateRequest) -> list[int]:
+    async with runner.generate(request) as chunks:
+        return [t async for chunk in chunks for t in chunk.tokens]
+
+
+async def _until_freed(runner: Runner) -> None:
+    # Loops forever (the test times out) if a sequence or its cache is never released.
+    while (stats := runner.statistics()).active_sequences or stats.cache_bytes:
+        await trio.sleep(0.001)
+
+
+async def test_a_neighbour_leaving_mid_prefill_does_not_change_a_seeded_generation(
+    folder: Path,
+) -> None:
+    threads: set[int] = set()
+    engines: list[RecordingEngine] = []
+    async with open_runner(load=_loader(folder, threads, engines), parallel=2) as runner:
+        await runner.wait_ready()
+        alone = await _tokens(runner, _request(PROMPT, 30))
+        leave = trio.Event()
+
+        async def neighbour() -> None:
+            async with runner.generate(_request(NEIGHBOUR_PROMPT, 40, seed=3)):
+                await leave.wait()
+
+        async with trio.open_nursery() as nursery, runner.generate(_request(PROMPT, 30)) as mine:
+            nursery.start_soon(neighbour)
+            # Our first token comes while the neighbour's 200-token prompt is still being
+            # read 8 tokens a step: it leaves half prefilled, and we read on.
+            got = list((await mine.receive()).tokens)
+            leave.set()
+            got.extend([t async for chunk in mine for t in chunk.tokens])
+        await _until_freed(runner)
+    engine = engines[0]
+    assert len(engine.removals) == 1
+    _, prefilling, active = engine.removals[0]
+    assert prefilling
+    assert active == 2  # we were still generating when it left
+    assert got == alone
+    assert engine.largest_batch == 2  # they really shared steps
+
+
+async def test_load_and_every_engine_call_run_on_one_thread(folder: Path) -> None:
+    threads: set[int] = set()
+    engines: list[RecordingEngine] = []
+    async with (
+        open_runner(load=_loader(folder, threads, engines), parallel=3) as runner,
+        trio.open_nursery() as nursery,
+    ):
+        await runner.wait_ready()
+        for i in range(3):
+            nursery.start_soon(_tokens, runner, _request(PROMPT[i:], 6, seed=i))
+    assert len(threads) == 1
+    assert threading.get_ident() not in threads
+
+
+async def test_leaving_returns_the_cache_memory_within_one_step(folder: Path) -> None:
+    threads: set[int] = set()
+    engines: list[RecordingEngine] = []
+    async with open_runner(load=_loader(folder, threads, engines)) as runner:
+        await runner.wait_ready()
+        async with runner.generate(_request(PROMPT, 100)) as chunks:
+            await chunks.receive()
+            assert runner.statistics().cache_bytes > 0
+        steps_at_exit = engines[0].steps
+        await _until_freed(runner)
+        assert engines[0].steps <= steps_at_exit + 1
+        assert engines[0].removed  # dropped by the scheduler, not run to its end
+
+
+async def test_run_command_loads_a_model_folder(folder: Path) -> None:
+    args = build_parser().parse_args(
+        ["run", "--model", str(folder), "--temperature", "0", "--num-predict", "5", "Hello"]
+    )
+    out, err = io.StringIO(), io.StringIO()
+    code = await run_command.run(args, run_command.build_request(args), out=out, err=err)
+    assert code == 0
+    assert "ready" in err.getvalue()
