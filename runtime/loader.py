@@ -241,10 +241,12 @@ def build_model(
 
     if execution == "dense" or not params:
         for path, (bits, group) in params.items():
+            # In float32: f16/bf16 scales would round the dequantized weights.
+            biases = weights.pop(path + ".biases", None)
             w = mx.dequantize(
                 weights.pop(path + ".weight"),
-                weights.pop(path + ".scales"),
-                weights.pop(path + ".biases", None),
+                weights.pop(path + ".scales").astype(mx.float32),
+                biases.astype(mx.float32) if biases is not None else None,
                 group_size=group,
                 bits=bits,
             )

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import mlx.core as mx
+import numpy as np
 import pytest
 
 from runtime.engine import FinishReason, SequenceRequest, TokenEvent
@@ -52,7 +53,7 @@ def _reference_greedy(loaded: LoadedModel, prompt: list[int], n: int) -> list[in
     logits = model(mx.array(prompt)[None], cache)
     out = []
     for _ in range(n):
-        tok = int(mx.argmax(logits[0, -1]).item())
+        tok = int(np.array(mx.argmax(logits[0, -1])))
         out.append(tok)
         if tok in loaded.tokenizer.eos_ids:
             break
