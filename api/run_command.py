@@ -98,7 +98,9 @@ class _Outcome:
     broken_pipe: bool = False
 
 
-async def _wait_until_loaded(client: RunnerClient, label: str, err: TextIO) -> None:
+async def _wait_until_loaded(
+    client: RunnerClient, label: str, err: TextIO, outcome: _Outcome
+) -> None:
     """Draw the load progress until the runner is ready (a failed load cancels this)."""
     bar: ProgressBar | None = None
     try:
@@ -111,6 +113,10 @@ async def _wait_until_loaded(client: RunnerClient, label: str, err: TextIO) -> N
     finally:
         if bar is not None:
             bar.close()
+        if outcome.interrupted and client.health().status == "loading":
+            # A load runs to its end on the engine thread; say why nothing happens yet.
+            err.write("mlxrunner run: stopping after the load (Ctrl-C again to quit now)\n")
+            err.flush()
 
 
 async def _stream(
@@ -172,7 +178,7 @@ async def run(
             with trio.CancelScope() as work:
                 nursery.start_soon(_watch_signals, signals, work, outcome, err)
                 async with open_runner(load=load, **runner_options(args)) as client:
-                    await _wait_until_loaded(client, f"loading {args.model}", err)
+                    await _wait_until_loaded(client, f"loading {args.model}", err, outcome)
                     await _stream(client, request, out, outcome)
             nursery.cancel_scope.cancel()
     if outcome.broken_pipe:
@@ -211,10 +217,11 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _exit(code: int) -> NoReturn:
-    # On Linux, MLX aborts the process at interpreter exit about half the time once a thread
-    # that ran MLX work has ended ("terminate called without an active exception", exit 134;
-    # reproduced with a bare thread doing mx.async_eval). The tree has closed and every
-    # stream is written by now, so flush and leave without running C++ static destructors.
+    # On Linux, MLX can abort the process at interpreter exit once a thread that ran MLX
+    # work has ended ("terminate called without an active exception", exit 134). The tree
+    # joins its engine thread, which avoided it in our runs, but a bare thread doing
+    # mx.async_eval still aborts about half the time after a join. Everything is written by
+    # now, so flush and leave without running C++ static destructors.
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(OSError, ValueError):

@@ -11,6 +11,7 @@ import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import IO
 
 import pytest
 import trio
@@ -215,3 +216,80 @@ def test_cli_reports_a_missing_model_in_one_line(tmp_path: Path) -> None:
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("mlxrunner run: ")
     assert "Traceback" not in result.stderr
+
+
+# A child process running the real command line with the model load replaced: ``endless``
+# streams "a" forever; ``stuck`` never finishes loading.
+_CHILD = """
+import sys, threading
+import runtime
+import actors.loading
+from actors.testing import ScriptedEngine, scripted_load, tiny_tokenizer
+from api.cli import main
+
+def endless(request):
+    return tiny_tokenizer().encode("a") * request.max_tokens
+
+def stuck_load(progress):
+    progress(0.5)
+    threading.Event().wait()
+
+kind = sys.argv[1]
+if kind == "endless":
+    engine = ScriptedEngine(endless, context_length=1_000_000)
+    actors.loading.model_loader = lambda config: scripted_load(engine, tiny_tokenizer())
+else:
+    actors.loading.model_loader = lambda config: stuck_load
+sys.exit(main(["run", "Hi"]))
+"""
+
+
+def _child(kind: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-c", _CHILD, kind],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _read_until(stream: IO[str], text: str) -> None:
+    for line in stream:
+        if text in line:
+            return
+    raise AssertionError(f"the child exited before printing {text!r}")
+
+
+def test_ctrl_c_in_a_terminal_stops_the_stream_cleanly() -> None:
+    child = _child("endless")
+    try:
+        assert child.stdout is not None
+        first = child.stdout.read(1)  # streaming has begun
+        child.send_signal(signal.SIGINT)
+        rest, err = child.communicate(timeout=60)
+    finally:
+        child.kill()
+    assert child.returncode == run_command.EXIT_INTERRUPTED
+    out = first + rest
+    assert out.endswith("a\n")  # the line is ended, nothing cut or garbled
+    assert set(out.strip()) == {"a"}
+    assert "Traceback" not in err
+
+
+def test_a_second_ctrl_c_quits_a_load_at_once() -> None:
+    child = _child("stuck")
+    try:
+        assert child.stderr is not None
+        _read_until(child.stderr, "load")
+        child.send_signal(signal.SIGINT)
+        _read_until(child.stderr, "Ctrl-C again")
+        child.send_signal(signal.SIGINT)
+        out, err = child.communicate(timeout=60)
+    finally:
+        child.kill()
+    assert child.returncode == run_command.EXIT_INTERRUPTED
+    assert out == ""
+    assert "interrupted" in err
+    assert "Traceback" not in err
