@@ -59,8 +59,8 @@ class SamplingOptions:
         _check(-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]")
 
 
-_INT_FIELDS = {"top_k", "repeat_last_n", "seed"}
-_FLOAT_FIELDS = {f.name for f in attrs.fields(SamplingOptions)} - _INT_FIELDS
+_FIELDS = tuple(f.name for f in attrs.fields(SamplingOptions))
+_INT_FIELDS = frozenset({"top_k", "repeat_last_n", "seed"})
 
 
 def _coerce(name: str, value: Any) -> Any:
@@ -70,9 +70,13 @@ def _coerce(name: str, value: Any) -> Any:
         if isinstance(value, float) and not value.is_integer():
             raise OptionsError(f"option {name!r} must be an integer, got {value}")
         return int(value)
-    if not math.isfinite(value):
+    try:
+        number = float(value)
+    except OverflowError:
+        raise OptionsError(f"option {name!r} is out of range") from None
+    if not math.isfinite(number):
         raise OptionsError(f"option {name!r} must be finite")
-    return float(value)
+    return number
 
 
 def options_from_dict(options: Mapping[str, Any]) -> SamplingOptions:
@@ -80,8 +84,10 @@ def options_from_dict(options: Mapping[str, Any]) -> SamplingOptions:
 
     ``None`` means the default; a negative ``seed`` means unseeded.
     """
+    if not isinstance(options, Mapping):
+        raise OptionsError(f"options must be an object, got {type(options).__name__}")
     values: dict[str, Any] = {}
-    for name in _INT_FIELDS | _FLOAT_FIELDS:
+    for name in _FIELDS:
         value = options.get(name)
         if value is None:
             continue
@@ -152,8 +158,12 @@ class Sampler:
         return logits
 
     def sample(self, logits: mx.array) -> mx.array:
-        """A lazy int32 scalar: the next token for raw float32 ``logits`` of shape ``[V]``."""
+        """A lazy int32 scalar: the next token for raw ``logits`` of shape ``[V]``.
+
+        Nothing is evaluated here, so the engine can evaluate a whole batch's samples at once.
+        """
         o = self.options
+        logits = logits.astype(mx.float32)
         if self._penalize and self._history.size:
             logits = self._penalties(logits)
         if self.greedy:
@@ -161,31 +171,47 @@ class Sampler:
         key = mx.random.key(_splitmix64(self._seed, self._draws))
         self._draws += 1
         vocab = logits.shape[-1]
+        ids: mx.array | None = None
         if 0 < o.top_k < vocab:
             ids = mx.argpartition(-logits, kth=o.top_k - 1)[: o.top_k]
-            cand = logits[ids]
-        else:
-            ids, cand = None, logits
-        order = mx.argsort(-cand)  # candidates by descending probability
-        cand = cand[order]
-        probs = mx.softmax(cand / o.temperature)
-        keep = mx.ones(probs.shape, dtype=mx.bool_)
-        if o.typical_p < 1.0:
-            logp = mx.log(mx.maximum(probs, 1e-30))
-            entropy = -mx.sum(probs * logp)
-            by_typicality = mx.argsort(mx.abs(-logp - entropy))
-            p_t = probs[by_typicality]
-            keep_t = (mx.cumsum(p_t) - p_t) < o.typical_p
-            keep = keep & keep_t[mx.argsort(by_typicality)]
-        if o.top_p < 1.0:
-            keep = keep & ((mx.cumsum(probs) - probs) < o.top_p)
-        if o.min_p > 0.0:
-            keep = keep & (probs >= o.min_p * probs[0])
-        keep = keep | (mx.arange(probs.shape[0]) == 0)  # the likeliest token always survives
-        masked = mx.where(keep, mx.log(mx.maximum(probs, 1e-30)), -mx.inf)
-        pick = mx.random.categorical(masked, key=key)
+            logits = logits[ids]
+        scaled = logits / o.temperature
+        if o.typical_p >= 1.0 and o.top_p >= 1.0 and o.min_p <= 0.0:
+            pick = mx.random.categorical(scaled, key=key)  # no mask needs the sorted order
+            return (ids[pick] if ids is not None else pick).astype(mx.int32)
+        order = mx.argsort(-scaled)  # candidates by descending probability
+        scaled = scaled[order]
+        keep = _filter(mx.softmax(scaled), o)
+        pick = mx.random.categorical(mx.where(keep, scaled, -mx.inf), key=key)
         chosen = order[pick]
         return (ids[chosen] if ids is not None else chosen).astype(mx.int32)
+
+
+def _filter(probs: mx.array, o: SamplingOptions) -> mx.array:
+    """The tokens typical_p, then top_p, then min_p keep, for ``probs`` sorted descending.
+
+    Each filter sees the survivors of the previous one renormalized (llama.cpp's chain);
+    each keeps at least one token, so the draw always has a candidate.
+    """
+    keep = mx.ones(probs.shape, dtype=mx.bool_)
+    if o.typical_p < 1.0:
+        # Locally typical sampling: keep the tokens whose surprise is closest to the
+        # entropy, until their mass reaches typical_p (the crossing token included).
+        logp = mx.log(mx.maximum(probs, 1e-30))
+        entropy = -mx.sum(probs * logp)
+        by_typicality = mx.argsort(mx.abs(-logp - entropy))
+        p_t = probs[by_typicality]
+        keep_t = (mx.cumsum(p_t) - p_t) < o.typical_p
+        keep = mx.zeros(probs.shape, mx.int32).at[by_typicality].add(keep_t.astype(mx.int32)) > 0
+        probs = mx.where(keep, probs, 0.0)
+        probs = probs / mx.maximum(mx.sum(probs), 1e-20)
+    if o.top_p < 1.0:
+        # Nucleus: keep a token iff the mass strictly before it is below top_p.
+        keep = keep & ((mx.cumsum(probs) - probs) < o.top_p)
+    if o.min_p > 0.0:
+        surviving = mx.where(keep, probs, 0.0)
+        keep = keep & (surviving >= o.min_p * mx.max(surviving))
+    return keep
 
 
 def logprobs(logits: mx.array, token: int, top: int) -> TokenLogprob:

@@ -19,6 +19,10 @@ def _logits(seed: int = 0) -> mx.array:
     return mx.array(np.random.default_rng(seed).normal(size=V).astype(np.float32) * 3)
 
 
+def _item(token: mx.array) -> int:
+    return int(np.array(token))
+
+
 def _draws(options: SamplingOptions, n: int = 20, prompt: tuple[int, ...] = ()) -> list[int]:
     sampler = Sampler(options, prompt=prompt, vocab_size=V, context_length=256)
     out = []
@@ -131,20 +135,97 @@ def test_top_k_limits_the_candidates() -> None:
     assert _support(opts, _dist()) == {0, 1}
 
 
-def test_typical_p_keeps_tokens_closest_to_the_entropy() -> None:
-    probs = np.array(PROBS)
+def _typical_reference(probs: np.ndarray, p: float) -> set[int]:
+    """llama.cpp's locally typical filter, written out in numpy."""
     entropy = -np.sum(probs * np.log(probs))
-    order = np.argsort(np.abs(-np.log(probs) - entropy))
     kept, mass = set(), 0.0
-    for i in order:
-        if mass >= 0.5:
-            break
+    for i in np.argsort(np.abs(-np.log(probs) - entropy), kind="stable"):
         kept.add(int(i))
         mass += probs[i]
+        if mass >= p:
+            break
+    return kept
+
+
+def test_typical_p_keeps_tokens_closest_to_the_entropy() -> None:
     opts = SamplingOptions(
         temperature=1.0, top_k=0, top_p=1.0, typical_p=0.5, repeat_penalty=1.0, seed=3
     )
-    assert _support(opts, _dist()) == kept | {0}  # the likeliest token always survives
+    assert _support(opts, _dist()) == _typical_reference(np.array(PROBS), 0.5) == {0, 1, 2}
+    # The likeliest token is atypical here (its surprise is far below the entropy): dropped.
+    atypical_top = [0.4, 0.22, 0.2, 0.18]
+    expected = _typical_reference(np.array(atypical_top), 0.5)
+    assert 0 not in expected
+    assert _support(opts, mx.log(mx.array(atypical_top))) == expected == {1, 2, 3}
+
+
+def test_filters_chain_on_renormalized_survivors() -> None:
+    # typical_p leaves {1, 2, 3} (mass 0.6); renormalized they are 0.367, 0.333, 0.3, so
+    # top_p=0.5 keeps two of them. Measured against the raw probabilities, 0.22 + 0.2 < 0.5
+    # would keep all three.
+    opts = SamplingOptions(
+        temperature=1.0, top_k=0, top_p=0.5, typical_p=0.5, repeat_penalty=1.0, seed=3
+    )
+    assert _support(opts, mx.log(mx.array([0.4, 0.22, 0.2, 0.18]))) == {1, 2}
+    # min_p is relative to the best survivor: 0.18 >= 0.8 * 0.22 keeps token 3 as well.
+    opts = SamplingOptions(
+        temperature=1.0, top_k=0, top_p=1.0, typical_p=0.5, min_p=0.8, repeat_penalty=1.0, seed=3
+    )
+    assert _support(opts, mx.log(mx.array([0.4, 0.22, 0.2, 0.18]))) == {1, 2, 3}
+
+
+def test_temperature_flattens_and_sharpens() -> None:
+    base: dict[str, Any] = {"top_k": 0, "top_p": 1.0, "repeat_penalty": 1.0, "seed": 5}
+    logits = mx.array([2.0, 0.0, -2.0])
+    cold = _support(SamplingOptions(**base, temperature=0.05), logits, n=200)
+    hot = _support(SamplingOptions(**base, temperature=50.0), logits, n=200)
+    assert cold == {0}
+    assert hot == {0, 1, 2}
+
+
+def test_sample_is_a_lazy_int32_scalar_and_independent_of_the_batch() -> None:
+    opts = SamplingOptions(temperature=1.0, top_k=0, top_p=1.0, repeat_penalty=1.0, seed=9)
+    alone = _draws(opts, 10)
+    # Interleaved with another sequence, and with MLX's global generator reseeded: the
+    # seeded sequence draws the same tokens.
+    a = Sampler(opts, prompt=(), vocab_size=V, context_length=64)
+    b = Sampler(
+        SamplingOptions(temperature=1.0, top_k=0, top_p=1.0, seed=1),
+        prompt=(1, 2),
+        vocab_size=V,
+        context_length=64,
+    )
+    together = []
+    for i in range(10):
+        mx.random.seed(1000 + i)
+        ta, tb = a.sample(_logits(i)), b.sample(_logits(i + 50))
+        assert isinstance(ta, mx.array)
+        assert ta.dtype == mx.int32
+        assert ta.shape == ()
+        mx.eval(ta, tb)
+        a.accept(_item(ta))
+        b.accept(_item(tb))
+        together.append(_item(ta))
+    assert together == alone
+
+
+def test_penalties_apply_to_the_whole_context_with_minus_one() -> None:
+    logits = mx.array([3.0, 2.0] + [0.0] * (V - 2))
+    prompt = (0,) + (5,) * 100  # id 0 is 100 tokens back
+    whole = Sampler(
+        SamplingOptions(temperature=0.0, repeat_penalty=100.0, repeat_last_n=-1),
+        prompt=prompt,
+        vocab_size=V,
+        context_length=256,
+    )
+    recent = Sampler(
+        SamplingOptions(temperature=0.0, repeat_penalty=100.0, repeat_last_n=64),
+        prompt=prompt,
+        vocab_size=V,
+        context_length=256,
+    )
+    assert _item(whole.sample(logits)) == 1
+    assert _item(recent.sample(logits)) == 0
 
 
 def test_logprobs_are_log_softmax_of_raw_logits() -> None:
@@ -172,6 +253,10 @@ def test_logprobs_are_log_softmax_of_raw_logits() -> None:
         ({"top_k": 2.5}, "top_k"),
         ({"seed": float("nan")}, "seed"),
         ({"temperature": float("inf")}, "temperature"),
+        ({"top_p": 10**400}, "top_p"),
+        ({"seed": "42"}, "seed"),
+        ({"repeat_penalty": [1.1]}, "repeat_penalty"),
+        ({"min_p": False}, "min_p"),
     ],
 )
 def test_invalid_options_raise_clear_errors(options: dict[str, object], message: str) -> None:
@@ -186,3 +271,8 @@ def test_from_dict_ignores_other_options_and_maps_negative_seed() -> None:
     assert opts.temperature == 0.0
     assert opts.seed is None
     assert options_from_dict({"seed": 7, "top_k": 3.0}).top_k == 3
+    defaults = SamplingOptions()
+    assert options_from_dict({"temperature": None, "top_k": None}) == defaults
+    assert options_from_dict({"temperature": 1}).temperature == 1.0
+    with pytest.raises(OptionsError, match="object"):
+        options_from_dict(["temperature", 1])  # type: ignore[arg-type]
