@@ -240,13 +240,13 @@ if kind == "endless":
     actors.loading.model_loader = lambda config: scripted_load(engine, tiny_tokenizer())
 else:
     actors.loading.model_loader = lambda config: stuck_load
-sys.exit(main(["run", "Hi"]))
+sys.exit(main(["run", *sys.argv[2:]]))
 """
 
 
-def _child(kind: str) -> subprocess.Popen[str]:
+def _child(kind: str, *argv: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-c", _CHILD, kind],
+        [sys.executable, "-c", _CHILD, kind, *(argv or ("Hi",))],
         cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
         stdout=subprocess.PIPE,
@@ -293,3 +293,21 @@ def test_a_second_ctrl_c_quits_a_load_at_once() -> None:
     assert out == ""
     assert "interrupted" in err
     assert "Traceback" not in err
+
+
+def test_a_prompt_error_is_one_line_and_exit_1() -> None:
+    child = _child("endless", "")
+    out, err = child.communicate(timeout=60)
+    assert child.returncode == 1
+    assert out == ""
+    assert err.strip().splitlines()[-1].startswith("mlxrunner run: empty prompt")
+    assert "Traceback" not in err
+
+
+async def test_a_dash_reads_the_prompt_from_stdin(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hi from a pipe"))
+    engine = ScriptedEngine(_spell(" ok"))
+    code, out, _ = await _run(engine, "-")
+    assert code == 0
+    assert out == " ok\n"
+    assert engine.last_request.prompt == tuple(TOK.encode("Hi from a pipe"))
