@@ -145,16 +145,20 @@ class Sampler:
         self._history = mx.concatenate([self._history, tok.astype(mx.int32)])[-self._window :]
 
     def _penalties(self, logits: mx.array) -> mx.array:
+        # Work on the window's ids only (not a vocabulary-sized count vector). Writing the
+        # same penalized value once per occurrence applies repeat and presence once per
+        # distinct id; the frequency penalty accumulates per occurrence.
         o = self.options
-        counts = mx.zeros((logits.shape[-1],), mx.float32).at[self._history].add(1.0)
-        present = counts > 0
-        if o.repeat_penalty != 1.0:
-            scaled = mx.where(logits < 0, logits * o.repeat_penalty, logits / o.repeat_penalty)
-            logits = mx.where(present, scaled, logits)
-        if o.presence_penalty != 0.0:
-            logits = logits - o.presence_penalty * present.astype(mx.float32)
+        history = self._history
+        if o.repeat_penalty != 1.0 or o.presence_penalty != 0.0:
+            seen = logits[history]
+            if o.repeat_penalty != 1.0:
+                seen = mx.where(seen < 0, seen * o.repeat_penalty, seen / o.repeat_penalty)
+            if o.presence_penalty != 0.0:
+                seen = seen - o.presence_penalty
+            logits = mx.put_along_axis(logits, history, seen, axis=0)
         if o.frequency_penalty != 0.0:
-            logits = logits - o.frequency_penalty * counts
+            logits = logits.at[history].subtract(o.frequency_penalty)
         return logits
 
     def sample(self, logits: mx.array) -> mx.array:
@@ -176,8 +180,13 @@ class Sampler:
             ids = mx.argpartition(-logits, kth=o.top_k - 1)[: o.top_k]
             logits = logits[ids]
         scaled = logits / o.temperature
-        if o.typical_p >= 1.0 and o.top_p >= 1.0 and o.min_p <= 0.0:
-            pick = mx.random.categorical(scaled, key=key)  # no mask needs the sorted order
+        if o.typical_p >= 1.0 and o.top_p >= 1.0:
+            # No filter needs the sorted order (a full sort of the vocabulary costs more than
+            # everything else here). min_p in log space: p >= min_p * p_max.
+            if o.min_p > 0.0:
+                floor = mx.max(scaled) + math.log(o.min_p)
+                scaled = mx.where(scaled >= floor, scaled, -mx.inf)
+            pick = mx.random.categorical(scaled, key=key)
             return (ids[pick] if ids is not None else pick).astype(mx.int32)
         order = mx.argsort(-scaled)  # candidates by descending probability
         scaled = scaled[order]

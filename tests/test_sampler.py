@@ -123,11 +123,12 @@ def test_top_p_keeps_the_smallest_prefix_reaching_p() -> None:
     assert _support(SamplingOptions(**base, top_p=0.75), _dist()) == {0, 1, 2}
 
 
-def test_min_p_drops_tokens_below_a_fraction_of_the_best() -> None:
+@pytest.mark.parametrize("top_p", [1.0, 0.99])  # alone (log-space) and after top_p (sorted)
+def test_min_p_drops_tokens_below_a_fraction_of_the_best(top_p: float) -> None:
     opts = SamplingOptions(
-        temperature=1.0, top_k=0, top_p=1.0, min_p=0.3, repeat_penalty=1.0, seed=3
+        temperature=1.0, top_k=0, top_p=top_p, min_p=0.25, repeat_penalty=1.0, seed=3
     )
-    assert _support(opts, _dist()) == {0, 1, 2}  # 0.15 >= 0.3 * 0.5; 0.1 is not
+    assert _support(opts, _dist()) == {0, 1, 2}  # 0.15 >= 0.25 * 0.5; 0.1 is not
 
 
 def test_top_k_limits_the_candidates() -> None:

@@ -14,6 +14,8 @@ from typing import Any
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+__all__ = ["CHAT_TEMPLATE", "CORPUS", "SPECIALS", "tokenizer_config", "train_tokenizer"]
+
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 # Varied enough for ~1000 merges; covers 2-, 3- and 4-byte UTF-8 characters.
