@@ -19,7 +19,7 @@ import signal
 import sys
 import traceback
 from collections.abc import AsyncIterator
-from typing import Any, NoReturn, TextIO
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
 import attrs
 import trio
@@ -28,6 +28,9 @@ from actors.messages import GenerateRequest, GenerationOptions, RunnerClient
 from runtime.errors import OptionsError, RuntimeInputError
 from runtime.progress import ProgressBar
 from runtime.sampler import SamplingOptions
+
+if TYPE_CHECKING:
+    from actors.tree import LoadFn
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 128 + signal.SIGINT  # what a shell reports for a Ctrl-C'd command
@@ -160,13 +163,13 @@ async def run(
     args: argparse.Namespace,
     request: GenerateRequest,
     *,
-    load: Any = None,
+    load: LoadFn | None = None,
     out: TextIO | None = None,
     err: TextIO | None = None,
 ) -> int:
     """Open the tree, stream one generation to ``out``, return the exit code.
 
-    ``load`` replaces the real model load (``actors.tree.LoadFn``) in tests.
+    ``load`` replaces the real model load (``actors.loading.model_loader``) in tests.
     """
     from actors.tree import open_runner
 
