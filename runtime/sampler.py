@@ -179,7 +179,8 @@ class Sampler:
         if 0 < o.top_k < vocab:
             ids = mx.argpartition(-logits, kth=o.top_k - 1)[: o.top_k]
             logits = logits[ids]
-        scaled = logits / o.temperature
+        # Shifted first so that a tiny temperature gives -inf, never inf - inf = nan.
+        scaled = (logits - mx.max(logits)) / o.temperature
         if o.typical_p >= 1.0 and o.top_p >= 1.0:
             # No filter needs the sorted order (a full sort of the vocabulary costs more than
             # everything else here). min_p in log space: p >= min_p * p_max.

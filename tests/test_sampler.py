@@ -182,6 +182,9 @@ def test_temperature_flattens_and_sharpens() -> None:
     hot = _support(SamplingOptions(**base, temperature=50.0), logits, n=200)
     assert cold == {0}
     assert hot == {0, 1, 2}
+    tiny = SamplingOptions(**base, temperature=1e-37)  # logits / T would overflow float32
+    assert _support(tiny, mx.array([300.0, 290.0, -5.0]), n=50) == {0}
+    assert _support(tiny, mx.array([-5.0, 290.0, 300.0]), n=50) == {2}
 
 
 def test_sample_is_a_lazy_int32_scalar_and_independent_of_the_batch() -> None:
