@@ -36,29 +36,38 @@ class _Failed:
     error: BaseException
 
 
+@attrs.define
+class _Admission:
+    """The pump's answer to ``open_generation``: admitted, or the error that refused it."""
+
+    event: trio.Event = attrs.field(factory=trio.Event)
+    error: BaseException | None = None
+
+
 async def _pump(
     ctx: ApiContext,
     request: GenerateRequest,
     send: trio.MemorySendChannel[Chunk | _Failed],
-    *,
-    task_status: trio.TaskStatus[trio.CancelScope],
+    scope: trio.CancelScope,
+    admission: _Admission,
 ) -> None:
-    admitted = False
-    with trio.CancelScope() as scope, send:
+    # Started with start_soon, not start(): task_status.started() from inside the runner's
+    # context would re-parent the nursery the runner opened there while it is running.
+    with scope, send:
         try:
             async with ctx.client.generate(request) as chunks:
-                admitted = True
-                task_status.started(scope)
+                admission.event.set()
                 async for chunk in chunks:
                     await send.send(chunk)
                     if chunk.done:
                         break
         except (trio.BrokenResourceError, trio.ClosedResourceError):
-            if not admitted:
-                raise
+            pass  # the response went away; leaving the context told the runner
         except Exception as exc:
-            if not admitted:
-                raise
+            if not admission.event.is_set():
+                admission.error = exc
+                admission.event.set()
+                return
             log.exception("generation failed after admission")
             # If the response is gone already there is nobody left to tell.
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
@@ -71,13 +80,27 @@ async def open_generation(ctx: ApiContext, request: GenerateRequest) -> Generati
     nursery: trio.Nursery = _app_nursery()
     # Unbuffered: the runner's stream paces with the client's reads.
     send, receive = trio.open_memory_channel[Chunk | _Failed](0)
+    scope = trio.CancelScope()
+    admission = _Admission()
     started_at = trio.current_time()
+    nursery.start_soon(_pump, ctx, request, send, scope, admission)
     try:
-        scope = await nursery.start(_pump, ctx, request, send)
-    except BaseException:
+        await admission.event.wait()
+    except BaseException:  # cancelled while queued (client gone): withdraw the request
+        scope.cancel()
         receive.close()
         raise
+    if admission.error is not None:
+        receive.close()
+        raise _unwrap(admission.error)
     return Generation(ctx, receive, scope, started_at)
+
+
+def _unwrap(error: BaseException) -> BaseException:
+    """A lone error out of the runner's nursery, without its group."""
+    while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
+        error = error.exceptions[0]
+    return error
 
 
 def _app_nursery() -> trio.Nursery:
@@ -120,7 +143,8 @@ class Generation:
         if isinstance(item, _Failed):
             self._finished = True
             self.close()
-            raise GenerationFailed(str(item.error) or type(item.error).__name__)
+            error = _unwrap(item.error)
+            raise GenerationFailed(str(error) or type(error).__name__)
         self._observe(item)
         return item
 

@@ -57,7 +57,8 @@ def details(info: ModelInfo) -> dict[str, Any]:
     family = info.family or info.model_type
     return {
         "parent_model": "",
-        "format": "gguf" if "Q" in info.quantization.upper()[:1] else "safetensors",
+        # Ollama's own names (Q4_0, Q8_0...) come from GGUF; MLX ones ("int4 g32") do not.
+        "format": "gguf" if info.quantization.upper().startswith("Q") else "safetensors",
         "family": family,
         "families": [family],
         "parameter_size": parameter_size(info.parameters),

@@ -61,6 +61,7 @@ class FakeRunner:
     cancelled: int = 0
     generated: int = 0
     finished: int = 0
+    fail_at: int | None = None  # raise (a runner fault) before producing this token
     admission: trio.Event | None = None  # when set: generate() waits on it, as if queued
     waiting: int = 0
 
@@ -131,13 +132,17 @@ class FakeRunner:
         limit = request.options.num_predict
         count = 0
         reason = DoneReason.STOP
+        # send.close(), not ``async with send``: aclose() checkpoints, and a Cancelled there
+        # would replace an error on its way out.
         try:
-            async with send:
+            with send:
                 while self.endless or count < len(self.script):
                     if 0 < limit <= count:
                         reason = DoneReason.LENGTH
                         break
                     await self.step()
+                    if self.fail_at is not None and count >= self.fail_at:
+                        raise RuntimeError("engine failed")
                     word = self.script[count % len(self.script)]
                     logprobs: tuple[Logprob, ...] = ()
                     if request.logprobs:

@@ -288,3 +288,22 @@ async def test_a_generation_dropped_unread_is_still_closed(fake) -> None:
             while fake.active:
                 await trio.sleep(0.001)
     assert fake.cancelled == 1
+
+
+async def test_a_runner_fault_after_admission_ends_the_stream_with_an_error(client, fake) -> None:
+    fake.fail_at = 1
+    chunks = lines(await (await client.post("/completion", json={"prompt": "x"})).get_data())
+    assert chunks[0]["content"] == "Hello"
+    assert chunks[-1] == {"error": "engine failed"}
+    response = await client.post("/api/chat", json={"messages": [{"role": "user", "content": "x"}]})
+    assert lines(await response.get_data())[-1] == {"error": "engine failed"}
+    response = await client.post(
+        "/v1/completions", json={"model": "fake", "prompt": "x", "stream": True}
+    )
+    data = (await response.get_data()).decode()
+    assert '"error":{"message":"engine failed"' in data
+    assert "[DONE]" not in data
+    response = await client.post("/completion", json={"prompt": "x", "stream": False})
+    assert response.status_code == 500
+    assert await response.get_json() == {"error": "engine failed"}
+    assert fake.active == 0
