@@ -50,6 +50,15 @@ def test_helpers_raise_exception_tojson_loop_controls() -> None:
     assert issubclass(TemplateError, OptionsError)  # maps to 400 like any bad option
 
 
+def test_generation_blocks_render_their_body() -> None:
+    template = (
+        "{% for m in messages %}{% if m.role == 'assistant' %}{% generation %}"
+        "[{{ m.content }}]{% endgeneration %}{% else %}{{ m.content }}{% endif %}{% endfor %}"
+    )
+    messages = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    assert render(template, messages) == "q[a]"
+
+
 def test_tojson_options_tools_and_extra_variables() -> None:
     template = (
         "{{ tools | tojson(indent=1) }}|{{ {'b': 1, 'a': 2} | tojson(sort_keys=True) }}"
