@@ -12,7 +12,7 @@ import json
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from functools import lru_cache
-from typing import Any, ClassVar
+from typing import Any
 
 import jinja2
 from jinja2 import nodes
@@ -61,7 +61,7 @@ class _GenerationBlocks(Extension):
     """``{% generation %}...{% endgeneration %}``: transformers marks the assistant's tokens
     with it (for training masks); rendering just emits the body."""
 
-    tags: ClassVar[set[str]] = {"generation"}
+    tags = {"generation"}  # noqa: RUF012 (jinja2 declares it a plain attribute)
 
     def parse(self, parser: Parser) -> list[nodes.Node]:
         next(parser.stream)
