@@ -51,8 +51,8 @@ async def _pump(
     scope: trio.CancelScope,
     admission: _Admission,
 ) -> None:
-    # Started with start_soon, not start(): task_status.started() from inside the runner's
-    # context would re-parent the nursery the runner opened there while it is running.
+    # A plain child of the app nursery from the start (start_soon and an event rather than
+    # nursery.start()), so no task_status.started() runs inside the runner's own nursery.
     with scope, send:
         try:
             async with ctx.client.generate(request) as chunks:

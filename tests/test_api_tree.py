@@ -126,3 +126,24 @@ async def test_official_clients_over_the_tree(tree) -> None:
     assert chunks[-1].usage.completion_tokens == 4
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
     assert harness.statistics().requests_total == 3
+
+
+async def test_a_full_queue_answers_429_with_retry_after() -> None:
+    engine = slow_engine(0.002)
+    async with open_test_runner(engine, tokenizer=tokenizer(), max_queue=1, parallel=1) as harness:
+        app = create_app(harness.runner, ApiConfig(model_name="fake"))
+        async with serve_app(app) as (host, port):
+            running = await raw_request(host, port, "POST", "/completion", {"prompt": "a"})
+            await wait_until(lambda: harness.statistics().active_sequences == 1)
+            waiting = await raw_request(host, port, "POST", "/completion", {"prompt": "b"})
+            await wait_until(lambda: harness.statistics().queued_requests == 1)
+            refused = await raw_request(host, port, "POST", "/completion", {"prompt": "c"})
+            answer = b""
+            while b"}" not in answer:
+                answer += await refused.receive_some(65536)
+            assert answer.startswith(b"HTTP/1.1 429")
+            assert b"retry-after: 1" in answer.lower()
+            for stream in (refused, waiting, running):
+                await stream.aclose()
+            await wait_until(lambda: harness.statistics().active_sequences == 0)
+            assert harness.statistics().queued_requests == 0
