@@ -161,14 +161,13 @@ class Scheduler:
     async def _loop(self) -> None:
         while True:
             admitted = self._admit()
-            departed = [s for s in self._departed]
+            departed = list(self._departed)
             self._departed.clear()
             for seq_id in departed:
-                sub = self._running.pop(seq_id, None)
+                sub = self._running.get(seq_id)
                 if sub is not None:
-                    self.counters.cancelled += 1
-                    sub.reply.close()
-            if not self._running and not admitted and not departed:
+                    sub.reply.close()  # nothing more is routed to a requester that left
+            if len(self._running) == len(departed) and not admitted and not departed:
                 self._wakeup = trio.Event()
                 if self.queued == 0 and not self._departed:  # else: more to do at once
                     await self._wakeup.wait()
@@ -176,6 +175,11 @@ class Scheduler:
             results = await self._thread.run(self._job, departed, admitted)
             self.steps += 1
             rejected, events, self.engine_stats = results
+            # Departed sequences leave the running set only now that the engine has dropped
+            # them, so statistics never show a sequence gone while its cache is still held.
+            for seq_id in departed:
+                if self._running.pop(seq_id, None) is not None:
+                    self.counters.cancelled += 1
             for seq_id, error in rejected:
                 sub = self._running.pop(seq_id, None)
                 if sub is not None:

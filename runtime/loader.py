@@ -28,7 +28,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from runtime.blas import loaded_blas
-from runtime.errors import ModelLoadError
+from runtime.errors import ModelLoadError, ModelNotFoundError
 from runtime.models import architecture
 from runtime.weights import ModelFiles, TensorSet, folder_files, read_tensors
 
@@ -124,6 +124,8 @@ def load_model(
     else:
         if path.is_dir():
             files = folder_files(path)
+        elif _looks_like_path(str(source)):
+            raise ModelNotFoundError(f"{source}: no such model folder or .gguf file")
         else:
             from runtime.store import Store
 
@@ -170,6 +172,11 @@ def load_model(
 def flat_parameters(model: nn.Module) -> dict[str, mx.array]:
     """``{dotted name: array}`` of a module's parameters (checkpoint names)."""
     return dict(cast("list[tuple[str, mx.array]]", tree_flatten(model.parameters())))
+
+
+def _looks_like_path(source: str) -> bool:
+    """A store name never starts with ``/``, ``.`` or ``~`` nor ends in ``.gguf``."""
+    return source.startswith(("/", ".", "~")) or source.endswith(".gguf") or "\\" in source
 
 
 def _count_parameters(model: nn.Module) -> int:

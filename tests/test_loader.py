@@ -164,3 +164,12 @@ def test_mlx_quantized_folder_loads_with_float32_scales(tmp_path: Path) -> None:
     dense = load_model(folder, execution="dense")
     assert dense.execution == "dense"
     assert np.max(np.abs(_logits(loaded.model) - _logits(dense.model))) < 1e-3
+
+
+@pytest.mark.parametrize("source", ["/nonexistent/model", "./missing", "weights.gguf"])
+def test_missing_paths_say_so(source: str) -> None:
+    from runtime.errors import ModelNotFoundError
+    from runtime.loader import load_model
+
+    with pytest.raises(ModelNotFoundError, match="no such model folder or .gguf file"):
+        load_model(source)
