@@ -171,5 +171,5 @@ def test_missing_paths_say_so(source: str) -> None:
     from runtime.errors import ModelNotFoundError
     from runtime.loader import load_model
 
-    with pytest.raises(ModelNotFoundError, match="no such model folder or .gguf file"):
+    with pytest.raises(ModelNotFoundError, match=r"no such model folder or \.gguf file"):
         load_model(source)
