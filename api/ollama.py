@@ -78,72 +78,78 @@ def _common(body: dict[str, Any]) -> tuple[dict[str, Any], bool]:
     return get_object(body, "options"), get_bool(body, "stream", True)
 
 
-def blueprint(ctx: ApiContext) -> Blueprint:
-    bp = Blueprint("ollama", __name__)
+# The route-specific part of each line: {"response": text} or {"message": {...}}.
+Render = Callable[[str], dict[str, Any]]
 
-    def stream_or_collect(
-        generation_request: GenerateRequest,
-        name: str,
-        stream: bool,
-        render: Callable[[str, Chunk | None], dict[str, Any]],
-    ) -> Callable[[], Any]:
-        """A coroutine factory producing the NDJSON stream or the single object."""
 
-        def final_fields(chunk: Chunk) -> dict[str, Any]:
-            reason = chunk.done_reason if chunk.done_reason is not None else DoneReason.STOP
-            return {"done_reason": DONE_REASONS[reason], **stats_json(chunk)}
+def _line(
+    name: str, render: Render, content: str, chunk: Chunk, logprobs: list[dict[str, Any]] | None
+) -> dict[str, Any]:
+    out = {"model": name, "created_at": now_rfc3339(), **render(content), "done": chunk.done}
+    if logprobs is not None:
+        out["logprobs"] = logprobs
+    if chunk.done:
+        reason = chunk.done_reason if chunk.done_reason is not None else DoneReason.STOP
+        out.update({"done_reason": DONE_REASONS[reason], **stats_json(chunk)})
+    return out
 
-        def line(content: str, chunk: Chunk, logprobs: list[dict[str, Any]]) -> dict[str, Any]:
-            out = {"model": name, "created_at": now_rfc3339(), **render(content, chunk)}
-            out["done"] = chunk.done
-            if generation_request.logprobs:
-                out["logprobs"] = logprobs
-            if chunk.done:
-                out.update(final_fields(chunk))
-            return out
 
-        async def run() -> Response:
-            generation = await open_generation(ctx, generation_request)
-            if stream:
+async def _respond(
+    ctx: ApiContext, req: GenerateRequest, name: str, stream: bool, render: Render
+) -> Response:
+    """The NDJSON stream, or one object with the whole text and the final statistics."""
+    generation = await open_generation(ctx, req)
+    if stream:
 
-                async def pieces() -> AsyncIterator[bytes]:
-                    try:
-                        async for chunk in generation:
-                            if chunk.content or chunk.done or chunk.logprobs:
-                                lps = _logprobs(chunk)
-                                yield ndjson_line(line(chunk.content, chunk, lps))
-                    except GenerationFailed as exc:
-                        yield ndjson_line({"error": str(exc)})
-                    finally:
-                        generation.close()
-
-                return ndjson_response(generation, pieces())
-
-            parts: list[str] = []
-            lps: list[dict[str, Any]] = []
-            last = Chunk(done=True, done_reason=DoneReason.CANCELLED)
+        async def pieces() -> AsyncIterator[bytes]:
             try:
                 async for chunk in generation:
-                    parts.append(chunk.content)
-                    lps.extend(_logprobs(chunk))
-                    last = chunk
+                    if chunk.content or chunk.done or chunk.logprobs:
+                        lps = _logprobs(chunk) if req.logprobs else None
+                        yield ndjson_line(_line(name, render, chunk.content, chunk, lps))
+            except GenerationFailed as exc:
+                yield ndjson_line({"error": str(exc)})
             finally:
                 generation.close()
-            return jsonify(line("".join(parts), last, lps))
 
-        return run
+        return ndjson_response(generation, pieces())
 
-    def load_reply(name: str, render: Callable[[str, Chunk | None], dict[str, Any]]) -> Response:
-        # Ollama answers an empty prompt by loading the model and returning at once.
-        return jsonify(
-            {
-                "model": name,
-                "created_at": now_rfc3339(),
-                **render("", None),
-                "done": True,
-                "done_reason": "load",
-            }
-        )
+    parts: list[str] = []
+    lps: list[dict[str, Any]] = []
+    last = Chunk(done=True, done_reason=DoneReason.CANCELLED)
+    try:
+        async for chunk in generation:
+            parts.append(chunk.content)
+            lps.extend(_logprobs(chunk))
+            last = chunk
+    finally:
+        generation.close()
+    return jsonify(_line(name, render, "".join(parts), last, lps if req.logprobs else None))
+
+
+def _load_reply(name: str, render: Render) -> Response:
+    # Ollama answers an empty prompt by loading the model and returning at once.
+    return jsonify(
+        {
+            "model": name,
+            "created_at": now_rfc3339(),
+            **render(""),
+            "done": True,
+            "done_reason": "load",
+        }
+    )
+
+
+def _response_text(content: str) -> dict[str, Any]:
+    return {"response": content}
+
+
+def _assistant_message(content: str) -> dict[str, Any]:
+    return {"message": {"role": "assistant", "content": content}}
+
+
+def blueprint(ctx: ApiContext) -> Blueprint:
+    bp = Blueprint("ollama", __name__)
 
     @bp.post("/api/generate")
     async def generate() -> Response:
@@ -159,13 +165,9 @@ def blueprint(ctx: ApiContext) -> Blueprint:
         if body.get("images"):
             raise bad_request("this model does not support image input")
         raw = get_bool(body, "raw", False)
-
-        def render(content: str, chunk: Chunk | None) -> dict[str, Any]:
-            return {"response": content}
-
         if not prompt and not system:
             ctx.check_admitting()
-            return load_reply(name, render)
+            return _load_reply(name, _response_text)
         req = GenerateRequest(
             prompt=prompt,
             system=None if raw else system,
@@ -174,8 +176,7 @@ def blueprint(ctx: ApiContext) -> Blueprint:
             logprobs=get_bool(body, "logprobs", False),
             top_logprobs=get_top_logprobs(body),
         )
-        result: Response = await stream_or_collect(req, name, stream, render)()
-        return result
+        return await _respond(ctx, req, name, stream, _response_text)
 
     @bp.post("/api/chat")
     async def chat() -> Response:
@@ -183,13 +184,9 @@ def blueprint(ctx: ApiContext) -> Blueprint:
         name = ctx.resolve_model(get_str(body, "model"))
         options, stream = _common(body)
         messages = chat_messages(body)
-
-        def render(content: str, chunk: Chunk | None) -> dict[str, Any]:
-            return {"message": {"role": "assistant", "content": content}}
-
         if not messages:
             ctx.check_admitting()
-            return load_reply(name, render)
+            return _load_reply(name, _assistant_message)
         req = GenerateRequest(
             messages=messages,
             tools=tool_list(body),
@@ -197,8 +194,7 @@ def blueprint(ctx: ApiContext) -> Blueprint:
             logprobs=get_bool(body, "logprobs", False),
             top_logprobs=get_top_logprobs(body),
         )
-        result: Response = await stream_or_collect(req, name, stream, render)()
-        return result
+        return await _respond(ctx, req, name, stream, _assistant_message)
 
     def model_entry(info: ModelInfo, name: str) -> dict[str, Any]:
         return {

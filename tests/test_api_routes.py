@@ -307,3 +307,61 @@ async def test_a_runner_fault_after_admission_ends_the_stream_with_an_error(clie
     assert response.status_code == 500
     assert await response.get_json() == {"error": "engine failed"}
     assert fake.active == 0
+
+
+async def test_ollama_empty_prompt_loads_without_generating(client, fake) -> None:
+    for path, body in (
+        ("/api/generate", {"model": "fake"}),
+        ("/api/chat", {"model": "fake", "messages": []}),
+    ):
+        reply = await (await client.post(path, json=body)).get_json()
+        assert reply["done"] is True
+        assert reply["done_reason"] == "load"
+    assert fake.requests == []
+
+
+async def test_ollama_logprobs_and_raw(client, fake) -> None:
+    body = {"model": "fake", "prompt": "x", "raw": True, "logprobs": True, "top_logprobs": 1}
+    chunks = lines(await (await client.post("/api/generate", json=body)).get_data())
+    assert chunks[0]["logprobs"][0]["token"] == "Hello"
+    assert chunks[0]["logprobs"][0]["top_logprobs"][0]["token"] == "alt0"
+    assert fake.requests[0].template is False
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/api/generate", {"model": "fake", "prompt": "x", "format": "json"}),
+        ("/api/generate", {"model": "fake", "prompt": "x", "images": ["aGk="]}),
+        ("/api/chat", {"model": "fake", "messages": [{"role": "user", "images": ["aGk="]}]}),
+        ("/api/chat", {"model": "fake", "messages": [{"role": "user"}], "think": True}),
+        ("/api/chat", {"model": "fake", "messages": "hi"}),
+        ("/v1/chat/completions", {"model": "fake", "messages": []}),
+        ("/v1/chat/completions", {"model": "fake", "messages": [{"role": "user"}], "n": 2}),
+        (
+            "/v1/chat/completions",
+            {
+                "model": "fake",
+                "messages": [{"role": "user"}],
+                "response_format": {"type": "json_object"},
+            },
+        ),
+        (
+            "/v1/chat/completions",
+            {"model": "fake", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+        ),
+        (
+            "/v1/chat/completions",
+            {"model": "fake", "messages": [{"role": "user"}], "top_logprobs": 2},
+        ),
+        ("/v1/completions", {"model": "fake", "prompt": "x", "echo": True}),
+        ("/v1/completions", {"model": "fake", "prompt": "x", "max_tokens": 0}),
+        ("/v1/completions", {"model": "fake", "prompt": ["a", "b"]}),
+        ("/v1/completions", {"model": "fake", "prompt": "x", "logprobs": 6}),
+    ],
+)
+async def test_unsupported_or_invalid_requests_are_400(client, fake, path, body) -> None:
+    response = await client.post(path, json=body)
+    assert response.status_code == 400
+    assert isinstance((await response.get_json())["error"], str)
+    assert fake.requests == []
