@@ -14,6 +14,7 @@ import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -22,10 +23,14 @@ from tests.api_fakes import raw_request
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def fake_server(*args: str) -> Any:
+    return server_process(sys.executable, "-m", "tests.api_fakes", *args)
+
+
 @asynccontextmanager
-async def fake_server(*args: str) -> AsyncIterator[tuple[trio.Process, int, list[bytes]]]:
+async def server_process(*command: str) -> AsyncIterator[tuple[trio.Process, int, list[bytes]]]:
     process = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "tests.api_fakes", *args],
+        list(command),
         cwd=ROOT,
         stderr=subprocess.PIPE,
     )
@@ -144,3 +149,27 @@ def test_served_names() -> None:
     assert served_name("smollm2:135m") == "smollm2:135m"
     assert served_name("/models/SmolLM2-135M-Instruct.Q4_1.gguf") == "SmolLM2-135M-Instruct.Q4_1"
     assert served_name("/models/qwen3-folder") == "qwen3-folder"
+
+
+async def test_mlxrunner_serve_runs_a_tiny_real_model_end_to_end(tmp_path) -> None:
+    from tests.tiny import make_tiny_folder
+
+    folder = make_tiny_folder(tmp_path / "tiny-llama")
+    command = [sys.executable, "-m", "api.cli", "serve", "--model", str(folder), "--port", "0"]
+    async with server_process(*command, "--grace", "5") as (process, port, stderr):
+        with trio.fail_after(120):  # load guard
+            while b'"ok"' not in await get("/health", port):
+                await trio.sleep(0.05)
+        body = {"prompt": "hello", "options": {"temperature": 0, "num_predict": 4}, "stream": False}
+        stream = await raw_request("127.0.0.1", port, "POST", "/completion", body)
+        answer = await read_until(stream, b"}\n")
+        await stream.aclose()
+        assert answer.startswith(b"HTTP/1.1 200"), answer
+        assert b'"eval_count":4' in answer
+        assert b'"done_reason":1' in answer
+        tags = await get("/api/tags", port)
+        assert b'"name":"tiny-llama"' in tags
+        process.send_signal(signal.SIGTERM)
+        with trio.fail_after(30):  # hang guard
+            code = await process.wait()
+        assert code == 0, b"".join(stderr).decode()
