@@ -17,7 +17,14 @@ from typing import Any
 
 from quart import Blueprint, Response, jsonify, request
 
-from actors.messages import Chunk, DoneReason, GenerateRequest, Logprob, UnavailableError
+from actors.messages import (
+    Chunk,
+    DoneReason,
+    GenerateRequest,
+    GenerationOptions,
+    Logprob,
+    UnavailableError,
+)
 from api.context import ApiContext
 from api.errors import GenerationFailed, bad_request
 from api.generation import Generation, StreamBody, open_generation
@@ -52,8 +59,8 @@ def _sse(obj: dict[str, Any] | str) -> bytes:
     return f"data: {data}\n\n".encode()
 
 
-def _options(body: dict[str, Any], num_predict_key: tuple[str, ...]) -> dict[str, Any]:
-    """Keyword arguments for ``generation_options`` from OpenAI's names."""
+def _options(body: dict[str, Any], max_tokens_keys: tuple[str, ...]) -> GenerationOptions:
+    """``GenerationOptions`` from OpenAI's names; the first of ``max_tokens_keys`` given wins."""
     if get_int(body, "n", 1) != 1:
         raise bad_request("'n' must be 1: one choice per request")
     options: dict[str, Any] = {
@@ -68,15 +75,12 @@ def _options(body: dict[str, Any], num_predict_key: tuple[str, ...]) -> dict[str
     for key in _OLLAMA_EXTRAS:  # Ollama's compatibility layer accepts these too
         if key in body:
             options[key] = body[key]
-    max_tokens = None
-    for key in num_predict_key:
-        max_tokens = get_int(body, key, lo=1, hi=INT32_MAX) if max_tokens is None else max_tokens
+    limits = (get_int(body, key, lo=1, hi=INT32_MAX) for key in max_tokens_keys)
+    max_tokens = next((n for n in limits if n is not None), None)
     fmt = get_object(body, "response_format").get("type")
     if fmt not in (None, "text"):
         raise bad_request("'response_format' other than text is not supported by this server")
-    return {
-        "options": generation_options(options, num_predict=max_tokens, stop=get_stop(body)),
-    }
+    return generation_options(options, num_predict=max_tokens, stop=get_stop(body))
 
 
 def _usage(chunk: Chunk) -> dict[str, int]:
@@ -245,7 +249,7 @@ def blueprint(ctx: ApiContext) -> Blueprint:
             tools=tool_list(body),
             logprobs=logprobs,
             top_logprobs=top,
-            **_options(body, ("max_completion_tokens", "max_tokens")),
+            options=_options(body, ("max_completion_tokens", "max_tokens")),
         )
         return await _respond(ctx, req, _Shape(chat=True, name=name, logprobs=logprobs), body)
 
@@ -264,7 +268,7 @@ def blueprint(ctx: ApiContext) -> Blueprint:
             tokens=tokens,
             logprobs=top is not None,
             top_logprobs=top or 0,
-            **_options(body, ("max_tokens",)),
+            options=_options(body, ("max_tokens",)),
         )
         return await _respond(
             ctx, req, _Shape(chat=False, name=name, logprobs=top is not None), body
