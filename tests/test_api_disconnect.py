@@ -23,7 +23,7 @@ def paced_runner() -> FakeRunner:
 
 async def wait_until(predicate, what: str) -> None:
     with trio.fail_after(20):  # a hang guard, not a speed assertion
-        while not predicate():  # noqa: ASYNC110 (the fake's counters are plain ints)
+        while not predicate():
             await trio.sleep(0.005)
 
 
