@@ -18,7 +18,7 @@ import trio
 from actors.messages import Chunk, DoneReason, GenerateRequest, Logprob
 from actors.scheduler import Cancelled, Failed, Reply
 from runtime.engine import FinishReason, TokenEvent
-from runtime.errors import OptionsError, PromptError
+from runtime.errors import OptionsError, PromptError, PromptTooLongError
 
 if TYPE_CHECKING:
     from runtime.tokenizer import Tokenizer
@@ -67,7 +67,7 @@ def prepare(request: GenerateRequest, tokenizer: Tokenizer, model_context: int) 
     if not ids:
         raise PromptError("empty prompt")
     if len(ids) >= context:
-        raise PromptError(
+        raise PromptTooLongError(
             f"input length ({len(ids)} tokens) exceeds the context length ({context} tokens)"
         )
     room = context - len(ids)

@@ -19,6 +19,7 @@ from runtime.errors import (
     ModelNotFoundError,
     OptionsError,
     PromptError,
+    PromptTooLongError,
     RuntimeInputError,
 )
 
@@ -51,12 +52,6 @@ def not_found(message: str) -> ApiError:
     return ApiError(404, message)
 
 
-def _prompt_status(exc: PromptError) -> int:
-    # The runtime has one PromptError for "empty" and "too long"; only the second is 413.
-    text = str(exc)
-    return 413 if "exceeds" in text or "context" in text else 400
-
-
 def status_of(exc: BaseException) -> tuple[int, str, dict[str, str]]:
     """(status, message, extra headers) for a request error; raises nothing."""
     match exc:
@@ -71,8 +66,10 @@ def status_of(exc: BaseException) -> tuple[int, str, dict[str, str]]:
             return 503, str(exc) or "shutting down", {"Retry-After": retry}
         case ModelNotFoundError():
             return 404, str(exc), {}
+        case PromptTooLongError():
+            return 413, str(exc), {}
         case PromptError():
-            return _prompt_status(exc), str(exc), {}
+            return 400, str(exc), {}
         case OptionsError():
             return 400, str(exc), {}
         case ModelLoadError():

@@ -24,4 +24,8 @@ class OptionsError(RuntimeInputError, ValueError):
 
 
 class PromptError(RuntimeInputError, ValueError):
-    """The prompt is empty or does not fit the context."""
+    """The prompt is empty or otherwise unusable."""
+
+
+class PromptTooLongError(PromptError):
+    """The prompt does not fit the context (HTTP 413)."""

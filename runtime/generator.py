@@ -20,7 +20,7 @@ import attrs
 import mlx.core as mx
 
 from runtime.engine import EngineStats, FinishReason, SequenceRequest, TokenEvent, TokenLogprob
-from runtime.errors import PromptError
+from runtime.errors import PromptError, PromptTooLongError
 from runtime.models.common import Span
 from runtime.sampler import Sampler, logprobs
 
@@ -93,7 +93,7 @@ class ModelEngine:
         if not request.prompt:
             raise PromptError("empty prompt")
         if len(request.prompt) >= self._context:
-            raise PromptError(
+            raise PromptTooLongError(
                 f"input length ({len(request.prompt)} tokens) exceeds the context length "
                 f"({self._context} tokens)"
             )

@@ -11,7 +11,7 @@ import trio
 
 from actors.messages import DoneReason, QueueFullError, UnavailableError
 from api.app import ApiConfig, context_of, create_app
-from runtime.errors import OptionsError, PromptError
+from runtime.errors import OptionsError, PromptError, PromptTooLongError
 from tests.api_fakes import FakeRunner
 
 
@@ -207,7 +207,7 @@ async def test_body_over_max_body_is_413(client) -> None:
     ("error", "status", "retry_after"),
     [
         (
-            PromptError("input length (99 tokens) exceeds the context length (64 tokens)"),
+            PromptTooLongError("input length (99 tokens) exceeds the context length (64 tokens)"),
             413,
             False,
         ),
