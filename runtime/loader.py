@@ -30,7 +30,7 @@ from mlx.utils import tree_flatten
 from runtime.blas import loaded_blas
 from runtime.errors import ModelLoadError, ModelNotFoundError
 from runtime.models import architecture
-from runtime.weights import ModelFiles, TensorSet, folder_files, read_tensors
+from runtime.weights import ModelFiles, TensorSet, check_safetensors, folder_files, read_tensors
 
 if TYPE_CHECKING:
     from runtime.store import Store
@@ -46,6 +46,8 @@ class LoadProgress:
     phase: str  # "read", "build", "ready"
     done_bytes: int
     total_bytes: int
+    done_items: int = 0  # tensors read
+    total_items: int = 0
 
     @property
     def fraction(self) -> float:
@@ -131,25 +133,49 @@ def load_model(
 
             files = (store or Store.default()).resolve(str(source))
         total = files.size_bytes
-        done = 0
+        total_tensors = sum(len(check_safetensors(f)[0]) for f in files.weight_files)
+        done = done_tensors = 0
 
-        def on_file(_: Path, size: int) -> None:
-            nonlocal done
+        def on_file(_: Path, size: int, count: int) -> None:
+            nonlocal done, done_tensors
             done += size
+            done_tensors += count
             if progress:
-                progress(LoadProgress(phase="read", done_bytes=done, total_bytes=total))
+                progress(
+                    LoadProgress(
+                        phase="read",
+                        done_bytes=done,
+                        total_bytes=total,
+                        done_items=done_tensors,
+                        total_items=total_tensors,
+                    )
+                )
 
         tensors = read_tensors(files.weight_files, on_file=on_file)
         tokenizer = Tokenizer.from_model_files(files)
+    n_tensors = len(tensors.tensors)
+    size = files.size_bytes
     if progress:
         progress(
-            LoadProgress(phase="build", done_bytes=files.size_bytes, total_bytes=files.size_bytes)
+            LoadProgress(
+                phase="build",
+                done_bytes=size,
+                total_bytes=size,
+                done_items=n_tensors,
+                total_items=n_tensors,
+            )
         )
     chosen = default_execution() if execution == "auto" else execution
     model, stored_quant = build_model(files.config, tensors, execution=chosen, name=files.name)
     if progress:
         progress(
-            LoadProgress(phase="ready", done_bytes=files.size_bytes, total_bytes=files.size_bytes)
+            LoadProgress(
+                phase="ready",
+                done_bytes=size,
+                total_bytes=size,
+                done_items=n_tensors,
+                total_items=n_tensors,
+            )
         )
     n_params = _count_parameters(model)
     return LoadedModel(

@@ -151,9 +151,12 @@ def _declared_quant(metadata: dict[str, str], weight: str) -> tuple[int, int] | 
 
 
 def read_tensors(
-    files: Sequence[Path], *, on_file: Callable[[Path, int], None] | None = None
+    files: Sequence[Path], *, on_file: Callable[[Path, int, int], None] | None = None
 ) -> TensorSet:
-    """Read safetensors files in three phases (raw, scales, bias remap); see the module doc."""
+    """Read safetensors files in three phases (raw, scales, bias remap); see the module doc.
+
+    ``on_file(path, bytes, tensors)`` is called after each file is read (progress).
+    """
     raw: dict[str, mx.array] = {}
     origins: dict[str, str] = {}
     metas: dict[str, dict[str, str]] = {}
@@ -169,8 +172,8 @@ def read_tensors(
             raw[name] = array
             origins[name] = str(path)
             metas[name] = metadata
-        if on_file is not None:
-            on_file(path, path.stat().st_size)
+        if on_file is not None:  # (file, its bytes, its tensors)
+            on_file(path, path.stat().st_size, len(arrays))
     # Phase 2: scales.
     out: dict[str, mx.array] = {}
     out_origins: dict[str, str] = {}

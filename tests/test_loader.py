@@ -173,3 +173,19 @@ def test_missing_paths_say_so(source: str) -> None:
 
     with pytest.raises(ModelNotFoundError, match=r"no such model folder or \.gguf file"):
         load_model(source)
+
+
+def test_load_progress_reports_bytes_and_tensors(tmp_path: Path) -> None:
+    from runtime.loader import LoadProgress, load_model
+    from tests.tiny import make_tiny_folder
+
+    folder = make_tiny_folder(tmp_path / "m", "llama")
+    seen: list[LoadProgress] = []
+    load_model(folder, progress=seen.append)
+    assert [p.phase for p in seen] == ["read", "build", "ready"]
+    reads = [p for p in seen if p.phase == "read"]
+    assert reads[-1].done_bytes == reads[-1].total_bytes > 0
+    assert reads[-1].done_items == reads[-1].total_items > 0
+    fractions = [p.fraction for p in seen]
+    assert fractions == sorted(fractions)
+    assert fractions[-1] == 1.0
