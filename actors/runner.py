@@ -28,6 +28,7 @@ from actors.messages import (
 )
 from actors.scheduler import Submission
 from runtime.engine import SequenceRequest
+from runtime.errors import exception_leaves
 
 if TYPE_CHECKING:
     from actors.scheduler import Scheduler
@@ -170,7 +171,7 @@ class Runner:
                 raise failure[0]
         except BaseExceptionGroup as group:
             # Surface the pipeline's own error (e.g. EngineFailure) rather than a group.
-            leaves = _leaves(group)
+            leaves = exception_leaves(group)
             if len(leaves) == 1 and isinstance(leaves[0], Exception):
                 raise leaves[0] from None
             raise
@@ -215,9 +216,3 @@ def _finished(prepared: pipeline.Prepared, submitted: int) -> trio.MemoryReceive
     )
     send.close()
     return receive
-
-
-def _leaves(exc: BaseException) -> list[BaseException]:
-    if isinstance(exc, BaseExceptionGroup):
-        return [leaf for sub in exc.exceptions for leaf in _leaves(sub)]
-    return [exc]

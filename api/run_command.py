@@ -25,7 +25,7 @@ import attrs
 import trio
 
 from actors.messages import GenerateRequest, GenerationOptions, RunnerClient
-from runtime.errors import OptionsError, RuntimeInputError
+from runtime.errors import OptionsError, RuntimeInputError, exception_leaves
 from runtime.progress import ProgressBar
 from runtime.sampler import SamplingOptions
 
@@ -209,7 +209,7 @@ def main(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:  # before or after the signal receiver is in place
         code = EXIT_INTERRUPTED
     except Exception as exc:
-        problems = _leaves(exc)
+        problems = exception_leaves(exc)
         if all(isinstance(p, RuntimeInputError) for p in problems):
             for message in dict.fromkeys(str(p) for p in problems):
                 print(f"mlxrunner run: {message}", file=sys.stderr)
@@ -230,9 +230,3 @@ def _exit(code: int) -> NoReturn:
         with contextlib.suppress(OSError, ValueError):
             stream.flush()
     os._exit(code)
-
-
-def _leaves(exc: BaseException) -> list[BaseException]:
-    if isinstance(exc, BaseExceptionGroup):
-        return [leaf for sub in exc.exceptions for leaf in _leaves(sub)]
-    return [exc]

@@ -20,7 +20,7 @@ from typing import Any
 import trio
 
 from api.app import ApiConfig, create_app, hypercorn_config, serve_http
-from runtime.errors import RuntimeInputError
+from runtime.errors import RuntimeInputError, exception_leaves
 
 log = logging.getLogger("mlxrunner.serve")
 
@@ -113,16 +113,10 @@ def main(args: argparse.Namespace) -> int:
         trio.run(functools.partial(serve, args))
     except Exception as exc:
         # A taken port, an unknown host, a missing model: one line each, not a traceback.
-        problems = _leaves(exc)
+        problems = exception_leaves(exc)
         if not all(isinstance(p, OSError | RuntimeInputError) for p in problems):
             raise
         for p in problems:
             print(f"mlxrunner serve: {p}", file=sys.stderr)
         return 1
     return 0
-
-
-def _leaves(exc: BaseException) -> list[BaseException]:
-    if isinstance(exc, BaseExceptionGroup):
-        return [leaf for sub in exc.exceptions for leaf in _leaves(sub)]
-    return [exc]

@@ -29,3 +29,10 @@ class PromptError(RuntimeInputError, ValueError):
 
 class PromptTooLongError(PromptError):
     """The prompt does not fit the context (HTTP 413)."""
+
+
+def exception_leaves(exc: BaseException) -> list[BaseException]:
+    """The non-group exceptions inside ``exc`` (itself, if it is not a group)."""
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for sub in exc.exceptions for leaf in exception_leaves(sub)]
+    return [exc]
