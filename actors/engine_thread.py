@@ -43,6 +43,8 @@ class EngineThread:
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._main, name=name, daemon=True)
         self._thread.start()
+        # A job still running after its caller gave up on it (see ``run``).
+        self.abandoned_running = False
 
     @property
     def ident(self) -> int | None:
@@ -61,11 +63,16 @@ class EngineThread:
                 job.value = job.fn()
             except BaseException as exc:  # handed to the awaiting task, which re-raises it
                 job.error = exc
+            self.abandoned_running = False
             with contextlib.suppress(trio.RunFinishedError):
                 trio.from_thread.run_sync(job.done.set, trio_token=job.token)
 
-    async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run ``fn(*args)`` on the engine thread and return its result (or raise its error)."""
+    async def run(self, fn: Callable[..., T], *args: Any, abandon_on_cancel: bool = False) -> T:
+        """Run ``fn(*args)`` on the engine thread and return its result (or raise its error).
+
+        ``abandon_on_cancel``: if cancelled while ``fn`` runs, return at once and let it finish
+        unobserved (for a model load, which no one should have to wait out on a second Ctrl-C).
+        """
         job = _Job(fn=lambda: fn(*args), token=trio.lowlevel.current_trio_token())
         self._jobs.put(job)
         try:
@@ -74,7 +81,8 @@ class EngineThread:
             with self._lock:
                 job.abandoned = True
                 running = job.started
-            if running:
+                self.abandoned_running = running and abandon_on_cancel
+            if running and not abandon_on_cancel:
                 with trio.CancelScope(shield=True):
                     await job.done.wait()
             raise

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -77,7 +78,7 @@ async def _loader(
     def progress(fraction: float) -> None:  # engine thread
         runner.progress = fraction
 
-    loaded = await thread.run(load, progress)
+    loaded = await thread.run(load, progress, abandon_on_cancel=True)
     scheduler = Scheduler(
         SchedulerConfig(
             max_queue=config.max_queue,
@@ -148,6 +149,15 @@ async def drain(runner: Runner, grace: float) -> None:
     runner.stopped.set()
 
 
+def engine_thread_alive() -> bool:
+    """Whether an engine thread is still inside MLX (after an abandoned load).
+
+    Then the process must leave with ``os._exit``: MLX's static destructors abort ("terminate
+    called without an active exception") while a thread still uses it.
+    """
+    return any(t.name == "mlx-engine" and t.is_alive() for t in threading.enumerate())
+
+
 @asynccontextmanager
 async def open_runner(
     *,
@@ -175,6 +185,9 @@ async def open_runner(
                     nursery.cancel_scope.cancel()
     finally:
         thread.stop()
+        # After a second signal, a load still running is not waited for (the caller exits
+        # with os._exit then: see ``engine_thread_alive``).
+        wait = 0.0 if thread.abandoned_running else JOIN_SECONDS
         with trio.CancelScope(shield=True):
-            if not await trio.to_thread.run_sync(thread.join, JOIN_SECONDS):
-                log.warning("engine thread still busy after %.0f s; exiting anyway", JOIN_SECONDS)
+            if not await trio.to_thread.run_sync(thread.join, wait) and wait:
+                log.warning("engine thread still busy after %.0f s; exiting anyway", wait)

@@ -11,8 +11,10 @@ bound exits 1 with one line on stderr.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -119,4 +121,12 @@ def main(args: argparse.Namespace) -> int:
         for p in problems:
             print(f"mlxrunner serve: {p}", file=sys.stderr)
         return 1
+    from actors.tree import engine_thread_alive
+
+    if engine_thread_alive():  # a second signal abandoned a load still running in MLX
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError, ValueError):
+                stream.flush()
+        os._exit(0)
     return 0

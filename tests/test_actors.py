@@ -298,3 +298,20 @@ def test_cache_memory_bound_holds_new_sequences_back() -> None:
         assert [r.seq_id for r in scheduler._admit()] == [2, 3]
     finally:
         thread.stop()
+
+
+async def test_an_abandoned_job_does_not_hold_the_caller() -> None:
+    from actors.engine_thread import EngineThread
+
+    thread = EngineThread()
+    release = threading.Event()
+    try:
+        with trio.move_on_after(0.2) as scope:
+            await thread.run(release.wait, abandon_on_cancel=True)
+        assert scope.cancelled_caught
+        assert thread.abandoned_running
+    finally:
+        release.set()
+        thread.stop()
+        assert await trio.to_thread.run_sync(thread.join, 5.0)
+    assert not thread.abandoned_running
