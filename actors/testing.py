@@ -154,9 +154,9 @@ def scripted_load(engine: ScriptedEngine, tokenizer: Any) -> LoadFn:
 
 
 def tiny_tokenizer() -> Any:
-    """The tiny byte-level tokenizer trained in-process (tests/tokenizer_fixture.py)."""
+    """The tiny byte-level tokenizer trained in-process (runtime/testing/tokenizers.py)."""
+    from runtime.testing.tokenizers import tokenizer_config, train_tokenizer
     from runtime.tokenizer import Tokenizer
-    from tests.tokenizer_fixture import tokenizer_config, train_tokenizer
 
     return Tokenizer.from_parts(train_tokenizer(), tokenizer_config())
 

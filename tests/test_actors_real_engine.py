@@ -23,7 +23,7 @@ from runtime.engine import EngineStats, SequenceRequest, TokenEvent
 from runtime.generator import ModelEngine
 from runtime.loader import load_model
 from runtime.sampler import SamplingOptions
-from tests.tiny import make_tiny_folder
+from runtime.testing.models import make_tiny_folder
 
 PROMPT = (5, 17, 99, 3, 250, 41, 7)
 NEIGHBOUR_PROMPT = tuple(range(20, 220))  # 25 prefill chunks of 8

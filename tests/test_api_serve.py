@@ -152,7 +152,7 @@ def test_served_names() -> None:
 
 
 async def test_mlxrunner_serve_runs_a_tiny_real_model_end_to_end(tmp_path) -> None:
-    from tests.tiny import make_tiny_folder
+    from runtime.testing.models import make_tiny_folder
 
     folder = make_tiny_folder(tmp_path / "tiny-llama")
     command = [sys.executable, "-m", "api.cli", "serve", "--model", str(folder), "--port", "0"]

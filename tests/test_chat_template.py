@@ -6,8 +6,8 @@ import pytest
 
 from runtime.chat_template import CHATML, TemplateError, render
 from runtime.errors import OptionsError
+from runtime.testing.tokenizers import tokenizer_config, train_tokenizer
 from runtime.tokenizer import Tokenizer
-from tests.tokenizer_fixture import tokenizer_config, train_tokenizer
 
 USER = [{"role": "user", "content": "Hi"}]
 

@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from runtime.detokenizer import StreamingDetokenizer
+from runtime.testing.tokenizers import tokenizer_config, train_tokenizer
 from runtime.tokenizer import Tokenizer
-from tests.tokenizer_fixture import tokenizer_config, train_tokenizer
 
 KINDS = ["bytelevel", "metaspace"]
 ALPHABET = st.one_of(

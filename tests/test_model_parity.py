@@ -13,8 +13,8 @@ from mlx_lm.models.cache import make_prompt_cache
 from runtime.kvcache import SequenceCache
 from runtime.loader import build_model
 from runtime.models.common import Span
+from runtime.testing.models import random_weights, tiny_config
 from runtime.weights import TensorSet
-from tests.tiny import random_weights, tiny_config
 
 ARCHS = ["llama", "qwen2", "qwen3"]
 TOL = 1e-4

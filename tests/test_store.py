@@ -20,7 +20,7 @@ from runtime.progress import Progress, ProgressBar
 from runtime.store import Store
 from runtime.store_manifest import TENSOR_MEDIA_TYPE
 from runtime.store_names import InvalidNameError, ModelName
-from tests.tiny import make_tiny_folder
+from runtime.testing.models import make_tiny_folder
 
 # ---- names ----
 

@@ -13,9 +13,9 @@ from api.cli import main
 from runtime.loader import load_model
 from runtime.progress import ProgressBar
 from runtime.store import Store
+from runtime.testing.models import make_tiny_folder
 from scripts.prepare_default_model import find_gguf
 from scripts.prepare_default_model import main as prepare_main
-from tests.tiny import make_tiny_folder
 
 
 @pytest.fixture(scope="module")

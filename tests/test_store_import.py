@@ -20,10 +20,10 @@ from runtime.importer import import_model
 from runtime.loader import load_model
 from runtime.store import Store
 from runtime.store_info import describe
+from runtime.testing.models import make_tiny_folder, quantize_weights, random_weights, tiny_config
+from runtime.testing.tokenizers import CHAT_TEMPLATE, tokenizer_config, train_tokenizer
 from runtime.weights import check_safetensors
 from tests import gguf_writer as gw
-from tests.tiny import make_tiny_folder, quantize_weights, random_weights, tiny_config
-from tests.tokenizer_fixture import CHAT_TEMPLATE, tokenizer_config, train_tokenizer
 
 IDS = [[5, 17, 42, 9, 100, 3, 77]]
 

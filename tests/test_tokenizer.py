@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from runtime.errors import ModelLoadError, OptionsError
+from runtime.testing.tokenizers import tokenizer_config, train_tokenizer
 from runtime.tokenizer import Tokenizer
-from tests.tokenizer_fixture import tokenizer_config, train_tokenizer
 
 
 @pytest.fixture(params=["bytelevel", "metaspace"])

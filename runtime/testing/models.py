@@ -98,8 +98,8 @@ def make_tiny_folder(
     ``quantize=(bits, group_size)`` writes an MLX-quantized checkpoint.
     """
     if tokenizer_json is None:
-        from tests.tokenizer_fixture import tokenizer_config as default_tok_config
-        from tests.tokenizer_fixture import train_tokenizer
+        from runtime.testing.tokenizers import tokenizer_config as default_tok_config
+        from runtime.testing.tokenizers import train_tokenizer
 
         tokenizer_json = train_tokenizer()
         tokenizer_config = tokenizer_config or default_tok_config()
