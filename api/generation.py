@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator
 import attrs
 import trio
 
-from actors.messages import Chunk, DoneReason, GenerateRequest
+from actors.messages import Chunk, DoneReason, GenerateRequest, Logprob
 from api.context import ApiContext
 from api.errors import GenerationFailed
 
@@ -147,6 +147,29 @@ class Generation:
             raise GenerationFailed(str(error) or type(error).__name__)
         self._observe(item)
         return item
+
+    async def collect(self) -> Chunk:
+        """Read the whole generation (non-streaming replies): one chunk with all the text,
+        tokens and logprobs, and the totals of the last chunk."""
+        content: list[str] = []
+        tokens: list[int] = []
+        logprobs: list[Logprob] = []
+        last = Chunk(done=True, done_reason=DoneReason.CANCELLED)
+        try:
+            async for chunk in self:
+                content.append(chunk.content)
+                tokens.extend(chunk.tokens)
+                logprobs.extend(chunk.logprobs)
+                last = chunk
+        finally:
+            self.close()
+        return attrs.evolve(
+            last,
+            content="".join(content),
+            tokens=tuple(tokens),
+            logprobs=tuple(logprobs),
+            done=True,
+        )
 
     def _observe(self, chunk: Chunk) -> None:
         m = self._metrics

@@ -127,31 +127,7 @@ def blueprint(ctx: ApiContext) -> Blueprint:
 
             return ndjson_response(generation, pieces())
 
-        content: list[str] = []
-        tokens: list[int] = []
-        logprobs: list[Logprob] = []
-        last = Chunk(done=True, done_reason=DoneReason.CANCELLED)
-        try:
-            async for chunk in generation:
-                content.append(chunk.content)
-                tokens.extend(chunk.tokens)
-                logprobs.extend(chunk.logprobs)
-                last = chunk
-        finally:
-            generation.close()
-        whole = Chunk(
-            content="".join(content),
-            tokens=tuple(tokens),
-            logprobs=tuple(logprobs),
-            done=True,
-            done_reason=last.done_reason,
-            prompt_eval_count=last.prompt_eval_count,
-            prompt_eval_duration=last.prompt_eval_duration,
-            eval_count=last.eval_count,
-            eval_duration=last.eval_duration,
-            total_duration=last.total_duration,
-            load_duration=last.load_duration,
-        )
+        whole = await generation.collect()
         return jsonify(_chunk_json(whole, logprobs=req.logprobs))
 
     @bp.get("/health")

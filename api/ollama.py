@@ -114,17 +114,9 @@ async def _respond(
 
         return ndjson_response(generation, pieces())
 
-    parts: list[str] = []
-    lps: list[dict[str, Any]] = []
-    last = Chunk(done=True, done_reason=DoneReason.CANCELLED)
-    try:
-        async for chunk in generation:
-            parts.append(chunk.content)
-            lps.extend(_logprobs(chunk))
-            last = chunk
-    finally:
-        generation.close()
-    return jsonify(_line(name, render, "".join(parts), last, lps if req.logprobs else None))
+    whole = await generation.collect()
+    lps = _logprobs(whole) if req.logprobs else None
+    return jsonify(_line(name, render, whole.content, whole, lps))
 
 
 def _load_reply(name: str, render: Render) -> Response:

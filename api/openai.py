@@ -181,18 +181,9 @@ async def _respond(
     generation = await open_generation(ctx, req)
     if stream:
         return _sse_response(generation, _stream(generation, shape, include_usage))
-    text: list[str] = []
-    logprobs: list[Logprob] = []
-    last = Chunk(done=True, done_reason=DoneReason.CANCELLED)
-    try:
-        async for chunk in generation:
-            text.append(chunk.content)
-            logprobs.extend(chunk.logprobs)
-            last = chunk
-    finally:
-        generation.close()
-    choice = shape.choice("".join(text), logprobs, _finish(last), delta=False)
-    return jsonify({**shape.envelope(shape.object, [choice]), "usage": _usage(last)})
+    whole = await generation.collect()
+    choice = shape.choice(whole.content, list(whole.logprobs), _finish(whole), delta=False)
+    return jsonify({**shape.envelope(shape.object, [choice]), "usage": _usage(whole)})
 
 
 async def _stream(
