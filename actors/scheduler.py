@@ -167,7 +167,7 @@ class Scheduler:
                 sub = self._running.get(seq_id)
                 if sub is not None:
                     sub.reply.close()  # nothing more is routed to a requester that left
-            if len(self._running) == len(departed) and not admitted and not departed:
+            if not self._running and not admitted and not departed:
                 self._wakeup = trio.Event()
                 if self.queued == 0 and not self._departed:  # else: more to do at once
                     await self._wakeup.wait()

@@ -128,13 +128,14 @@ class ModelEngine:
 
     def step(self) -> list[TokenEvent]:
         ahead, self._ahead = self._ahead, None
+        rows = ahead.rows if ahead is not None else {}
         # Decoders whose logits the previous step already dispatched, and the rest.
         ready: list[tuple[_Sequence, mx.array]] = []
         feed: list[_Sequence] = []
         for seq in self._seqs.values():
             if not seq.decoding:
                 continue
-            row = ahead.rows.get(seq.request.seq_id) if ahead is not None else None
+            row = rows.get(seq.request.seq_id)
             if ahead is not None and row is not None:
                 ready.append((seq, ahead.logits[row]))
             else:
