@@ -30,7 +30,7 @@ from mlx.utils import tree_flatten
 from runtime.blas import loaded_blas
 from runtime.errors import ModelLoadError, ModelNotFoundError
 from runtime.models import architecture
-from runtime.weights import ModelFiles, TensorSet, check_safetensors, folder_files, read_tensors
+from runtime.weights import ModelFiles, TensorSet, folder_files, read_tensors
 
 if TYPE_CHECKING:
     from runtime.store import Store
@@ -132,11 +132,9 @@ def load_model(
             from runtime.store import Store
 
             files = (store or Store.default()).resolve(str(source))
-        total = files.size_bytes
-        total_tensors = sum(len(check_safetensors(f)[0]) for f in files.weight_files)
         done = done_tensors = 0
 
-        def on_file(_: Path, size: int, count: int) -> None:
+        def on_file(_: Path, size: int, count: int, total_tensors: int) -> None:
             nonlocal done, done_tensors
             done += size
             done_tensors += count
@@ -145,7 +143,7 @@ def load_model(
                     LoadProgress(
                         phase="read",
                         done_bytes=done,
-                        total_bytes=total,
+                        total_bytes=files.size_bytes,
                         done_items=done_tensors,
                         total_items=total_tensors,
                     )
@@ -154,29 +152,24 @@ def load_model(
         tensors = read_tensors(files.weight_files, on_file=on_file)
         tokenizer = Tokenizer.from_model_files(files)
     n_tensors = len(tensors.tensors)
-    size = files.size_bytes
-    if progress:
-        progress(
-            LoadProgress(
-                phase="build",
-                done_bytes=size,
-                total_bytes=size,
-                done_items=n_tensors,
-                total_items=n_tensors,
+
+    def finished(phase: str) -> None:
+        if progress:
+            size = files.size_bytes
+            progress(
+                LoadProgress(
+                    phase=phase,
+                    done_bytes=size,
+                    total_bytes=size,
+                    done_items=n_tensors,
+                    total_items=n_tensors,
+                )
             )
-        )
+
+    finished("build")
     chosen = default_execution() if execution == "auto" else execution
     model, stored_quant = build_model(files.config, tensors, execution=chosen, name=files.name)
-    if progress:
-        progress(
-            LoadProgress(
-                phase="ready",
-                done_bytes=size,
-                total_bytes=size,
-                done_items=n_tensors,
-                total_items=n_tensors,
-            )
-        )
+    finished("ready")
     n_params = _count_parameters(model)
     return LoadedModel(
         model=model,

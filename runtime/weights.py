@@ -151,18 +151,20 @@ def _declared_quant(metadata: dict[str, str], weight: str) -> tuple[int, int] | 
 
 
 def read_tensors(
-    files: Sequence[Path], *, on_file: Callable[[Path, int, int], None] | None = None
+    files: Sequence[Path], *, on_file: Callable[[Path, int, int, int], None] | None = None
 ) -> TensorSet:
     """Read safetensors files in three phases (raw, scales, bias remap); see the module doc.
 
-    ``on_file(path, bytes, tensors)`` is called after each file is read (progress).
+    ``on_file(path, bytes, tensors, total tensors)`` is called after each file is read.
     """
     raw: dict[str, mx.array] = {}
     origins: dict[str, str] = {}
     metas: dict[str, dict[str, str]] = {}
+    # Every header is checked before any data is read (and gives the total for progress).
+    headers = [check_safetensors(path) for path in files]
+    total_tensors = sum(len(header) for header, _ in headers)
     # Phase 1: raw tensors, every file, names as stored.
-    for path in files:
-        _, metadata = check_safetensors(path)
+    for path, (_, metadata) in zip(files, headers, strict=True):
         try:
             arrays = mx.load(str(path), format="safetensors")  # store blobs have no extension
         except (RuntimeError, ValueError, OSError) as exc:
@@ -172,8 +174,8 @@ def read_tensors(
             raw[name] = array
             origins[name] = str(path)
             metas[name] = metadata
-        if on_file is not None:  # (file, its bytes, its tensors)
-            on_file(path, path.stat().st_size, len(arrays))
+        if on_file is not None:
+            on_file(path, path.stat().st_size, len(arrays), total_tensors)
     # Phase 2: scales.
     out: dict[str, mx.array] = {}
     out_origins: dict[str, str] = {}
