@@ -16,9 +16,9 @@ def model_loader(config: RunnerConfig) -> LoadFn:
 
     def load(progress: Callable[[float], None]) -> Loaded:
         from actors.tree import Loaded
-        from runtime.generator import ModelEngine
-        from runtime.loader import load_model
-        from runtime.store import Store
+        from runtime.engine.model_engine import ModelEngine
+        from runtime.models.loader import load_model
+        from runtime.store.layout import Store
 
         loaded = load_model(
             config.model,

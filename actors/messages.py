@@ -14,8 +14,8 @@ from typing import Any, Literal, Protocol
 import attrs
 import trio
 
+from runtime.engine.options import SamplingOptions
 from runtime.errors import RuntimeInputError
-from runtime.sampler import SamplingOptions
 
 
 class DoneReason(enum.IntEnum):

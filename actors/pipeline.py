@@ -16,12 +16,12 @@ import attrs
 import trio
 
 from actors.messages import Chunk, DoneReason, GenerateRequest, Logprob
-from actors.scheduler import Cancelled, Failed, Reply
-from runtime.engine import FinishReason, TokenEvent
+from actors.scheduler import Dropped, EngineFailed, Reply
+from runtime.engine.protocol import FinishReason, TokenEvent
 from runtime.errors import OptionsError, PromptError, PromptTooLongError
 
 if TYPE_CHECKING:
-    from runtime.tokenizer import Tokenizer
+    from runtime.text.tokenizer import Tokenizer
 
 
 class EngineFailure(RuntimeError):
@@ -149,9 +149,9 @@ async def stream(
     # exception that ends the stream.
     with chunks, replies:
         async for item in replies:
-            if isinstance(item, Failed):
+            if isinstance(item, EngineFailed):
                 raise EngineFailure(f"generation failed: {item.error}") from item.error
-            if isinstance(item, Cancelled):
+            if isinstance(item, Dropped):
                 reason = DoneReason.CANCELLED
                 break
             if item.token is None:

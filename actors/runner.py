@@ -27,12 +27,12 @@ from actors.messages import (
     UnavailableError,
 )
 from actors.scheduler import Submission
-from runtime.engine import SequenceRequest
+from runtime.engine.protocol import SequenceRequest
 from runtime.errors import exception_leaves
 
 if TYPE_CHECKING:
     from actors.scheduler import Scheduler
-    from runtime.tokenizer import Tokenizer
+    from runtime.text.tokenizer import Tokenizer
 
 
 @attrs.frozen(kw_only=True)

@@ -9,7 +9,7 @@ sized for every event its sequence can produce, and a closed one means the reque
 
 A requester that leaves calls ``cancel``; the sequence is dropped at the start of the next
 engine job, so cancellation costs at most one step. ``cancel_all`` ends every sequence with a
-``Cancelled`` marker (shutdown).
+``Dropped`` marker (shutdown).
 """
 
 from __future__ import annotations
@@ -22,11 +22,11 @@ from typing import TYPE_CHECKING
 import attrs
 import trio
 
-from runtime.engine import EngineStats, SequenceRequest, TokenEvent
+from runtime.engine.protocol import EngineStats, SequenceRequest, TokenEvent
 
 if TYPE_CHECKING:
     from actors.engine_thread import EngineThread
-    from runtime.engine import Engine
+    from runtime.engine.protocol import Engine
 
 log = logging.getLogger("mlxrunner.scheduler")
 
@@ -46,20 +46,20 @@ class SchedulerConfig:
 
 
 @attrs.frozen
-class Cancelled:
+class Dropped:
     """The last item a reply channel carries when the scheduler ended the sequence itself."""
 
     reason: str
 
 
 @attrs.frozen
-class Failed:
+class EngineFailed:
     """The last item a reply channel carries when the engine could not run the sequence."""
 
     error: BaseException
 
 
-Reply = TokenEvent | Cancelled | Failed
+Reply = TokenEvent | Dropped | EngineFailed
 
 
 @attrs.frozen(eq=False)
@@ -119,16 +119,16 @@ class Scheduler:
         self._wakeup.set()
 
     def cancel_all(self, reason: str) -> None:
-        """End every queued and running sequence now (their requesters get ``Cancelled``)."""
+        """End every queued and running sequence now (their requesters get ``Dropped``)."""
         while True:
             try:
                 sub = self._receive.receive_nowait()
             except trio.WouldBlock:
                 break
             self._waiting.discard(sub.request.seq_id)
-            self._end(sub, Cancelled(reason))
+            self._end(sub, Dropped(reason))
         for seq_id, sub in list(self._running.items()):
-            self._end(sub, Cancelled(reason))
+            self._end(sub, Dropped(reason))
             self._departed.add(seq_id)
         self._wakeup.set()
 
@@ -150,10 +150,10 @@ class Scheduler:
             # Open requests learn why instead of hanging; then the tree comes down.
             failure = exc if isinstance(exc, Exception) else RuntimeError("scheduler stopped")
             for sub in list(self._running.values()):
-                self._end(sub, Failed(failure))
+                self._end(sub, EngineFailed(failure))
             while True:
                 try:
-                    self._end(self._receive.receive_nowait(), Failed(failure))
+                    self._end(self._receive.receive_nowait(), EngineFailed(failure))
                 except (trio.WouldBlock, trio.ClosedResourceError):
                     break
             raise
@@ -183,7 +183,7 @@ class Scheduler:
             for seq_id, error in rejected:
                 sub = self._running.pop(seq_id, None)
                 if sub is not None:
-                    self._end(sub, Failed(error))
+                    self._end(sub, EngineFailed(error))
             self._route(events)
             await trio.lowlevel.checkpoint()
 
@@ -242,9 +242,9 @@ class Scheduler:
                 self._running.pop(event.seq_id, None)
                 sub.reply.close()
 
-    def _end(self, sub: Submission, marker: Cancelled | Failed) -> None:
+    def _end(self, sub: Submission, marker: Dropped | EngineFailed) -> None:
         self._running.pop(sub.request.seq_id, None)
-        if isinstance(marker, Cancelled):
+        if isinstance(marker, Dropped):
             self.counters.cancelled += 1
         with contextlib.suppress(
             trio.BrokenResourceError, trio.ClosedResourceError, trio.WouldBlock

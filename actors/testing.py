@@ -1,6 +1,6 @@
 """Test harness: the actor tree with a scripted fake engine or a tiny real model, no HTTP.
 
-``ScriptedEngine`` implements ``runtime.engine.Engine`` without MLX: each sequence produces the
+``ScriptedEngine`` implements ``runtime.engine.protocol.Engine`` without MLX: each sequence produces the
 tokens its script gives, one per step after a prefill in chunks, and the engine records every
 call (which thread ran it, what was removed) so tests can check the actors' behaviour.
 ``open_test_runner`` opens the tree around it and waits until it is ready.
@@ -18,7 +18,7 @@ import attrs
 from actors.messages import Chunk, GenerateRequest, ModelInfo
 from actors.runner import Runner
 from actors.tree import Loaded, LoadFn, open_runner
-from runtime.engine import EngineStats, FinishReason, SequenceRequest, TokenEvent
+from runtime.engine.protocol import EngineStats, FinishReason, SequenceRequest, TokenEvent
 
 Script = Callable[[SequenceRequest], Sequence[int]]
 
@@ -156,7 +156,7 @@ def scripted_load(engine: ScriptedEngine, tokenizer: Any) -> LoadFn:
 def tiny_tokenizer() -> Any:
     """The tiny byte-level tokenizer trained in-process (runtime/testing/tokenizers.py)."""
     from runtime.testing.tokenizers import tokenizer_config, train_tokenizer
-    from runtime.tokenizer import Tokenizer
+    from runtime.text.tokenizer import Tokenizer
 
     return Tokenizer.from_parts(train_tokenizer(), tokenizer_config())
 

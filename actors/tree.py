@@ -30,7 +30,7 @@ from actors.engine_thread import EngineThread
 from actors.messages import ModelInfo
 from actors.runner import Ready, Runner
 from actors.scheduler import Scheduler, SchedulerConfig
-from runtime.engine import Engine
+from runtime.engine.protocol import Engine
 
 log = logging.getLogger("mlxrunner.tree")
 
@@ -43,7 +43,7 @@ JOIN_SECONDS = 30.0
 @attrs.frozen(kw_only=True)
 class Loaded:
     engine: Engine
-    tokenizer: Any  # runtime.tokenizer.Tokenizer (or a test double with the same methods)
+    tokenizer: Any  # runtime.text.tokenizer.Tokenizer (or a test double with the same methods)
     info: ModelInfo
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from actors.messages import ChatMessage, GenerationOptions
 from api.errors import ApiError, bad_request
-from runtime.sampler import SamplingOptions
+from runtime.engine.options import SamplingOptions
 
 _INT_OPTIONS = ("top_k", "repeat_last_n")
 # Ollama options with no meaning here (GPU layout, threads, mirostat...) are accepted and

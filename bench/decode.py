@@ -32,11 +32,11 @@ def main() -> int:
     from mlx_lm import load as mlx_lm_load
     from mlx_lm.generate import generate_step
 
-    from runtime.engine import SequenceRequest
-    from runtime.generator import ModelEngine
-    from runtime.gguf import read_gguf, write_folder
-    from runtime.loader import load_model
-    from runtime.sampler import SamplingOptions
+    from runtime.engine.model_engine import ModelEngine
+    from runtime.engine.options import SamplingOptions
+    from runtime.engine.protocol import SequenceRequest
+    from runtime.formats.gguf import read_gguf, write_folder
+    from runtime.models.loader import load_model
 
     gguf = default_gguf()
     loaded = load_model(gguf)

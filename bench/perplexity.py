@@ -2,7 +2,7 @@
 
 The default model (SmolLM2-135M-Instruct) ships as a Q4_1 GGUF, so "f32" here is that file
 dequantized to float32: the reference every re-quantization is compared with. Each variant is
-imported into a temporary store with ``runtime.importer`` (the same path as ``mlxrunner import
+imported into a temporary store with ``runtime.store.importer`` (the same path as ``mlxrunner import
 --quantize``), loaded by name, and scored on the fixed text ``tests/data/perplexity.txt`` in
 one forward pass. Run: ``.venv/bin/python bench/perplexity.py``.
 """
@@ -54,10 +54,10 @@ def main() -> int:
     )
     args = parser.parse_args()
 
-    from runtime.importer import import_model
-    from runtime.loader import load_model
+    from runtime.models.loader import load_model
     from runtime.progress import human_bytes
-    from runtime.store import Store
+    from runtime.store.importer import import_model
+    from runtime.store.layout import Store
 
     source = Path(args.source) if args.source else default_gguf()
     text = TEXT.read_text(encoding="utf-8")

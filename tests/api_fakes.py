@@ -225,8 +225,8 @@ def _serve_scripted_main() -> None:
     import sys
 
     from actors.testing import scripted_load, tiny_tokenizer
-    from api.cli import build_parser
-    from api.serve_command import serve
+    from cli.main import build_parser
+    from cli.serve import serve
 
     argv = sys.argv[1:]
     delay = 0.01

@@ -1,7 +1,7 @@
 """A tiny GGUF (v3) writer for tests: metadata, tensor infos, aligned data, and the block
 encodings F32, F16, Q8_0, Q4_0 and Q4_1, with numpy decoders to check what a reader returns.
 
-Also the reverse of what ``runtime.gguf`` undoes: HF -> GGUF tensor names and llama.cpp's
+Also the reverse of what ``runtime.formats.gguf`` undoes: HF -> GGUF tensor names and llama.cpp's
 row order for the q/k projections.
 """
 

@@ -28,7 +28,7 @@ from actors.testing import (
     tiny_tokenizer,
 )
 from actors.tree import Loaded, drain
-from runtime.engine import SequenceRequest
+from runtime.engine.protocol import SequenceRequest
 from runtime.errors import PromptError
 
 TOK = tiny_tokenizer()
@@ -276,8 +276,8 @@ async def test_a_load_failure_ends_the_tree_with_the_error() -> None:
 def test_cache_memory_bound_holds_new_sequences_back() -> None:
     from actors.engine_thread import EngineThread
     from actors.scheduler import Scheduler, SchedulerConfig, Submission
-    from runtime.engine import EngineStats
-    from runtime.sampler import SamplingOptions
+    from runtime.engine.options import SamplingOptions
+    from runtime.engine.protocol import EngineStats
 
     config = SchedulerConfig(parallel=4, cache_bytes_limit=1000)
     thread = EngineThread()

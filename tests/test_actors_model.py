@@ -10,7 +10,7 @@ import trio
 from actors.messages import Chunk, DoneReason, GenerateRequest, GenerationOptions
 from actors.runner import Runner
 from actors.tree import open_runner
-from runtime.sampler import SamplingOptions
+from runtime.engine.options import SamplingOptions
 from runtime.testing.models import make_tiny_folder
 
 SEEDED = SamplingOptions(temperature=1.0, top_k=0, top_p=1.0, repeat_penalty=1.0, seed=11)

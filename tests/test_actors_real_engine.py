@@ -17,12 +17,12 @@ from actors.messages import GenerateRequest, GenerationOptions
 from actors.runner import Runner
 from actors.testing import fake_info
 from actors.tree import Loaded, open_runner
-from api import run_command
-from api.cli import build_parser
-from runtime.engine import EngineStats, SequenceRequest, TokenEvent
-from runtime.generator import ModelEngine
-from runtime.loader import load_model
-from runtime.sampler import SamplingOptions
+from cli import run as run_command
+from cli.main import build_parser
+from runtime.engine.model_engine import ModelEngine
+from runtime.engine.options import SamplingOptions
+from runtime.engine.protocol import EngineStats, SequenceRequest, TokenEvent
+from runtime.models.loader import load_model
 from runtime.testing.models import make_tiny_folder
 
 PROMPT = (5, 17, 99, 3, 250, 41, 7)

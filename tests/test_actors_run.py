@@ -19,11 +19,11 @@ import trio.testing
 
 from actors.testing import ScriptedEngine, fake_info, scripted_load, tiny_tokenizer
 from actors.tree import Loaded
-from api import run_command
-from api.cli import build_parser
-from runtime.engine import SequenceRequest
+from cli import run as run_command
+from cli.main import build_parser
+from runtime.engine.options import SamplingOptions
+from runtime.engine.protocol import SequenceRequest
 from runtime.errors import ModelNotFoundError
-from runtime.sampler import SamplingOptions
 
 TOK = tiny_tokenizer()
 ROOT = Path(__file__).resolve().parents[1]
@@ -198,7 +198,7 @@ def test_cli_reports_a_missing_model_in_one_line(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "api.cli",
+            "cli.main",
             "run",
             "--models-dir",
             str(tmp_path),
@@ -225,7 +225,7 @@ import sys, threading
 import runtime
 import actors.loading
 from actors.testing import ScriptedEngine, scripted_load, tiny_tokenizer
-from api.cli import main
+from cli.main import main
 
 def endless(request):
     return tiny_tokenizer().encode("a") * request.max_tokens

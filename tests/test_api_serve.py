@@ -1,6 +1,6 @@
 """``serve`` as a process: SIGTERM drains open streams within the grace period, exit code 0.
 
-The server process runs ``api.serve_command.serve`` (the actor tree, its signal handling and
+The server process runs ``cli.serve.serve`` (the actor tree, its signal handling and
 hypercorn) over the harness's scripted engine (``python -m tests.api_fakes``): the real
 drain and exit path without loading a model.
 """
@@ -128,8 +128,8 @@ async def test_streams_past_the_grace_period_are_cut_and_exit_is_still_0() -> No
 
 
 def test_serve_command_line_errors_exit_nonzero_with_one_line(tmp_path, capsys) -> None:
-    from api.cli import build_parser
-    from api.serve_command import main
+    from cli.main import build_parser
+    from cli.serve import main
 
     def serve(*flags: str) -> int:
         args = build_parser().parse_args(["serve", "--port", "0", *flags])
@@ -144,7 +144,7 @@ def test_serve_command_line_errors_exit_nonzero_with_one_line(tmp_path, capsys) 
 
 
 def test_served_names() -> None:
-    from api.serve_command import served_name
+    from cli.serve import served_name
 
     assert served_name("smollm2:135m") == "smollm2:135m"
     assert served_name("/models/SmolLM2-135M-Instruct.Q4_1.gguf") == "SmolLM2-135M-Instruct.Q4_1"
@@ -155,7 +155,7 @@ async def test_mlxrunner_serve_runs_a_tiny_real_model_end_to_end(tmp_path) -> No
     from runtime.testing.models import make_tiny_folder
 
     folder = make_tiny_folder(tmp_path / "tiny-llama")
-    command = [sys.executable, "-m", "api.cli", "serve", "--model", str(folder), "--port", "0"]
+    command = [sys.executable, "-m", "cli.main", "serve", "--model", str(folder), "--port", "0"]
     async with server_process(*command, "--grace", "5") as (process, port, stderr):
         with trio.fail_after(120):  # load guard
             while b'"ok"' not in await get("/health", port):

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from runtime.chat_template import CHATML, TemplateError, render
 from runtime.errors import OptionsError
 from runtime.testing.tokenizers import tokenizer_config, train_tokenizer
-from runtime.tokenizer import Tokenizer
+from runtime.text.chat_template import CHATML, TemplateError, render
+from runtime.text.tokenizer import Tokenizer
 
 USER = [{"role": "user", "content": "Hi"}]
 

@@ -22,7 +22,7 @@ def test_run_prints_paris(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "api.cli",
+            "cli.main",
             "run",
             "--model",
             str(GGUF),

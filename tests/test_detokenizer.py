@@ -9,9 +9,9 @@ import tokenizers
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from runtime.detokenizer import StreamingDetokenizer
 from runtime.testing.tokenizers import tokenizer_config, train_tokenizer
-from runtime.tokenizer import Tokenizer
+from runtime.text.detokenizer import StreamingDetokenizer
+from runtime.text.tokenizer import Tokenizer
 
 KINDS = ["bytelevel", "metaspace"]
 ALPHABET = st.one_of(

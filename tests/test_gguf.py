@@ -22,9 +22,9 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer
 
 from runtime.errors import ModelLoadError
-from runtime.gguf import GGUFContents, read_gguf, write_folder
-from runtime.gguf_format import read_header
-from runtime.loader import load_model
+from runtime.formats.gguf import GGUFContents, read_gguf, write_folder
+from runtime.formats.gguf_file import read_header
+from runtime.models.loader import load_model
 from runtime.testing.models import random_weights, tiny_config
 from tests import gguf_writer as gw
 

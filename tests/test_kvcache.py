@@ -5,7 +5,7 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 
-from runtime.kvcache import STEP, SequenceCache
+from runtime.engine.kvcache import STEP, SequenceCache
 
 
 def _kv(n: int, start: int = 0) -> tuple[mx.array, mx.array]:

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from runtime.errors import ModelLoadError
-from runtime.loader import build_model
+from runtime.formats.safetensors import TensorSet, read_tensors
+from runtime.models.loader import build_model
 from runtime.testing.models import quantize_weights, random_weights, tiny_config
-from runtime.weights import TensorSet, read_tensors
 
 
 def _save(path: Path, weights: dict[str, mx.array], metadata: dict[str, str] | None = None) -> Path:
@@ -130,7 +130,7 @@ def test_unknown_model_type_lists_supported() -> None:
 def test_sharded_folder_with_index_loads(tmp_path: Path) -> None:
     import json
 
-    from runtime.loader import load_model
+    from runtime.models.loader import load_model
     from runtime.testing.models import make_tiny_folder
 
     folder = make_tiny_folder(tmp_path / "m", "llama")
@@ -154,7 +154,7 @@ def test_sharded_folder_with_index_loads(tmp_path: Path) -> None:
 
 
 def test_mlx_quantized_folder_loads_with_float32_scales(tmp_path: Path) -> None:
-    from runtime.loader import load_model
+    from runtime.models.loader import load_model
     from runtime.testing.models import make_tiny_folder
 
     folder = make_tiny_folder(tmp_path / "q", "llama", quantize=(4, 32))
@@ -169,14 +169,14 @@ def test_mlx_quantized_folder_loads_with_float32_scales(tmp_path: Path) -> None:
 @pytest.mark.parametrize("source", ["/nonexistent/model", "./missing", "weights.gguf"])
 def test_missing_paths_say_so(source: str) -> None:
     from runtime.errors import ModelNotFoundError
-    from runtime.loader import load_model
+    from runtime.models.loader import load_model
 
     with pytest.raises(ModelNotFoundError, match=r"no such model folder or \.gguf file"):
         load_model(source)
 
 
 def test_load_progress_reports_bytes_and_tensors(tmp_path: Path) -> None:
-    from runtime.loader import LoadProgress, load_model
+    from runtime.models.loader import LoadProgress, load_model
     from runtime.testing.models import make_tiny_folder
 
     folder = make_tiny_folder(tmp_path / "m", "llama")

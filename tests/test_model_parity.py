@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from mlx_lm.models.cache import make_prompt_cache
 
-from runtime.kvcache import SequenceCache
-from runtime.loader import build_model
+from runtime.engine.kvcache import SequenceCache
+from runtime.formats.safetensors import TensorSet
 from runtime.models.common import Span
+from runtime.models.loader import build_model
 from runtime.testing.models import random_weights, tiny_config
-from runtime.weights import TensorSet
 
 ARCHS = ["llama", "qwen2", "qwen3"]
 TOL = 1e-4

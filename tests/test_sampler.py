@@ -9,8 +9,9 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from runtime.engine.options import SamplingOptions, options_from_dict
+from runtime.engine.sampler import Sampler, logprobs
 from runtime.errors import OptionsError
-from runtime.sampler import Sampler, SamplingOptions, logprobs, options_from_dict
 
 V = 64
 

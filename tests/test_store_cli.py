@@ -1,4 +1,4 @@
-"""``mlxrunner import | list | show | rm`` through ``api.cli.main``, and the default-model script."""
+"""``mlxrunner import | list | show | rm`` through ``cli.main.main``, and the default-model script."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from api.cli import main
-from runtime.loader import load_model
+from cli.main import main
+from runtime.models.loader import load_model
 from runtime.progress import ProgressBar
-from runtime.store import Store
+from runtime.store.layout import Store
 from runtime.testing.models import make_tiny_folder
 from scripts.prepare_default_model import find_gguf
 from scripts.prepare_default_model import main as prepare_main

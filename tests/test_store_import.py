@@ -14,15 +14,15 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-import runtime.store
+import runtime.store.layout
 from runtime.errors import ModelLoadError, ModelNotFoundError
-from runtime.importer import import_model
-from runtime.loader import load_model
-from runtime.store import Store
-from runtime.store_info import describe
+from runtime.formats.safetensors import check_safetensors
+from runtime.models.loader import load_model
+from runtime.store.importer import import_model
+from runtime.store.info import describe
+from runtime.store.layout import Store
 from runtime.testing.models import make_tiny_folder, quantize_weights, random_weights, tiny_config
 from runtime.testing.tokenizers import CHAT_TEMPLATE, tokenizer_config, train_tokenizer
-from runtime.weights import check_safetensors
 from tests import gguf_writer as gw
 
 IDS = [[5, 17, 42, 9, 100, 3, 77]]
@@ -260,16 +260,16 @@ def test_interrupted_import_never_leaves_a_broken_manifest(
     import_model(folder, "tiny:new", store=store, quantize="q8")  # replaced below
     before = _logits(load_model("tiny:new", store=store))
     after_ref = _logits(load_model(folder))
-    real_fsync = runtime.store._fsync
+    real_fsync = runtime.store.layout._fsync
     snapshots: list[Path] = []
 
     def snapshot(fd: int) -> None:  # the store as `kill -9` here would leave it
         snapshots.append(Path(shutil.copytree(store.root, tmp_path / f"snap{len(snapshots)}")))
         real_fsync(fd)
 
-    monkeypatch.setattr(runtime.store, "_fsync", snapshot)
+    monkeypatch.setattr(runtime.store.layout, "_fsync", snapshot)
     import_model(folder, "tiny:new", store=store)
-    monkeypatch.setattr(runtime.store, "_fsync", real_fsync)
+    monkeypatch.setattr(runtime.store.layout, "_fsync", real_fsync)
     assert len(snapshots) > 20
     for snap in snapshots:
         try:
@@ -292,10 +292,10 @@ def test_interrupted_import_never_leaves_a_broken_manifest(
 
         root = Path(shutil.copytree(tmp_path / "snap0", tmp_path / f"ctrlc{step}"))
         left_by_kill = set((root / "blobs").glob(".partial-*"))  # snap0 was taken mid-write
-        monkeypatch.setattr(runtime.store, "_fsync", interrupt)
+        monkeypatch.setattr(runtime.store.layout, "_fsync", interrupt)
         with pytest.raises(_Interrupt):
             import_model(folder, "fresh", store=Store(root), quantize="q4")
-        monkeypatch.setattr(runtime.store, "_fsync", real_fsync)
+        monkeypatch.setattr(runtime.store.layout, "_fsync", real_fsync)
         with pytest.raises(ModelNotFoundError):
             Store(root).resolve("fresh")
         assert set((root / "blobs").glob(".partial-*")) == left_by_kill

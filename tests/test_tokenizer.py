@@ -9,7 +9,7 @@ import pytest
 
 from runtime.errors import ModelLoadError, OptionsError
 from runtime.testing.tokenizers import tokenizer_config, train_tokenizer
-from runtime.tokenizer import Tokenizer
+from runtime.text.tokenizer import Tokenizer
 
 
 @pytest.fixture(params=["bytelevel", "metaspace"])

@@ -19,7 +19,7 @@ import attrs
 import mlx.core as mx
 import mlx.nn as nn
 
-from runtime.kvcache import KVCache, SequenceCache
+from runtime.engine.kvcache import KVCache, SequenceCache
 
 
 @attrs.frozen

@@ -13,7 +13,7 @@ import attrs
 import mlx.core as mx
 import mlx.nn as nn
 
-from runtime.kvcache import SequenceCache
+from runtime.engine.kvcache import SequenceCache
 from runtime.models.common import (
     Rope,
     Span,

@@ -9,8 +9,8 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from runtime.loader import flat_parameters
 from runtime.models import architecture
+from runtime.models.loader import flat_parameters
 
 TINY_CONFIGS: dict[str, dict[str, Any]] = {
     "llama": {

@@ -16,12 +16,12 @@ from typing import TYPE_CHECKING, Any
 
 import tokenizers
 
-from runtime import chat_template
-from runtime.detokenizer import StreamingDetokenizer
 from runtime.errors import ModelLoadError, OptionsError
+from runtime.text import chat_template
+from runtime.text.detokenizer import StreamingDetokenizer
 
 if TYPE_CHECKING:
-    from runtime.weights import ModelFiles
+    from runtime.formats.safetensors import ModelFiles
 
 # End-of-turn markers of common chat formats (llama.cpp's end-of-generation list, in part).
 END_OF_TURN = (

@@ -29,12 +29,12 @@ from mlx.utils import tree_flatten
 
 from runtime.blas import loaded_blas
 from runtime.errors import ModelLoadError, ModelNotFoundError
+from runtime.formats.safetensors import ModelFiles, TensorSet, folder_files, read_tensors
 from runtime.models import architecture
-from runtime.weights import ModelFiles, TensorSet, folder_files, read_tensors
 
 if TYPE_CHECKING:
-    from runtime.store import Store
-    from runtime.tokenizer import Tokenizer
+    from runtime.store.layout import Store
+    from runtime.text.tokenizer import Tokenizer
 
 Execution = Literal["auto", "dense", "quantized"]
 
@@ -94,12 +94,12 @@ def load_model(
     progress: ProgressCallback | None = None,
 ) -> LoadedModel:
     """Load ``source``: a model folder, a ``.gguf`` file, or a store name (``name[:tag]``)."""
-    from runtime.tokenizer import Tokenizer
+    from runtime.text.tokenizer import Tokenizer
 
     started = time.perf_counter()
     path = Path(source).expanduser()
     if path.suffix == ".gguf" and path.is_file():
-        from runtime.gguf import read_gguf
+        from runtime.formats.gguf import read_gguf
 
         if progress:
             progress(LoadProgress(phase="read", done_bytes=0, total_bytes=path.stat().st_size))
@@ -129,7 +129,7 @@ def load_model(
         elif _looks_like_path(str(source)):
             raise ModelNotFoundError(f"{source}: no such model folder or .gguf file")
         else:
-            from runtime.store import Store
+            from runtime.store.layout import Store
 
             files = (store or Store.default()).resolve(str(source))
         done = done_tensors = 0

@@ -1,9 +1,9 @@
 """The model store: Ollama's on-disk layout, resolved by name, listed, described and pruned.
 
-``<root>/manifests/<host>/<namespace>/<name>/<tag>`` (JSON, ``runtime.store_manifest``) and
+``<root>/manifests/<host>/<namespace>/<name>/<tag>`` (JSON, ``runtime.store.manifest``) and
 ``<root>/blobs/sha256-<hex>``. ``resolve`` turns a name into ``ModelFiles`` after checking every
 blob it will read against its digest, so a damaged store fails with an error naming the blob
-and the model instead of loading wrong weights. Writes (``runtime.importer`` puts blobs, then
+and the model instead of loading wrong weights. Writes (``runtime.store.importer`` puts blobs, then
 the manifest) go through ``add_blob``/``commit_manifest``: temp file, fsync, rename, so a crash
 leaves either no manifest or a complete one, and ``rm`` never deletes a blob another manifest
 uses. ``Store.default()`` is ``$MLXRUNNER_HOME/models`` (``~/.mlxrunner/models``); an Ollama
@@ -26,11 +26,11 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 from runtime.errors import ModelLoadError, ModelNotFoundError
-from runtime.store_manifest import Layer, Manifest, parse_manifest
-from runtime.store_names import ModelName
+from runtime.store.manifest import Layer, Manifest, parse_manifest
+from runtime.store.names import ModelName
 
-if TYPE_CHECKING:  # runtime.weights imports MLX, which `mlxrunner list` does not need
-    from runtime.weights import ModelFiles
+if TYPE_CHECKING:  # runtime.formats.safetensors imports MLX, which `mlxrunner list` does not need
+    from runtime.formats.safetensors import ModelFiles
 
 _CHUNK = 1 << 20
 TEMP_PREFIX = ".partial-"  # blobs/ and manifests/ temp files; never a valid name part
@@ -147,7 +147,7 @@ class Store:
 
     def resolve(self, name: str, *, verify: bool = True) -> ModelFiles:
         """The files of ``name``, every used blob's digest checked (``ModelLoadError`` if not)."""
-        from runtime.weights import ModelFiles
+        from runtime.formats.safetensors import ModelFiles
 
         parsed, manifest, path = self.read_manifest(name)
         model = parsed.short

@@ -19,14 +19,20 @@ from typing import TYPE_CHECKING
 import attrs
 import mlx.core as mx
 
-from runtime.engine import EngineStats, FinishReason, SequenceRequest, TokenEvent, TokenLogprob
+from runtime.engine.protocol import (
+    EngineStats,
+    FinishReason,
+    SequenceRequest,
+    TokenEvent,
+    TokenLogprob,
+)
+from runtime.engine.sampler import Sampler, logprobs
 from runtime.errors import PromptError, PromptTooLongError
 from runtime.models.common import Span
-from runtime.sampler import Sampler, logprobs
 
 if TYPE_CHECKING:
-    from runtime.kvcache import SequenceCache
-    from runtime.loader import LoadedModel
+    from runtime.engine.kvcache import SequenceCache
+    from runtime.models.loader import LoadedModel
 
 
 @attrs.define(eq=False)

@@ -1,6 +1,6 @@
 """``mlxrunner import | list | show | rm``: the store's command line.
 
-Each handler takes the parsed arguments (``api.cli``) and returns an exit code: 0 on success,
+Each handler takes the parsed arguments (``cli.main``) and returns an exit code: 0 on success,
 1 with ``Error: ...`` on stderr for anything the user can fix (bad name, missing model, damaged
 blob), 130 when an import is interrupted (it leaves no manifest behind). ``list`` does not
 import MLX.
@@ -16,7 +16,7 @@ from typing import TextIO
 
 from runtime.errors import RuntimeInputError
 from runtime.progress import ProgressBar, human_bytes
-from runtime.store import Store
+from runtime.store.layout import Store
 
 
 def _fail(message: str, stream: TextIO | None = None) -> int:
@@ -34,7 +34,7 @@ def _guarded(run: Callable[[], int]) -> int:
 
 
 def import_main(args: argparse.Namespace) -> int:
-    from runtime.importer import import_model
+    from runtime.store.importer import import_model
 
     store = Store.at(args.models_dir)
     bar = ProgressBar(f"importing {args.name}")
@@ -104,8 +104,8 @@ def list_main(args: argparse.Namespace) -> int:
 
 
 def show_main(args: argparse.Namespace) -> int:
-    from runtime.importer import human_parameters
-    from runtime.store_info import describe
+    from runtime.store.importer import human_parameters
+    from runtime.store.info import describe
 
     def run() -> int:
         info = describe(Store.at(args.models_dir), args.name)

@@ -1,13 +1,13 @@
 """Read GGUF files (llama.cpp's format) into an HF/mlx-lm-shaped model: config, weights, tokenizer.
 
 ``read_gguf`` parses and checks the header itself, so a broken file gets an error naming the
-file and tensor, then decodes each tensor from the file's bytes (``runtime.gguf_format``):
+file and tensor, then decodes each tensor from the file's bytes (``runtime.formats.gguf_file``):
 block-quantized types become MLX's quantized layout (packed ``uint32`` weight, float32
 ``scales`` and ``biases``, group 32), the rest dense arrays. Tensors get mlx-lm names, and for
 llama the q/k projection rows are put back in HF order (llama.cpp interleaves the two rotary
 halves of each head; qwen2/qwen3 use NEOX RoPE and are stored unpermuted). ``write_folder``
 turns the result into a model folder that ``mlx_lm.load`` accepts. The tokenizer is rebuilt in
-``runtime.gguf_tokenizer``.
+``runtime.formats.gguf_tokenizer``.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ import mlx.core as mx
 import numpy as np
 
 from runtime.errors import ModelLoadError
-from runtime.gguf_format import GROUP_SIZE, TYPES, TensorInfo, nbytes, read_header, to_mlx
-from runtime.gguf_tokenizer import build_tokenizer
+from runtime.formats.gguf_file import GROUP_SIZE, TYPES, TensorInfo, nbytes, read_header, to_mlx
+from runtime.formats.gguf_tokenizer import build_tokenizer
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3")
 

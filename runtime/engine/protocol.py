@@ -6,19 +6,18 @@ whose requester is gone. One ``step`` advances every active sequence together: a
 for sequences still reading their prompt (bounded by a per-step token budget), one decode token
 for the others. Sequences join and leave between steps.
 
-``runtime.generator.ModelEngine`` implements it on a real model; ``actors.testing`` has a
+``runtime.engine.model_engine.ModelEngine`` implements it on a real model; ``actors.testing`` has a
 scripted fake with the same behaviour for actor tests.
 """
 
 from __future__ import annotations
 
 import enum
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import attrs
 
-if TYPE_CHECKING:
-    from runtime.sampler import SamplingOptions
+from runtime.engine.options import SamplingOptions
 
 
 class FinishReason(enum.Enum):

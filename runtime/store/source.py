@@ -16,10 +16,10 @@ import attrs
 import mlx.core as mx
 
 from runtime.errors import ModelLoadError, ModelNotFoundError
-from runtime.loader import flat_parameters
+from runtime.formats.safetensors import ModelFiles, folder_files, read_tensors
 from runtime.models import architecture
-from runtime.store import Store
-from runtime.weights import ModelFiles, folder_files, read_tensors
+from runtime.models.loader import flat_parameters
+from runtime.store.layout import Store
 
 # Keys that describe the source's encoding, not the model: the stored blobs say it instead.
 _ENCODING_KEYS = ("quantization", "quantization_config")
@@ -135,7 +135,7 @@ def _from_files(files: ModelFiles, folder: Path | None) -> Source:
 
 
 def _gguf(path: Path) -> Source:
-    from runtime.gguf import read_gguf
+    from runtime.formats.gguf import read_gguf
 
     contents = read_gguf(path)
     declared = {}

@@ -8,11 +8,11 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from runtime.engine import FinishReason, SequenceRequest, TokenEvent
+from runtime.engine.model_engine import ModelEngine
+from runtime.engine.options import SamplingOptions
+from runtime.engine.protocol import FinishReason, SequenceRequest, TokenEvent
 from runtime.errors import PromptError
-from runtime.generator import ModelEngine
-from runtime.loader import LoadedModel, load_model
-from runtime.sampler import SamplingOptions
+from runtime.models.loader import LoadedModel, load_model
 from runtime.testing.models import make_tiny_folder
 
 GREEDY = SamplingOptions(temperature=0.0, repeat_penalty=1.0)

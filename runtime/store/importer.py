@@ -26,19 +26,19 @@ import attrs
 import mlx.core as mx
 
 from runtime.errors import ModelLoadError
+from runtime.formats.safetensors import check_safetensors
 from runtime.models import architecture
 from runtime.progress import Progress, ProgressCallback
-from runtime.store import Store, sha256_file
-from runtime.store_manifest import (
+from runtime.store.layout import Store, sha256_file
+from runtime.store.manifest import (
     CONFIG_MEDIA_TYPE,
     JSON_MEDIA_TYPE,
     TENSOR_MEDIA_TYPE,
     Layer,
     Manifest,
 )
-from runtime.store_names import ModelName
-from runtime.store_source import Source, read_source
-from runtime.weights import check_safetensors
+from runtime.store.names import ModelName
+from runtime.store.source import Source, read_source
 
 Quantize = Literal["q4", "q8", "f32"]
 _BITS = {"q4": 4, "q8": 8}

@@ -13,8 +13,8 @@ from typing import Any
 import attrs
 
 from runtime.errors import ModelLoadError
-from runtime.store import Store
-from runtime.weights import check_safetensors
+from runtime.formats.safetensors import check_safetensors
+from runtime.store.layout import Store
 
 _BITS = {"int4": 4, "q4": 4, "fp4": 4, "int8": 8, "q8": 8, "fp8": 8}
 

@@ -25,9 +25,9 @@ import attrs
 import trio
 
 from actors.messages import GenerateRequest, GenerationOptions, RunnerClient
+from runtime.engine.options import SamplingOptions
 from runtime.errors import OptionsError, RuntimeInputError, exception_leaves
 from runtime.progress import ProgressBar
-from runtime.sampler import SamplingOptions
 
 if TYPE_CHECKING:
     from actors.tree import LoadFn

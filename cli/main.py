@@ -16,12 +16,12 @@ DEFAULT_PORT = 11435
 
 # command -> "module:function"; each function takes the parsed namespace and returns an exit code.
 _HANDLERS = {
-    "serve": "api.serve_command:main",
-    "run": "api.run_command:main",
-    "import": "api.store_commands:import_main",
-    "list": "api.store_commands:list_main",
-    "show": "api.store_commands:show_main",
-    "rm": "api.store_commands:rm_main",
+    "serve": "cli.serve:main",
+    "run": "cli.run:main",
+    "import": "cli.store:import_main",
+    "list": "cli.store:list_main",
+    "show": "cli.store:show_main",
+    "rm": "cli.store:rm_main",
 }
 
 

@@ -1,0 +1,1 @@
+"""The ``mlxrunner`` command line: ``serve``, ``run`` and the store commands."""

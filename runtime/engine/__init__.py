@@ -1,0 +1,2 @@
+"""The engine: the contract the scheduler drives (``protocol``), sampling options, the sampler,
+the KV cache and ``ModelEngine``, the batched step on a real model."""

@@ -1,0 +1,1 @@
+"""Text: the tokenizer, the streaming detokenizer and chat templates."""
