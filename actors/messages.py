@@ -128,6 +128,10 @@ class Statistics:
     generated_tokens_total: int = 0
     cache_hits_total: int = 0
     cache_lookups_total: int = 0
+    cache_reused_tokens_total: int = 0
+    cache_evictions_total: int = 0
+    prefix_cache_bytes: int = 0  # the part of cache_bytes kept by prefix-cache entries
+    prefix_cache_entries: int = 0
 
 
 @attrs.frozen(kw_only=True)

@@ -98,6 +98,7 @@ class Runner:
             return Statistics(active_sequences=0, queued_requests=0, cache_bytes=0)
         s = self.ready.scheduler
         c = s.counters
+        p = s.prefix_counters
         return Statistics(
             active_sequences=s.active,
             queued_requests=s.queued,
@@ -106,6 +107,12 @@ class Runner:
             cancelled_total=c.cancelled,
             prompt_tokens_total=c.prompt_tokens,
             generated_tokens_total=c.generated_tokens,
+            cache_hits_total=p.hits,
+            cache_lookups_total=p.lookups,
+            cache_reused_tokens_total=p.reused_tokens,
+            cache_evictions_total=p.evictions,
+            prefix_cache_bytes=s.engine_stats.prefix_bytes,
+            prefix_cache_entries=s.prefix_entries,
         )
 
     def model_info(self) -> ModelInfo:

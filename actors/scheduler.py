@@ -1,15 +1,15 @@
-"""The scheduler actor: admission, the batch loop, and routing of tokens to requests.
+"""The scheduler actor: the Trio shell around ``runtime.scheduling.policy.SchedulerPolicy``.
 
-It owns the bounded request channel (``max_queue`` waiting requests), the set of running
-sequences (at most ``parallel``) and, through the engine, their KV caches. Its loop: admit
-waiting requests, then run one engine job on the engine thread that removes departed
-sequences, adds admitted ones and advances every running sequence by one step; route each
-``TokenEvent`` to its request. It never waits on a consumer: each request's reply channel is
-sized for every event its sequence can produce, and a closed one means the requester left.
+The policy decides (queue, admission against the KV-cache budget, removals, prefix-cache
+saves and evictions); this actor only moves data. Its loop: ask the policy for the next job,
+run it and one engine step on the engine thread, report the outcome back to the policy, and
+route each ``TokenEvent`` to its request's reply channel. It never waits on a consumer: each
+reply channel is sized for every event its sequence can produce, and a closed one means the
+requester left.
 
-A requester that leaves calls ``cancel``; the sequence is dropped at the start of the next
-engine job, so cancellation costs at most one step. ``cancel_all`` ends every sequence with a
-``Dropped`` marker (shutdown).
+A requester that leaves calls ``cancel``: a queued request frees its queue slot at once, a
+running sequence is dropped at the start of the next engine job, so cancellation costs at most
+one step. ``cancel_all`` ends every sequence with a ``Dropped`` marker (shutdown).
 """
 
 from __future__ import annotations
@@ -23,10 +23,12 @@ import attrs
 import trio
 
 from runtime.engine.protocol import EngineStats, SequenceRequest, TokenEvent
+from runtime.scheduling.policy import Job, PolicyConfig, QueueFull, SchedulerPolicy
 
 if TYPE_CHECKING:
     from actors.engine_thread import EngineThread
     from runtime.engine.protocol import Engine
+    from runtime.scheduling.prefix_cache import PrefixCounters
 
 log = logging.getLogger("mlxrunner.scheduler")
 
@@ -35,8 +37,9 @@ log = logging.getLogger("mlxrunner.scheduler")
 class SchedulerConfig:
     max_queue: int = 64
     parallel: int = 4
-    # KV-cache memory above which no new sequence is admitted (running ones continue).
+    # One budget for the batch KV cache and the prefix-cache entries together.
     cache_bytes_limit: int = 2 << 30
+    prefix_cache: bool = True
 
     def __attrs_post_init__(self) -> None:
         if self.max_queue < 1 or self.parallel < 1:
@@ -76,16 +79,29 @@ class Counters:
     generated_tokens: int = 0
 
 
+@attrs.frozen
+class _Outcome:
+    kept: list[int]
+    rejected: list[tuple[int, BaseException]]
+    events: list[TokenEvent]
+    stats: EngineStats
+    busy: bool  # the engine has more to compute
+
+
 class Scheduler:
     def __init__(self, config: SchedulerConfig, engine: Engine, thread: EngineThread) -> None:
         self.config = config
         self._engine = engine
         self._thread = thread
-        self._send, self._receive = trio.open_memory_channel[Submission](config.max_queue)
-        self._running: dict[int, Submission] = {}
-        self._departed: set[int] = set()  # running sequences whose requester left
-        self._waiting: set[int] = set()  # queued, not yet admitted
-        self._withdrawn: set[int] = set()  # queued ones whose requester left
+        self._policy = SchedulerPolicy[Submission](
+            PolicyConfig(
+                max_queue=config.max_queue,
+                parallel=config.parallel,
+                cache_bytes=config.cache_bytes_limit,
+                kv_bytes_per_token=max(1, engine.kv_bytes_per_token),
+                prefix_cache=config.prefix_cache,
+            )
+        )
         self._ids = itertools.count(1)
         self._wakeup = trio.Event()
         self.engine_stats = EngineStats(active_sequences=0, prefilling_sequences=0, cache_bytes=0)
@@ -104,41 +120,48 @@ class Scheduler:
         return trio.open_memory_channel[Reply](max_tokens + 2 * 1024 + 4)
 
     def submit_nowait(self, submission: Submission) -> None:
-        """Queue a sequence; ``trio.WouldBlock`` when the queue is full."""
-        self._send.send_nowait(submission)
-        self._waiting.add(submission.request.seq_id)
+        """Queue a sequence; ``trio.WouldBlock`` when the queue is full, ``CacheBudgetError``
+        when it could never fit in the KV-cache budget."""
+        try:
+            self._policy.enqueue(submission.request, submission)
+        except QueueFull:
+            raise trio.WouldBlock from None
         self.counters.requests += 1
         self._wakeup.set()
 
     def cancel(self, seq_id: int) -> None:
-        """The requester left: drop the sequence before the next step."""
-        if seq_id in self._waiting:
-            self._withdrawn.add(seq_id)
-        elif seq_id in self._running:
-            self._departed.add(seq_id)
+        """The requester left: free its queue slot now, or drop its sequence before the next
+        step."""
+        running = self._policy.payload(seq_id)
+        queued = self._policy.withdraw(seq_id)
+        if queued is not None:
+            queued.reply.close()
+        elif running is not None:
+            running.reply.close()  # nothing more is routed to a requester that left
+            self.counters.cancelled += 1
         self._wakeup.set()
 
     def cancel_all(self, reason: str) -> None:
         """End every queued and running sequence now (their requesters get ``Dropped``)."""
-        while True:
-            try:
-                sub = self._receive.receive_nowait()
-            except trio.WouldBlock:
-                break
-            self._waiting.discard(sub.request.seq_id)
+        for sub in self._policy.withdraw_all():
             self._end(sub, Dropped(reason))
-        for seq_id, sub in list(self._running.items()):
-            self._end(sub, Dropped(reason))
-            self._departed.add(seq_id)
         self._wakeup.set()
 
     @property
     def queued(self) -> int:
-        return self._receive.statistics().current_buffer_used
+        return self._policy.queued
 
     @property
     def active(self) -> int:
-        return len(self._running)
+        return self._policy.active
+
+    @property
+    def prefix_counters(self) -> PrefixCounters:
+        return self._policy.prefixes.counters
+
+    @property
+    def prefix_entries(self) -> int:
+        return len(self._policy.prefixes)
 
     # ---- the actor ----
 
@@ -149,84 +172,61 @@ class Scheduler:
         except BaseException as exc:
             # Open requests learn why instead of hanging; then the tree comes down.
             failure = exc if isinstance(exc, Exception) else RuntimeError("scheduler stopped")
-            for sub in list(self._running.values()):
+            for sub in self._policy.withdraw_all():
                 self._end(sub, EngineFailed(failure))
-            while True:
-                try:
-                    self._end(self._receive.receive_nowait(), EngineFailed(failure))
-                except (trio.WouldBlock, trio.ClosedResourceError):
-                    break
             raise
 
     async def _loop(self) -> None:
+        busy = False
         while True:
-            admitted = self._admit()
-            departed = list(self._departed)
-            self._departed.clear()
-            for seq_id in departed:
-                sub = self._running.get(seq_id)
-                if sub is not None:
-                    sub.reply.close()  # nothing more is routed to a requester that left
-            if not self._running and not admitted and not departed:
+            job = self._policy.next_job()
+            for request in job.admits:
+                self.counters.prompt_tokens += len(request.prompt)
+            if not job and not busy:
                 self._wakeup = trio.Event()
-                if self.queued == 0 and not self._departed:  # else: more to do at once
-                    await self._wakeup.wait()
+                await self._wakeup.wait()
                 continue
-            results = await self._thread.run(self._job, departed, admitted)
+            outcome = await self._thread.run(self._job, job)
             self.steps += 1
-            rejected, events, self.engine_stats = results
-            # Departed sequences leave the running set only now that the engine has dropped
-            # them, so statistics never show a sequence gone while its cache is still held.
-            for seq_id in departed:
-                if self._running.pop(seq_id, None) is not None:
-                    self.counters.cancelled += 1
-            for seq_id, error in rejected:
-                sub = self._running.pop(seq_id, None)
-                if sub is not None:
-                    self._end(sub, EngineFailed(error))
-            self._route(events)
+            self.engine_stats, busy = outcome.stats, outcome.busy
+            rejected = {seq_id: error for seq_id, error in outcome.rejected}
+            for request in job.admits:
+                error = rejected.get(request.seq_id)
+                if error is not None:
+                    sub = self._policy.payload(request.seq_id)
+                    if sub is not None:
+                        self._end(sub, EngineFailed(error))
+            self._policy.job_done(job, outcome.kept, list(rejected))
+            self._route(outcome.events)
             await trio.lowlevel.checkpoint()
 
-    def _admit(self) -> list[SequenceRequest]:
-        admitted = []
-        while len(self._running) < self.config.parallel:
-            if self._running and self.engine_stats.cache_bytes >= self.config.cache_bytes_limit:
-                break  # memory-bound: wait for a running sequence to finish
-            try:
-                sub = self._receive.receive_nowait()
-            except trio.WouldBlock:
-                break
-            seq_id = sub.request.seq_id
-            self._waiting.discard(seq_id)
-            if seq_id in self._withdrawn:  # left while queued: never runs
-                self._withdrawn.discard(seq_id)
-                sub.reply.close()
-                continue
-            self._running[seq_id] = sub
-            self.counters.prompt_tokens += len(sub.request.prompt)
-            admitted.append(sub.request)
-        return admitted
-
-    def _job(
-        self, departed: list[int], admitted: list[SequenceRequest]
-    ) -> tuple[list[tuple[int, BaseException]], list[TokenEvent], EngineStats]:
-        """One engine-thread job: leave, join, step (runs on the engine thread)."""
-        for seq_id in departed:
-            self._engine.remove(seq_id)
+    def _job(self, job: Job) -> _Outcome:
+        """One engine-thread job: leave (saving prefixes), drop entries, join, step."""
+        engine = self._engine
+        kept = [engine.remove(r.seq_id, save_as=r.save_as) for r in job.removals]
+        for entry_id in job.drops:
+            engine.drop_prefix(entry_id)
         rejected: list[tuple[int, BaseException]] = []
-        for request in admitted:
+        for request in job.admits:
             try:
-                self._engine.add(request)
+                engine.add(request)
             except (ValueError, RuntimeError) as exc:  # e.g. PromptError: reported to the requester
                 rejected.append((request.seq_id, exc))
-        events = self._engine.step() if self._engine.has_work() else []
-        return rejected, events, self._engine.statistics()
+        events = engine.step() if engine.has_work() else []
+        return _Outcome(
+            kept=kept,
+            rejected=rejected,
+            events=events,
+            stats=engine.statistics(),
+            busy=engine.has_work(),
+        )
 
     def _route(self, events: list[TokenEvent]) -> None:
         for event in events:
-            sub = self._running.get(event.seq_id)
+            sub = self._policy.payload(event.seq_id)
             if sub is None:
-                continue  # departed while the step ran; already removed or about to be
+                continue  # departed while the step ran; removed in the next job
+            self._policy.record(event)
             if event.token is not None:
                 self.counters.generated_tokens += 1
             try:
@@ -239,11 +239,9 @@ class Scheduler:
                 self.cancel(event.seq_id)
                 continue
             if event.finish is not None:
-                self._running.pop(event.seq_id, None)
                 sub.reply.close()
 
     def _end(self, sub: Submission, marker: Dropped | EngineFailed) -> None:
-        self._running.pop(sub.request.seq_id, None)
         if isinstance(marker, Dropped):
             self.counters.cancelled += 1
         with contextlib.suppress(

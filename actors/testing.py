@@ -35,6 +35,7 @@ class _Seq:
     tokens: list[int]
     prefill_left: int
     produced: int = 0
+    finished: bool = False  # keeps its place until ``remove``, as a real engine's row
 
 
 class ScriptedEngine:
@@ -67,6 +68,10 @@ class ScriptedEngine:
     def context_length(self) -> int:
         return self._context
 
+    @property
+    def kv_bytes_per_token(self) -> int:
+        return self.bytes_per_token
+
     def _record(self) -> None:
         self.threads.add(threading.get_ident())
 
@@ -77,14 +82,18 @@ class ScriptedEngine:
         tokens = list(self.script(request))[: request.max_tokens]
         self.seqs[request.seq_id] = _Seq(request, tokens, prefill_left=len(request.prompt))
 
-    def remove(self, seq_id: int) -> None:
+    def remove(self, seq_id: int, *, save_as: int | None = None) -> int:
         self._record()
         if self.seqs.pop(seq_id, None) is not None:
             self.removed.append(seq_id)
+        return 0  # no prefix cache here
+
+    def drop_prefix(self, entry_id: int) -> None:
+        self._record()
 
     def has_work(self) -> bool:
         self._record()
-        return bool(self.seqs)
+        return any(not s.finished for s in self.seqs.values())
 
     def statistics(self) -> EngineStats:
         self._record()
@@ -107,13 +116,15 @@ class ScriptedEngine:
         events = []
         for seq in list(self.seqs.values()):
             sid = seq.request.seq_id
+            if seq.finished:
+                continue
             if seq.prefill_left > self.prefill_chunk:
                 seq.prefill_left -= self.prefill_chunk
                 events.append(TokenEvent(seq_id=sid, token=None, prefilled=self.prefill_chunk))
                 continue
             prefilled, seq.prefill_left = seq.prefill_left, 0
             if seq.produced >= len(seq.tokens):
-                self.seqs.pop(sid)
+                seq.finished = True
                 continue
             token = seq.tokens[seq.produced]
             seq.produced += 1
@@ -123,7 +134,7 @@ class ScriptedEngine:
             elif seq.produced >= seq.request.max_tokens or seq.produced >= len(seq.tokens):
                 finish = FinishReason.LENGTH
             if finish is not None:
-                self.seqs.pop(sid)
+                seq.finished = True
             events.append(TokenEvent(seq_id=sid, token=token, prefilled=prefilled, finish=finish))
         return events
 

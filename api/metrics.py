@@ -38,6 +38,14 @@ class _RunnerCollector(Collector):
         yield GaugeMetricFamily(
             "mlxrunner_cache_bytes", "Bytes held by the KV cache", value=s.cache_bytes
         )
+        yield GaugeMetricFamily(
+            "mlxrunner_prefix_cache_bytes",
+            "Bytes of the KV cache held by prefix-cache entries",
+            value=s.prefix_cache_bytes,
+        )
+        yield GaugeMetricFamily(
+            "mlxrunner_prefix_cache_entries", "Prefix-cache entries", value=s.prefix_cache_entries
+        )
         ratio = s.cache_hits_total / s.cache_lookups_total if s.cache_lookups_total else 0.0
         yield GaugeMetricFamily(
             "mlxrunner_cache_hit_ratio", "Prompt-cache hits over lookups", value=ratio
@@ -57,6 +65,12 @@ class _RunnerCollector(Collector):
             ),
             ("mlxrunner_cache_hits", "Prompt-cache hits", s.cache_hits_total),
             ("mlxrunner_cache_lookups", "Prompt-cache lookups", s.cache_lookups_total),
+            (
+                "mlxrunner_cache_reused_tokens",
+                "Prompt tokens served from the prefix cache instead of computed",
+                s.cache_reused_tokens_total,
+            ),
+            ("mlxrunner_cache_evictions", "Prefix-cache entries evicted", s.cache_evictions_total),
         ):
             yield CounterMetricFamily(name, doc, value=value)
 

@@ -7,7 +7,6 @@ import signal
 import threading
 from collections.abc import Callable
 
-import attrs
 import pytest
 import trio
 
@@ -271,33 +270,6 @@ async def test_a_load_failure_ends_the_tree_with_the_error() -> None:
     with pytest.RaisesGroup(pytest.RaisesExc(ModelLoadError, match="tensor 'x' missing")):
         async with open_test_runner(load=broken, wait_ready=False) as client:
             await client.runner.wait_ready()
-
-
-def test_cache_memory_bound_holds_new_sequences_back() -> None:
-    from actors.engine_thread import EngineThread
-    from actors.scheduler import Scheduler, SchedulerConfig, Submission
-    from runtime.engine.options import SamplingOptions
-    from runtime.engine.protocol import EngineStats
-
-    config = SchedulerConfig(parallel=4, cache_bytes_limit=1000)
-    thread = EngineThread()
-    try:
-        scheduler = Scheduler(config, ScriptedEngine(), thread)
-        for i in (1, 2, 3):
-            send, _ = scheduler.reply_channel(4)
-            request = SequenceRequest(
-                seq_id=i, prompt=(1, 2), sampling=SamplingOptions(), max_tokens=4
-            )
-            scheduler.submit_nowait(Submission(request=request, reply=send))
-        full = EngineStats(active_sequences=1, prefilling_sequences=0, cache_bytes=1000)
-        scheduler.engine_stats = full
-        assert [r.seq_id for r in scheduler._admit()] == [1]  # with nothing running, one runs
-        assert scheduler._admit() == []  # over the bound: the others wait
-        assert scheduler.queued == 2
-        scheduler.engine_stats = attrs.evolve(full, cache_bytes=999)
-        assert [r.seq_id for r in scheduler._admit()] == [2, 3]
-    finally:
-        thread.stop()
 
 
 async def test_an_abandoned_job_does_not_hold_the_caller() -> None:

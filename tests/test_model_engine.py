@@ -10,7 +10,7 @@ import pytest
 
 from runtime.engine.model_engine import ModelEngine
 from runtime.engine.options import SamplingOptions
-from runtime.engine.protocol import FinishReason, SequenceRequest, TokenEvent
+from runtime.engine.protocol import FinishReason, PrefixReuse, SequenceRequest, TokenEvent
 from runtime.errors import PromptError
 from runtime.models.loader import LoadedModel, load_model
 from runtime.testing.models import make_tiny_folder
@@ -36,10 +36,13 @@ def _request(seq_id: int, prompt: list[int], **kw: Any) -> SequenceRequest:
 
 
 def _run(engine: ModelEngine) -> dict[int, list[TokenEvent]]:
+    """Step until idle, removing finished sequences as the scheduler does."""
     out: dict[int, list[TokenEvent]] = {}
     while engine.has_work():
         for ev in engine.step():
             out.setdefault(ev.seq_id, []).append(ev)
+            if ev.finish is not None:
+                engine.remove(ev.seq_id)
     return out
 
 
@@ -89,15 +92,18 @@ def test_batched_sequences_equal_solo_runs(loaded: LoadedModel, sampling: Sampli
             break
         for ev in engine.step():
             out.setdefault(ev.seq_id, []).append(ev)
+            if ev.finish is not None:
+                engine.remove(ev.seq_id)
     assert [_tokens(out[i]) for i in range(3)] == solo
 
 
 def test_prefill_is_chunked_and_budgeted(loaded: LoadedModel) -> None:
     engine = ModelEngine(loaded, prefill_chunk=16)
     engine.add(_request(0, list(range(40)), max_tokens=1))
+    assert engine.step() == []  # pipelined: a step reports the forward before it
+    assert engine.statistics().prefilling_sequences == 1
     first = engine.step()
     assert first == [TokenEvent(seq_id=0, token=None, prefilled=16)]
-    assert engine.statistics().prefilling_sequences == 1
     second = engine.step()
     assert second[0].prefilled == 16
     assert second[0].token is None
@@ -136,11 +142,8 @@ def test_eos_finishes_with_stop(loaded: LoadedModel) -> None:
 def test_failed_step_leaves_caches_at_last_complete_position(loaded: LoadedModel) -> None:
     engine = ModelEngine(loaded)
     engine.add(_request(0, PROMPTS[0], max_tokens=6))
-    engine.step()
-    seq = engine._seqs[0]
-    # Known complete: the prompt and every generated token but the newest, which was only
-    # dispatched (pipelined) when the failing step began.
-    complete = len(PROMPTS[0]) + seq.generated - 1
+    before = [t for _ in range(3) for t in _tokens(engine.step())]
+    row = engine._by_id[0]
     model = engine.model
     original = model.unembed
 
@@ -153,10 +156,10 @@ def test_failed_step_leaves_caches_at_last_complete_position(loaded: LoadedModel
             engine.step()
     finally:
         model.unembed = original
-    assert seq.cache.offset == complete
+    # Positions kept: the prompt and every reported token but the last, which is fed next.
+    assert row.length == len(PROMPTS[0]) + len(before) - 1
     rest = _tokens(_run(engine)[0])
-    full = _reference_greedy(loaded, PROMPTS[0], 6)
-    assert rest == full[1 : 1 + len(rest)]
+    assert before + rest == _reference_greedy(loaded, PROMPTS[0], 6)
 
 
 def test_prompt_errors(loaded: LoadedModel) -> None:
@@ -187,3 +190,58 @@ def test_logprobs_are_reported(loaded: LoadedModel) -> None:
         assert len(ev.logprob.top) == 3
         assert ev.logprob.top[0][1] >= ev.logprob.top[1][1] >= ev.logprob.top[2][1]
         assert ev.logprob.logprob <= 0
+
+
+def test_a_prefix_hit_gives_the_tokens_of_a_cold_run(loaded: LoadedModel) -> None:
+    first, follow_up = PROMPTS[2], [*PROMPTS[2], 7, 8, 9, 10]
+    cold = ModelEngine(loaded)
+    cold.add(_request(0, follow_up, max_tokens=10))
+    want = _tokens(_run(cold)[0])
+
+    engine = ModelEngine(loaded, prefill_chunk=16)
+    engine.add(_request(1, first, max_tokens=3))
+    while engine.has_work():
+        engine.step()
+    kept = engine.remove(1, save_as=42)
+    assert kept >= len(first)
+    assert engine.statistics().prefix_bytes == kept * engine.kv_bytes_per_token
+    engine.add(_request(2, follow_up, max_tokens=10, reuse=PrefixReuse(entry_id=42, length=40)))
+    assert engine._by_id[2].length == 40  # only the rest of the prompt is computed
+    assert _tokens(_run(engine)[2]) == want
+    engine.drop_prefix(42)
+    assert engine.statistics().cache_bytes == 0
+
+
+def test_a_cancelled_prefill_never_becomes_an_entry(loaded: LoadedModel) -> None:
+    engine = ModelEngine(loaded, prefill_chunk=8)
+    engine.add(_request(0, list(range(40)), max_tokens=4))
+    engine.step()
+    engine.step()
+    assert engine._by_id[0].pending  # still reading its prompt
+    assert engine.remove(0, save_as=1) == 0
+    assert engine.statistics().prefix_bytes == 0
+
+
+def test_step_cost_does_not_loop_over_sequences_in_attention(loaded: LoadedModel) -> None:
+    """All decode rows share one attention call per layer (one sdpa per layer per step)."""
+    import runtime.engine.batch_cache as batch_cache
+
+    calls = 0
+    real = mx.fast.scaled_dot_product_attention
+
+    def counting(*args: Any, **kw: Any) -> mx.array:
+        nonlocal calls
+        calls += 1
+        return real(*args, **kw)
+
+    engine = ModelEngine(loaded)
+    for i in range(6):
+        engine.add(_request(i, [1 + i, 2, 3], max_tokens=20))
+    for _ in range(3):  # prompts read, everyone decoding
+        engine.step()
+    batch_cache.mx.fast.scaled_dot_product_attention = counting  # type: ignore[attr-defined]
+    try:
+        engine.step()
+    finally:
+        batch_cache.mx.fast.scaled_dot_product_attention = real  # type: ignore[attr-defined]
+    assert calls == engine.model.num_layers

@@ -12,7 +12,7 @@ from mlx_lm.models.cache import make_prompt_cache
 
 from runtime.engine.kvcache import SequenceCache
 from runtime.formats.safetensors import TensorSet
-from runtime.models.common import Span
+from runtime.models.common import Span, SpanLayout
 from runtime.models.loader import build_model
 from runtime.testing.models import random_weights, tiny_config
 
@@ -87,7 +87,7 @@ def test_packed_spans_equal_separate_runs(model_type: str) -> None:
     ours(a[:, :8], cache_a)
     packed = mx.concatenate([a[:, 8:9], b], axis=1)
     spans = [Span(0, 1, cache_a), Span(1, 5, cache_b)]
-    hidden = ours.hidden(packed, spans)
+    hidden = ours.hidden(packed, SpanLayout(spans))
     logits = ours.unembed(hidden)
     assert _diff(logits[0, 0], want_a) <= TOL
     assert _diff(logits[0, 5], want_b) <= TOL

@@ -1,15 +1,22 @@
-"""``ModelEngine``: the batched generation step on a real model (implements ``engine.Engine``).
+"""``ModelEngine``: the batched, pipelined generation step on a real model (``protocol.Engine``).
 
-Every ``step`` builds one packed forward pass over all active sequences: sequences that are
-decoding contribute their last sampled token, sequences still reading their prompt contribute
-the next chunk of it (up to ``prefill_chunk`` prompt tokens per step in total, so a step stays
-short and cancellation is never more than one step away). Logits are computed only for rows
-that need a sample: a decode token, or the last token of a prompt.
+Each running sequence owns a row of the padded batch KV cache (``batch_cache``). One ``step``
+is one forward pass over a packed token row: one decode token for every cache row (rows that
+are not decoding carry a dummy), then prefill chunks of sequences still reading their prompt
+(up to ``prefill_chunk`` tokens per step in all, so decoding never stalls behind a long
+prompt). The decode rows share one attention call per layer, and the whole batch is sampled
+by array operations (``BatchSampler``), so a step's cost is nearly flat in the batch size.
 
-A sequence's KV cache lives in its ``_Sequence`` record; ``remove`` drops the record and with it
-the cache memory. A step either completes for every sequence in it or raises; on an exception
-the caches of the sequences in that step are truncated back to their last complete position,
-so no half-computed prefix survives.
+Steps are pipelined: ``step`` dispatches forward *k* fed with the still-lazy tokens of forward
+*k-1*, and only then reads forward *k-1*'s tokens (one host synchronisation per step), so the
+device computes while the host routes tokens. Events therefore report the forward before the
+one just dispatched; a sequence whose token turns out to end it has already been fed once
+more, and that extra output is discarded.
+
+A finished sequence keeps its row until ``remove``: the scheduler decides then whether its
+computed positions become a prefix-cache entry (``save_as``). Entries are compact copies kept
+here by id; the scheduler owns their index and budget (``actors.scheduler_policy``), and an
+admitted request may start from one (``SequenceRequest.reuse``).
 """
 
 from __future__ import annotations
@@ -19,6 +26,8 @@ from typing import TYPE_CHECKING
 import attrs
 import mlx.core as mx
 
+from runtime.engine.batch_cache import STEP, BatchKVCache, BatchLayout, PrefillChunk, round_up
+from runtime.engine.batch_sampler import BatchSampler, batch_logprobs
 from runtime.engine.protocol import (
     EngineStats,
     FinishReason,
@@ -26,49 +35,50 @@ from runtime.engine.protocol import (
     TokenEvent,
     TokenLogprob,
 )
-from runtime.engine.sampler import Sampler, logprobs
 from runtime.errors import PromptError, PromptTooLongError
-from runtime.models.common import Span
 
 if TYPE_CHECKING:
-    from runtime.engine.kvcache import SequenceCache
+    from collections.abc import Callable
+
     from runtime.models.loader import LoadedModel
 
+Prefix = list[tuple[mx.array, mx.array]]
+
 
 @attrs.define(eq=False)
-class _Sequence:
+class _Row:
     request: SequenceRequest
-    cache: SequenceCache
-    sampler: Sampler
-    pending: list[int]  # prompt tokens not yet in the cache
-    last: int | None = None  # the sampled token to feed next (decode phase)
-    generated: int = 0
+    index: int
+    pending: list[int]  # prompt tokens not yet dispatched
+    length: int = 0  # positions written by dispatched forwards
+    sampled: int = 0  # tokens sampled by dispatched forwards
+    reported: int = 0  # tokens read back and reported
+    last: int | None = None  # the last token read back
+    finished: bool = False
 
     @property
-    def decoding(self) -> bool:
-        return not self.pending
+    def prompt_len(self) -> int:
+        return len(self.request.prompt)
 
-
-@attrs.define(eq=False)
-class _Work:
-    """What one sequence contributes to this step's packed forward pass."""
-
-    seq: _Sequence
-    fed: int  # tokens fed
-    sample: bool  # whether its last row is sampled
-    prefill: bool  # prompt tokens (else its last sampled token)
+    def fed_next(self, context: int) -> bool:
+        """Whether the next forward feeds this row's last sampled token."""
+        if self.finished or self.pending or self.sampled == 0:
+            return False
+        return self.sampled < self.request.max_tokens and self.prompt_len + self.sampled < context
 
 
 @attrs.frozen(eq=False)
-class _Ahead:
-    """Logits of the next decode step, dispatched before this step's tokens were read."""
+class _Forward:
+    """A dispatched forward pass whose samples have not been read back yet."""
 
-    logits: mx.array  # [rows, vocab]
-    rows: dict[int, int]  # seq_id -> row
+    rows: tuple[_Row, ...]  # the rows sampled, in the order of ``tokens``
+    tokens: mx.array  # [S] int32
+    prefilled: dict[int, int]  # row index -> prompt tokens this forward computed
+    logprobs: tuple[mx.array, mx.array, mx.array] | None
 
 
 class ModelEngine:
-    """Runs sequences of one loaded model in batched steps (engine thread only)."""
+    """Runs the sequences of one loaded model in batched steps (engine thread only)."""
 
     def __init__(
         self,
@@ -86,15 +96,30 @@ class ModelEngine:
         self._context = min(context_length or loaded.context_length, loaded.context_length)
         self._eos = loaded.tokenizer.eos_ids
         self._vocab = int(loaded.model.args.vocab_size)
-        self._seqs: dict[int, _Sequence] = {}
-        self._ahead: _Ahead | None = None
+        self._cache = BatchKVCache(self.model.num_layers)
+        self._sampler = BatchSampler(vocab_size=self._vocab, context_length=self._context)
+        self._rows: list[_Row | None] = []
+        self._by_id: dict[int, _Row] = {}
+        self._positions = 0  # cache capacity in positions (grows; reset when empty)
+        self._inflight: _Forward | None = None
+        self._prefixes: dict[int, tuple[Prefix, int]] = {}
 
     @property
     def context_length(self) -> int:
         return self._context
 
+    @property
+    def kv_bytes_per_token(self) -> int:
+        args = self.model.args
+        embed = self.model.model.embed_tokens
+        # The cache holds activations, whose dtype is the embedding's (its scales' if packed).
+        dtype = getattr(embed, "scales", embed.weight).dtype
+        return int(self.model.num_layers * 2 * args.kv_heads * args.dims_per_head * dtype.size)
+
+    # ---- membership ----
+
     def add(self, request: SequenceRequest) -> None:
-        if request.seq_id in self._seqs:
+        if request.seq_id in self._by_id:
             raise ValueError(f"sequence {request.seq_id} already exists")
         if not request.prompt:
             raise PromptError("empty prompt")
@@ -106,162 +131,259 @@ class ModelEngine:
         bad = [t for t in request.prompt if not 0 <= t < self._vocab]
         if bad:
             raise PromptError(f"token id {bad[0]} is outside the vocabulary (0..{self._vocab - 1})")
-        sampler = Sampler(
-            request.sampling,
-            prompt=request.prompt,
-            vocab_size=self._vocab,
-            context_length=self._context,
-        )
-        self._seqs[request.seq_id] = _Sequence(
-            request=request,
-            cache=self.model.make_cache(),
-            sampler=sampler,
-            pending=list(request.prompt),
-        )
+        index = next((i for i, r in enumerate(self._rows) if r is None), len(self._rows))
+        if index == len(self._rows):
+            self._rows.append(None)
+        row = _Row(request=request, index=index, pending=list(request.prompt))
+        reuse = request.reuse
+        if reuse is not None and reuse.entry_id in self._prefixes:
+            prefix, stored = self._prefixes[reuse.entry_id]
+            n = min(reuse.length, stored, len(request.prompt) - 1)
+            if n > 0:
+                self._grow(n + 1)
+                for layer, (k, v) in enumerate(prefix):
+                    self._cache.ensure(layer, len(self._rows), self._positions, k, v)
+                self._cache.copy_in(index, prefix, n)
+                row.length = n
+                del row.pending[:n]
+        self._sampler.add(index, request.sampling, request.prompt)
+        self._rows[index] = row
+        self._by_id[request.seq_id] = row
 
-    def remove(self, seq_id: int) -> None:
-        self._seqs.pop(seq_id, None)
+    def remove(self, seq_id: int, *, save_as: int | None = None) -> int:
+        """Drop a sequence; with ``save_as``, first keep its computed positions as that entry.
+
+        Returns how many positions were kept (0 when not asked, or when the prompt was not
+        fully computed: a cancelled prefill never becomes an entry).
+        """
+        row = self._by_id.pop(seq_id, None)
+        if row is None:
+            return 0
+        kept = 0
+        if save_as is not None and not row.pending and row.length > 0:
+            self._prefixes[save_as] = (self._cache.copy_out(row.index, row.length), row.length)
+            kept = row.length
+        self._sampler.remove(row.index)
+        self._rows[row.index] = None
+        self._release_if_idle()
+        return kept
+
+    def _release_if_idle(self) -> None:
+        # Rows and positions never shrink while a row is in use (the buffer is exactly
+        # capacity-shaped); an empty batch gives all of its memory back at once (a forward
+        # still in flight only holds rows that are gone, so its results are dropped).
+        if not self._by_id:
+            self._inflight = None
+            self._cache.clear()
+            self._rows.clear()
+            self._positions = 0
+
+    def drop_prefix(self, entry_id: int) -> None:
+        self._prefixes.pop(entry_id, None)
 
     def has_work(self) -> bool:
-        return bool(self._seqs)
+        return self._inflight is not None or any(
+            r.pending or r.fed_next(self._context) for r in self._by_id.values()
+        )
 
     def statistics(self) -> EngineStats:
-        return EngineStats(
-            active_sequences=len(self._seqs),
-            prefilling_sequences=sum(1 for s in self._seqs.values() if not s.decoding),
-            cache_bytes=sum(s.cache.nbytes for s in self._seqs.values()),
+        prefix_bytes = sum(
+            sum(k.nbytes + v.nbytes for k, v in prefix) for prefix, _ in self._prefixes.values()
         )
+        return EngineStats(
+            active_sequences=len(self._by_id),
+            prefilling_sequences=sum(1 for r in self._by_id.values() if r.pending),
+            cache_bytes=self._cache.nbytes + prefix_bytes,
+            prefix_bytes=prefix_bytes,
+            capacity_rows=len(self._rows),
+            capacity_positions=self._positions,
+        )
+
+    # ---- the step ----
 
     def step(self) -> list[TokenEvent]:
-        ahead, self._ahead = self._ahead, None
-        rows = ahead.rows if ahead is not None else {}
-        # Decoders whose logits the previous step already dispatched, and the rest.
-        ready: list[tuple[_Sequence, mx.array]] = []
-        feed: list[_Sequence] = []
-        for seq in self._seqs.values():
-            if not seq.decoding:
-                continue
-            row = rows.get(seq.request.seq_id)
-            if ahead is not None and row is not None:
-                ready.append((seq, ahead.logits[row]))
-            else:
-                feed.append(seq)
-        tokens: list[int] = []
-        spans: list[Span] = []
-        plan: list[_Work] = []
-        for seq in feed:
-            assert seq.last is not None
-            spans.append(Span(len(tokens), 1, seq.cache))
-            tokens.append(seq.last)
-            plan.append(_Work(seq, fed=1, sample=True, prefill=False))
-        budget = self.prefill_chunk
-        for seq in self._seqs.values():
-            if seq.decoding or budget <= 0:
-                continue
-            n = min(len(seq.pending), budget)
-            budget -= n
-            spans.append(Span(len(tokens), n, seq.cache))
-            tokens.extend(seq.pending[:n])
-            plan.append(_Work(seq, fed=n, sample=n == len(seq.pending), prefill=True))
-        if not plan and not ready:
-            return []
-        # Positions known complete: a dispatched-ahead position is not, until this step ends.
-        before = {id(seq): seq.cache.offset - 1 for seq, _ in ready}
-        before.update({id(w.seq): w.seq.cache.offset for w in plan})
+        previous, self._inflight = self._inflight, None
         try:
-            return self._run(tokens, spans, plan, ready)
+            self._inflight = self._dispatch(previous)
+            events = self._collect(previous) if previous is not None else []
         except BaseException:
-            # Leave no half-written positions behind; re-feed the last token next time.
-            self._ahead = None
-            for seq, _ in ready:
-                seq.cache.truncate(before[id(seq)])
-            for w in plan:
-                w.seq.cache.truncate(before[id(w.seq)])
+            self._rollback()
             raise
-
-    def _run(
-        self,
-        tokens: list[int],
-        spans: list[Span],
-        plan: list[_Work],
-        ready: list[tuple[_Sequence, mx.array]],
-    ) -> list[TokenEvent]:
-        sampled: list[tuple[_Sequence, mx.array, _Work | None]] = []
-        for seq, row_logits in ready:
-            sampled.append((seq, row_logits, None))
-        if plan:
-            hidden = self.model.hidden(mx.array(tokens, dtype=mx.int32)[None], spans)
-            rows = [sp.start + sp.length - 1 for sp, w in zip(spans, plan, strict=True) if w.sample]
-            if rows:
-                picked = hidden[0, mx.array(rows)] if len(rows) < len(tokens) else hidden[0]
-                logits = self.model.unembed(picked).astype(mx.float32)
-                for i, w in enumerate(w for w in plan if w.sample):
-                    sampled.append((w.seq, logits[i], w))
-        samples = []
-        for seq, row_logits, _ in sampled:
-            drawn = seq.sampler.sample(row_logits)
-            seq.sampler.accept(drawn)
-            samples.append(drawn)
-        # Dispatch the next decode step now, fed with the still-lazy samples, so the model
-        # computes it while this step's tokens are routed (the pipelining mlx-lm does too).
-        self._ahead = self._dispatch_ahead(sampled, samples)
-        pending_caches = [w.seq.cache.arrays for w in plan if not w.sample]
-        to_eval = [samples, pending_caches]
-        if self._ahead is not None:
-            to_eval.append(self._ahead.logits)
-        mx.async_eval(*to_eval)
-        events: list[TokenEvent] = []
-        for w in plan:
-            if w.prefill:
-                del w.seq.pending[: w.fed]
-            if not w.sample:
-                events.append(TokenEvent(seq_id=w.seq.request.seq_id, token=None, prefilled=w.fed))
-        for (seq, row_logits, work), sample in zip(sampled, samples, strict=True):
-            token: int = sample.item()  # type: ignore[assignment]  # an int32 scalar
-            lp: TokenLogprob | None = None
-            if seq.request.logprobs:
-                lp = logprobs(row_logits, token, seq.request.top_logprobs)
-            prefilled = work.fed if work is not None and work.prefill else 0
-            events.append(self._advance(seq, token, prefilled=prefilled, lp=lp))
-        mx.eval(pending_caches)
+        self._release_if_idle()
         return events
 
-    def _dispatch_ahead(
-        self, sampled: list[tuple[_Sequence, mx.array, _Work | None]], samples: list[mx.array]
-    ) -> _Ahead | None:
-        rows: dict[int, int] = {}
-        inputs: list[mx.array] = []
-        spans: list[Span] = []
-        for (seq, _, _), sample in zip(sampled, samples, strict=True):
-            # Sequences certain to end with this token need no next step.
-            if seq.generated + 1 >= seq.request.max_tokens:
-                continue
-            if self._full(seq, 1):
-                continue
-            rows[seq.request.seq_id] = len(inputs)
-            spans.append(Span(len(inputs), 1, seq.cache))
-            inputs.append(sample.reshape(1))
-        if not inputs:
+    def _grow(self, positions: int) -> None:
+        self._positions = max(self._positions, round_up(positions, STEP))
+
+    def _dispatch(self, previous: _Forward | None) -> _Forward | None:
+        live = [r for r in self._rows if r is not None]
+        fed = [r for r in live if r.fed_next(self._context)]
+        chunks: list[tuple[_Row, int]] = []
+        budget = self.prefill_chunk
+        for row in sorted((r for r in live if r.pending), key=lambda r: r.request.seq_id):
+            if budget <= 0:
+                break
+            n = min(len(row.pending), budget)
+            budget -= n
+            chunks.append((row, n))
+        if not fed and not chunks:
             return None
-        hidden = self.model.hidden(mx.concatenate(inputs)[None], spans)
-        return _Ahead(logits=self.model.unembed(hidden[0]).astype(mx.float32), rows=rows)
-
-    def _full(self, seq: _Sequence, extra: int) -> bool:
-        """Whether prompt + generated (+ ``extra``) tokens fill the context."""
-        return len(seq.request.prompt) + seq.generated + extra >= self._context
-
-    def _advance(
-        self, seq: _Sequence, token: int, *, prefilled: int, lp: TokenLogprob | None
-    ) -> TokenEvent:
-        seq.last = token
-        seq.generated += 1
-        finish: FinishReason | None = None
-        if token in self._eos:
-            finish = FinishReason.STOP
-        elif seq.generated >= seq.request.max_tokens or self._full(seq, 0):
-            finish = FinishReason.LENGTH
-        if finish is not None:
-            self._seqs.pop(seq.request.seq_id, None)
-        return TokenEvent(
-            seq_id=seq.request.seq_id, token=token, prefilled=prefilled, logprob=lp, finish=finish
+        capacity_rows = len(self._rows)
+        self._grow(max([r.length + 1 for r in live] + [r.length + n for r, n in chunks]))
+        inputs: list[mx.array] = []
+        lengths: list[int] | None = None
+        if fed:
+            lengths = [r.length if r is not None else 0 for r in self._rows]
+            inputs.append(self._decode_inputs(previous, capacity_rows))
+        prefill: list[PrefillChunk] = []
+        start = capacity_rows if fed else 0
+        for row, n in chunks:
+            prefill.append(PrefillChunk(start=start, length=n, row=row.index, offset=row.length))
+            inputs.append(mx.array(row.pending[:n], dtype=mx.int32))
+            start += n
+        layout = BatchLayout.build(
+            self._cache,
+            capacity_rows=capacity_rows,
+            positions=self._positions,
+            lengths=lengths,
+            prefill=prefill,
         )
+        tokens_in = inputs[0] if len(inputs) == 1 else mx.concatenate(inputs)
+        hidden = self.model.hidden(tokens_in[None], layout)[0]
+        # Rows that sample: every fed decode row, and every prompt this forward completes.
+        sampled_rows: list[_Row] = list(fed)
+        picks = [r.index for r in fed]
+        for (row, n), chunk in zip(chunks, prefill, strict=True):
+            if n == len(row.pending):
+                sampled_rows.append(row)
+                picks.append(chunk.start + n - 1)
+        for row in fed:
+            row.length += 1
+        prefilled: dict[int, int] = {}
+        for row, n in chunks:
+            del row.pending[:n]
+            row.length += n
+            prefilled[row.index] = n
+        tokens = mx.zeros((0,), dtype=mx.int32)
+        lp = None
+        if sampled_rows:
+            logits = self.model.unembed(hidden[mx.array(picks)]).astype(mx.float32)
+            indices = [r.index for r in sampled_rows]
+            tokens = self._sampler.sample(logits, indices)
+            self._sampler.accept(indices, tokens)
+            for row in sampled_rows:
+                row.sampled += 1
+            top = max(
+                (r.request.top_logprobs for r in sampled_rows if r.request.logprobs), default=-1
+            )
+            if top >= 0:
+                lp = batch_logprobs(logits, tokens, top)
+        mx.async_eval(tokens, *(lp or ()), *self._cache.arrays)
+        return _Forward(rows=tuple(sampled_rows), tokens=tokens, prefilled=prefilled, logprobs=lp)
+
+    def _decode_inputs(self, previous: _Forward | None, capacity_rows: int) -> mx.array:
+        """Each row's last sampled token, a dummy for rows that do not decode.
+
+        Tokens of ``previous`` are taken lazily (not read yet); a row that did not sample in
+        it (only after a failed step) feeds its last reported token from the host.
+        """
+        sampled = previous.rows if previous is not None else ()
+        where = {row.index: i for i, row in enumerate(sampled)}
+        host = [r.last if r is not None and r.last is not None else 0 for r in self._rows]
+        gather = [where.get(i, len(sampled) + i) for i in range(capacity_rows)]
+        parts = [mx.array(host, dtype=mx.int32)]
+        if previous is not None:
+            parts.insert(0, previous.tokens)
+        return mx.concatenate(parts)[mx.array(gather)]
+
+    def _collect(self, forward: _Forward) -> list[TokenEvent]:
+        """Read a forward's samples (the step's one host sync) and turn them into events."""
+        tokens: list[int] = forward.tokens.tolist()  # type: ignore[assignment]
+        lp_rows: tuple[list[float], list[list[int]], list[list[float]]] | None = None
+        if forward.logprobs is not None:
+            chosen, top_ids, top_vals = forward.logprobs
+            lp_rows = (chosen.tolist(), top_ids.tolist(), top_vals.tolist())  # type: ignore[assignment]
+        events: list[TokenEvent] = []
+        sampled_ids = {id(r) for r in forward.rows}
+        for index, n in forward.prefilled.items():
+            row = self._rows[index] if index < len(self._rows) else None
+            if row is None or id(row) in sampled_ids or row.request.seq_id not in self._by_id:
+                continue
+            events.append(TokenEvent(seq_id=row.request.seq_id, token=None, prefilled=n))
+        for i, (row, token) in enumerate(zip(forward.rows, tokens, strict=True)):
+            if row.finished or self._by_id.get(row.request.seq_id) is not row:
+                continue  # already ended (or removed) while this forward ran
+            row.reported += 1
+            row.last = token
+            finish: FinishReason | None = None
+            if token in self._eos:
+                finish = FinishReason.STOP
+            elif row.reported >= row.request.max_tokens or (
+                row.prompt_len + row.reported >= self._context
+            ):
+                finish = FinishReason.LENGTH
+            if finish is not None:
+                row.finished = True
+            logprob = None
+            if lp_rows is not None and row.request.logprobs:
+                k = row.request.top_logprobs
+                top = tuple(zip(lp_rows[1][i][:k], lp_rows[2][i][:k], strict=True))
+                logprob = TokenLogprob(token=token, logprob=lp_rows[0][i], top=top)
+            events.append(
+                TokenEvent(
+                    seq_id=row.request.seq_id,
+                    token=token,
+                    prefilled=forward.prefilled.get(row.index, 0),
+                    logprob=logprob,
+                    finish=finish,
+                )
+            )
+        return events
+
+    def _rollback(self) -> None:
+        """After a failed step: every row in it goes back to what has been read back.
+
+        Positions whose tokens were never reported are forgotten (lengths move back; the data
+        past a length is dead), the sampler rewinds, and the next step re-feeds from scratch.
+        """
+        self._inflight = None
+        for row in self._by_id.values():
+            unread = row.sampled - row.reported
+            if unread > 0:
+                self._sampler.rewind([row.index], unread)
+                row.sampled = row.reported
+            if row.pending:
+                continue
+            if row.reported == 0:  # the prompt's last token is computed again
+                row.pending = [row.request.prompt[-1]]
+                row.length = row.prompt_len - 1
+            else:  # keep the reported tokens' positions but the last, which is fed next
+                row.length = min(row.length, row.prompt_len + row.reported - 1)
+
+    # ---- warm-up ----
+
+    def warm_up(self, progress: Callable[[float], None] | None = None) -> None:
+        """Run every kind of step once so kernels compile now, not on the first request."""
+        from runtime.engine.options import SamplingOptions
+
+        plans = [
+            (1, SamplingOptions(temperature=0.0)),
+            (2, SamplingOptions()),
+            (4, SamplingOptions(temperature=0.7, top_k=0, top_p=0.95, seed=1)),
+        ]
+        seq_ids = iter(range(-1, -1000, -1))
+        for done, (width, sampling) in enumerate(plans):
+            ids = []
+            for i in range(width):
+                seq_id = next(seq_ids)
+                ids.append(seq_id)
+                prompt = tuple((7 * i + j) % self._vocab for j in range(16 + i))
+                self.add(
+                    SequenceRequest(seq_id=seq_id, prompt=prompt, sampling=sampling, max_tokens=4)
+                )
+            while self.has_work():
+                self.step()
+            for seq_id in ids:
+                self.remove(seq_id)
+            if progress is not None:
+                progress((done + 1) / len(plans))

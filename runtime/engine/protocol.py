@@ -2,9 +2,10 @@
 
 An ``Engine`` is driven from one thread only (the engine thread); it is synchronous and knows
 nothing of Trio. The scheduler adds sequences, calls ``step`` in a loop and removes sequences
-whose requester is gone. One ``step`` advances every active sequence together: a prefill chunk
-for sequences still reading their prompt (bounded by a per-step token budget), one decode token
-for the others. Sequences join and leave between steps.
+that finished or whose requester is gone. One ``step`` advances every active sequence together:
+a prefill chunk for sequences still reading their prompt (bounded by a per-step token budget),
+one decode token for the others. Sequences join and leave between steps. An engine may pipeline:
+the events a step returns can belong to the forward pass dispatched by the step before.
 
 ``runtime.engine.model_engine.ModelEngine`` implements it on a real model; ``actors.testing`` has a
 scripted fake with the same behaviour for actor tests.
@@ -26,6 +27,14 @@ class FinishReason(enum.Enum):
 
 
 @attrs.frozen(kw_only=True)
+class PrefixReuse:
+    """Start a sequence from the first ``length`` positions of prefix-cache entry ``entry_id``."""
+
+    entry_id: int
+    length: int
+
+
+@attrs.frozen(kw_only=True)
 class SequenceRequest:
     """A sequence to generate. ``max_tokens`` is already clamped to the context."""
 
@@ -35,6 +44,7 @@ class SequenceRequest:
     max_tokens: int
     logprobs: bool = False
     top_logprobs: int = 0
+    reuse: PrefixReuse | None = None
 
 
 @attrs.frozen(kw_only=True)
@@ -49,8 +59,9 @@ class TokenEvent:
     """What one step produced for one sequence.
 
     ``token`` is ``None`` for a step that only advanced the prompt (``prefilled`` tokens).
-    When ``finish`` is set the engine has already dropped the sequence and its cache; an EOS
-    token that ends a sequence is reported with ``finish=STOP`` and must not be shown.
+    After ``finish`` the sequence computes nothing more but keeps its cache row until
+    ``remove`` (which may keep its positions as a prefix-cache entry); an EOS token that ends a
+    sequence is reported with ``finish=STOP`` and must not be shown.
     """
 
     seq_id: int
@@ -64,7 +75,10 @@ class TokenEvent:
 class EngineStats:
     active_sequences: int
     prefilling_sequences: int
-    cache_bytes: int
+    cache_bytes: int  # everything the KV cache holds: the batch and the prefix entries
+    prefix_bytes: int = 0
+    capacity_rows: int = 0
+    capacity_positions: int = 0
 
 
 class Engine(Protocol):
@@ -73,11 +87,20 @@ class Engine(Protocol):
     @property
     def context_length(self) -> int: ...
 
-    def add(self, request: SequenceRequest) -> None:
-        """Admit a sequence; it starts prefilling at the next ``step``."""
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """KV-cache bytes one position of one sequence takes (all layers, keys and values)."""
 
-    def remove(self, seq_id: int) -> None:
-        """Drop a sequence and free its cache now. Unknown ids are ignored."""
+    def add(self, request: SequenceRequest) -> None:
+        """Admit a sequence; it starts prefilling at the next ``step`` (after ``reuse``)."""
+
+    def remove(self, seq_id: int, *, save_as: int | None = None) -> int:
+        """Drop a sequence and free its row. With ``save_as``, first keep its computed positions
+        as prefix-cache entry ``save_as`` (only once its prompt was fully computed); returns how
+        many were kept. Unknown ids are ignored (0)."""
+
+    def drop_prefix(self, entry_id: int) -> None:
+        """Free a prefix-cache entry. Unknown ids are ignored."""
 
     def has_work(self) -> bool:
         """Whether ``step`` would advance anything."""

@@ -1,11 +1,13 @@
-"""Pieces every architecture shares: packed spans, RoPE variants and ragged attention.
+"""Pieces every architecture shares: the attention ``Layout`` contract, RoPE variants, helpers.
 
 A model step runs on a *packed* batch: the tokens of several sequences laid end to end in one
 ``[1, N]`` row. Everything that works per token (embedding, norms, projections, MLP) runs on
 the whole row at once, which is where batching pays (weights are read once per step). Only
-attention is per sequence: each ``Span`` names its slice of the row and its own KV cache, and
-positions start at that cache's offset. A prefill chunk of one sequence and the decode tokens of
-others therefore share one forward pass.
+attention needs to know which token belongs to which sequence; the model hands its projections
+to a ``Layout``, which applies RoPE at each token's position, writes the KV cache and attends.
+``SpanLayout`` (here) runs each span against its own ``SequenceCache``, the mlx-lm-compatible
+path; the engine's ``BatchLayout`` (``runtime.engine.batch_cache``) runs every decode row in one
+attention call on a padded batch cache.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from functools import partial
-from typing import Any
+from typing import Any, Protocol
 
 import attrs
 import mlx.core as mx
@@ -58,7 +60,7 @@ class Rope(nn.Module):
         elif kind not in ("default", None):
             raise ValueError(f"unsupported rope scaling {kind!r}")
 
-    def __call__(self, x: mx.array, offset: int) -> mx.array:
+    def __call__(self, x: mx.array, offset: int | mx.array) -> mx.array:
         return mx.fast.rope(
             x,
             self.dims,
@@ -85,39 +87,63 @@ def _llama3_freqs(dims: int, base: float, cfg: dict[str, Any], max_pos: int) -> 
     return mx.where(medium, smoothed, freqs)
 
 
-def ragged_attention(
-    queries: mx.array,
-    keys: mx.array,
-    values: mx.array,
-    *,
-    spans: Sequence[Span],
-    layer: int,
-    rope: Rope,
-    scale: float,
-) -> mx.array:
-    """Attention over packed ``[1, H, N, D]`` tensors, each span against its own cache.
+class Layout(Protocol):
+    """Where each token of a packed ``[1, N]`` row attends: the step's attention and KV writes."""
 
-    Returns ``[1, N, H * D]``. RoPE is applied here because each span starts at its own
-    position.
-    """
-    outputs = []
-    for span in spans:
-        if len(spans) == 1:
-            q, k, v = queries, keys, values
-        else:
-            end = span.start + span.length
-            q = queries[:, :, span.start : end]
-            k = keys[:, :, span.start : end]
-            v = values[:, :, span.start : end]
-        cache: KVCache = span.cache[layer]
-        q = rope(q, cache.offset)
-        k = rope(k, cache.offset)
-        k, v = cache.update_and_fetch(k, v)
-        mask = "causal" if span.length > 1 else None
-        outputs.append(mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask))
-    out = outputs[0] if len(outputs) == 1 else mx.concatenate(outputs, axis=2)
-    batch, heads, length, dims = out.shape
-    return out.transpose(0, 2, 1, 3).reshape(batch, length, heads * dims)
+    def attend(
+        self,
+        queries: mx.array,
+        keys: mx.array,
+        values: mx.array,
+        *,
+        layer: int,
+        rope: Rope,
+        scale: float,
+    ) -> mx.array:
+        """Attention for packed ``[1, H, N, D]`` projections; returns ``[1, N, H * D]``."""
+        ...
+
+
+@attrs.frozen
+class SpanLayout:
+    """Each span against its own ``SequenceCache`` (mlx-lm-compatible single-sequence calls)."""
+
+    spans: Sequence[Span]
+
+    def attend(
+        self,
+        queries: mx.array,
+        keys: mx.array,
+        values: mx.array,
+        *,
+        layer: int,
+        rope: Rope,
+        scale: float,
+    ) -> mx.array:
+        # RoPE is applied here because each span starts at its own position.
+        outputs = []
+        for span in self.spans:
+            if len(self.spans) == 1:
+                q, k, v = queries, keys, values
+            else:
+                end = span.start + span.length
+                q = queries[:, :, span.start : end]
+                k = keys[:, :, span.start : end]
+                v = values[:, :, span.start : end]
+            cache: KVCache = span.cache[layer]
+            q = rope(q, cache.offset)
+            k = rope(k, cache.offset)
+            k, v = cache.update_and_fetch(k, v)
+            mask = "causal" if span.length > 1 else None
+            outputs.append(mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask))
+        out = outputs[0] if len(outputs) == 1 else mx.concatenate(outputs, axis=2)
+        return merge_heads(out)
+
+
+def merge_heads(x: mx.array) -> mx.array:
+    """``[1, H, N, D]`` -> ``[1, N, H * D]``."""
+    batch, heads, length, dims = x.shape
+    return x.transpose(0, 2, 1, 3).reshape(batch, length, heads * dims)
 
 
 def split_heads(x: mx.array, heads: int) -> mx.array:
@@ -131,11 +157,11 @@ def swiglu(gate: mx.array, up: mx.array) -> mx.array:
     return nn.silu(gate) * up
 
 
-def single_span(inputs: mx.array, cache: SequenceCache) -> list[Span]:
-    """The spans of an unpacked ``[1, L]`` call (the mlx-lm-compatible path)."""
+def single_span(inputs: mx.array, cache: SequenceCache) -> SpanLayout:
+    """The layout of an unpacked ``[1, L]`` call (the mlx-lm-compatible path)."""
     if inputs.ndim != 2 or inputs.shape[0] != 1:
         raise ValueError("expected token ids shaped [1, L]")
-    return [Span(0, inputs.shape[1], cache)]
+    return SpanLayout([Span(0, inputs.shape[1], cache)])
 
 
 def normalize_config(config: dict[str, Any]) -> dict[str, Any]:

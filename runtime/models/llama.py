@@ -6,7 +6,6 @@ Attribute names equal the checkpoint tensor names (``model.layers.0.self_attn.q_
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import attrs
@@ -15,10 +14,9 @@ import mlx.nn as nn
 
 from runtime.engine.kvcache import SequenceCache
 from runtime.models.common import (
+    Layout,
     Rope,
-    Span,
     normalize_config,
-    ragged_attention,
     single_span,
     split_heads,
     swiglu,
@@ -79,13 +77,11 @@ class Attention(nn.Module):
             max_position_embeddings=args.max_position_embeddings,
         )
 
-    def __call__(self, x: mx.array, spans: Sequence[Span]) -> mx.array:
+    def __call__(self, x: mx.array, layout: Layout) -> mx.array:
         q = split_heads(self.q_proj(x), self.n_heads)
         k = split_heads(self.k_proj(x), self.n_kv_heads)
         v = split_heads(self.v_proj(x), self.n_kv_heads)
-        out = ragged_attention(
-            q, k, v, spans=spans, layer=self.layer, rope=self.rope, scale=self.scale
-        )
+        out = layout.attend(q, k, v, layer=self.layer, rope=self.rope, scale=self.scale)
         return self.o_proj(out)
 
 
@@ -109,8 +105,8 @@ class TransformerBlock(nn.Module):
         self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
         self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
-    def __call__(self, x: mx.array, spans: Sequence[Span]) -> mx.array:
-        h = x + self.self_attn(self.input_layernorm(x), spans)
+    def __call__(self, x: mx.array, layout: Layout) -> mx.array:
+        h = x + self.self_attn(self.input_layernorm(x), layout)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -121,10 +117,10 @@ class LlamaModel(nn.Module):
         self.layers = [TransformerBlock(args, i) for i in range(args.num_hidden_layers)]
         self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
-    def __call__(self, inputs: mx.array, spans: Sequence[Span]) -> mx.array:
+    def __call__(self, inputs: mx.array, layout: Layout) -> mx.array:
         h = self.embed_tokens(inputs)
         for layer in self.layers:
-            h = layer(h, spans)
+            h = layer(h, layout)
         return self.norm(h)
 
 
@@ -137,9 +133,9 @@ class Model(nn.Module):
         if not args.tie_word_embeddings:
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
 
-    def hidden(self, inputs: mx.array, spans: Sequence[Span]) -> mx.array:
+    def hidden(self, inputs: mx.array, layout: Layout) -> mx.array:
         """Final hidden states ``[1, N, D]`` of the packed token row ``inputs`` (``[1, N]``)."""
-        return self.model(inputs, spans)
+        return self.model(inputs, layout)
 
     def unembed(self, hidden: mx.array) -> mx.array:
         if self.args.tie_word_embeddings:

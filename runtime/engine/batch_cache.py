@@ -1,0 +1,209 @@
+"""The engine's KV cache: one padded ``[rows, H, T, D]`` buffer per layer, and the step layout.
+
+Every running sequence owns one *row* of the batch cache; its positions ``0..length-1`` are
+valid and the rest of the row is padding. A decode step therefore needs one attention call per
+layer for all rows at once (``mx.fast.scaled_dot_product_attention`` over the whole buffer with
+a per-row length mask), and one scatter per layer to write each row's new key at its own
+position. Prefill chunks write a slice of their row and attend to it with a causal mask.
+
+Capacity grows in steps (rows one at a time, positions ``STEP`` at a time) and only shrinks
+when the batch empties: growing copies the buffer, so it must be rare, and the scheduler's
+memory accounting (``runtime.engine.admission``) charges the capacity, not the lengths.
+
+``BatchLayout`` is the ``Layout`` (``runtime.models.common``) of one engine step: the first
+``rows`` tokens of the packed row are one decode token per cache row (rows that are not
+decoding carry a dummy token whose output is discarded), followed by prefill chunks. All cache
+writes of a layer happen before its attention reads, so MLX can update the buffers in place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import attrs
+import mlx.core as mx
+
+from runtime.models.common import merge_heads
+
+if TYPE_CHECKING:
+    from runtime.models.common import Rope
+
+STEP = 256
+
+
+def round_up(length: int, step: int = STEP) -> int:
+    return max(step, -(-length // step) * step)
+
+
+class BatchKVCache:
+    """Keys and values of every layer for every row (engine thread only)."""
+
+    def __init__(self, num_layers: int) -> None:
+        self.num_layers = num_layers
+        self.keys: list[mx.array | None] = [None] * num_layers
+        self.values: list[mx.array | None] = [None] * num_layers
+
+    def ensure(
+        self, layer: int, rows: int, positions: int, like_k: mx.array, like_v: mx.array
+    ) -> None:
+        """Make layer ``layer`` at least ``rows`` x ``positions``, shaped like ``like_*``."""
+        keys, values = self.keys[layer], self.values[layer]
+        heads, k_dim = like_k.shape[1], like_k.shape[3]
+        v_dim = like_v.shape[3]
+        if keys is None or values is None:
+            self.keys[layer] = mx.zeros((rows, heads, positions, k_dim), like_k.dtype)
+            self.values[layer] = mx.zeros((rows, heads, positions, v_dim), like_v.dtype)
+            return
+        have_rows, _, have_pos, _ = keys.shape
+        if have_rows >= rows and have_pos >= positions:
+            return
+        new_rows, new_pos = max(rows, have_rows), max(positions, have_pos)
+        new_k = mx.zeros((new_rows, heads, new_pos, k_dim), keys.dtype)
+        new_v = mx.zeros((new_rows, heads, new_pos, v_dim), values.dtype)
+        new_k[:have_rows, :, :have_pos] = keys
+        new_v[:have_rows, :, :have_pos] = values
+        self.keys[layer], self.values[layer] = new_k, new_v
+
+    def clear(self) -> None:
+        self.keys = [None] * self.num_layers
+        self.values = [None] * self.num_layers
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (*self.keys, *self.values) if a is not None)
+
+    @property
+    def arrays(self) -> list[mx.array]:
+        return [a for a in (*self.keys, *self.values) if a is not None]
+
+    def copy_out(self, row: int, length: int) -> list[tuple[mx.array, mx.array]]:
+        """A copy of the first ``length`` positions of ``row``, per layer (for the prefix cache)."""
+        out = []
+        for keys, values in zip(self.keys, self.values, strict=True):
+            assert keys is not None
+            assert values is not None
+            # ``contiguous`` makes a compact copy: a slice would pin the whole batch buffer.
+            out.append(
+                (
+                    mx.contiguous(keys[row : row + 1, :, :length]),
+                    mx.contiguous(values[row : row + 1, :, :length]),
+                )
+            )
+        return out
+
+    def copy_in(self, row: int, prefix: Sequence[tuple[mx.array, mx.array]], length: int) -> None:
+        """Write the first ``length`` positions of a saved prefix into ``row`` (capacity ready)."""
+        for layer, (k, v) in enumerate(prefix):
+            keys, values = self.keys[layer], self.values[layer]
+            assert keys is not None
+            assert values is not None
+            keys[row : row + 1, :, :length] = k[:, :, :length]
+            values[row : row + 1, :, :length] = v[:, :, :length]
+            self.keys[layer], self.values[layer] = keys, values
+
+
+@attrs.frozen(kw_only=True)
+class PrefillChunk:
+    """``length`` prompt tokens at ``start`` in the packed row, for cache ``row`` at ``offset``."""
+
+    start: int
+    length: int
+    row: int
+    offset: int
+
+
+@attrs.frozen(kw_only=True, eq=False)
+class BatchLayout:
+    """One engine step on the batch cache (see the module docstring)."""
+
+    cache: BatchKVCache
+    capacity_rows: int  # the cache's shape for this step (it grows to it on first use)
+    positions: int
+    rows: int  # decode tokens at the head of the packed row: 0, or one per cache row
+    offsets: mx.array | None  # [rows] int32: each row's write position (= its length)
+    mask: mx.array | None  # [rows, 1, 1, positions] bool: the positions each row may see
+    prefill: tuple[PrefillChunk, ...] = ()
+
+    @classmethod
+    def build(
+        cls,
+        cache: BatchKVCache,
+        *,
+        capacity_rows: int,
+        positions: int,
+        lengths: Sequence[int] | None,
+        prefill: Sequence[PrefillChunk],
+    ) -> BatchLayout:
+        """``lengths``: every row's length when the step decodes (``None``: prefill only)."""
+        offsets = mask = None
+        rows = 0
+        if lengths is not None:
+            rows = capacity_rows
+            assert len(lengths) == rows
+            offsets = mx.array(list(lengths), dtype=mx.int32)
+            # A row sees its valid positions and the one it writes now; padding rows (length 0)
+            # still see one position, so no row of the softmax is all -inf.
+            mask = (mx.arange(positions)[None, :] <= offsets[:, None]).reshape(
+                rows, 1, 1, positions
+            )
+        return cls(
+            cache=cache,
+            capacity_rows=capacity_rows,
+            rows=rows,
+            positions=positions,
+            offsets=offsets,
+            mask=mask,
+            prefill=tuple(prefill),
+        )
+
+    def attend(
+        self,
+        queries: mx.array,
+        keys: mx.array,
+        values: mx.array,
+        *,
+        layer: int,
+        rope: Rope,
+        scale: float,
+    ) -> mx.array:
+        rows = self.rows
+        cache = self.cache
+        cache.ensure(layer, self.capacity_rows, self.positions, keys, values)
+        k_all, v_all = cache.keys[layer], cache.values[layer]
+        assert k_all is not None
+        assert v_all is not None
+        if rows:
+            assert self.offsets is not None
+            # [1, H, rows, D] -> [rows, H, 1, D]: each decode token is its own batch entry.
+            q_dec = rope(queries[:, :, :rows].transpose(2, 1, 0, 3), self.offsets)
+            k_dec = rope(keys[:, :, :rows].transpose(2, 1, 0, 3), self.offsets)
+            v_dec = values[:, :, :rows].transpose(2, 1, 0, 3)
+            at = self.offsets.reshape(rows, 1, 1, 1)
+            k_all = mx.put_along_axis(k_all, mx.broadcast_to(at, k_dec.shape), k_dec, axis=2)
+            v_all = mx.put_along_axis(v_all, mx.broadcast_to(at, v_dec.shape), v_dec, axis=2)
+        chunks = []
+        for chunk in self.prefill:
+            end = chunk.start + chunk.length
+            q = rope(queries[:, :, chunk.start : end], chunk.offset)
+            k = rope(keys[:, :, chunk.start : end], chunk.offset)
+            row, stop = chunk.row, chunk.offset + chunk.length
+            k_all[row : row + 1, :, chunk.offset : stop] = k
+            v_all[row : row + 1, :, chunk.offset : stop] = values[:, :, chunk.start : end]
+            chunks.append((q, row, stop))
+        cache.keys[layer], cache.values[layer] = k_all, v_all
+        outputs = []
+        if rows:
+            # The buffer is exactly capacity-shaped (``ensure`` grows it only to a capacity,
+            # and capacities never shrink while rows are in use), so no slice is needed.
+            out = mx.fast.scaled_dot_product_attention(
+                q_dec, k_all, v_all, scale=scale, mask=self.mask
+            )
+            outputs.append(out.transpose(2, 1, 0, 3))  # back to [1, H, rows, D]
+        for q, row, stop in chunks:
+            k = k_all[row : row + 1, :, :stop]
+            v = v_all[row : row + 1, :, :stop]
+            mask = "causal" if q.shape[2] > 1 else None
+            outputs.append(mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask))
+        out = outputs[0] if len(outputs) == 1 else mx.concatenate(outputs, axis=2)
+        return merge_heads(out)

@@ -1,0 +1,182 @@
+"""The scheduler's policy and the prefix-cache index, without an event loop or an engine."""
+
+from __future__ import annotations
+
+import pytest
+
+from runtime.engine.batch_cache import STEP
+from runtime.engine.options import SamplingOptions
+from runtime.engine.protocol import FinishReason, SequenceRequest, TokenEvent
+from runtime.scheduling.policy import (
+    CacheBudgetError,
+    Job,
+    PolicyConfig,
+    QueueFull,
+    SchedulerPolicy,
+)
+from runtime.scheduling.prefix_cache import PrefixIndex
+
+BPT = 10  # KV bytes per token
+
+
+def _req(seq_id: int, prompt: list[int] | tuple[int, ...], max_tokens: int = 8) -> SequenceRequest:
+    return SequenceRequest(
+        seq_id=seq_id, prompt=tuple(prompt), sampling=SamplingOptions(), max_tokens=max_tokens
+    )
+
+
+def _policy(**kw: int | bool) -> SchedulerPolicy[str]:
+    config = dict(max_queue=8, parallel=4, cache_bytes=4 * STEP * BPT, kv_bytes_per_token=BPT)
+    config.update(kw)
+    return SchedulerPolicy[str](PolicyConfig(**config))  # type: ignore[arg-type]
+
+
+def _finish(policy: SchedulerPolicy[str], seq_id: int, tokens: list[int]) -> None:
+    for i, token in enumerate(tokens):
+        last = i == len(tokens) - 1
+        policy.record(
+            TokenEvent(seq_id=seq_id, token=token, finish=FinishReason.LENGTH if last else None)
+        )
+
+
+def _run_job(policy: SchedulerPolicy[str], kept: dict[int, int] | None = None) -> Job:
+    """Plan a job and report it done, the engine keeping ``kept[seq_id]`` positions."""
+    job = policy.next_job()
+    counts = [
+        (kept or {}).get(r.seq_id, 0) if r.save_as is not None else 0 for r in job.removals
+    ]
+    policy.job_done(job, counts)
+    return job
+
+
+def test_the_queue_is_bounded_and_a_withdrawn_request_frees_its_slot_at_once() -> None:
+    policy = _policy(max_queue=2, parallel=1)
+    policy.enqueue(_req(1, [1]), "a")
+    policy.enqueue(_req(2, [1]), "b")
+    with pytest.raises(QueueFull):
+        policy.enqueue(_req(3, [1]), "c")
+    assert policy.withdraw(2) == "b"
+    policy.enqueue(_req(3, [1]), "c")  # the slot is free before any job ran
+    assert policy.queued == 2
+
+
+def test_admission_is_first_come_first_served_up_to_parallel() -> None:
+    policy = _policy(parallel=2)
+    for i in range(1, 5):
+        policy.enqueue(_req(i, [i, i]), str(i))
+    assert [r.seq_id for r in _run_job(policy).admits] == [1, 2]
+    assert policy.active == 2
+    assert _run_job(policy).admits == ()
+    _finish(policy, 1, [7])
+    job = _run_job(policy)
+    assert [r.seq_id for r in job.removals] == [1]
+    assert [r.seq_id for r in job.admits] == [3]  # the freed row is reused in the same job
+
+
+def test_admission_charges_the_worst_case_and_never_overcommits() -> None:
+    # Budget: 4 rows of one STEP. A request reserving 2 STEPs widens every row to 2 STEPs.
+    policy = _policy(parallel=8)
+    policy.enqueue(_req(1, [1] * 10, max_tokens=STEP), "long")  # needs 2 STEPs of positions
+    for i in range(2, 6):
+        policy.enqueue(_req(i, [1] * 10, max_tokens=4), str(i))
+    admitted = [r.seq_id for r in _run_job(policy).admits]
+    # rows x positions x BPT <= budget: 2 rows x 2 STEPs fit, a third row would not.
+    assert admitted == [1, 2]
+    assert policy.queued == 3
+    _finish(policy, 1, [5])
+    _finish(policy, 2, [5])
+    _run_job(policy)  # both leave; the batch empties and its shape resets
+    assert [r.seq_id for r in _run_job(policy).admits] == [3, 4, 5]
+
+
+def test_a_request_that_could_never_fit_is_refused_when_queued() -> None:
+    policy = _policy(cache_bytes=STEP * BPT)
+    with pytest.raises(CacheBudgetError, match="cache budget"):
+        policy.enqueue(_req(1, [1] * 10, max_tokens=STEP), "x")
+    assert policy.queued == 0
+
+
+def test_a_finished_sequence_is_saved_and_its_prefix_reused() -> None:
+    policy = _policy()
+    prompt = [3, 1, 4, 1, 5, 9, 2, 6]
+    policy.enqueue(_req(1, prompt), "a")
+    _run_job(policy)
+    _finish(policy, 1, [100, 101])
+    job = _run_job(policy, kept={1: len(prompt) + 1})
+    (removal,) = job.removals
+    assert removal.save_as is not None
+    assert len(policy.prefixes) == 1
+    # The next turn extends the conversation: its prompt reuses every saved position.
+    policy.enqueue(_req(2, [*prompt, 100, 42, 43]), "b")
+    (admit,) = _run_job(policy).admits
+    assert admit.reuse is not None
+    assert admit.reuse.length == len(prompt) + 1
+    counters = policy.prefixes.counters
+    assert (counters.hits, counters.reused_tokens) == (1, len(prompt) + 1)
+
+
+def test_a_departed_prefill_is_never_saved() -> None:
+    policy = _policy()
+    policy.enqueue(_req(1, [1, 2, 3]), "a")
+    _run_job(policy)
+    policy.withdraw(1)  # no token came back: its prompt was never fully computed
+    (removal,) = _run_job(policy).removals
+    assert removal.save_as is None
+    assert len(policy.prefixes) == 0
+
+
+def test_entries_are_evicted_lru_to_keep_the_byte_budget() -> None:
+    budget = 2 * STEP * BPT
+    policy = _policy(cache_bytes=budget, parallel=1)
+    for seq_id in range(1, 5):
+        prompt = [seq_id] * 100
+        policy.enqueue(_req(seq_id, prompt), str(seq_id))
+        job = _run_job(policy)
+        assert [r.seq_id for r in job.admits] == [seq_id]
+        _finish(policy, seq_id, [7])
+        _run_job(policy, kept={seq_id: 101})
+        # Never over budget: saved entries plus the (now empty) batch.
+        assert policy.prefixes.nbytes <= budget
+    assert policy.prefixes.counters.evictions > 0
+    # The newest entries survive.
+    assert policy.prefixes.lookup([4] * 100 + [9]) is not None
+    assert policy.prefixes.lookup([1] * 100 + [9]) is None
+
+
+def test_admission_evicts_entries_rather_than_waiting() -> None:
+    budget = STEP * BPT
+    policy = _policy(cache_bytes=budget, parallel=1)
+    policy.enqueue(_req(1, [1] * 60, max_tokens=4), "a")
+    _run_job(policy)
+    _finish(policy, 1, [7])
+    _run_job(policy, kept={1: 61})
+    assert len(policy.prefixes) == 1
+    # One row of one STEP plus a 61-token entry exceeds the budget: the entry goes.
+    policy.enqueue(_req(2, [2] * 60, max_tokens=4), "b")
+    job = _run_job(policy)
+    assert [r.seq_id for r in job.admits] == [2]
+    assert len(policy.prefixes) == 0
+    assert len(job.drops) == 1  # the engine frees it before the admission in the same job
+
+
+def test_inserting_a_longer_key_drops_the_entries_it_extends() -> None:
+    index = PrefixIndex(bytes_per_token=1)
+    a, b = index.new_id(), index.new_id()
+    assert index.insert(a, [1, 2, 3]) == []
+    assert index.insert(b, [1, 2, 3, 4, 5]) == [a]
+    c = index.new_id()
+    assert index.insert(c, [1, 2]) == [c]  # already covered by a longer entry
+    assert len(index) == 1
+    assert index.lookup([1, 2, 3, 4, 5, 6]) == (b, 5)
+    assert index.lookup([1, 2, 3]) == (b, 2)  # one short: the last prompt token is computed
+    assert index.lookup([9, 9]) is None
+
+
+def test_shutdown_withdraws_everything_once() -> None:
+    policy = _policy(parallel=1)
+    policy.enqueue(_req(1, [1]), "running")
+    _run_job(policy)
+    policy.enqueue(_req(2, [1]), "queued")
+    assert policy.withdraw_all() == ["queued", "running"]
+    assert policy.withdraw_all() == []
+    assert policy.queued == 0
