@@ -239,9 +239,9 @@ def test_step_cost_does_not_loop_over_sequences_in_attention(loaded: LoadedModel
         engine.add(_request(i, [1 + i, 2, 3], max_tokens=20))
     for _ in range(3):  # prompts read, everyone decoding
         engine.step()
-    batch_cache.mx.fast.scaled_dot_product_attention = counting  # type: ignore[attr-defined]
+    batch_cache.mx.fast.scaled_dot_product_attention = counting
     try:
         engine.step()
     finally:
-        batch_cache.mx.fast.scaled_dot_product_attention = real  # type: ignore[attr-defined]
+        batch_cache.mx.fast.scaled_dot_product_attention = real
     assert calls == engine.model.num_layers

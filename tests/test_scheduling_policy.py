@@ -42,9 +42,7 @@ def _finish(policy: SchedulerPolicy[str], seq_id: int, tokens: list[int]) -> Non
 def _run_job(policy: SchedulerPolicy[str], kept: dict[int, int] | None = None) -> Job:
     """Plan a job and report it done, the engine keeping ``kept[seq_id]`` positions."""
     job = policy.next_job()
-    counts = [
-        (kept or {}).get(r.seq_id, 0) if r.save_as is not None else 0 for r in job.removals
-    ]
+    counts = [(kept or {}).get(r.seq_id, 0) if r.save_as is not None else 0 for r in job.removals]
     policy.job_done(job, counts)
     return job
 
