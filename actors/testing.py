@@ -63,6 +63,7 @@ class ScriptedEngine:
         self.added: list[int] = []
         self.steps = 0
         self.gate: threading.Event | None = None  # when set, each step waits for it
+        self.closed = False
 
     @property
     def context_length(self) -> int:
@@ -90,6 +91,10 @@ class ScriptedEngine:
 
     def drop_prefix(self, entry_id: int) -> None:
         self._record()
+
+    def close(self) -> None:
+        self._record()
+        self.closed = True
 
     def has_work(self) -> bool:
         self._record()

@@ -57,6 +57,10 @@ class RecordingEngine:
     def drop_prefix(self, entry_id: int) -> None:
         self.inner.drop_prefix(entry_id)
 
+    def close(self) -> None:
+        self.threads.add(threading.get_ident())
+        self.inner.close()
+
     def add(self, request: SequenceRequest) -> None:
         self.threads.add(threading.get_ident())
         self.inner.add(request)

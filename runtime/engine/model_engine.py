@@ -21,6 +21,7 @@ admitted request may start from one (``SequenceRequest.reuse``).
 
 from __future__ import annotations
 
+import gc
 from typing import TYPE_CHECKING
 
 import attrs
@@ -359,6 +360,23 @@ class ModelEngine:
                 row.length = row.prompt_len - 1
             else:  # keep the reported tokens' positions but the last, which is fed next
                 row.length = min(row.length, row.prompt_len + row.reported - 1)
+
+    def close(self) -> None:
+        """Release every MLX array this engine holds: the model, the caches, the prefixes.
+
+        Called on the engine thread before it ends, so that no MLX object outlives the thread
+        that used it (MLX's CUDA backend aborts at exit otherwise); the engine is unusable after.
+        """
+        self._inflight = None
+        self._by_id.clear()
+        self._rows.clear()
+        self._prefixes.clear()
+        self._cache.clear()
+        self._sampler = BatchSampler(vocab_size=self._vocab, context_length=self._context)
+        self.model = self.loaded = None  # type: ignore[assignment]
+        gc.collect()
+        mx.synchronize()
+        mx.clear_cache()
 
     # ---- warm-up ----
 

@@ -109,3 +109,6 @@ class Engine(Protocol):
         """Advance every active sequence by one step; return one event per sequence advanced."""
 
     def statistics(self) -> EngineStats: ...
+
+    def close(self) -> None:
+        """Release the model and every cache (engine thread, once, at shutdown)."""
