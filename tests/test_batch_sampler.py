@@ -46,6 +46,7 @@ OPTION_SETS: list[dict[str, Any]] = [
     {"repeat_penalty": 2.0, "repeat_last_n": -1},
     {"repeat_penalty": 2.0, "repeat_last_n": 0},  # off
     {"repeat_penalty": 1.0},  # off
+    {"repeat_penalty": 3.0, "repeat_last_n": 4},  # an empty prompt: the window starts empty
 ]
 
 
@@ -56,7 +57,8 @@ def test_penalized_logits_and_greedy_tokens_equal_the_per_sequence_sampler() -> 
     olds = []
     for row, extra in enumerate(OPTION_SETS):
         opts = SamplingOptions(temperature=0.0, **extra)
-        prompt = [int(t) for t in np.random.default_rng(row).integers(0, 12, size=5 + 3 * row)]
+        size = 5 + 3 * row if row < len(OPTION_SETS) - 1 else 0
+        prompt = [int(t) for t in np.random.default_rng(row).integers(0, 12, size=size)]
         s.add(row, opts, prompt)
         olds.append(Sampler(opts, prompt=prompt, vocab_size=V, context_length=40))
     rows = list(range(len(OPTION_SETS)))
@@ -92,7 +94,7 @@ COMPANIONS = [
     SamplingOptions(seed=5, top_k=7, top_p=0.5),
     SamplingOptions(seed=6, top_k=0, top_p=0.8, typical_p=0.9),
     SamplingOptions(top_k=0, top_p=1.0, min_p=0.05, frequency_penalty=0.3),
-    SamplingOptions(seed=1, temperature=1.5, top_k=40),
+    SamplingOptions(seed=1, temperature=1.5, top_k=40, typical_p=0.7, min_p=0.02),
     SamplingOptions(seed=2, repeat_last_n=-1, presence_penalty=1.0),
 ]
 
