@@ -122,7 +122,35 @@ class BatchSampler:
         """Lazy ``[R, V]`` float32: raw logits with each row's penalties (its own window)."""
         idx = self._check_rows(rows)
         logits = logits.astype(mx.float32)
-        return self._penalized(logits, idx) if self._rows["ring"][idx].any() else logits
+        r = self._rows[idx]
+        if not r["ring"].any():
+            return logits
+        # Repeat and presence apply once per distinct id of a row's window, frequency once per
+        # occurrence; only the windows' ids are touched, never a vocabulary-wide count. Which
+        # columns hold the window is host bookkeeping; only the ids are on the device.
+        ring = np.maximum(r["ring"], 1)[:, None]
+        written = r["written"][:, None]
+        filled = np.minimum(written, r["window"][:, None])
+        column = np.arange(int(ring.max()))[None]
+        valid = (column < ring) & ((written - 1 - column) % ring < filled)
+        # Columns outside the window read the newest id instead (one inside the window when
+        # there is one), so the scatter below never writes two values to one id.
+        read = np.where(valid, column, (written - 1) % ring)
+        flat = read + idx[:, None] * self._history.shape[1]
+        ids = self._history.reshape(-1)[mx.array(flat.astype(np.int32))]
+        seen = mx.take_along_axis(logits, ids, axis=1)
+        repeat = _column(r["repeat"])
+        penalized = mx.where(seen < 0, seen * repeat, seen / repeat)
+        if r["presence"].any():
+            penalized = penalized - _column(r["presence"])
+        windowed = filled[:, 0] > 0
+        if not windowed.all():
+            penalized = mx.where(_column(windowed), penalized, seen)
+        logits = mx.put_along_axis(logits, ids, penalized, axis=1)
+        if r["frequency"].any():
+            per_slot = mx.array(r["frequency"][:, None] * valid)
+            logits = logits.at[mx.arange(len(idx))[:, None], ids].subtract(per_slot)
+        return logits
 
     def sample(self, logits: mx.array, rows: Sequence[int]) -> mx.array:
         """Lazy int32 ``[R]``: the next token of each row.
@@ -218,35 +246,6 @@ class BatchSampler:
         more_columns = max(0, columns - self._history.shape[1])
         if more_rows or more_columns:
             self._history = mx.pad(self._history, [(0, more_rows), (0, more_columns)])
-
-    def _penalized(self, logits: mx.array, idx: np.ndarray) -> mx.array:
-        # Repeat and presence apply once per distinct id of a row's window, frequency once per
-        # occurrence; only the windows' ids are touched, never a vocabulary-wide count. Which
-        # columns hold the window is host bookkeeping; only the ids are on the device.
-        r = self._rows[idx]
-        ring = np.maximum(r["ring"], 1)[:, None]
-        written = r["written"][:, None]
-        filled = np.minimum(written, r["window"][:, None])
-        column = np.arange(int(ring.max()))[None]
-        valid = (column < ring) & ((written - 1 - column) % ring < filled)
-        # Columns outside the window read the newest id instead (one inside the window when
-        # there is one), so the scatter below never writes two values to one id.
-        read = np.where(valid, column, (written - 1) % ring)
-        flat = read + idx[:, None] * self._history.shape[1]
-        ids = self._history.reshape(-1)[mx.array(flat.astype(np.int32))]
-        seen = mx.take_along_axis(logits, ids, axis=1)
-        repeat = _column(r["repeat"])
-        penalized = mx.where(seen < 0, seen * repeat, seen / repeat)
-        if r["presence"].any():
-            penalized = penalized - _column(r["presence"])
-        windowed = filled[:, 0] > 0
-        if not windowed.all():
-            penalized = mx.where(_column(windowed), penalized, seen)
-        logits = mx.put_along_axis(logits, ids, penalized, axis=1)
-        if r["frequency"].any():
-            per_slot = mx.array(r["frequency"][:, None] * valid)
-            logits = logits.at[mx.arange(len(idx))[:, None], ids].subtract(per_slot)
-        return logits
 
     def _choose(
         self,
