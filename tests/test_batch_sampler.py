@@ -99,8 +99,12 @@ COMPANIONS = [
 ]
 
 
-def _run(layout: list[int | None], steps: int = 12, vocab: int = 512) -> list[int]:
-    """The target's tokens when it sits at slot ``layout.index(None)`` among companions."""
+def _run(layout: list[int | None], steps: int = 12, vocab: int = 4096) -> list[int]:
+    """The target's tokens when it sits at slot ``layout.index(None)`` among companions.
+
+    At this vocabulary a top-k group of one or two rows partitions whole rows and a group of
+    three splits them in blocks (``_top_k``): the draws must not tell the difference.
+    """
     s = BatchSampler(vocab_size=vocab, context_length=128)
     keys = []
     for slot, who in enumerate(layout):
