@@ -1,47 +1,418 @@
-"""TEMPORARY stand-in until the vectorized BatchSampler lands: loops the per-row Sampler."""
+"""Sampling for every row of the engine's batch as a handful of array operations per step.
+
+``BatchSampler`` owns the sampling state of the batch's rows: each row's options, seed, draw
+counter and window bookkeeping as host records, and its penalty window as a ring of token ids on
+the device. ``sample`` builds one lazy graph for all rows and reads nothing back; the engine's
+one host sync per step materializes it. The order of operations is the per-sequence
+``Sampler``'s (Ollama's): penalties over the last ``repeat_last_n`` tokens (prompt included) ->
+temperature 0 is greedy argmax -> top_k -> softmax(logits / temperature) -> typical_p -> top_p
+-> min_p -> draw.
+
+Rows are grouped by the work they need, so a batch pays only for what its rows ask: greedy rows
+take an argmax; rows with a top_k take their k best candidates (a partition split in blocks,
+see ``_top_k``) and sort only those, rows sharing a k together; rows without a top_k sort the
+whole vocabulary only when top_p or typical_p needs the order; min_p alone needs no sort.
+
+Draws are counter-based: an exponential race (Gumbel-max) whose noise for token ``t`` at draw
+``n`` of a row hashes (the row's seed, n, t), so a seeded row draws the same tokens alone or in
+any batch. Statistical quality rests on one assumption: two rounds of a 32-bit integer mixer
+with low avalanche bias (constants from Wellons' hash prospector), keyed by a splitmix64 of
+(seed, n), make the noise of distinct (key, token) pairs behave as independent uniforms. For a
+fixed key the hash is a bijection of the token id, so no two candidates of one draw share a
+value. The uniforms have 23 bits, which caps the noise: a token more than ~19 nats below the
+best (relative probability < 6e-9) is never drawn. ``tests/test_batch_sampler.py`` checks the
+draws against softmax and the independence of consecutive draws with chi-square tests.
+"""
 
 from __future__ import annotations
 
+import math
+import secrets
 from collections.abc import Sequence
 
 import mlx.core as mx
+import numpy as np
 
 from runtime.engine.options import SamplingOptions
-from runtime.engine.sampler import Sampler
+
+_GREEDY, _TOP_K, _SORTED, _UNSORTED = range(4)
+
+# The host record of a slot. Its penalty ring has ``ring`` columns (0: the row does not
+# penalize); the last ``min(written, window)`` positions written are its window, position p in
+# column p % ring. ``high`` is the most positions ever written: a rewind that needs a position
+# below ``high - ring`` would need a token the ring has overwritten.
+_FLOATS = ("temperature", "top_p", "min_p", "typical_p", "repeat", "presence", "frequency")
+_INTS = ("top_k", "draws", "accepted", "window", "ring", "written", "high")
+_ROW = np.dtype(
+    [("active", np.bool_), ("path", np.int8), ("seed", np.uint64)]
+    + [(name, np.float32) for name in _FLOATS]
+    + [(name, np.int64) for name in _INTS]
+)
 
 
 class BatchSampler:
-    def __init__(self, *, vocab_size: int, context_length: int) -> None:
-        self._vocab = vocab_size
-        self._context = context_length
-        self._rows: dict[int, Sampler] = {}
+    """Sampling state of every row of the engine's batch (engine thread only).
+
+    A row is a small slot index, reused after ``remove``. ``sample``, ``penalized`` and
+    ``accept`` build lazy graphs; the bookkeeping (draw counters, window positions) is on the
+    host and exact, so nothing here waits for the device.
+
+    Args:
+        vocab_size: the logits' width.
+        context_length: the window of ``repeat_last_n == -1``.
+        max_rewind: how many accepted tokens ``rewind`` can take back; a row's penalty ring
+            keeps that many tokens beyond its window.
+    """
+
+    def __init__(self, *, vocab_size: int, context_length: int, max_rewind: int = 8) -> None:
+        self.vocab_size = vocab_size
+        self.context_length = context_length
+        self.max_rewind = max_rewind
+        self._rows = np.zeros(0, dtype=_ROW)
+        self._history = mx.zeros((0, 0), dtype=mx.int32)
 
     def add(self, row: int, options: SamplingOptions, prompt: Sequence[int]) -> None:
-        self._rows[row] = Sampler(
-            options, prompt=prompt, vocab_size=self._vocab, context_length=self._context
+        """Row ``row`` (a small int slot index, reused after remove) starts a sequence."""
+        if row < 0:
+            raise ValueError(f"row must be >= 0, got {row}")
+        if row < self._rows.size and self._rows["active"][row]:
+            raise ValueError(f"row {row} is in use")
+        o = options
+        window = self.context_length if o.repeat_last_n == -1 else o.repeat_last_n
+        penalize = window > 0 and (
+            o.repeat_penalty != 1.0 or o.presence_penalty != 0.0 or o.frequency_penalty != 0.0
         )
+        ring = window + self.max_rewind if penalize else 0
+        self._reserve(row + 1, ring)
+        if o.temperature == 0.0:
+            path = _GREEDY
+        elif 0 < o.top_k < self.vocab_size:
+            path = _TOP_K
+        elif o.top_p < 1.0 or o.typical_p < 1.0:
+            path = _SORTED
+        else:
+            path = _UNSORTED
+        recent = list(prompt)[-window:] if penalize else []
+        seed = o.seed if o.seed is not None else secrets.randbits(64)
+        self._rows[row] = np.zeros((), dtype=_ROW)
+        record = self._rows[row : row + 1]
+        record["active"] = True
+        record["path"] = path
+        record["temperature"] = o.temperature
+        record["top_k"] = o.top_k if path == _TOP_K else 0
+        record["top_p"] = o.top_p
+        record["min_p"] = o.min_p
+        record["typical_p"] = o.typical_p
+        record["repeat"] = o.repeat_penalty
+        record["presence"] = o.presence_penalty
+        record["frequency"] = o.frequency_penalty
+        record["seed"] = seed % (1 << 64)
+        record["window"] = window if penalize else 0
+        record["ring"] = ring
+        record["written"] = record["high"] = len(recent)
+        if recent:
+            self._history[row, : len(recent)] = mx.array(recent, dtype=mx.int32)
 
     def remove(self, row: int) -> None:
-        self._rows.pop(row, None)
+        """Row ``row`` is free for another sequence."""
+        self._check_rows([row])
+        self._rows["active"][row] = False
+
+    def penalized(self, logits: mx.array, rows: Sequence[int]) -> mx.array:
+        """Lazy ``[R, V]`` float32: raw logits with each row's penalties (its own window)."""
+        idx = self._check_rows(rows)
+        logits = logits.astype(mx.float32)
+        r = self._rows[idx]
+        if not r["ring"].any():
+            return logits
+        # Repeat and presence apply once per distinct id of a row's window, frequency once per
+        # occurrence; only the windows' ids are touched, never a vocabulary-wide count. Which
+        # columns hold the window is host bookkeeping; only the ids are on the device.
+        ring = np.maximum(r["ring"], 1)[:, None]
+        written = r["written"][:, None]
+        filled = np.minimum(written, r["window"][:, None])
+        column = np.arange(int(ring.max()))[None]
+        valid = (column < ring) & ((written - 1 - column) % ring < filled)
+        # Columns outside the window read the newest id instead (one inside the window when
+        # there is one), so the scatter below never writes two values to one id.
+        read = np.where(valid, column, (written - 1) % ring)
+        flat = read + idx[:, None] * self._history.shape[1]
+        ids = self._history.reshape(-1)[mx.array(flat.astype(np.int32))]
+        seen = mx.take_along_axis(logits, ids, axis=1)
+        repeat = _column(r["repeat"])
+        penalized = mx.where(seen < 0, seen * repeat, seen / repeat)
+        if r["presence"].any():
+            penalized = penalized - _column(r["presence"])
+        windowed = filled[:, 0] > 0
+        if not windowed.all():
+            penalized = mx.where(_column(windowed), penalized, seen)
+        logits = mx.put_along_axis(logits, ids, penalized, axis=1)
+        if r["frequency"].any():
+            per_slot = mx.array(r["frequency"][:, None] * valid)
+            logits = logits.at[mx.arange(len(idx))[:, None], ids].subtract(per_slot)
+        return logits
 
     def sample(self, logits: mx.array, rows: Sequence[int]) -> mx.array:
-        return mx.stack([self._rows[r].sample(logits[i]) for i, r in enumerate(rows)])
+        """Lazy int32 ``[R]``: the next token of each row.
+
+        Args:
+            logits: ``[R, V]`` raw logits (any float dtype); row i belongs to slot ``rows[i]``.
+            rows: the slots sampled, each once.
+
+        Applies each row's penalties (its own window), greedy where temperature == 0, else its
+        own top_k/typical_p/top_p/min_p/temperature and a draw that depends only on (the row's
+        seed, its draw counter, token id). Advances the draw counter of every sampled row.
+        Builds no host sync.
+        """
+        idx = self._check_rows(rows)
+        if logits.ndim != 2 or logits.shape[0] != len(idx):
+            raise ValueError(f"logits of shape {logits.shape} for {len(idx)} rows")
+        if len(idx) == 0:
+            return mx.zeros((0,), dtype=mx.int32)
+        logits = self.penalized(logits, rows)
+        record = self._rows[idx]
+        keys = _draw_keys(record["seed"], record["draws"])
+        self._rows["draws"][idx] += 1
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, (path, k) in enumerate(zip(record["path"], record["top_k"], strict=True)):
+            groups.setdefault((int(path), int(k)), []).append(i)
+        if len(groups) == 1:
+            ((path, k),) = groups
+            return self._choose(logits, record, keys, path, k)
+        picks = []
+        for (path, k), members in groups.items():
+            at = np.asarray(members)
+            sub = logits[mx.array(at)]
+            picks.append(self._choose(sub, record[at], (keys[0][at], keys[1][at]), path, k))
+        order = np.concatenate([np.asarray(members) for members in groups.values()])
+        return mx.concatenate(picks)[mx.array(np.argsort(order))]
 
     def accept(self, rows: Sequence[int], tokens: mx.array) -> None:
-        for i, r in enumerate(rows):
-            self._rows[r].accept(tokens[i])
+        """Append the (possibly still lazy) tokens ``[R]`` to those rows' penalty windows."""
+        idx = self._check_rows(rows)
+        if tokens.shape != (len(idx),):
+            raise ValueError(f"tokens of shape {tokens.shape} for {len(idx)} rows")
+        r = self._rows
+        r["accepted"][idx] += 1
+        windowed = np.flatnonzero(r["ring"][idx])
+        if windowed.size == 0:
+            return
+        at = idx[windowed]
+        values = tokens if windowed.size == len(idx) else tokens[mx.array(windowed)]
+        columns = r["written"][at] % r["ring"][at]
+        self._history[mx.array(at), mx.array(columns)] = values.astype(mx.int32)
+        r["written"][at] += 1
+        r["high"][at] = np.maximum(r["high"][at], r["written"][at])
 
     def rewind(self, rows: Sequence[int], count: int = 1) -> None:
-        pass
+        """Undo the last ``count`` sample+accept of those rows (a failed engine step).
+
+        Draw counters and windows go back: the next ``sample`` of a seeded row redraws what
+        the undone ones drew, given the same logits.
+
+        Raises:
+            ValueError: a row has fewer than ``count`` samples or accepts, or its window would
+                need tokens older than ``max_rewind`` accepts ago.
+        """
+        idx = self._check_rows(rows)
+        if count < 0:
+            raise ValueError(f"count must be >= 0, got {count}")
+        r = self._rows
+        for row in idx:
+            if min(r["draws"][row], r["accepted"][row]) < count:
+                raise ValueError(f"row {row} has fewer than {count} steps to rewind")
+            start = max(0, r["written"][row] - count - r["window"][row])
+            if r["ring"][row] and start < r["high"][row] - r["ring"][row]:
+                raise ValueError(f"row {row} cannot rewind {count} (max_rewind {self.max_rewind})")
+        r["draws"][idx] -= count
+        r["accepted"][idx] -= count
+        r["written"][idx] -= np.where(r["ring"][idx] > 0, count, 0)
+
+    def _check_rows(self, rows: Sequence[int]) -> np.ndarray:
+        idx = np.asarray(rows, dtype=np.int64).reshape(-1)
+        active = self._rows["active"]
+        if idx.size and (idx.min() < 0 or idx.max() >= active.size or not active[idx].all()):
+            raise ValueError(f"rows {list(rows)} include one that is not in use")
+        return idx
+
+    def _reserve(self, rows: int, columns: int) -> None:
+        """Room for slots below ``rows`` and for rings of ``columns``."""
+        have = self._rows.size
+        if rows > have:
+            grown = np.zeros(max(rows, 2 * have, 8), dtype=_ROW)
+            grown[:have] = self._rows
+            self._rows = grown
+        more_rows = self._rows.size - self._history.shape[0]
+        more_columns = max(0, columns - self._history.shape[1])
+        if more_rows or more_columns:
+            self._history = mx.pad(self._history, [(0, more_rows), (0, more_columns)])
+
+    def _choose(
+        self,
+        logits: mx.array,
+        record: np.ndarray,
+        keys: tuple[np.ndarray, np.ndarray],
+        path: int,
+        k: int,
+    ) -> mx.array:
+        """The draws of rows that all take ``path`` (and share ``k`` on the top-k path)."""
+        if path == _GREEDY:
+            return mx.argmax(logits, axis=-1).astype(mx.int32)
+        vocab = logits.shape[-1]
+        ids: mx.array | None = None
+        if path == _TOP_K and k < vocab:
+            ids, logits = _top_k(logits, k)
+        if path in (_TOP_K, _SORTED):
+            order = mx.argsort(-logits, axis=-1)
+            ids = order if ids is None else mx.take_along_axis(ids, order, axis=-1)
+            logits = mx.take_along_axis(logits, order, axis=-1)
+        temperature = _column(record["temperature"])
+        # Shifted first so that a tiny temperature gives -inf, never inf - inf = nan.
+        scaled = (logits - mx.max(logits, axis=-1, keepdims=True)) / temperature
+        min_p = record["min_p"]
+        keep: mx.array | None = None
+        if path != _UNSORTED:
+            keep = _filter_sorted(scaled, record["typical_p"], record["top_p"], min_p)
+        elif min_p.any():
+            # min_p needs no order in log space: p >= min_p * p_max (log 0: keep all).
+            with np.errstate(divide="ignore"):
+                keep = scaled >= _column(np.log(min_p))
+        if keep is not None:
+            scaled = mx.where(keep, scaled, -mx.inf)
+        candidates = ids if ids is not None else mx.arange(vocab, dtype=mx.uint32)[None]
+        # Exponential race (Gumbel-max): the token whose Exp(1) clock divided by its
+        # probability rings first is a draw from the probabilities.
+        race = scaled - _log_exponential(keys, candidates)
+        pick = mx.argmax(race, axis=-1, keepdims=True)
+        if ids is None:
+            return pick[:, 0].astype(mx.int32)
+        return mx.take_along_axis(ids, pick, axis=-1)[:, 0].astype(mx.int32)
+
+
+# Splitting a partition in blocks adds about a dozen small operations; it pays when it saves
+# partitioning more elements (rows x elements) than this (measured with MLX on CPU).
+_SPLIT_SAVES = 8192
+
+
+def _top_k(values: mx.array, k: int) -> tuple[mx.array, mx.array]:
+    """The indices ``[R, k]`` (uint32, in no order) and values of each row's k largest.
+
+    Partitioning the whole vocabulary is the costliest step of sampling, so it runs on two
+    small arrays instead: cut a row into blocks, take the k blocks with the largest maxima,
+    then the k largest of their values. Exact: a block outside those k has a max below k
+    values of other blocks, so none of its values is among the k largest. Block j holds
+    ``j, j + B, j + 2B...``, so the maxima are an elementwise max over the rows of a view.
+    """
+    rows, n = values.shape
+    size = 1 << max(0, round(math.log2(math.sqrt(n / k))))
+    blocks = n // size
+    if size < 4 or blocks < 2 * k or rows * (n - blocks - size * k) < _SPLIT_SAVES:
+        at = mx.argpartition(values, kth=n - k, axis=-1)[:, n - k :]
+        return at, mx.take_along_axis(values, at, axis=-1)
+    split = blocks * size
+    grid = (values if split == n else values[:, :split]).reshape(rows, size, blocks)
+    best, _ = _top_k(mx.max(grid, axis=1), k)
+    candidates = mx.take_along_axis(grid, best[:, None, :], axis=2).reshape(rows, size * k)
+    if split < n:  # the last values, fewer than a block, are candidates as they are
+        candidates = mx.concatenate([candidates, values[:, split:]], axis=1)
+    at, top = _top_k(candidates, k)
+    ids = (at // k) * blocks + mx.take_along_axis(best, at % k, axis=-1)
+    if split < n:
+        ids = mx.where(at < size * k, ids, at + (split - size * k))
+    return ids, top
+
+
+def _filter_sorted(
+    scaled: mx.array, typical_p: np.ndarray, top_p: np.ndarray, min_p: np.ndarray
+) -> mx.array | None:
+    """The candidates typical_p, then top_p, then min_p keep (None: all), for rows sorted
+    descending.
+
+    Each filter sees the survivors of the previous one renormalized (llama.cpp's chain) and
+    keeps at least one token. A row whose option is off is left bit-for-bit as it was (its
+    bound is one no mass reaches), so its draws do not depend on its batch-mates' options.
+    """
+    probs = mx.softmax(scaled, axis=-1)
+    keep: mx.array | None = None
+    typical = typical_p < 1.0
+    if typical.any():
+        # Locally typical: keep the tokens whose surprise is closest to the entropy, until
+        # their mass reaches typical_p (the crossing token included).
+        logp = mx.log(mx.maximum(probs, 1e-30))
+        entropy = -mx.sum(probs * logp, axis=-1, keepdims=True)
+        by_typicality = mx.argsort(mx.abs(logp + entropy), axis=-1)
+        p_t = mx.take_along_axis(probs, by_typicality, axis=-1)
+        bound = _column(np.where(typical, typical_p, 2.0))
+        keep_t = (mx.cumsum(p_t, axis=-1) - p_t) < bound
+        # by_typicality is a permutation: every position is written, whatever the target.
+        keep = mx.put_along_axis(keep_t, by_typicality, keep_t, axis=-1)
+        kept = mx.where(keep, probs, 0.0)
+        renormalized = kept / mx.maximum(mx.sum(kept, axis=-1, keepdims=True), 1e-20)
+        probs = renormalized if typical.all() else mx.where(_column(typical), renormalized, probs)
+    nucleus = top_p < 1.0
+    if nucleus.any():
+        # Keep a token iff the mass strictly before it is below top_p.
+        bound = _column(np.where(nucleus, top_p, 2.0))
+        kept = (mx.cumsum(probs, axis=-1) - probs) < bound
+        keep = kept if keep is None else keep & kept
+    if min_p.any():
+        surviving = probs if keep is None else mx.where(keep, probs, 0.0)
+        floor = _column(min_p) * mx.max(surviving, axis=-1, keepdims=True)
+        kept = surviving >= floor
+        keep = kept if keep is None else keep & kept
+    return keep
+
+
+def _column(values: np.ndarray) -> mx.array:
+    """A host vector (maybe a strided record field) as a device column ``[R, 1]``."""
+    return mx.array(np.ascontiguousarray(values)[:, None])
+
+
+def _draw_keys(seeds: np.ndarray, draws: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """splitmix64 of (seed, draw index) per row, as two uint32 words (numpy wraps uint64)."""
+    z = seeds + np.uint64(0x9E3779B97F4A7C15) * (draws.astype(np.uint64) + np.uint64(1))
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    z = z ^ (z >> np.uint64(31))
+    return (z & np.uint64(0xFFFFFFFF)).astype(np.uint32), (z >> np.uint64(32)).astype(np.uint32)
+
+
+def _mix32(x: mx.array) -> mx.array:
+    x = x ^ (x >> 16)
+    x = x * mx.array(0x21F0AAAD, dtype=mx.uint32)
+    x = x ^ (x >> 15)
+    x = x * mx.array(0x735A2D97, dtype=mx.uint32)
+    return x ^ (x >> 15)
+
+
+def _log_exponential(keys: tuple[np.ndarray, np.ndarray], token_ids: mx.array) -> mx.array:
+    """log of an Exp(1) variate per candidate (minus a Gumbel variate): a pure function of
+    the row's key (two uint32 words, one per row) and the token id."""
+    x = token_ids.astype(mx.uint32) * mx.array(0x9E3779B9, dtype=mx.uint32)
+    x = _mix32(_mix32(x ^ _column(keys[0])) ^ _column(keys[1]))
+    # 23 bits plus a half is exact in float32: the uniform is strictly inside (0, 1).
+    uniform = ((x >> 9).astype(mx.float32) + 0.5) * (1.0 / (1 << 23))
+    return mx.log(-mx.log(uniform))
 
 
 def batch_logprobs(
     logits: mx.array, tokens: mx.array, top: int
 ) -> tuple[mx.array, mx.array, mx.array]:
+    """Lazy log-probabilities from raw ``[R, V]`` logits, for the engine to read in its sync.
+
+    Returns:
+        The logprob of each row's token ``[R]``; the ``top`` likeliest ids ``[R, top]``
+        (int32, likeliest first; ``top`` is capped at V, 0 gives ``[R, 0]``) and their
+        logprobs ``[R, top]``.
+    """
+    logits = logits.astype(mx.float32)
     logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-    chosen = mx.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
-    if top <= 0:
-        empty = mx.zeros((logits.shape[0], 0))
-        return chosen, empty.astype(mx.int32), empty
-    ids = mx.argsort(-logp, axis=-1)[:, :top]
-    return chosen, ids, mx.take_along_axis(logp, ids, axis=-1)
+    chosen = mx.take_along_axis(logp, tokens.astype(mx.int32)[:, None], axis=-1)[:, 0]
+    k = min(top, logp.shape[-1])
+    if k <= 0:
+        rows = logp.shape[0]
+        return chosen, mx.zeros((rows, 0), dtype=mx.int32), mx.zeros((rows, 0), dtype=mx.float32)
+    best, values = _top_k(logp, k)
+    order = mx.argsort(-values, axis=-1)
+    best = mx.take_along_axis(best, order, axis=-1).astype(mx.int32)
+    return chosen, best, mx.take_along_axis(values, order, axis=-1)
