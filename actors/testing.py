@@ -15,9 +15,10 @@ from typing import Any
 
 import attrs
 
+from actors.config import Loaded, LoadFn
 from actors.messages import Chunk, GenerateRequest, ModelInfo
 from actors.runner import Runner
-from actors.tree import Loaded, LoadFn, open_runner
+from actors.tree import open_runner
 from runtime.engine.protocol import EngineStats, FinishReason, SequenceRequest, TokenEvent
 
 Script = Callable[[SequenceRequest], Sequence[int]]

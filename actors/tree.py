@@ -19,18 +19,17 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-import attrs
 import trio
 
+from actors import loading
+from actors.config import LoadFn, RunnerConfig
 from actors.engine_thread import EngineThread
-from actors.messages import ModelInfo
 from actors.runner import Ready, Runner
 from actors.scheduler import Scheduler, SchedulerConfig
-from runtime.engine.protocol import Engine
 
 log = logging.getLogger("mlxrunner.tree")
 
@@ -38,30 +37,6 @@ log = logging.getLogger("mlxrunner.tree")
 FLUSH_SECONDS = 2.0
 # How long closing the tree waits for the engine thread to finish its last job.
 JOIN_SECONDS = 30.0
-
-
-@attrs.frozen(kw_only=True)
-class Loaded:
-    engine: Engine
-    tokenizer: Any  # runtime.text.tokenizer.Tokenizer (or a test double with the same methods)
-    info: ModelInfo
-
-
-# Runs on the engine thread; reports progress in [0, 1] through the callback.
-LoadFn = Callable[[Callable[[float], None]], Loaded]
-
-
-@attrs.frozen(kw_only=True)
-class RunnerConfig:
-    model: str = "smollm2:135m"
-    models_dir: str | None = None
-    execution: str = "auto"
-    context_length: int | None = None
-    parallel: int = 4
-    prefill_chunk: int = 512
-    max_queue: int = 64
-    cache_gb: float = 2.0
-    grace: float = 10.0
 
 
 async def _loader(
@@ -168,9 +143,7 @@ async def open_runner(
     """Open the actor tree and yield its client. ``options`` are ``RunnerConfig`` fields."""
     config = RunnerConfig(**options)
     if load is None:
-        from actors.loading import model_loader
-
-        load = model_loader(config)
+        load = loading.model_loader(config)
     thread = EngineThread()
     runner = Runner()
     try:

@@ -30,7 +30,7 @@ from runtime.errors import OptionsError, RuntimeInputError, exception_leaves
 from runtime.progress import ProgressBar
 
 if TYPE_CHECKING:
-    from actors.tree import LoadFn
+    from actors.config import LoadFn
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 128 + signal.SIGINT  # what a shell reports for a Ctrl-C'd command

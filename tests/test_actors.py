@@ -11,6 +11,7 @@ import attrs
 import pytest
 import trio
 
+from actors.config import Loaded
 from actors.messages import (
     DoneReason,
     GenerateRequest,
@@ -27,7 +28,7 @@ from actors.testing import (
     scripted_load,
     tiny_tokenizer,
 )
-from actors.tree import Loaded, drain
+from actors.tree import drain
 from runtime.engine.protocol import SequenceRequest
 from runtime.errors import PromptError
 

@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 import trio
 
+from actors.config import Loaded
 from actors.messages import GenerateRequest, GenerationOptions
 from actors.runner import Runner
 from actors.testing import fake_info
-from actors.tree import Loaded, open_runner
+from actors.tree import open_runner
 from cli import run as run_command
 from cli.main import build_parser
 from runtime.engine.model_engine import ModelEngine
