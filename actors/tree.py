@@ -1,12 +1,14 @@
-"""The supervision tree: one nursery for the loader, the scheduler and the signal handler.
+"""The supervision tree: one nursery for the signal handler, the pipelines, the loader and
+the scheduler.
 
 ``open_runner`` starts the engine thread and the actors and yields the ``Runner`` client; the
 caller runs the HTTP actor (or ``mlxrunner run``) in its body. One-cancels-all: an actor that
-crashes cancels the body, and the error leaves ``open_runner``.
+crashes cancels the body, and the error leaves ``open_runner``. Requests cannot crash it:
+each runs as a task in the pipelines nursery and ends with an item on its own channel.
 
-Start order: the loader loads the model on the engine thread (reporting progress into the
-runner), then starts the scheduler, then marks the runner ready; until then ``generate``
-raises ``UnavailableError("loading")``.
+Start order: the signal handler, the pipelines nursery, then the loader, which loads the
+model on the engine thread (reporting progress into the runner), starts the scheduler and
+marks the runner ready; until then ``submit`` raises ``UnavailableError("loading")``.
 
 Signals (``handle_signals=True``): the first SIGINT/SIGTERM stops admission (``/health`` and
 new requests answer 503), lets open generations run for ``grace`` seconds, cancels what is
@@ -151,6 +153,7 @@ async def open_runner(
             async with trio.open_nursery() as nursery:
                 if handle_signals:
                     await nursery.start(_signals, runner, config.grace, everything)
+                await nursery.start(runner.run_pipelines)
                 await nursery.start(_loader, runner, thread, load, config, nursery)
                 try:
                     yield runner

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 import attrs
 import trio
 
-from actors.messages import GenerateRequest, GenerationOptions, RunnerClient
+from actors.messages import GenerateRequest, GenerationError, GenerationOptions, RunnerClient
 from runtime.engine.options import SamplingOptions
 from runtime.errors import OptionsError, RuntimeInputError, exception_leaves
 from runtime.progress import ProgressBar
@@ -127,8 +127,10 @@ async def _stream(
 ) -> None:
     at_line_start = True
     try:
-        async with client.generate(request) as chunks:
-            async for chunk in chunks:
+        with await client.submit(request) as generation:
+            async for chunk in generation.chunks:
+                if isinstance(chunk, GenerationError):
+                    raise chunk
                 if chunk.content:
                     out.write(chunk.content)
                     out.flush()
