@@ -132,7 +132,7 @@ async def test_closing_the_handle_frees_the_sequence_within_one_step() -> None:
         assert engine.removed_at_step[seq_id] <= steps_at_close + 1
         await wait_until(lambda: client.statistics().active_sequences == 0)
         assert client.statistics().cancelled_total == 1
-        assert not engine.has_work()  # nothing is left that a step could compute
+        assert not engine.seqs  # nothing is left that a step could compute
         with pytest.raises(trio.ClosedResourceError):
             await generation.chunks.receive()
 
