@@ -24,8 +24,10 @@ from actors.pipeline import StopMatcher
 from actors.runner import Runner
 from actors.testing import (
     ScriptedEngine,
+    count_up,
     fake_info,
     open_test_runner,
+    receive_chunk,
     scripted_load,
     tiny_tokenizer,
 )
@@ -192,6 +194,30 @@ async def test_engine_crash_fails_the_tree_and_open_requests_see_the_error() -> 
             await trio.sleep_forever()
     assert len(seen) == 1
     assert "crashed at step 3" in str(seen[0])
+
+
+async def test_a_sequence_the_engine_rejects_fails_alone() -> None:
+    def script(request: SequenceRequest) -> list[int]:
+        if len(request.prompt) > 8:
+            raise ValueError("no room for this one")
+        return count_up(request)
+
+    async with open_test_runner(ScriptedEngine(script)) as client:
+        with pytest.raises(GenerationError, match="no room for this one"):
+            await client.generate(_request("word " * 10))
+        _, last = await client.generate_text("Hi", options=GenerationOptions(num_predict=2))
+        assert last.eval_count == 2
+
+
+async def test_closing_the_tree_ends_open_generations_and_admission() -> None:
+    async with open_test_runner(ScriptedEngine()) as client:
+        generation = await client.runner.submit(_request(num_predict=50))
+        await receive_chunk(generation)
+    # No done chunk: whoever reads this reports it as cancelled, never as a success.
+    with pytest.raises(trio.EndOfChannel):
+        await generation.chunks.receive()
+    with pytest.raises(UnavailableError):
+        await client.runner.submit(_request())
 
 
 async def test_stop_string_across_token_boundaries_is_never_emitted() -> None:
