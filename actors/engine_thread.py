@@ -1,13 +1,16 @@
-"""The engine thread: one OS thread, for the life of the process, that runs every MLX call.
+"""The engine thread: one OS thread, for the life of the tree, that runs every MLX call.
 
 MLX streams belong to the thread that created them and Trio's worker threads are reused
-arbitrarily, so the model is loaded, stepped and freed here and nowhere else. The thread blocks
-on its job queue when idle (no polling). Trio tasks hand it a function with ``await
-engine.run(fn, *args)``; the result comes back through ``trio.from_thread``.
+arbitrarily, so the model is loaded and stepped here and nowhere else. Nothing frees it here:
+its arrays are released when the last reference to the engine goes, after the tree has
+stopped and joined this thread. The thread blocks on its job queue when idle (no polling).
+Trio tasks hand it a function with ``await thread.run(fn, *args)``; the result comes back
+through ``trio.from_thread``.
 
 Cancellation: a job that has not started when its caller is cancelled is skipped; a job that
 is running is waited for (shielded), because interrupting MLX mid-step would leave the model
-state undefined. Jobs are single steps, so that wait is bounded by one step.
+state undefined, unless the caller chose ``abandon_on_cancel`` (the model load does). The
+scheduler's jobs are single steps, so that wait is bounded by one step.
 """
 
 from __future__ import annotations

@@ -3,19 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
+from actors.config import Loaded, LoadFn, RunnerConfig
 from actors.messages import ModelInfo
-
-if TYPE_CHECKING:
-    from actors.tree import Loaded, LoadFn, RunnerConfig
 
 
 def model_loader(config: RunnerConfig) -> LoadFn:
     """A ``LoadFn`` for ``config.model`` (store name, folder or GGUF); runs on the engine thread."""
 
     def load(progress: Callable[[float], None]) -> Loaded:
-        from actors.tree import Loaded
         from runtime.engine.model_engine import ModelEngine
         from runtime.models.loader import load_model
         from runtime.store.layout import Store

@@ -1,14 +1,16 @@
-"""Records exchanged between the HTTP layer, the pipelines and the scheduler.
+"""What the actor tree's clients see: requests, chunks, errors, the generation handle and
+the ``RunnerClient`` protocol.
 
-The HTTP layer (``api/``) only ever sees these records and the ``RunnerClient`` protocol;
-everything else in ``actors/`` is private to the actor tree.
+The HTTP layer (``api/``) and ``mlxrunner run`` only ever use what is defined here; everything
+else in ``actors/`` is private to the actor tree.
 """
 
 from __future__ import annotations
 
+import contextlib
 import enum
-from collections.abc import Mapping
-from contextlib import AbstractAsyncContextManager
+from collections.abc import Callable, Mapping
+from types import TracebackType
 from typing import Any, Literal, Protocol
 
 import attrs
@@ -39,6 +41,16 @@ class UnavailableError(RuntimeInputError):
     def __init__(self, message: str, *, state: Literal["loading", "shutting_down"]) -> None:
         super().__init__(message)
         self.state = state
+
+
+class GenerationError(Exception):
+    """An admitted generation could not be completed: a server fault, not the client's.
+
+    Unlike the errors above it is never raised by ``RunnerClient.submit``: it is the last item
+    on the generation's channel (the engine failed on this sequence, the scheduler stopped, or
+    the request's pipeline hit a bug). The HTTP layer answers 500 if no header was sent yet,
+    and ends the stream with an error record otherwise.
+    """
 
 
 # ---- requests ----
@@ -108,6 +120,57 @@ class Chunk:
     load_duration: int = 0  # ns
 
 
+GenerationItem = Chunk | GenerationError
+
+
+class Generation:
+    """One admitted generation, as its requester holds it.
+
+    ``chunks`` delivers the generation's ``Chunk``s; the last one has ``done=True``. A
+    generation that fails after admission ends with one ``GenerationError`` item instead. The
+    channel can also end with neither when the tree itself stops (its pipelines are
+    cancelled): read that as a cancelled generation.
+
+    ``close()`` leaves the generation: the pipeline stops, the scheduler drops the sequence
+    within one engine step and its cache is freed. It never blocks and is idempotent, so it is
+    safe in the ``finally`` of a cancelled task; ``with generation:`` calls it on exit. A
+    handle dropped without ``close()`` is closed when it is collected.
+    """
+
+    def __init__(
+        self,
+        chunks: trio.abc.ReceiveChannel[GenerationItem],
+        on_close: Callable[[], None],
+    ) -> None:
+        self._token = trio.lowlevel.current_trio_token()
+        self.chunks = chunks
+        self._on_close: Callable[[], None] | None = on_close
+
+    def close(self) -> None:
+        on_close, self._on_close = self._on_close, None
+        if on_close is not None:
+            on_close()
+
+    def __enter__(self) -> Generation:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        # A response dropped before its body was read never calls close(). The collector may
+        # run this on any thread, and closing touches Trio objects, so the loop does it.
+        on_close, self._on_close = self._on_close, None
+        if on_close is not None:
+            with contextlib.suppress(trio.RunFinishedError):
+                self._token.run_sync_soon(on_close)
+
+
 # ---- state ----
 
 
@@ -164,13 +227,12 @@ class RunnerClient(Protocol):
     def detokenize(self, tokens: list[int]) -> str:
         """Raises ``UnavailableError`` while loading, ``OptionsError`` for unknown ids."""
 
-    def generate(
-        self, request: GenerateRequest
-    ) -> AbstractAsyncContextManager[trio.MemoryReceiveChannel[Chunk]]:
-        """Open a generation; iterate the channel for chunks, the last with ``done=True``.
+    async def submit(self, request: GenerateRequest) -> Generation:
+        """Admit ``request``; return the handle of its generation (see ``Generation``).
 
-        Validation, queue admission and prompt-length errors raise on entry (before any
-        chunk): ``OptionsError``/``PromptError`` (400/413), ``QueueFullError`` (429),
-        ``UnavailableError`` (503). Leaving the context early cancels the generation and frees
-        its sequence within one engine step.
+        Errors (raised here, before any chunk): ``OptionsError``/``PromptError`` (400),
+        ``PromptTooLongError`` (413), ``QueueFullError`` (429), ``UnavailableError`` (503).
+        Failures after admission arrive on the handle's channel as a ``GenerationError``.
+
+        Cancellation: cancelled before it returns, nothing was admitted.
         """

@@ -1,21 +1,32 @@
 """The per-request pipeline: prepare the prompt, then turn engine events into chunks.
 
 ``prepare`` validates the options, renders the chat template, tokenizes, and clamps
-``num_predict`` to the context. ``stream`` runs as the request's own task: it reads the
+``num_predict`` to the context; ``Runner.submit`` calls it (on a worker thread) before the
+request is queued. ``run`` is the request's task in the tree's pipelines nursery: it reads the
 ``TokenEvent``s the scheduler routes to it, detokenizes them with the streaming detokenizer,
 holds back text that may be the start of a stop string (a stop string is never emitted, not
 even in part, whatever the token boundaries), and sends ``Chunk``s, the last with the totals.
+A failure is sent as the last item, a ``GenerationError``, and goes no further.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import time
 from typing import TYPE_CHECKING
 
 import attrs
 import trio
 
-from actors.messages import Chunk, DoneReason, GenerateRequest, Logprob
+from actors.messages import (
+    Chunk,
+    DoneReason,
+    GenerateRequest,
+    GenerationError,
+    GenerationItem,
+    Logprob,
+)
 from actors.scheduler import Dropped, EngineFailed, Reply
 from runtime.engine.protocol import FinishReason, TokenEvent
 from runtime.errors import OptionsError, PromptError, PromptTooLongError
@@ -23,9 +34,7 @@ from runtime.errors import OptionsError, PromptError, PromptTooLongError
 if TYPE_CHECKING:
     from runtime.text.tokenizer import Tokenizer
 
-
-class EngineFailure(RuntimeError):
-    """The engine failed while running this request (a server fault, not the client's)."""
+log = logging.getLogger("mlxrunner.pipeline")
 
 
 @attrs.frozen(kw_only=True)
@@ -116,16 +125,50 @@ def _logprob(tokenizer: Tokenizer, event: TokenEvent) -> Logprob | None:
     )
 
 
-async def stream(
+async def run(
     prepared: Prepared,
     request: GenerateRequest,
     tokenizer: Tokenizer,
     replies: trio.MemoryReceiveChannel[Reply],
-    chunks: trio.MemorySendChannel[Chunk],
+    chunks: trio.MemorySendChannel[GenerationItem],
     *,
     submitted_ns: int,
 ) -> None:
-    """Turn the scheduler's events for one sequence into chunks (the pipeline task)."""
+    """The pipeline task of one request: the scheduler's events in, chunks out.
+
+    The channel ends after the done chunk, or after one ``GenerationError`` when the engine
+    failed on the sequence or this code did. Returns quietly once the requester has closed
+    its end.
+
+    Errors: none escape but ``Cancelled``. One request's failure must not reach the nursery
+    that every request shares, so even a bug here ends only this request (and is logged with
+    its traceback).
+
+    Cancellation: the channel just ends; the requester reads that as cancelled.
+    """
+    # Plain `with`: closing needs no checkpoint, so a cancellation cannot replace the
+    # exception that ends the stream.
+    with chunks, replies:
+        try:
+            await _stream(prepared, request, tokenizer, replies, chunks, submitted_ns)
+        except trio.BrokenResourceError:
+            pass  # the requester closed its handle
+        except Exception as exc:  # see "Errors" above: this request fails, nothing else
+            log.exception("a generation's pipeline failed")
+            failure = GenerationError("generation failed: internal error")
+            failure.__cause__ = exc
+            with contextlib.suppress(trio.BrokenResourceError):
+                await chunks.send(failure)
+
+
+async def _stream(
+    prepared: Prepared,
+    request: GenerateRequest,
+    tokenizer: Tokenizer,
+    replies: trio.MemoryReceiveChannel[Reply],
+    chunks: trio.MemorySendChannel[GenerationItem],
+    submitted_ns: int,
+) -> None:
     detok = tokenizer.detokenizer(prepared.prompt[-4:])
     stops = StopMatcher(request.options.stop)
     eos = tokenizer.eos_ids
@@ -145,56 +188,54 @@ async def stream(
         )
         pending_ids, pending_lps = [], []
 
-    # Plain `with`: closing needs no checkpoint, so a cancellation cannot replace the
-    # exception that ends the stream.
-    with chunks, replies:
-        async for item in replies:
-            if isinstance(item, EngineFailed):
-                raise EngineFailure(f"generation failed: {item.error}") from item.error
-            if isinstance(item, Dropped):
-                reason = DoneReason.CANCELLED
-                break
-            if item.token is None:
-                continue
-            if first_token_ns is None:
-                first_token_ns = time.monotonic_ns()
-            if item.finish is FinishReason.STOP and item.token in eos:
-                reason = DoneReason.STOP
-                break
-            eval_count += 1
-            pending_ids.append(item.token)
-            lp = _logprob(tokenizer, item)
-            if lp is not None:
-                pending_lps.append(lp)
-            text, hit_stop = stops.feed(detok.add(item.token))
-            await emit(text)
-            if hit_stop:
-                reason = DoneReason.STOP
-                break
-            if item.finish is not None:
-                reason = (
-                    DoneReason.LENGTH if item.finish is FinishReason.LENGTH else DoneReason.STOP
-                )
-                break
-        else:
-            reason = DoneReason.CANCELLED  # the scheduler dropped us without a marker
-        if reason is not DoneReason.CANCELLED and not hit_stop:
-            # Text held for a stop string that never completed, or a last partial character.
-            text, hit_stop = stops.feed(detok.finish())
-            await emit(text if hit_stop else text + stops.flush())
-        now = time.monotonic_ns()
-        first = first_token_ns or now
-        await chunks.send(
-            Chunk(
-                content="",
-                tokens=tuple(pending_ids),
-                logprobs=tuple(pending_lps),
-                done=True,
-                done_reason=reason,
-                prompt_eval_count=len(prepared.prompt),
-                prompt_eval_duration=first - submitted_ns,
-                eval_count=eval_count,
-                eval_duration=now - first,
-                total_duration=now - submitted_ns,
-            )
+    async for item in replies:
+        if isinstance(item, EngineFailed):
+            failure = GenerationError(f"generation failed: {item.error}")
+            failure.__cause__ = item.error
+            await chunks.send(failure)
+            return
+        if isinstance(item, Dropped):
+            reason = DoneReason.CANCELLED
+            break
+        if item.token is None:
+            continue
+        if first_token_ns is None:
+            first_token_ns = time.monotonic_ns()
+        if item.finish is FinishReason.STOP and item.token in eos:
+            reason = DoneReason.STOP
+            break
+        eval_count += 1
+        pending_ids.append(item.token)
+        lp = _logprob(tokenizer, item)
+        if lp is not None:
+            pending_lps.append(lp)
+        text, hit_stop = stops.feed(detok.add(item.token))
+        await emit(text)
+        if hit_stop:
+            reason = DoneReason.STOP
+            break
+        if item.finish is not None:
+            reason = DoneReason.LENGTH if item.finish is FinishReason.LENGTH else DoneReason.STOP
+            break
+    else:
+        reason = DoneReason.CANCELLED  # the scheduler dropped us without a marker
+    if reason is not DoneReason.CANCELLED and not hit_stop:
+        # Text held for a stop string that never completed, or a last partial character.
+        text, hit_stop = stops.feed(detok.finish())
+        await emit(text if hit_stop else text + stops.flush())
+    now = time.monotonic_ns()
+    first = first_token_ns or now
+    await chunks.send(
+        Chunk(
+            content="",
+            tokens=tuple(pending_ids),
+            logprobs=tuple(pending_lps),
+            done=True,
+            done_reason=reason,
+            prompt_eval_count=len(prepared.prompt),
+            prompt_eval_duration=first - submitted_ns,
+            eval_count=eval_count,
+            eval_duration=now - first,
+            total_duration=now - submitted_ns,
         )
+    )

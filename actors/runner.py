@@ -1,16 +1,18 @@
 """``Runner``: the actor tree's client, what the HTTP layer and ``mlxrunner run`` talk to.
 
 It holds the tree's shared state (loading progress, readiness, shutdown) and implements the
-``RunnerClient`` protocol. ``generate`` admits a request (validation and queue errors raise at
-once), starts the request's pipeline task and yields its chunk channel; leaving the context,
-for whatever reason, tells the scheduler to drop the sequence.
+``RunnerClient`` protocol. It also runs the pipelines actor: the nursery, open for the life of
+the tree, in which each admitted request's pipeline task runs. ``submit`` admits a request
+(validation and queue errors raise at once), starts its pipeline there and returns a
+``Generation`` handle; closing the handle cancels the pipeline, whose exit tells the scheduler
+to drop the sequence. A request's failure reaches its handle only, as the last item.
 """
 
 from __future__ import annotations
 
+import functools
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Literal
 
 import attrs
@@ -19,7 +21,10 @@ import trio
 from actors import pipeline
 from actors.messages import (
     Chunk,
+    DoneReason,
     GenerateRequest,
+    Generation,
+    GenerationItem,
     Health,
     ModelInfo,
     QueueFullError,
@@ -28,7 +33,6 @@ from actors.messages import (
 )
 from actors.scheduler import Submission
 from runtime.engine.protocol import SequenceRequest
-from runtime.errors import exception_leaves
 
 if TYPE_CHECKING:
     from actors.scheduler import Scheduler
@@ -48,10 +52,11 @@ class Runner:
         self.ready: Ready | None = None
         self.state: Literal["loading", "ok", "shutting_down"] = "loading"
         self.stopped = trio.Event()  # the tree asks the HTTP server to stop
-        self._open = 0
+        self._open = 0  # pipelines running
         self._idle = trio.Event()
         self._idle.set()
         self._ready_event = trio.Event()
+        self._pipelines: trio.Nursery | None = None
 
     # ---- tree side ----
 
@@ -70,8 +75,25 @@ class Runner:
         self.state = "shutting_down"
 
     async def wait_idle(self) -> None:
-        """Until no generation is open."""
+        """Until no pipeline runs: every generation's last item has been taken."""
         await self._idle.wait()
+
+    async def run_pipelines(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """The pipelines actor: the nursery that ``submit`` starts pipeline tasks in.
+
+        Pipelines end with an item on their own channel, never with an exception, so this
+        nursery only ever ends by being cancelled with the tree; from then on ``submit``
+        answers ``UnavailableError``.
+        """
+        async with trio.open_nursery() as nursery:
+            self._pipelines = nursery
+            task_status.started()
+            try:
+                await trio.sleep_forever()
+            finally:
+                self._pipelines = None
 
     async def shutdown_trigger(self) -> None:
         """For hypercorn's ``shutdown_trigger``: returns when the tree has drained."""
@@ -124,19 +146,27 @@ class Runner:
     def detokenize(self, tokens: list[int]) -> str:
         return self._require().tokenizer.decode(tokens)
 
-    @asynccontextmanager
-    async def generate(
-        self, request: GenerateRequest
-    ) -> AsyncIterator[trio.MemoryReceiveChannel[Chunk]]:
+    async def submit(self, request: GenerateRequest) -> Generation:
+        """Admit ``request``, start its pipeline in the tree and return its handle.
+
+        The prompt is rendered and tokenized on a worker thread (it can be long), then the
+        sequence is queued with the scheduler and its pipeline task starts in the pipelines
+        nursery. See ``RunnerClient.submit`` for the errors.
+        """
         ready = self._require()
-        scheduler = ready.scheduler
-        prepared = pipeline.prepare(request, ready.tokenizer, ready.info.context_length)
+        prepared = await trio.to_thread.run_sync(
+            pipeline.prepare, request, ready.tokenizer, ready.info.context_length
+        )
+        ready = self._require()  # shutdown may have begun while the prompt was tokenized
+        nursery = self._pipelines
+        if nursery is None:
+            raise UnavailableError("the server is shutting down", state="shutting_down")
         submitted = time.monotonic_ns()
         if prepared.max_tokens == 0:
-            yield _finished(prepared, submitted)
-            return
+            return _finished(prepared, submitted)
+        scheduler = ready.scheduler
         seq_id = scheduler.next_id()
-        reply_send, reply_receive = scheduler.reply_channel(prepared.max_tokens)
+        reply_send, replies = scheduler.reply_channel(prepared.max_tokens)
         submission = Submission(
             request=SequenceRequest(
                 seq_id=seq_id,
@@ -154,65 +184,46 @@ class Runner:
             raise QueueFullError(
                 f"the request queue is full ({scheduler.config.max_queue} waiting)"
             ) from None
-        chunk_send, chunk_receive = trio.open_memory_channel[Chunk](1)
-        failure: list[pipeline.EngineFailure] = []
+        # Unbuffered: the pipeline paces with its reader, and while it lives the reader has
+        # not taken the last item yet (what ``wait_idle`` waits for).
+        send, receive = trio.open_memory_channel[GenerationItem](0)
+        scope = trio.CancelScope()
         self._open += 1
         self._idle = trio.Event()
+        run = functools.partial(
+            pipeline.run, prepared, request, ready.tokenizer, replies, send, submitted_ns=submitted
+        )
+        nursery.start_soon(self._pipeline, run, scope, scheduler, seq_id)
+
+        def close() -> None:
+            receive.close()
+            scope.cancel()
+
+        return Generation(receive, close)
+
+    async def _pipeline(
+        self,
+        run: Callable[[], Awaitable[None]],
+        scope: trio.CancelScope,
+        scheduler: Scheduler,
+        seq_id: int,
+    ) -> None:
+        # ``run`` owns (and closes) the pipeline's two channels.
         try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(
-                    _run_pipeline,
-                    prepared,
-                    request,
-                    ready.tokenizer,
-                    reply_receive,
-                    chunk_send,
-                    submitted,
-                    failure,
-                )
-                try:
-                    yield chunk_receive
-                finally:
-                    nursery.cancel_scope.cancel()
-            if failure:
-                raise failure[0]
-        except BaseExceptionGroup as group:
-            # Surface the pipeline's own error (e.g. EngineFailure) rather than a group.
-            leaves = exception_leaves(group)
-            if len(leaves) == 1 and isinstance(leaves[0], Exception):
-                raise leaves[0] from None
-            raise
+            with scope:
+                await run()
         finally:
-            scheduler.cancel(seq_id)  # a no-op once the sequence has finished
-            reply_receive.close()
+            # However the pipeline ended (done, failed, its handle closed, the tree
+            # cancelled), the scheduler drops what is left: a no-op once the sequence ended.
+            scheduler.cancel(seq_id)
             self._open -= 1
             if self._open == 0:
                 self._idle.set()
 
 
-async def _run_pipeline(
-    prepared: pipeline.Prepared,
-    request: GenerateRequest,
-    tokenizer: Tokenizer,
-    replies: trio.MemoryReceiveChannel[pipeline.Reply],
-    chunks: trio.MemorySendChannel[Chunk],
-    submitted: int,
-    failure: list[pipeline.EngineFailure],
-) -> None:
-    try:
-        await pipeline.stream(prepared, request, tokenizer, replies, chunks, submitted_ns=submitted)
-    except (trio.BrokenResourceError, trio.ClosedResourceError):
-        pass  # the consumer left; the scheduler has been told
-    except pipeline.EngineFailure as exc:
-        # Kept for ``generate`` to raise when its body ends: the consumer sees the channel
-        # close and then this error, whichever way the cancellation races go.
-        failure.append(exc)
-
-
-def _finished(prepared: pipeline.Prepared, submitted: int) -> trio.MemoryReceiveChannel[Chunk]:
-    from actors.messages import DoneReason
-
-    send, receive = trio.open_memory_channel[Chunk](1)
+def _finished(prepared: pipeline.Prepared, submitted: int) -> Generation:
+    """The handle of a generation with nothing to generate (``num_predict`` 0)."""
+    send, receive = trio.open_memory_channel[GenerationItem](1)
     send.send_nowait(
         Chunk(
             done=True,
@@ -222,4 +233,4 @@ def _finished(prepared: pipeline.Prepared, submitted: int) -> trio.MemoryReceive
         )
     )
     send.close()
-    return receive
+    return Generation(receive, receive.close)

@@ -1,9 +1,10 @@
 """Test harness: the actor tree with a scripted fake engine or a tiny real model, no HTTP.
 
-``ScriptedEngine`` implements ``runtime.engine.protocol.Engine`` without MLX: each sequence produces the
-tokens its script gives, one per step after a prefill in chunks, and the engine records every
-call (which thread ran it, what was removed) so tests can check the actors' behaviour.
-``open_test_runner`` opens the tree around it and waits until it is ready.
+``ScriptedEngine`` implements ``runtime.engine.protocol.Engine`` without MLX: each sequence
+produces the tokens its script gives, one per step after a prefill in chunks, and the engine
+records every call (which thread ran it, what was removed and at which step) so tests can
+check the actors' behaviour. ``open_test_runner`` opens the tree around it and waits until it
+is ready; its ``HarnessClient`` submits requests as the HTTP layer does.
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ from typing import Any
 
 import attrs
 
-from actors.messages import Chunk, GenerateRequest, ModelInfo
+from actors.config import Loaded, LoadFn
+from actors.messages import Chunk, GenerateRequest, Generation, GenerationError, ModelInfo
 from actors.runner import Runner
-from actors.tree import Loaded, LoadFn, open_runner
+from actors.tree import open_runner
 from runtime.engine.protocol import EngineStats, FinishReason, SequenceRequest, TokenEvent
 
 Script = Callable[[SequenceRequest], Sequence[int]]
@@ -60,6 +62,7 @@ class ScriptedEngine:
         self.seqs: dict[int, _Seq] = {}
         self.threads: set[int] = set()
         self.removed: list[int] = []
+        self.removed_at_step: dict[int, int] = {}  # seq_id -> steps run before its removal
         self.added: list[int] = []
         self.steps = 0
         self.gate: threading.Event | None = None  # when set, each step waits for it
@@ -87,6 +90,7 @@ class ScriptedEngine:
         self._record()
         if self.seqs.pop(seq_id, None) is not None:
             self.removed.append(seq_id)
+            self.removed_at_step[seq_id] = self.steps
         return 0  # no prefix cache here
 
     def drop_prefix(self, entry_id: int) -> None:
@@ -177,6 +181,25 @@ def tiny_tokenizer() -> Any:
     return Tokenizer.from_parts(train_tokenizer(), tokenizer_config())
 
 
+async def receive_chunk(generation: Generation) -> Chunk:
+    """The next chunk of ``generation``; raises the ``GenerationError`` that ends a failed one."""
+    item = await generation.chunks.receive()
+    if isinstance(item, GenerationError):
+        raise item
+    return item
+
+
+async def read_to_end(generation: Generation) -> list[Chunk]:
+    """The rest of ``generation``'s chunks; raises the ``GenerationError`` that ends a failed
+    one."""
+    chunks = []
+    async for item in generation.chunks:
+        if isinstance(item, GenerationError):
+            raise item
+        chunks.append(item)
+    return chunks
+
+
 @asynccontextmanager
 async def open_test_runner(
     engine: ScriptedEngine | None = None,
@@ -203,9 +226,12 @@ class HarnessClient:
     engine: ScriptedEngine
 
     async def generate(self, request: GenerateRequest) -> list[Chunk]:
-        """Run one generation to the end and return all its chunks."""
-        async with self.runner.generate(request) as chunks:
-            return [chunk async for chunk in chunks]
+        """Run one generation to the end and return all its chunks.
+
+        Raises the ``GenerationError`` that ends a failed generation.
+        """
+        with await self.runner.submit(request) as generation:
+            return await read_to_end(generation)
 
     async def generate_text(self, prompt: str, **kwargs: Any) -> tuple[str, Chunk]:
         chunks = await self.generate(GenerateRequest(prompt=prompt, **kwargs))

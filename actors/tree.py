@@ -1,12 +1,14 @@
-"""The supervision tree: one nursery for the loader, the scheduler and the signal handler.
+"""The supervision tree: one nursery for the signal handler, the pipelines, the loader and
+the scheduler.
 
 ``open_runner`` starts the engine thread and the actors and yields the ``Runner`` client; the
 caller runs the HTTP actor (or ``mlxrunner run``) in its body. One-cancels-all: an actor that
-crashes cancels the body, and the error leaves ``open_runner``.
+crashes cancels the body, and the error leaves ``open_runner``. Requests cannot crash it:
+each runs as a task in the pipelines nursery and ends with an item on its own channel.
 
-Start order: the loader loads the model on the engine thread (reporting progress into the
-runner), then starts the scheduler, then marks the runner ready; until then ``generate``
-raises ``UnavailableError("loading")``.
+Start order: the signal handler, the pipelines nursery, then the loader, which loads the
+model on the engine thread (reporting progress into the runner), starts the scheduler and
+marks the runner ready; until then ``submit`` raises ``UnavailableError("loading")``.
 
 Signals (``handle_signals=True``): the first SIGINT/SIGTERM stops admission (``/health`` and
 new requests answer 503), lets open generations run for ``grace`` seconds, cancels what is
@@ -19,18 +21,17 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-import attrs
 import trio
 
+from actors import loading
+from actors.config import LoadFn, RunnerConfig
 from actors.engine_thread import EngineThread
-from actors.messages import ModelInfo
 from actors.runner import Ready, Runner
 from actors.scheduler import Scheduler, SchedulerConfig
-from runtime.engine.protocol import Engine
 
 log = logging.getLogger("mlxrunner.tree")
 
@@ -38,30 +39,6 @@ log = logging.getLogger("mlxrunner.tree")
 FLUSH_SECONDS = 2.0
 # How long closing the tree waits for the engine thread to finish its last job.
 JOIN_SECONDS = 30.0
-
-
-@attrs.frozen(kw_only=True)
-class Loaded:
-    engine: Engine
-    tokenizer: Any  # runtime.text.tokenizer.Tokenizer (or a test double with the same methods)
-    info: ModelInfo
-
-
-# Runs on the engine thread; reports progress in [0, 1] through the callback.
-LoadFn = Callable[[Callable[[float], None]], Loaded]
-
-
-@attrs.frozen(kw_only=True)
-class RunnerConfig:
-    model: str = "smollm2:135m"
-    models_dir: str | None = None
-    execution: str = "auto"
-    context_length: int | None = None
-    parallel: int = 4
-    prefill_chunk: int = 512
-    max_queue: int = 64
-    cache_gb: float = 2.0
-    grace: float = 10.0
 
 
 async def _loader(
@@ -168,9 +145,7 @@ async def open_runner(
     """Open the actor tree and yield its client. ``options`` are ``RunnerConfig`` fields."""
     config = RunnerConfig(**options)
     if load is None:
-        from actors.loading import model_loader
-
-        load = model_loader(config)
+        load = loading.model_loader(config)
     thread = EngineThread()
     runner = Runner()
     try:
@@ -178,6 +153,7 @@ async def open_runner(
             async with trio.open_nursery() as nursery:
                 if handle_signals:
                     await nursery.start(_signals, runner, config.grace, everything)
+                await nursery.start(runner.run_pipelines)
                 await nursery.start(_loader, runner, thread, load, config, nursery)
                 try:
                     yield runner

@@ -1,1 +1,1 @@
-"""The HTTP layer (quart-trio app, wire schemas, error mapping) and the command line."""
+"""The HTTP layer: the quart-trio app and its routes, wire schemas, error mapping, metrics."""

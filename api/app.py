@@ -1,10 +1,14 @@
 """The quart-trio application and the hypercorn server that runs it in the actor tree.
 
 ``create_app`` wires the three route families (native, Ollama, OpenAI), ``/metrics``, the
-bearer-token check and the error mapping around one ``RunnerClient``. ``serve_http`` runs it
-with hypercorn in the caller's nursery; its ``shutdown_trigger`` first flips the app into
-draining (new generations 503, ``/health`` says ``shutting_down``), then hypercorn stops
-accepting, lets open streams run for ``grace`` seconds and cancels the rest.
+bearer-token check and the error mapping around one ``RunnerClient``. The app starts no tasks
+of its own: a generation's work runs in the tree, and a route only reads its handle.
+
+``serve_http`` runs it with hypercorn in the caller's nursery until ``shutdown_trigger``
+returns (for ``mlxrunner serve``: once the tree has drained, see ``actors/tree.py``). Then the
+app refuses new generations (503; ``/health`` says ``shutting_down``), hypercorn stops
+accepting connections and gives open responses ``graceful_timeout`` seconds to finish before
+it cancels them.
 """
 
 from __future__ import annotations
@@ -74,10 +78,10 @@ def context_of(app: QuartTrio) -> ApiContext:
     return ctx
 
 
-def hypercorn_config(host: str, port: int, grace: float) -> HypercornConfig:
+def hypercorn_config(host: str, port: int, graceful_timeout: float) -> HypercornConfig:
     config = HypercornConfig()
     config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
-    config.graceful_timeout = grace
+    config.graceful_timeout = graceful_timeout
     config.accesslog = None
     # A logger, not "-": hypercorn then adds no handler of its own (no doubled lines).
     config.errorlog = logging.getLogger("hypercorn.error")
@@ -91,7 +95,8 @@ async def serve_http(
     shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve until ``shutdown_trigger`` returns (then drain); reports the bound URLs."""
+    """Serve until ``shutdown_trigger`` returns, then stop as described above; reports the
+    bound URLs through ``task_status``."""
     ctx = context_of(app)
 
     async def drain_then_stop() -> None:

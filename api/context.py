@@ -24,7 +24,9 @@ class ApiContext:
     client: RunnerClient
     config: ApiConfig
     metrics: Metrics
-    draining: bool = False  # set on SIGTERM: new generations get 503, streams already open finish
+    # Set when the server stops (after the tree drained): new generations get 503, open ones
+    # finish within hypercorn's graceful timeout.
+    draining: bool = False
 
     def check_admitting(self) -> None:
         if self.draining:

@@ -1,8 +1,10 @@
 """The one place that maps request errors to HTTP statuses and JSON bodies.
 
 Every error a client can cause ends as ``{"error": "<message>"}`` with a 4xx or 503 status;
-429 and 503 carry ``Retry-After``. Anything else escaping a handler is a bug: it is logged
-with its traceback and answered 500 (the connection stays usable, the server keeps running).
+429 and 503 carry ``Retry-After``. A ``GenerationError`` (the runner failed a generation it
+had admitted; the runner logged why) is answered 500 with its message. Anything else escaping
+a handler is a bug: it is logged with its traceback and answered 500 (the connection stays
+usable, the server keeps running).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import Any
 from quart import Response, jsonify
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 
-from actors.messages import QueueFullError, UnavailableError
+from actors.messages import GenerationError, QueueFullError, UnavailableError
 from runtime.errors import (
     ModelLoadError,
     ModelNotFoundError,
@@ -38,10 +40,6 @@ class ApiError(Exception):
         self.status = status
         self.message = message
         self.headers = headers or {}
-
-
-class GenerationFailed(Exception):
-    """The runner failed a generation after admitting it: a server fault (500)."""
 
 
 def bad_request(message: str) -> ApiError:
@@ -81,7 +79,7 @@ def status_of(exc: BaseException) -> tuple[int, str, dict[str, str]]:
         case MethodNotAllowed():
             allowed = ", ".join(exc.valid_methods or ())
             return 405, "method not allowed", {"Allow": allowed} if allowed else {}
-        case GenerationFailed():
+        case GenerationError():
             return 500, str(exc), {}
         case HTTPException():
             code = exc.code or 400
@@ -92,7 +90,7 @@ def status_of(exc: BaseException) -> tuple[int, str, dict[str, str]]:
 
 def error_response(exc: BaseException) -> Response:
     status, message, headers = status_of(exc)
-    if status >= 500 and not isinstance(exc, RuntimeInputError | ApiError):
+    if status >= 500 and not isinstance(exc, RuntimeInputError | ApiError | GenerationError):
         log.error("unhandled error in a request handler", exc_info=exc)
     return json_error(status, message, headers)
 

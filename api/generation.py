@@ -1,133 +1,46 @@
-"""The bridge between one ``RunnerClient.generate`` context and one HTTP response.
+"""How a route holds one generation: admitted before any header, then read to its end.
 
-Admission errors must become a status code before any header is sent, but a streamed body is
-iterated after the handler returns, outside the request context, and Trio forbids yielding
-from an async generator while a cancel scope or nursery it entered is open. So the generation
-context is entered by a small pump task in the app's nursery: ``open_generation`` waits until
-the runner admitted the request (errors raise here, in the handler), then the response iterates
-a ``Generation`` that only receives from a channel.
-
-``Generation.close()`` is synchronous (cancel the pump, close the channel) so it is safe in the
-``finally`` of a cancelled handler or of a body generator that sees ``Cancelled`` or
-``GeneratorExit`` on client disconnect; the pump then leaves the runner's context, which frees
-the sequence within one engine step.
+``open_generation`` asks the runner to admit the request. Its errors raise in the handler,
+before a header is sent, so ``api/errors.py`` turns them into 4xx, 429 or 503. The route then
+reads the ``GenerationReader`` it returns: a streamed body iterates it as the response is
+sent, a whole reply calls ``collect``. The reader receives straight from the handle's channel
+(no task or channel of its own), records the metrics, and closes the handle when the last item
+is read or the response goes away (``StreamBody.aclose``, or the handler's cancellation).
 """
 
 from __future__ import annotations
 
-import contextlib
-import logging
 from collections.abc import AsyncIterator
 
 import attrs
 import trio
 
-from actors.messages import Chunk, DoneReason, GenerateRequest, Logprob
+from actors.messages import Chunk, DoneReason, GenerateRequest, Generation, GenerationError, Logprob
 from api.context import ApiContext
-from api.errors import GenerationFailed
-
-log = logging.getLogger(__name__)
+from api.metrics import Metrics
 
 
-@attrs.frozen
-class _Failed:
-    """A runner error after admission, carried to the response to end the stream."""
-
-    error: BaseException
-
-
-@attrs.define
-class _Admission:
-    """The pump's answer to ``open_generation``: admitted, or the error that refused it."""
-
-    event: trio.Event = attrs.field(factory=trio.Event)
-    error: BaseException | None = None
-
-
-async def _pump(
-    ctx: ApiContext,
-    request: GenerateRequest,
-    send: trio.MemorySendChannel[Chunk | _Failed],
-    scope: trio.CancelScope,
-    admission: _Admission,
-) -> None:
-    # A plain child of the app nursery from the start (start_soon and an event rather than
-    # nursery.start()), so no task_status.started() runs inside the runner's own nursery.
-    with scope, send:
-        try:
-            async with ctx.client.generate(request) as chunks:
-                admission.event.set()
-                async for chunk in chunks:
-                    await send.send(chunk)
-                    if chunk.done:
-                        break
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass  # the response went away; leaving the context told the runner
-        except Exception as exc:
-            if not admission.event.is_set():
-                admission.error = exc
-                admission.event.set()
-                return
-            log.exception("generation failed after admission")
-            # If the response is gone already there is nobody left to tell.
-            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                await send.send(_Failed(exc))
-
-
-async def open_generation(ctx: ApiContext, request: GenerateRequest) -> Generation:
-    """Admit ``request`` (raising request errors here) and return its chunk iterator."""
+async def open_generation(ctx: ApiContext, request: GenerateRequest) -> GenerationReader:
+    """Admit ``request`` (its request errors raise here) and return its reader."""
     ctx.check_admitting()
-    nursery: trio.Nursery = _app_nursery()
-    # Unbuffered: the runner's stream paces with the client's reads.
-    send, receive = trio.open_memory_channel[Chunk | _Failed](0)
-    scope = trio.CancelScope()
-    admission = _Admission()
     started_at = trio.current_time()
-    nursery.start_soon(_pump, ctx, request, send, scope, admission)
-    try:
-        await admission.event.wait()
-    except BaseException:  # cancelled while queued (client gone): withdraw the request
-        scope.cancel()
-        receive.close()
-        raise
-    if admission.error is not None:
-        receive.close()
-        raise _unwrap(admission.error)
-    return Generation(ctx, receive, scope, started_at)
+    generation = await ctx.client.submit(request)
+    return GenerationReader(ctx.metrics, generation, started_at)
 
 
-def _unwrap(error: BaseException) -> BaseException:
-    """A lone error out of the runner's nursery, without its group."""
-    while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
-        error = error.exceptions[0]
-    return error
+class GenerationReader:
+    """The chunks of one admitted generation, ending in exactly one ``done`` chunk.
 
+    A generation that failed after admission raises its ``GenerationError`` instead of the
+    last chunk; a channel that just ends (the tree stopped) reads as a cancelled last chunk.
+    """
 
-def _app_nursery() -> trio.Nursery:
-    from quart import current_app
-
-    nursery: trio.Nursery = current_app.nursery  # type: ignore[attr-defined]
-    return nursery
-
-
-class Generation:
-    """Chunks of one admitted generation; ends with exactly one ``done`` chunk."""
-
-    def __init__(
-        self,
-        ctx: ApiContext,
-        receive: trio.MemoryReceiveChannel[Chunk | _Failed],
-        scope: trio.CancelScope,
-        started_at: float,
-    ) -> None:
-        self._metrics = ctx.metrics
-        self._token = trio.lowlevel.current_trio_token()
-        self._receive = receive
-        self._scope = scope
+    def __init__(self, metrics: Metrics, generation: Generation, started_at: float) -> None:
+        self._metrics = metrics
+        self._generation = generation
         self._last = started_at
         self._first = True
         self._finished = False
-        self._closed = False
 
     def __aiter__(self) -> AsyncIterator[Chunk]:
         return self
@@ -136,15 +49,13 @@ class Generation:
         if self._finished:
             raise StopAsyncIteration
         try:
-            item = await self._receive.receive()
+            item = await self._generation.chunks.receive()
         except (trio.EndOfChannel, trio.ClosedResourceError):
-            # The runner ended the stream without a final chunk: report it as cancelled.
             item = Chunk(done=True, done_reason=DoneReason.CANCELLED)
-        if isinstance(item, _Failed):
+        if isinstance(item, GenerationError):
             self._finished = True
-            self.close()
-            error = _unwrap(item.error)
-            raise GenerationFailed(str(error) or type(error).__name__)
+            self._generation.close()
+            raise item
         self._observe(item)
         return item
 
@@ -189,32 +100,14 @@ class Generation:
             m.prompt_tokens.inc(chunk.prompt_eval_count)
             if chunk.done_reason == DoneReason.CANCELLED:
                 m.cancellations.inc()
-            self.close()
+            self._generation.close()
 
     def close(self) -> None:
         """Leave the generation now (idempotent, never blocks, safe while cancelled)."""
-        if self._closed:
-            return
-        self._closed = True
         if not self._finished:
             self._finished = True
             self._metrics.cancellations.inc()
-        self._scope.cancel()
-        self._receive.close()
-
-    def __del__(self) -> None:
-        # Safety net: a response dropped before its body was iterated never calls close().
-        # The collector may run this on any thread, so the loop does the closing.
-        if self._closed:
-            return
-        scope, receive = self._scope, self._receive
-
-        def close() -> None:
-            scope.cancel()
-            receive.close()
-
-        with contextlib.suppress(trio.RunFinishedError):
-            self._token.run_sync_soon(close)
+        self._generation.close()
 
 
 class StreamBody:
@@ -225,8 +118,8 @@ class StreamBody:
     sequence even if the body was never iterated.
     """
 
-    def __init__(self, generation: Generation, pieces: AsyncIterator[bytes]) -> None:
-        self._generation = generation
+    def __init__(self, reader: GenerationReader, pieces: AsyncIterator[bytes]) -> None:
+        self._reader = reader
         self._pieces = pieces
 
     def __aiter__(self) -> AsyncIterator[bytes]:
@@ -236,7 +129,7 @@ class StreamBody:
         return await self._pieces.__anext__()
 
     async def aclose(self) -> None:
-        self._generation.close()
+        self._reader.close()
         aclose = getattr(self._pieces, "aclose", None)
         if aclose is not None:
             await aclose()

@@ -1,7 +1,8 @@
 """Prometheus metrics of the HTTP layer, one registry per app.
 
-Request counts and latencies are observed here as responses and chunks pass; the runner's own
-state (queue depth, active sequences, cache bytes and hits, its token totals) is read from
+The app counts requests (``api/app.py``) and the generation reader observes tokens, latencies
+and cancellations (``api/generation.py``) as responses and chunks pass; the runner's own state
+(queue depth, active sequences, cache bytes and hits, its token totals) is read from
 ``RunnerClient.statistics()`` at scrape time, so a scrape always shows the live values.
 """
 

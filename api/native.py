@@ -14,15 +14,10 @@ from typing import Any
 
 from quart import Blueprint, Response, jsonify, request
 
-from actors.messages import Chunk, DoneReason, GenerateRequest, Logprob
+from actors.messages import Chunk, DoneReason, GenerateRequest, GenerationError, Logprob
 from api.context import ApiContext
-from api.errors import (
-    RETRY_AFTER_LOADING,
-    RETRY_AFTER_SHUTTING_DOWN,
-    GenerationFailed,
-    bad_request,
-)
-from api.generation import Generation, StreamBody, open_generation
+from api.errors import RETRY_AFTER_LOADING, RETRY_AFTER_SHUTTING_DOWN, bad_request
+from api.generation import GenerationReader, StreamBody, open_generation
 from api.schemas import (
     INT32_MAX,
     generation_options,
@@ -80,7 +75,7 @@ def ndjson_line(obj: dict[str, Any]) -> bytes:
     return (json.dumps(obj, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
 
 
-def ndjson_response(generation: Generation, pieces: AsyncIterator[bytes]) -> Response:
+def ndjson_response(generation: GenerationReader, pieces: AsyncIterator[bytes]) -> Response:
     response = Response(StreamBody(generation, pieces), mimetype=NDJSON)
     response.timeout = None  # a long generation must not be cut by Quart's response timeout
     response.headers["Cache-Control"] = "no-cache"
@@ -120,7 +115,7 @@ def blueprint(ctx: ApiContext) -> Blueprint:
                 try:
                     async for chunk in generation:
                         yield ndjson_line(_chunk_json(chunk, logprobs=req.logprobs))
-                except GenerationFailed as exc:
+                except GenerationError as exc:
                     yield ndjson_line({"error": str(exc)})
                 finally:
                     generation.close()

@@ -13,9 +13,9 @@ from typing import Any
 
 from quart import Blueprint, Response, jsonify, request
 
-from actors.messages import Chunk, DoneReason, GenerateRequest, ModelInfo
+from actors.messages import Chunk, DoneReason, GenerateRequest, GenerationError, ModelInfo
 from api.context import ApiContext
-from api.errors import GenerationFailed, bad_request
+from api.errors import bad_request
 from api.generation import open_generation
 from api.native import ndjson_line, ndjson_response, stats_json
 from api.schemas import (
@@ -107,7 +107,7 @@ async def _respond(
                     if chunk.content or chunk.done or chunk.logprobs:
                         lps = _logprobs(chunk) if req.logprobs else None
                         yield ndjson_line(_line(name, render, chunk.content, chunk, lps))
-            except GenerationFailed as exc:
+            except GenerationError as exc:
                 yield ndjson_line({"error": str(exc)})
             finally:
                 generation.close()

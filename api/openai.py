@@ -21,13 +21,14 @@ from actors.messages import (
     Chunk,
     DoneReason,
     GenerateRequest,
+    GenerationError,
     GenerationOptions,
     Logprob,
     UnavailableError,
 )
 from api.context import ApiContext
-from api.errors import GenerationFailed, bad_request
-from api.generation import Generation, StreamBody, open_generation
+from api.errors import bad_request
+from api.generation import GenerationReader, StreamBody, open_generation
 from api.schemas import (
     INT32_MAX,
     chat_messages,
@@ -187,7 +188,7 @@ async def _respond(
 
 
 async def _stream(
-    generation: Generation, shape: _Shape, include_usage: bool
+    generation: GenerationReader, shape: _Shape, include_usage: bool
 ) -> AsyncIterator[bytes]:
     usage_field: dict[str, Any] = {"usage": None} if include_usage else {}
     try:
@@ -207,13 +208,13 @@ async def _stream(
                 if include_usage:
                     yield _sse({**shape.envelope(shape.chunk_object, []), "usage": _usage(chunk)})
         yield _sse("[DONE]")
-    except GenerationFailed as exc:
+    except GenerationError as exc:
         yield _sse({"error": {"message": str(exc), "type": "server_error"}})
     finally:
         generation.close()
 
 
-def _sse_response(generation: Generation, pieces: AsyncIterator[bytes]) -> Response:
+def _sse_response(generation: GenerationReader, pieces: AsyncIterator[bytes]) -> Response:
     response = Response(StreamBody(generation, pieces), mimetype="text/event-stream")
     response.timeout = None
     response.headers["Cache-Control"] = "no-cache"

@@ -24,13 +24,13 @@ from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 import attrs
 import trio
 
-from actors.messages import GenerateRequest, GenerationOptions, RunnerClient
+from actors.messages import GenerateRequest, GenerationError, GenerationOptions, RunnerClient
 from runtime.engine.options import SamplingOptions
 from runtime.errors import OptionsError, RuntimeInputError, exception_leaves
 from runtime.progress import ProgressBar
 
 if TYPE_CHECKING:
-    from actors.tree import LoadFn
+    from actors.config import LoadFn
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 128 + signal.SIGINT  # what a shell reports for a Ctrl-C'd command
@@ -127,8 +127,10 @@ async def _stream(
 ) -> None:
     at_line_start = True
     try:
-        async with client.generate(request) as chunks:
-            async for chunk in chunks:
+        with await client.submit(request) as generation:
+            async for chunk in generation.chunks:
+                if isinstance(chunk, GenerationError):
+                    raise chunk
                 if chunk.content:
                     out.write(chunk.content)
                     out.flush()

@@ -48,7 +48,7 @@ def api_config(args: argparse.Namespace) -> ApiConfig:
 
 
 def runner_options(args: argparse.Namespace) -> dict[str, Any]:
-    """``actors.tree.RunnerConfig`` fields from the command line."""
+    """``actors.config.RunnerConfig`` fields from the command line."""
     return {
         "model": args.model,
         "models_dir": getattr(args, "models_dir", None),

@@ -1,9 +1,10 @@
 """A scripted ``RunnerClient`` for the HTTP tests: no model, no engine, no MLX.
 
 Each generation streams the words of ``script`` (one token each, ids from 1), then a final
-chunk; with ``endless=True`` it streams until cancelled. ``step`` is awaited before every
-token, so a test can pace or freeze generation. Statistics count what was really produced,
-which is what the disconnect tests watch.
+chunk; with ``endless=True`` it streams until its handle is closed. ``step`` is awaited before
+every token, so a test can pace or freeze generation. Chunks are made when the reader asks for
+them (no task of its own), so once a handle is closed nothing more is produced: ``active``,
+``cancelled`` and ``finished`` are what the disconnect tests watch.
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ from actors.messages import (
     Chunk,
     DoneReason,
     GenerateRequest,
+    Generation,
+    GenerationError,
+    GenerationItem,
     Health,
     Logprob,
     ModelInfo,
@@ -101,10 +105,7 @@ class FakeRunner:
             raise OptionsError("token ids must be >= 0")
         return " ".join(f"<{t}>" for t in tokens)
 
-    @asynccontextmanager
-    async def generate(
-        self, request: GenerateRequest
-    ) -> AsyncIterator[trio.MemoryReceiveChannel[Chunk]]:
+    async def submit(self, request: GenerateRequest) -> Generation:
         self._ready()
         if self.entry_error is not None:
             raise self.entry_error
@@ -115,59 +116,72 @@ class FakeRunner:
             finally:
                 self.waiting -= 1
         self.requests.append(request)
-        send, receive = trio.open_memory_channel[Chunk](0)
         self.active += 1
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._produce, request, send)
-                try:
-                    yield receive
-                finally:
-                    nursery.cancel_scope.cancel()
-        finally:
-            self.active -= 1
-            receive.close()
+        chunks = _ScriptedChunks(self, request)
+        return Generation(chunks, chunks.close)
 
-    async def _produce(self, request: GenerateRequest, send: trio.MemorySendChannel[Chunk]) -> None:
+
+class _ScriptedChunks(trio.abc.ReceiveChannel[GenerationItem]):
+    """One fake generation's channel: each ``receive`` makes the next item."""
+
+    def __init__(self, fake: FakeRunner, request: GenerateRequest) -> None:
+        self._fake = fake
+        self._request = request
+        self._count = 0
+        self._ended = False  # the last item was made
+        self._closed = False
+
+    async def receive(self) -> GenerationItem:
+        fake, request = self._fake, self._request
+        if self._closed:
+            raise trio.ClosedResourceError
+        if self._ended:
+            raise trio.EndOfChannel
         limit = request.options.num_predict
-        count = 0
-        reason = DoneReason.STOP
-        # send.close(), not ``async with send``: aclose() checkpoints, and a Cancelled there
-        # would replace an error on its way out.
-        try:
-            with send:
-                while self.endless or count < len(self.script):
-                    if 0 < limit <= count:
-                        reason = DoneReason.LENGTH
-                        break
-                    await self.step()
-                    if self.fail_at is not None and count >= self.fail_at:
-                        raise RuntimeError("engine failed")
-                    word = self.script[count % len(self.script)]
-                    logprobs: tuple[Logprob, ...] = ()
-                    if request.logprobs:
-                        top = tuple((f"alt{i}", -1.0 - i) for i in range(request.top_logprobs))
-                        logprobs = (Logprob(token=word, token_id=count + 1, logprob=-0.5, top=top),)
-                    self.generated += 1
-                    count += 1
-                    await send.send(Chunk(content=word, tokens=(count,), logprobs=logprobs))
-                self.finished += 1
-                await send.send(
-                    Chunk(
-                        done=True,
-                        done_reason=reason,
-                        prompt_eval_count=self.prompt_tokens,
-                        prompt_eval_duration=1000,
-                        eval_count=count,
-                        eval_duration=2000 * count,
-                        total_duration=5000,
-                    )
-                )
-        except trio.Cancelled:
-            self.cancelled += 1
-            raise
-        except trio.BrokenResourceError:
-            self.cancelled += 1
+        more = fake.endless or self._count < len(fake.script)
+        if more and not 0 < limit <= self._count:
+            await fake.step()
+            if self._closed:  # closed while pacing
+                raise trio.ClosedResourceError
+            if fake.fail_at is not None and self._count >= fake.fail_at:
+                self._end()
+                return GenerationError("engine failed")
+            word = fake.script[self._count % len(fake.script)]
+            logprobs: tuple[Logprob, ...] = ()
+            if request.logprobs:
+                top = tuple((f"alt{i}", -1.0 - i) for i in range(request.top_logprobs))
+                logprobs = (Logprob(token=word, token_id=self._count + 1, logprob=-0.5, top=top),)
+            fake.generated += 1
+            self._count += 1
+            return Chunk(content=word, tokens=(self._count,), logprobs=logprobs)
+        fake.finished += 1
+        self._end()
+        return Chunk(
+            done=True,
+            done_reason=DoneReason.STOP if not more else DoneReason.LENGTH,
+            prompt_eval_count=fake.prompt_tokens,
+            prompt_eval_duration=1000,
+            eval_count=self._count,
+            eval_duration=2000 * self._count,
+            total_duration=5000,
+        )
+
+    def _end(self) -> None:
+        if not self._ended:
+            self._ended = True
+            self._fake.active -= 1
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if not self._ended:
+            self._fake.cancelled += 1
+            self._end()
+
+    async def aclose(self) -> None:
+        self.close()
+        await trio.lowlevel.checkpoint()
 
 
 @asynccontextmanager

@@ -10,27 +10,38 @@ from collections.abc import Callable
 import pytest
 import trio
 
+from actors.config import Loaded
 from actors.messages import (
     DoneReason,
     GenerateRequest,
+    GenerationError,
     GenerationOptions,
     QueueFullError,
     UnavailableError,
 )
-from actors.pipeline import EngineFailure, StopMatcher
+from actors.pipeline import StopMatcher
 from actors.runner import Runner
 from actors.testing import (
     ScriptedEngine,
+    count_up,
     fake_info,
     open_test_runner,
+    receive_chunk,
     scripted_load,
     tiny_tokenizer,
 )
-from actors.tree import Loaded, drain
+from actors.tree import drain
 from runtime.engine.protocol import SequenceRequest
 from runtime.errors import PromptError
 
 TOK = tiny_tokenizer()
+
+
+async def wait_until(predicate: Callable[[], bool]) -> None:
+    """Poll state that another thread (the engine's) changes; a hang guard, not a timing."""
+    with trio.fail_after(10):
+        while not predicate():
+            await trio.sleep(0.001)
 
 
 def _ids(text: str) -> list[int]:
@@ -68,22 +79,24 @@ async def test_every_engine_call_runs_on_one_thread() -> None:
 
 async def test_scheduler_accepts_only_after_the_loader_is_ready() -> None:
     release = threading.Event()
+    reported = trio.Event()
+    token = trio.lowlevel.current_trio_token()
     engine = ScriptedEngine()
 
     def slow_load(progress: Callable[[float], None]) -> Loaded:
         progress(0.25)
+        trio.from_thread.run_sync(reported.set, trio_token=token)
         release.wait()
         return Loaded(engine=engine, tokenizer=TOK, info=fake_info())
 
     async with open_test_runner(engine, load=slow_load, wait_ready=False) as client:
-        while client.runner.progress < 0.25:
-            await trio.sleep(0.01)
+        with trio.fail_after(10):  # hang guard
+            await reported.wait()
         health = client.runner.health()
         assert health.status == "loading"
         assert health.progress == 0.25
         with pytest.raises(UnavailableError) as info:
-            async with client.runner.generate(_request()):
-                pass
+            await client.runner.submit(_request())
         assert info.value.state == "loading"
         release.set()
         await client.runner.wait_ready()
@@ -97,36 +110,48 @@ async def test_queue_full_is_rejected_at_once() -> None:
     engine.gate = threading.Event()
     async with open_test_runner(engine, parallel=1, max_queue=1) as client:
         try:
-            async with client.runner.generate(_request()):
-                while client.statistics().active_sequences == 0:
-                    await trio.sleep(0.001)  # admitted: running, not queued
-                async with client.runner.generate(_request()):
+            with await client.runner.submit(_request()):
+                await trio.testing.wait_all_tasks_blocked()  # admitted; its step waits
+                assert client.statistics().active_sequences == 1
+                with await client.runner.submit(_request()):
                     assert client.statistics().queued_requests == 1
                     with pytest.raises(QueueFullError, match="queue is full"):
-                        async with client.runner.generate(_request()):
-                            pass
+                        await client.runner.submit(_request())
         finally:
             engine.gate.set()
 
 
-async def test_leaving_frees_the_sequence_within_one_step() -> None:
+async def test_closing_the_handle_frees_the_sequence_within_one_step() -> None:
     engine = ScriptedEngine()
     async with open_test_runner(engine) as client:
-        async with client.runner.generate(_request(num_predict=100)) as chunks:
+        with await client.runner.submit(_request(num_predict=100)) as generation:
             for _ in range(2):
-                await chunks.receive()
-        seq_id = engine.added[-1]
-        steps_at_exit = engine.steps
-        while seq_id not in engine.removed:
-            await trio.sleep(0.001)
-        assert engine.steps <= steps_at_exit + 1
-        while client.statistics().active_sequences:
-            await trio.sleep(0.001)
-        stats = client.statistics()
-        assert stats.cancelled_total == 1
-        generated = stats.generated_tokens_total
-        await trio.sleep(0.05)
-        assert client.statistics().generated_tokens_total == generated  # nothing more computed
+                await generation.chunks.receive()
+            seq_id = engine.added[-1]
+            steps_at_close = engine.steps  # a step may be running: it may finish
+        await wait_until(lambda: seq_id in engine.removed)
+        assert engine.removed_at_step[seq_id] <= steps_at_close + 1
+        await wait_until(lambda: client.statistics().active_sequences == 0)
+        assert client.statistics().cancelled_total == 1
+        assert not engine.seqs  # nothing is left that a step could compute
+        with pytest.raises(trio.ClosedResourceError):
+            await generation.chunks.receive()
+
+
+async def test_a_dropped_handle_is_closed_when_collected() -> None:
+    engine = ScriptedEngine()
+    engine.gate = threading.Event()
+    async with open_test_runner(engine) as client:
+        try:
+            generation = await client.runner.submit(_request(num_predict=100))
+            await trio.testing.wait_all_tasks_blocked()
+            del generation  # as when a response is dropped before its body is read
+            await trio.testing.wait_all_tasks_blocked()  # the loop ran the close
+        finally:
+            engine.gate.set()
+        # Left open, the sequence would run its 100 tokens and count as finished.
+        await wait_until(lambda: client.statistics().active_sequences == 0)
+        assert client.statistics().cancelled_total == 1
 
 
 async def test_a_request_that_leaves_while_queued_never_runs() -> None:
@@ -134,14 +159,19 @@ async def test_a_request_that_leaves_while_queued_never_runs() -> None:
     engine.gate = threading.Event()
     async with open_test_runner(engine, parallel=1) as client:
         try:
-            async with client.runner.generate(_request()):
-                while client.statistics().active_sequences == 0:
-                    await trio.sleep(0.001)
-                async with client.runner.generate(_request("queued")):
-                    pass
+            with await client.runner.submit(_request()):
+                await trio.testing.wait_all_tasks_blocked()  # admitted; its step waits
+                with await client.runner.submit(_request("queued")):
+                    assert client.statistics().queued_requests == 1
         finally:
             engine.gate.set()
-        await trio.sleep(0.05)
+        # Had the queued one been admitted, it would be running, or recorded as added.
+        await wait_until(
+            lambda: (
+                client.statistics().queued_requests == 0
+                and client.statistics().active_sequences == 0
+            )
+        )
     assert len(engine.added) == 1
 
 
@@ -152,7 +182,7 @@ async def test_engine_crash_fails_the_tree_and_open_requests_see_the_error() -> 
     async def consume(client: object) -> None:
         try:
             await client.generate(_request(num_predict=50))  # type: ignore[attr-defined]
-        except EngineFailure as exc:
+        except GenerationError as exc:
             seen.append(exc)
 
     with pytest.RaisesGroup(
@@ -163,6 +193,30 @@ async def test_engine_crash_fails_the_tree_and_open_requests_see_the_error() -> 
             await trio.sleep_forever()
     assert len(seen) == 1
     assert "crashed at step 3" in str(seen[0])
+
+
+async def test_a_sequence_the_engine_rejects_fails_alone() -> None:
+    def script(request: SequenceRequest) -> list[int]:
+        if len(request.prompt) > 8:
+            raise ValueError("no room for this one")
+        return count_up(request)
+
+    async with open_test_runner(ScriptedEngine(script)) as client:
+        with pytest.raises(GenerationError, match="no room for this one"):
+            await client.generate(_request("word " * 10))
+        _, last = await client.generate_text("Hi", options=GenerationOptions(num_predict=2))
+        assert last.eval_count == 2
+
+
+async def test_closing_the_tree_ends_open_generations_and_admission() -> None:
+    async with open_test_runner(ScriptedEngine()) as client:
+        generation = await client.runner.submit(_request(num_predict=50))
+        await receive_chunk(generation)
+    # No done chunk: whoever reads this reports it as cancelled, never as a success.
+    with pytest.raises(trio.EndOfChannel):
+        await generation.chunks.receive()
+    with pytest.raises(UnavailableError):
+        await client.runner.submit(_request())
 
 
 async def test_stop_string_across_token_boundaries_is_never_emitted() -> None:
@@ -230,17 +284,18 @@ async def test_drain_lets_short_work_finish_and_cancels_the_rest(
 
 
 async def _drain_stuck(runner: Runner) -> None:
-    async with runner.generate(_request(num_predict=50)) as chunks:
+    with await runner.submit(_request(num_predict=50)) as generation:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(drain, runner, 5.0)
-            await trio.sleep(0.1)
+            await trio.testing.wait_all_tasks_blocked()
             assert runner.health().status == "shutting_down"
             with pytest.raises(UnavailableError):
-                async with runner.generate(_request()):
-                    pass
-            rest = [c async for c in chunks]
-        assert rest[-1].done
-        assert rest[-1].done_reason is DoneReason.CANCELLED
+                await runner.submit(_request())
+            rest = [c async for c in generation.chunks]
+        last = rest[-1]
+        assert not isinstance(last, GenerationError)
+        assert last.done
+        assert last.done_reason is DoneReason.CANCELLED
     await runner.stopped.wait()
 
 
@@ -276,11 +331,25 @@ async def test_an_abandoned_job_does_not_hold_the_caller() -> None:
     from actors.engine_thread import EngineThread
 
     thread = EngineThread()
+    started = threading.Event()
     release = threading.Event()
+
+    def job() -> None:
+        started.set()
+        release.wait()
+
+    scope = trio.CancelScope()
+
+    async def call() -> None:
+        with scope:
+            await thread.run(job, abandon_on_cancel=True)
+
     try:
-        with trio.move_on_after(0.2) as scope:
-            await thread.run(release.wait, abandon_on_cancel=True)
-        assert scope.cancelled_caught
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(call)
+            await trio.to_thread.run_sync(started.wait)  # the job runs on the engine thread
+            scope.cancel()
+        assert scope.cancelled_caught  # the caller left while the job still runs
         assert thread.abandoned_running
     finally:
         release.set()

@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 import trio
 
-from actors.messages import Chunk, DoneReason, GenerateRequest, GenerationOptions
+from actors.messages import DoneReason, GenerateRequest, GenerationOptions
 from actors.runner import Runner
+from actors.testing import read_to_end, receive_chunk
 from actors.tree import open_runner
 from runtime.engine.options import SamplingOptions
 from runtime.testing.models import make_tiny_folder
@@ -26,8 +27,8 @@ def _request(prompt: str, n: int) -> GenerateRequest:
 
 
 async def _tokens(runner: Runner, request: GenerateRequest) -> list[int]:
-    async with runner.generate(request) as chunks:
-        got: list[Chunk] = [c async for c in chunks]
+    with await runner.submit(request) as generation:
+        got = await read_to_end(generation)
     return [t for c in got for t in c.tokens]
 
 
@@ -43,16 +44,17 @@ async def test_a_cancelled_neighbour_does_not_change_tokens(folder: Path) -> Non
             together.extend(await _tokens(runner, _request("Once upon a time", 24)))
 
         async def neighbour_that_leaves() -> None:
-            async with runner.generate(_request("The quick brown fox " * 6, 200)) as chunks:
+            with await runner.submit(_request("The quick brown fox " * 6, 200)) as generation:
                 for _ in range(3):
-                    await chunks.receive()
+                    await receive_chunk(generation)
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(neighbour_that_leaves)
             nursery.start_soon(main_request)
         assert together == alone
-        while runner.statistics().active_sequences:
-            await trio.sleep(0.01)
+        with trio.fail_after(30):  # hang guard: the leaver's sequence must be freed
+            while runner.statistics().active_sequences:
+                await trio.sleep(0.01)
         stats = runner.statistics()
         assert stats.cache_bytes == stats.prefix_cache_bytes  # the batch gave its rows back
 
@@ -61,8 +63,8 @@ async def test_real_model_streams_to_the_end(folder: Path) -> None:
     async with open_runner(model=str(folder)) as runner:
         await runner.wait_ready()
         assert runner.model_info().model_type == "qwen3"
-        async with runner.generate(_request("Hello", 5)) as chunks:
-            got = [c async for c in chunks]
+        with await runner.submit(_request("Hello", 5)) as generation:
+            got = await read_to_end(generation)
         assert got[-1].done
         assert got[-1].done_reason in (DoneReason.LENGTH, DoneReason.STOP)
         assert got[-1].eval_count <= 5

@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 import trio
 
+from actors.config import Loaded
 from actors.messages import GenerateRequest, GenerationOptions
 from actors.runner import Runner
-from actors.testing import fake_info
-from actors.tree import Loaded, open_runner
+from actors.testing import fake_info, read_to_end, receive_chunk
+from actors.tree import open_runner
 from cli import run as run_command
 from cli.main import build_parser
 from runtime.engine.model_engine import ModelEngine
@@ -110,16 +111,16 @@ def _request(prompt: tuple[int, ...], num_predict: int, seed: int = 7) -> Genera
 
 
 async def _tokens(runner: Runner, request: GenerateRequest) -> list[int]:
-    async with runner.generate(request) as chunks:
-        return [t async for chunk in chunks for t in chunk.tokens]
+    with await runner.submit(request) as generation:
+        return [t for chunk in await read_to_end(generation) for t in chunk.tokens]
 
 
 async def _until_freed(runner: Runner) -> None:
-    # Loops forever (the test times out) if a sequence or its cache is never released.
-    while (stats := runner.statistics()).active_sequences or (
-        stats.cache_bytes > stats.prefix_cache_bytes
-    ):
-        await trio.sleep(0.001)
+    with trio.fail_after(30):  # hang guard: a sequence or its cache is never released
+        while (stats := runner.statistics()).active_sequences or (
+            stats.cache_bytes > stats.prefix_cache_bytes
+        ):
+            await trio.sleep(0.001)
 
 
 async def test_a_neighbour_leaving_mid_prefill_does_not_change_a_seeded_generation(
@@ -133,16 +134,17 @@ async def test_a_neighbour_leaving_mid_prefill_does_not_change_a_seeded_generati
         leave = trio.Event()
 
         async def neighbour() -> None:
-            async with runner.generate(_request(NEIGHBOUR_PROMPT, 40, seed=3)):
+            with await runner.submit(_request(NEIGHBOUR_PROMPT, 40, seed=3)):
                 await leave.wait()
 
-        async with trio.open_nursery() as nursery, runner.generate(_request(PROMPT, 30)) as mine:
-            nursery.start_soon(neighbour)
-            # Our first token comes while the neighbour's 200-token prompt is still being
-            # read 8 tokens a step: it leaves half prefilled, and we read on.
-            got = list((await mine.receive()).tokens)
-            leave.set()
-            got.extend([t async for chunk in mine for t in chunk.tokens])
+        with await runner.submit(_request(PROMPT, 30)) as mine:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(neighbour)
+                # Our first token comes while the neighbour's 200-token prompt is still being
+                # read 8 tokens a step: it leaves half prefilled, and we read on.
+                got = list((await receive_chunk(mine)).tokens)
+                leave.set()
+                got.extend([t for chunk in await read_to_end(mine) for t in chunk.tokens])
         await _until_freed(runner)
     engine = engines[0]
     # Finished sequences are removed too; exactly one left mid-prefill, while we generated.
@@ -171,8 +173,8 @@ async def test_leaving_returns_the_cache_memory_within_one_step(folder: Path) ->
     engines: list[RecordingEngine] = []
     async with open_runner(load=_loader(folder, threads, engines)) as runner:
         await runner.wait_ready()
-        async with runner.generate(_request(PROMPT, 100)) as chunks:
-            await chunks.receive()
+        with await runner.submit(_request(PROMPT, 100)) as generation:
+            await receive_chunk(generation)
             assert runner.statistics().cache_bytes > 0
         steps_at_exit = engines[0].steps
         await _until_freed(runner)

@@ -17,8 +17,8 @@ import pytest
 import trio
 import trio.testing
 
+from actors.config import Loaded
 from actors.testing import ScriptedEngine, fake_info, scripted_load, tiny_tokenizer
-from actors.tree import Loaded
 from cli import run as run_command
 from cli.main import build_parser
 from runtime.engine.options import SamplingOptions

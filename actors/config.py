@@ -1,0 +1,40 @@
+"""What opening the tree takes: ``RunnerConfig``, and the contract of the load function.
+
+``LoadFn`` runs on the engine thread and returns ``Loaded``: the engine, its tokenizer and the
+model's description. ``actors.loading`` has the real one; ``actors.testing`` has scripted ones.
+These records live apart from ``actors.tree`` so that neither of those modules needs the other.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+
+from actors.messages import ModelInfo
+from runtime.engine.protocol import Engine
+
+
+@attrs.frozen(kw_only=True)
+class Loaded:
+    engine: Engine
+    tokenizer: Any  # runtime.text.tokenizer.Tokenizer (or a test double with the same methods)
+    info: ModelInfo
+
+
+# Runs on the engine thread; reports progress in [0, 1] through the callback.
+LoadFn = Callable[[Callable[[float], None]], Loaded]
+
+
+@attrs.frozen(kw_only=True)
+class RunnerConfig:
+    model: str = "smollm2:135m"
+    models_dir: str | None = None
+    execution: str = "auto"
+    context_length: int | None = None
+    parallel: int = 4
+    prefill_chunk: int = 512
+    max_queue: int = 64
+    cache_gb: float = 2.0
+    grace: float = 10.0
