@@ -16,6 +16,7 @@ scheduler's jobs are single steps, so that wait is bounded by one step.
 from __future__ import annotations
 
 import contextlib
+import logging
 import queue
 import threading
 from collections.abc import Callable
@@ -25,6 +26,8 @@ import attrs
 import trio
 
 T = TypeVar("T")
+
+log = logging.getLogger("mlxrunner.engine_thread")
 
 
 @attrs.define(eq=False)
@@ -48,6 +51,7 @@ class EngineThread:
         self._thread.start()
         # A job still running after its caller gave up on it (see ``run``).
         self.abandoned_running = False
+        self._finalizers: list[Callable[[], None]] = []
 
     @property
     def ident(self) -> int | None:
@@ -57,6 +61,12 @@ class EngineThread:
         while True:
             job = self._jobs.get()
             if job is None:
+                for release in reversed(self._finalizers):
+                    try:
+                        release()
+                    except Exception:  # the thread must still end; the log says why
+                        log.exception("releasing engine state failed")
+                self._finalizers.clear()
                 return
             with self._lock:
                 if job.abandoned:
@@ -94,8 +104,14 @@ class EngineThread:
         value: T = job.value
         return value
 
+    def on_stop(self, release: Callable[[], None]) -> None:
+        """Run ``release`` on this thread after its last job, before it ends; the last one
+        registered runs first (like ``contextlib.ExitStack``)."""
+        self._finalizers.append(release)
+
     def stop(self) -> None:
-        """Let the thread finish its queue and exit (it is a daemon: exit never waits on it)."""
+        """Let the thread finish its queue, run its ``on_stop`` releases and exit (it is a
+        daemon: exit never waits on it)."""
         self._jobs.put(None)
 
     def join(self, timeout: float) -> bool:

@@ -7,6 +7,9 @@ from collections.abc import Callable
 from actors.config import Loaded, LoadFn, RunnerConfig
 from actors.messages import ModelInfo
 
+# Of the progress /health reports while loading: reading weights, then warming up kernels.
+LOAD_SHARE = 0.9
+
 
 def model_loader(config: RunnerConfig) -> LoadFn:
     """A ``LoadFn`` for ``config.model`` (store name, folder or GGUF); runs on the engine thread."""
@@ -20,11 +23,13 @@ def model_loader(config: RunnerConfig) -> LoadFn:
             config.model,
             store=Store.at(config.models_dir),
             execution=config.execution,  # type: ignore[arg-type]
-            progress=lambda p: progress(p.fraction),
+            progress=lambda p: progress(LOAD_SHARE * p.fraction),
         )
         engine = ModelEngine(
             loaded, prefill_chunk=config.prefill_chunk, context_length=config.context_length
         )
+        # Every kind of step runs once now, so no request pays for kernel compilation.
+        engine.warm_up(lambda f: progress(LOAD_SHARE + (1 - LOAD_SHARE) * f))
         info = ModelInfo(
             name=config.model,
             model_type=loaded.model_type,

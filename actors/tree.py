@@ -56,6 +56,8 @@ async def _loader(
         runner.progress = fraction
 
     loaded = await thread.run(load, progress, abandon_on_cancel=True)
+    # The model and its caches are MLX state: freed on the engine thread when it stops.
+    thread.on_stop(loaded.engine.close)
     scheduler = Scheduler(
         SchedulerConfig(
             max_queue=config.max_queue,
@@ -147,6 +149,7 @@ async def open_runner(
     if load is None:
         load = loading.model_loader(config)
     thread = EngineThread()
+    thread.on_stop(_end_mlx_thread)
     runner = Runner()
     try:
         with trio.CancelScope() as everything:
@@ -167,3 +170,10 @@ async def open_runner(
         with trio.CancelScope(shield=True):
             if not await trio.to_thread.run_sync(thread.join, wait) and wait:
                 log.warning("engine thread still busy after %.0f s; exiting anyway", wait)
+
+
+def _end_mlx_thread() -> None:
+    # Imported here: a tree with a fake engine never loads MLX until its thread ends.
+    from runtime.engine.model_engine import end_mlx_thread
+
+    end_mlx_thread()
