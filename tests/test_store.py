@@ -198,7 +198,7 @@ def test_list_shows_every_model_and_survives_damage(store: Store, folder: Path) 
     import_model(folder, "other/tiny:f32", store=store)
     entries = {e.name: e for e in store.list_models()}
     assert set(entries) == {"tiny:1", "other/tiny:f32"}
-    assert entries["tiny:1"].quantization == "int4"
+    assert entries["tiny:1"].quantization == "int4 g32"
     assert entries["other/tiny:f32"].quantization == "F32"
     assert entries["tiny:1"].size_bytes < entries["other/tiny:f32"].size_bytes
     _manifest_path(store).write_text("{broken")

@@ -82,8 +82,9 @@ def test_import_list_show_rm(
     [
         (["show", "nope"], "'nope:latest' not found"),
         (["rm", "nope"], "'nope:latest' not found"),
-        (["show", "../../etc"], "invalid model name"),
-        (["import", "/no/such/dir", "x"], "no such file or folder"),
+        (["show", "a/b/c/d/e"], "invalid model name"),
+        (["show", "./no/such/dir"], "no such model folder or .gguf file"),
+        (["import", "/no/such/dir", "x"], "no such model folder or .gguf file"),
     ],
 )
 def test_errors_are_one_line_and_exit_1(

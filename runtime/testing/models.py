@@ -10,7 +10,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from runtime.models import architecture
-from runtime.models.loader import flat_parameters
+from runtime.models.checkpoint import flat_parameters
 
 TINY_CONFIGS: dict[str, dict[str, Any]] = {
     "llama": {
