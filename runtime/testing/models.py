@@ -83,6 +83,19 @@ def quantize_weights(
     return flat_parameters(model)
 
 
+def ollama_names(weights: dict[str, mx.array]) -> dict[str, mx.array]:
+    """mlx-lm quantized names -> Ollama's (``.weight.scale`` / ``.weight.bias``)."""
+    out = {}
+    for name, array in weights.items():
+        if name.endswith(".scales"):
+            out[name.removesuffix(".scales") + ".weight.scale"] = array
+        elif name.endswith(".biases"):
+            out[name.removesuffix(".biases") + ".weight.bias"] = array
+        else:
+            out[name] = array
+    return out
+
+
 def make_tiny_folder(
     path: Path,
     model_type: str = "llama",
