@@ -7,15 +7,16 @@ result is what Ollama writes for an MLX model: one safetensors blob per module
 ``uint32``), ``<path>.weight.scale`` and ``<path>.weight.bias`` and ``quant_type``/``group_size``
 in the blob's ``__metadata__``; ``config.json``, ``tokenizer.json``, ``tokenizer_config.json``
 (with the chat template, wherever the source kept it) and ``generation_config.json`` as JSON
-layers; a config blob saying ``model_format: safetensors`` with the parameter size and the
-quantization (``file_type``, which ``list`` shows). Scales and biases are float32 (float16 ones are ~50x slower on
-CPU). Blobs are content-addressed, so re-importing the same weights reuses them; the manifest
-is written last (``Store.commit_manifest``), so an interrupted import leaves no manifest or the
-previous one.
+layers; a config blob saying ``model_format: safetensors``, with the parameter size and the
+quantization as ``file_type`` (what ``list`` shows). Scales and biases are float32 (float16
+ones are ~50x slower on CPU). Blobs are content-addressed, so re-importing the same weights
+reuses them; the manifest is written last (``Store.commit_manifest``), so an interrupted import
+leaves no manifest or the previous one.
 
 ``quantize``: ``None`` keeps the source's encoding; ``"q4"``/``"q8"`` re-quantizes every Linear
-and the embedding (``mx.quantize``, affine, ``group_size`` 32 or 64, default 64 as Ollama and
-mlx-lm); ``"f32"`` dequantizes everything to float32 (the reference for perplexity).
+and the embedding whose input size is a multiple of the group size (``mx.quantize``, affine,
+``group_size`` 32 or 64, default 64 as Ollama and mlx-lm); ``"f32"`` dequantizes everything to
+float32 (the reference for perplexity).
 """
 
 from __future__ import annotations

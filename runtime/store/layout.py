@@ -1,4 +1,4 @@
-"""The model store: Ollama's on-disk layout, resolved by name, listed, described and pruned.
+"""The model store: Ollama's on-disk layout, resolved by name, listed, written and pruned.
 
 ``<root>/manifests/<host>/<namespace>/<name>/<tag>`` (JSON, ``runtime.store.manifest``) and
 ``<root>/blobs/sha256-<hex>``. ``resolve`` turns a name into ``ModelFiles`` after checking every

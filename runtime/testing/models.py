@@ -1,4 +1,5 @@
-"""Tiny real models for tests: random weights in a real HF/MLX folder with a trained tokenizer."""
+"""Tiny real models for tests: random weights (float or quantized, under mlx-lm's or Ollama's
+tensor names) and real HF/MLX folders of them with a trained tokenizer."""
 
 from __future__ import annotations
 

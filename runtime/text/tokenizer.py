@@ -1,11 +1,12 @@
 """The tokenizer of a loaded model: HF ``tokenizers`` plus the model's special-token rules.
 
 Owns encoding (special tokens in the text are matched whole; BOS added once, when the model
-asks for it), decoding, the end-of-sequence set, the chat template, and streaming
-detokenizers. EOS ids follow Ollama's priority: ``generation_config.json``, then
-``config.json``, then ``tokenizer_config.json``; the template's end-of-turn marker
-(``<|im_end|>``, ``<|eot_id|>``, ...) is added when the vocabulary has it as a special token,
-because chat models end their turn with it.
+asks for it), decoding, the end-of-sequence set, the chat template (the one
+``tokenizer_config.json`` names, see ``chat_template.configured_template``), and streaming
+detokenizers. EOS ids follow Ollama's priority: ``generation_config.json`` (all of its
+``eos_token_id`` list), then ``config.json``, then ``tokenizer_config.json``'s ``eos_token``;
+the common end-of-turn markers (``<|im_end|>``, ``<|eot_id|>``, ...) are added when the
+vocabulary has them as special tokens, because chat models end their turn with them.
 """
 
 from __future__ import annotations
