@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from actors.messages import ChatMessage, GenerateRequest
+from actors.messages import ChatMessage, GenerateRequest, GenerationOptions
 from actors.tree import open_runner
 from api.app import create_app
 from cli import run as run_command
@@ -170,15 +170,16 @@ async def test_serve_with_a_folder_uses_its_chat_template_jinja(jinja_folder: Pa
             )
             assert refused.status_code == 400
             assert "jinja was used" in (await refused.get_json())["error"]
-        # The tokens a chat request is given are those of the jinja template's text.
+        # A chat request's prompt is the jinja template's text.
+        assert ready.tokenizer.chat_template == JINJA
         prompt = ready.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}])
         request = GenerateRequest(
             messages=(ChatMessage(role="user", content="hi"),),
+            options=GenerationOptions(num_predict=1),
         )
         async with runner.generate(request) as chunks:
             last = [chunk async for chunk in chunks][-1]
         assert last.prompt_eval_count == len(runner.tokenize(prompt))
-        runner.begin_shutdown()
 
 
 # ---- generation_config.json's EOS ids end generation ----
