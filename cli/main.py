@@ -1,7 +1,7 @@
-"""The ``mlxrunner`` command line: argument parsing and dispatch, nothing else.
+"""The ``mlxrunner`` command line: the parser with its help texts, and dispatch.
 
-Each command lives in its own module and is imported only when used, so ``mlxrunner list``
-does not pay for importing MLX or the web stack.
+A command's handler module (``cli.serve``, ``cli.run``, ``cli.store``) is imported only when
+that command runs, so ``mlxrunner list`` does not pay for importing MLX or the web stack.
 """
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
+
+from runtime.engine.options import SamplingOptions
 
 DEFAULT_MODEL = "smollm2:135m"
 DEFAULT_PORT = 11435
@@ -25,69 +27,258 @@ _HANDLERS = {
 }
 
 
+DESCRIPTION = """\
+Run large language models with MLX and serve them over HTTP (the native runner API,
+Ollama's API and OpenAI's API), from a local model store, an HF/MLX model folder or a
+GGUF file."""
+
+EPILOG = f"""\
+examples:
+  mlxrunner serve                                   serve {DEFAULT_MODEL} on 127.0.0.1:{DEFAULT_PORT}
+  mlxrunner serve --model ./Qwen3-0.6B --port 8080  serve a model folder
+  mlxrunner run --temperature 0 "The capital of France is"
+  mlxrunner run --chat "Write a haiku about rivers"
+  mlxrunner import ./model.gguf mymodel:q4 --quantize q4
+  mlxrunner list
+
+Models live in $MLXRUNNER_HOME/models (default ~/.mlxrunner/models), in Ollama's layout.
+Run `mlxrunner COMMAND --help` for a command's options."""
+
+_FORMATTER = argparse.RawDescriptionHelpFormatter
+
+
+def _add_store_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--models-dir",
+        default=None,
+        metavar="DIR",
+        help="the model store to use (default: $MLXRUNNER_HOME/models, or ~/.mlxrunner/models)",
+    )
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=DEFAULT_MODEL, help="store name, model folder or .gguf file")
-    p.add_argument("--models-dir", default=None, help="store root (default $MLXRUNNER_HOME)")
+    p.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        metavar="NAME|PATH",
+        help="a model in the store (name[:tag]), an HF/MLX model folder or a .gguf file "
+        "(default: %(default)s)",
+    )
+    _add_store_arg(p)
     p.add_argument(
         "--execution",
         choices=["auto", "dense", "quantized"],
         default="auto",
-        help="run quantized weights as stored, or dequantize them (auto: fastest here)",
+        help="run quantized weights packed (quantized) or dequantized to float32 (dense); "
+        "auto picks the faster one for this machine (default: %(default)s)",
     )
-    p.add_argument("--ctx", type=int, default=None, help="context length (default: the model's)")
-    p.add_argument("--parallel", type=int, default=4, help="sequences decoded together")
-    p.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per engine step")
+    p.add_argument(
+        "--ctx",
+        type=int,
+        default=None,
+        metavar="N",
+        help="context length in tokens (default: the model's own)",
+    )
+    p.add_argument(
+        "--parallel",
+        type=int,
+        default=4,
+        metavar="N",
+        help="how many requests are generated together (default: %(default)s)",
+    )
+    p.add_argument(
+        "--prefill-chunk",
+        type=int,
+        default=512,
+        metavar="N",
+        help="prompt tokens processed per step; smaller keeps other requests flowing during "
+        "a long prompt (default: %(default)s)",
+    )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mlxrunner", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    serve = sub.add_parser("serve", help="serve the HTTP API")
+def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    serve = sub.add_parser(
+        "serve",
+        help="serve a model over HTTP",
+        description="Load a model and serve it over HTTP: the native runner API "
+        "(/completion), Ollama's API (/api/...) and OpenAI's API (/v1/...). SIGINT or SIGTERM "
+        "stops taking requests, lets running ones finish for --grace seconds, then exits.",
+    )
     _add_model_args(serve)
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=DEFAULT_PORT)
-    serve.add_argument("--grace", type=float, default=10.0, help="drain seconds on SIGTERM")
-    serve.add_argument("--max-queue", type=int, default=64, help="queued requests before 429")
-    serve.add_argument("--cache-gb", type=float, default=2.0, help="KV cache memory bound")
-    serve.add_argument("--api-key", default=None, help="require this bearer token")
-    serve.add_argument("--max-body", type=int, default=8 * 1024 * 1024, help="bytes per request")
+    serve.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default: %(default)s)"
+    )
+    serve.add_argument(
+        "--port", type=int, default=DEFAULT_PORT, help="port to listen on (default: %(default)s)"
+    )
+    serve.add_argument(
+        "--grace",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="on SIGINT/SIGTERM, how long running requests may finish (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--max-queue",
+        type=int,
+        default=64,
+        metavar="N",
+        help="requests that may wait for a slot; more get 429 (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--cache-gb",
+        type=float,
+        default=2.0,
+        metavar="GB",
+        help="memory for the requests' KV caches (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--api-key",
+        default=None,
+        metavar="KEY",
+        help="require 'Authorization: Bearer KEY' on every request (default: no key)",
+    )
+    serve.add_argument(
+        "--max-body",
+        type=int,
+        default=8 * 1024 * 1024,
+        metavar="BYTES",
+        help="largest request body accepted; larger ones get 413 (default: %(default)s)",
+    )
 
-    run = sub.add_parser("run", help="generate once, streamed to stdout")
+
+def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    run = sub.add_parser(
+        "run",
+        help="generate text for one prompt, streamed to stdout",
+        description="Load a model and stream one generation for PROMPT to stdout (load "
+        "progress and errors go to stderr). Ctrl-C stops the generation.",
+    )
     _add_model_args(run)
-    run.add_argument("--temperature", type=float, default=None)
-    run.add_argument("--top-k", type=int, default=None)
-    run.add_argument("--top-p", type=float, default=None)
-    run.add_argument("--min-p", type=float, default=None)
-    run.add_argument("--repeat-penalty", type=float, default=None)
-    run.add_argument("--seed", type=int, default=None)
-    run.add_argument("--num-predict", type=int, default=None)
-    run.add_argument("--stop", action="append", default=None)
-    run.add_argument("--chat", action="store_true", help="apply the chat template")
-    run.add_argument("prompt")
+    defaults = SamplingOptions()
+    sampling = run.add_argument_group("sampling")
+    sampling.add_argument(
+        "--temperature",
+        type=float,
+        default=None,
+        metavar="T",
+        help=f"0 is greedy (default: {defaults.temperature})",
+    )
+    sampling.add_argument(
+        "--top-k",
+        type=int,
+        default=None,
+        metavar="K",
+        help=f"sample from the K likeliest tokens; 0 disables (default: {defaults.top_k})",
+    )
+    sampling.add_argument(
+        "--top-p",
+        type=float,
+        default=None,
+        metavar="P",
+        help=f"sample from the likeliest tokens holding mass P (default: {defaults.top_p})",
+    )
+    sampling.add_argument(
+        "--min-p",
+        type=float,
+        default=None,
+        metavar="P",
+        help=f"drop tokens less likely than P times the likeliest one (default: {defaults.min_p})",
+    )
+    sampling.add_argument(
+        "--repeat-penalty",
+        type=float,
+        default=None,
+        metavar="R",
+        help=f"penalty on recently seen tokens; 1 disables (default: {defaults.repeat_penalty})",
+    )
+    sampling.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="random seed: the same seed, options and prompt give the same text",
+    )
+    run.add_argument(
+        "--num-predict",
+        type=int,
+        default=None,
+        metavar="N",
+        help="generate at most N tokens (default: until the model stops or the context is full)",
+    )
+    run.add_argument(
+        "--stop",
+        action="append",
+        default=None,
+        metavar="TEXT",
+        help="stop before TEXT (repeat for several stop strings)",
+    )
+    run.add_argument(
+        "--chat",
+        action="store_true",
+        help="send PROMPT as a user message through the model's chat template",
+    )
+    run.add_argument("prompt", metavar="PROMPT", help="the prompt text; '-' reads it from stdin")
 
-    imp = sub.add_parser("import", help="import a model folder or GGUF file into the store")
-    imp.add_argument("source")
-    imp.add_argument("name")
+
+def _add_store_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    imp = sub.add_parser(
+        "import",
+        help="import a model folder or GGUF file into the store",
+        description="Copy a model into the store under NAME: an HF/MLX model folder (config.json, "
+        "*.safetensors, tokenizer.json), a .gguf file, or a model already in the store (to "
+        "re-quantize it). The tensors are checked as a load checks them.",
+    )
+    imp.add_argument("source", metavar="SOURCE", help="model folder, .gguf file or stored name")
+    imp.add_argument("name", metavar="NAME[:TAG]", help="name in the store (tag: latest)")
     imp.add_argument(
         "--quantize",
         choices=["q4", "q8", "f32"],
         default=None,
-        help="re-quantize (q4, q8) or dequantize (f32); default: keep the source encoding",
+        help="re-quantize to 4 or 8 bits, or dequantize to float32 (default: keep the "
+        "source's encoding)",
     )
-    imp.add_argument("--group-size", type=int, choices=[32, 64], default=None)
-    imp.add_argument("--models-dir", default=None)
+    imp.add_argument(
+        "--group-size",
+        type=int,
+        choices=[32, 64],
+        default=None,
+        help="values per quantization group with --quantize q4/q8 (default: 64)",
+    )
+    _add_store_arg(imp)
 
-    lst = sub.add_parser("list", help="list the store's models")
-    lst.add_argument("--models-dir", default=None)
+    lst = sub.add_parser(
+        "list",
+        help="list the models in the store",
+        description="List the models in the store: name, id, size, quantization, age.",
+    )
+    _add_store_arg(lst)
 
-    show = sub.add_parser("show", help="describe one model")
-    show.add_argument("name")
-    show.add_argument("--models-dir", default=None)
+    show = sub.add_parser(
+        "show",
+        help="describe a model",
+        description="Describe a model: architecture, parameters, context length, "
+        "quantization, generation defaults and chat template.",
+    )
+    show.add_argument("name", metavar="NAME|PATH", help="stored name, model folder or .gguf file")
+    _add_store_arg(show)
 
-    rm = sub.add_parser("rm", help="remove a model (and blobs no other model uses)")
-    rm.add_argument("name")
-    rm.add_argument("--models-dir", default=None)
+    rm = sub.add_parser(
+        "rm",
+        help="remove a model from the store",
+        description="Remove a model from the store, and the blobs no other model uses.",
+    )
+    rm.add_argument("name", metavar="NAME[:TAG]", help="the model to remove")
+    _add_store_arg(rm)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mlxrunner", description=DESCRIPTION, epilog=EPILOG, formatter_class=_FORMATTER
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_serve(sub)
+    _add_run(sub)
+    _add_store_commands(sub)
     return parser
 
 

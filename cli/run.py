@@ -2,9 +2,10 @@
 
 The same actors as ``serve`` (loader, scheduler, pipeline, engine thread), with this command
 as the only client. Text goes to stdout as it is produced; the load progress and errors go to
-stderr. Ctrl-C (or SIGTERM) leaves the generation, which frees its sequence, ends the line
-and exits 130; a second signal while the tree is still closing (a load cannot be interrupted
-mid-tensor) exits at once.
+stderr; a prompt of ``-`` is read from stdin. Ctrl-C (or SIGTERM) leaves the generation, which
+frees its sequence, ends the line and exits 130; a second signal while the tree is still
+closing (a load cannot be interrupted mid-tensor) exits at once. A closed stdout (``| head``)
+exits 141, a bad flag 2, a model or request error 1 with one line on stderr.
 """
 
 from __future__ import annotations

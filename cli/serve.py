@@ -4,8 +4,8 @@ The tree owns the signals (``actors/tree.py``): the first SIGINT/SIGTERM stops a
 (``/health`` and new generations answer 503), lets open generations run for ``--grace``
 seconds, cancels the rest, then fires ``runner.shutdown_trigger``; hypercorn then stops
 accepting and gives responses a short flush before it closes them. A second signal stops at
-once. Either way the process exits 0; a model that cannot be loaded or a port that cannot be
-bound exits 1 with one line on stderr.
+once. Either way the process exits 0; a bad flag exits 2; a model that cannot be loaded or a
+port that cannot be bound exits 1 with one line on stderr.
 """
 
 from __future__ import annotations

@@ -2,8 +2,9 @@
 
 Each handler takes the parsed arguments (``cli.main``) and returns an exit code: 0 on success,
 1 with ``Error: ...`` on stderr for anything the user can fix (bad name, missing model, damaged
-blob), 130 when an import is interrupted (it leaves no manifest behind). ``list`` does not
-import MLX.
+blob), 130 when an import is interrupted (it leaves no manifest behind). ``list`` and ``rm``
+do not import MLX; ``show`` describes a stored model, a folder or a GGUF file through the same
+checks as a load (``runtime.models.description``).
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def import_main(args: argparse.Namespace) -> int:
         finally:
             bar.close()
         print(
-            f"imported {result.name} ({result.parameters:,} parameters, {result.file_type}, "
+            f"imported {result.name} ({result.parameters:,} parameters, {result.quantization}, "
             f"{human_bytes(result.size_bytes)}; {result.blobs_written} blobs written, "
             f"{result.blobs_reused} reused) in {time.perf_counter() - started:.1f} s"
         )
@@ -104,11 +105,11 @@ def list_main(args: argparse.Namespace) -> int:
 
 
 def show_main(args: argparse.Namespace) -> int:
+    from runtime.models.description import describe
     from runtime.store.importer import human_parameters
-    from runtime.store.info import describe
 
     def run() -> int:
-        info = describe(Store.at(args.models_dir), args.name)
+        info = describe(args.name, store=Store.at(args.models_dir))
         fields = [
             ("architecture", f"{info.model_type} ({info.architecture})"),
             ("parameters", human_parameters(info.parameters)),
@@ -116,11 +117,17 @@ def show_main(args: argparse.Namespace) -> int:
             ("embedding length", str(info.embedding_length)),
             ("quantization", info.quantization),
             ("size", human_bytes(info.size_bytes)),
-            ("digest", info.digest),
         ]
+        if info.digest:
+            fields.append(("digest", info.digest))
         print(f"  Model  {info.name}")
         for label, value in fields:
             print(f"    {label:<20}{value}")
+        if info.sampling_defaults:
+            print()
+            print("  Parameters (generation_config.json)")
+            for option, number in info.sampling_defaults.items():
+                print(f"    {option:<20}{number:g}")
         print()
         print("  Template")
         template = info.template if info.template is not None else "(none)"

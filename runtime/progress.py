@@ -1,7 +1,9 @@
 """Progress of long store operations (import, load) as records, and a way to show them.
 
-Work reports ``Progress`` records to a plain callback; whoever started it decides what to do
-with them: the loader actor keeps the latest for ``/health``, the command line draws a bar.
+Work reports records to a plain callback; whoever started it decides what to do with them: the
+importer and the source reader report ``Progress``, a load reports the loader's
+``LoadProgress`` (same fields, a fraction that leaves room for building the model), the
+loader actor keeps the latest fraction for ``/health`` and the command line draws a bar.
 ``ProgressBar`` redraws one terminal line when the stream is a TTY and otherwise writes a plain
 log line at each phase change and every quarter, so logs stay short and greppable.
 """

@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         bar.close()
         print(f"Error: {exc}", file=sys.stderr)
         return 1
-    print(f"imported {result.name} ({result.file_type}, {result.parameters:,} parameters)")
+    print(f"imported {result.name} ({result.quantization}, {result.parameters:,} parameters)")
     return 0
 
 

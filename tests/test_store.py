@@ -1,4 +1,4 @@
-"""The store layer: names, manifest validation, verified resolve, list, rm, progress display.
+"""The store layer: names, manifest validation, verified resolve, list, rm, stale temp files.
 
 A tiny model is imported once per test (``stored``) and then damaged in specific ways; every
 damage must end in a ``ModelLoadError`` naming the model and the blob, never a crash.
@@ -6,8 +6,9 @@ damage must end in a ``ModelLoadError`` naming the model and the blob, never a c
 
 from __future__ import annotations
 
-import io
 import json
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from runtime.errors import ModelLoadError, ModelNotFoundError
-from runtime.progress import Progress, ProgressBar
 from runtime.store.importer import import_model
 from runtime.store.layout import Store
 from runtime.store.manifest import TENSOR_MEDIA_TYPE
@@ -198,7 +198,7 @@ def test_list_shows_every_model_and_survives_damage(store: Store, folder: Path) 
     import_model(folder, "other/tiny:f32", store=store)
     entries = {e.name: e for e in store.list_models()}
     assert set(entries) == {"tiny:1", "other/tiny:f32"}
-    assert entries["tiny:1"].quantization == "int4"
+    assert entries["tiny:1"].quantization == "int4 g32"
     assert entries["other/tiny:f32"].quantization == "F32"
     assert entries["tiny:1"].size_bytes < entries["other/tiny:f32"].size_bytes
     _manifest_path(store).write_text("{broken")
@@ -230,48 +230,6 @@ def test_rm_removes_a_damaged_manifest(store: Store) -> None:
         store.resolve("tiny:1")
 
 
-# ---- progress ----
-
-
-def test_progress_bar_logs_quarters_when_not_a_tty() -> None:
-    out = io.StringIO()
-    bar = ProgressBar("import x", stream=out, tty=False)
-    for done in range(0, 101, 5):
-        bar(
-            Progress(
-                phase="write",
-                done_bytes=done,
-                total_bytes=100,
-                done_items=done // 5,
-                total_items=20,
-            )
-        )
-    bar(Progress(phase="done", done_bytes=100, total_bytes=100))
-    lines = out.getvalue().splitlines()
-    assert lines[0] == "import x: write   0% 0 B/100 B 0/20 tensors"
-    assert [line.split()[3] for line in lines] == ["0%", "25%", "50%", "75%", "100%", "100%"]
-    assert lines[-1].startswith("import x: done")
-
-
-def test_progress_bar_redraws_one_line_on_a_tty() -> None:
-    out = io.StringIO()
-    bar = ProgressBar("load", stream=out, tty=True, width=10)
-    bar(Progress(phase="read", done_bytes=50, total_bytes=100))
-    bar(Progress(phase="read", done_bytes=50, total_bytes=100))  # no change: no redraw
-    assert out.getvalue().count("\r") == 1
-    assert "[#####.....]" in out.getvalue()
-    bar.close()  # an unfinished bar ends its line before an error message
-    assert out.getvalue().endswith("\n")
-    bar(Progress(phase="ready", done_bytes=100, total_bytes=100))
-    assert out.getvalue().endswith("[##########] 100% 100 B/100 B\x1b[K\n")
-
-
-def test_progress_fraction_without_bytes_uses_tensors() -> None:
-    assert Progress(phase="write", done_items=1, total_items=4).fraction == 0.25
-    assert Progress(phase="write").fraction == 0.0
-    assert Progress(phase="done").fraction == 1.0
-
-
 @settings(max_examples=300, deadline=None)
 @given(st.text(alphabet="abc./:-_\\ \x00A9", max_size=24))
 def test_any_parsed_name_stays_inside_the_store(text: str) -> None:
@@ -284,3 +242,12 @@ def test_any_parsed_name_stays_inside_the_store(text: str) -> None:
     assert path.resolve().is_relative_to(root / "manifests")
     assert len(path.relative_to(root / "manifests").parts) == 4
     assert all(part not in (".", "..") and "/" not in part for part in name.parts)
+
+
+def test_stale_temp_files_are_cleaned(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    old, new = store.temp_blob(), store.temp_blob()
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    assert store.remove_stale_temps() == 1
+    assert not old.exists()
+    assert new.exists()

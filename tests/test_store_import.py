@@ -17,9 +17,9 @@ import pytest
 import runtime.store.layout
 from runtime.errors import ModelLoadError, ModelNotFoundError
 from runtime.formats.safetensors import check_safetensors
+from runtime.models.description import describe
 from runtime.models.loader import load_model
 from runtime.store.importer import import_model
-from runtime.store.info import describe
 from runtime.store.layout import Store
 from runtime.testing.models import make_tiny_folder, quantize_weights, random_weights, tiny_config
 from runtime.testing.tokenizers import CHAT_TEMPLATE, tokenizer_config, train_tokenizer
@@ -116,7 +116,7 @@ def test_ollama_written_store_generates_like_its_folder(
         assert ours.quantization == f"int{bits} g{group}"
         assert _greedy(ours) == _greedy(ref)
         assert np.array_equal(_logits(ours), _logits(ref))
-    assert describe(store, "tiny:mlx").quantization == f"int{bits} g{group}"
+    assert describe("tiny:mlx", store=store).quantization == f"int{bits} g{group}"
 
 
 # ---- round trips ----
@@ -132,7 +132,7 @@ def test_quantized_folder_round_trip_keeps_its_grid(tmp_path: Path) -> None:
     qfolder = make_tiny_folder(tmp_path / "q", "llama", quantize=(4, 64))
     store = Store(tmp_path / "models")
     result = import_model(qfolder, "tiny:q", store=store)
-    assert result.file_type == "int4"
+    assert result.quantization == "int4 g64"
     ours = load_model("tiny:q", store=store, execution="quantized")
     assert ours.quantization == "int4 g64"
     assert np.array_equal(_logits(ours), _logits(load_model(qfolder, execution="quantized")))
@@ -146,7 +146,7 @@ def test_gguf_round_trip_gives_identical_logits(tmp_path: Path) -> None:
     gw.write_model_gguf(path, config, weights, meta)
     store = Store(tmp_path / "models")
     result = import_model(path, "gguf:tiny", store=store)
-    assert result.file_type == "int4"  # mixed Q4_0/Q4_1/Q8_0/F16: most modules are 4-bit
+    assert result.quantization == "int4 g32"  # mixed Q4_0/Q4_1/Q8_0/F16: most modules are 4-bit
     for execution in ("dense", "quantized"):
         ours = load_model("gguf:tiny", store=store, execution=execution)
         ref = load_model(path, execution=execution)
@@ -181,7 +181,7 @@ def test_quantize_on_import(tmp_path: Path, folder: Path, quantize: str, group: 
 def test_f32_import_dequantizes(tmp_path: Path) -> None:
     qfolder = make_tiny_folder(tmp_path / "q", "llama", quantize=(4, 32))
     store = Store(tmp_path / "models")
-    assert import_model(qfolder, "t:f32", store=store, quantize="f32").file_type == "F32"
+    assert import_model(qfolder, "t:f32", store=store, quantize="f32").quantization == "F32"
     ours = load_model("t:f32", store=store)
     assert ours.quantization == "F32"
     assert np.allclose(_logits(ours), _logits(load_model(qfolder, execution="dense")), atol=1e-5)
@@ -209,7 +209,7 @@ def test_chat_template_file_is_carried(tmp_path: Path) -> None:
     (src / "generation_config.json").write_text('{"eos_token_id": [0, 2]}')
     store = Store(tmp_path / "models")
     import_model(src, "t", store=store)
-    info = describe(store, "t")
+    info = describe("t", store=store)
     assert info.template == CHAT_TEMPLATE
     assert store.resolve("t").generation_config == {"eos_token_id": [0, 2]}
     assert info.context_length == 256
@@ -231,7 +231,7 @@ def test_bad_import_options(tmp_path: Path, folder: Path, kwargs: Any, message: 
 
 def test_bad_sources_are_clear_errors(tmp_path: Path, folder: Path) -> None:
     store = Store(tmp_path / "models")
-    with pytest.raises(ModelNotFoundError, match="no such file"):
+    with pytest.raises(ModelNotFoundError, match="no such model folder"):
         import_model(tmp_path / "nope", "t", store=store)
     (tmp_path / "x.txt").write_text("hello")
     with pytest.raises(ModelLoadError, match="not a model folder or a GGUF"):
@@ -332,9 +332,9 @@ def test_import_from_a_store_name_requantizes(tmp_path: Path, folder: Path) -> N
     store = Store(tmp_path / "models")
     import_model(folder, "tiny", store=store)
     result = import_model("tiny", "tiny:q8", store=store, quantize="q8", group_size=32)
-    assert result.file_type == "int8"
+    assert result.quantization == "int8 g32"
     assert load_model("tiny:q8", store=store).quantization == "int8 g32"
-    with pytest.raises(ModelNotFoundError, match="nor a model in the store"):
+    with pytest.raises(ModelNotFoundError, match="'nope:latest' not found"):
         import_model("nope", "x", store=store)
 
 

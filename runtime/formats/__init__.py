@@ -1,1 +1,2 @@
-"""Weight file formats: safetensors (the three-phase read) and GGUF (container, tensors, tokenizer)."""
+"""Model file formats: a model folder's files besides its tensors (``model_files``), safetensors
+(the three-phase read) and GGUF (container, tensors, tokenizer)."""

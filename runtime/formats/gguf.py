@@ -1,13 +1,15 @@
 """Read GGUF files (llama.cpp's format) into an HF/mlx-lm-shaped model: config, weights, tokenizer.
 
-``read_gguf`` parses and checks the header itself, so a broken file gets an error naming the
-file and tensor, then decodes each tensor from the file's bytes (``runtime.formats.gguf_file``):
+``read_gguf`` parses and checks the header (``runtime.formats.gguf_file``) and checks the tensor
+set against the architecture in GGUF's own names, so a broken file gets an error naming the
+file and tensor before anything is decoded; then it decodes each tensor from the file's bytes:
 block-quantized types become MLX's quantized layout (packed ``uint32`` weight, float32
 ``scales`` and ``biases``, group 32), the rest dense arrays. Tensors get mlx-lm names, and for
 llama the q/k projection rows are put back in HF order (llama.cpp interleaves the two rotary
 halves of each head; qwen2/qwen3 use NEOX RoPE and are stored unpermuted). ``write_folder``
 turns the result into a model folder that ``mlx_lm.load`` accepts. The tokenizer is rebuilt in
-``runtime.formats.gguf_tokenizer``.
+``runtime.formats.gguf_tokenizer``. The config carries each quantized module's bits under
+``quantization``, where ``runtime.models.checkpoint`` reads them.
 """
 
 from __future__ import annotations

@@ -10,8 +10,9 @@ Two GGUF tokenizer models exist for the supported architectures:
   (between special tokens) when ``tokenizer.ggml.add_space_prefix`` is on.
 
 Control tokens (type 3) become special added tokens, user-defined ones (type 4) plain added
-tokens. A BOS-adding post-processor is written when ``tokenizer.ggml.add_bos_token`` says so,
-as HF's own llama tokenizers do.
+tokens. A post-processor adds BOS (and EOS) when ``tokenizer.ggml.add_bos_token`` (and
+``add_eos_token``) say so, as HF's own llama tokenizers do; the chat template and the special
+token ids go to the rebuilt ``tokenizer_config.json`` and ``config.json`` entries.
 """
 
 from __future__ import annotations

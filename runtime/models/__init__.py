@@ -1,4 +1,11 @@
-"""Model registry: one module per HF ``model_type``, each exporting ``Model`` and ``ModelArgs``."""
+"""Models: the architectures and the way from a model source to a running model.
+
+The architectures are one module per HF ``model_type`` (``llama``, ``qwen2``, ``qwen3``), each
+exporting ``Model`` and ``ModelArgs``, registered here with the ``model_type`` aliases that
+share their layers. ``source`` resolves a folder, GGUF file or store name into a
+``checkpoint`` (its tensors checked against the architecture); ``loader`` builds a running
+model from it and ``description`` describes it for ``show``.
+"""
 
 from __future__ import annotations
 

@@ -1,1 +1,1 @@
-"""The model store: Ollama's on-disk layout, names, manifests, model sources and the importer."""
+"""The model store: Ollama's on-disk layout, names, manifests and the importer."""

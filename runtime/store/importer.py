@@ -1,24 +1,27 @@
-"""Import a model folder (HF/MLX) or a GGUF file into the store, optionally quantizing it.
+"""Import a model folder (HF/MLX), a GGUF file or a stored model into the store, optionally
+quantizing it.
 
-The result is what Ollama writes for an MLX model: one safetensors blob per module
+The source is resolved and checked the way a load does it (``runtime.models.source``). The
+result is what Ollama writes for an MLX model: one safetensors blob per module
 (``application/vnd.ollama.image.tensor``) with quantized weights as ``<path>.weight`` (packed
 ``uint32``), ``<path>.weight.scale`` and ``<path>.weight.bias`` and ``quant_type``/``group_size``
 in the blob's ``__metadata__``; ``config.json``, ``tokenizer.json``, ``tokenizer_config.json``
-(with the chat template) and ``generation_config.json`` as JSON layers; a config blob saying
-``model_format: safetensors``. Scales and biases are float32 (float16 ones are ~50x slower on
-CPU). Blobs are content-addressed, so re-importing the same weights reuses them; the manifest
-is written last (``Store.commit_manifest``), so an interrupted import leaves no manifest or the
-previous one.
+(with the chat template, wherever the source kept it) and ``generation_config.json`` as JSON
+layers; a config blob saying ``model_format: safetensors``, with the parameter size and the
+quantization as ``file_type`` (what ``list`` shows). Scales and biases are float32 (float16
+ones are ~50x slower on CPU). Blobs are content-addressed, so re-importing the same weights
+reuses them; the manifest is written last (``Store.commit_manifest``), so an interrupted import
+leaves no manifest or the previous one.
 
 ``quantize``: ``None`` keeps the source's encoding; ``"q4"``/``"q8"`` re-quantizes every Linear
-and the embedding (``mx.quantize``, affine, ``group_size`` 32 or 64, default 64 as Ollama and
-mlx-lm); ``"f32"`` dequantizes everything to float32 (the reference for perplexity).
+and the embedding whose input size is a multiple of the group size (``mx.quantize``, affine,
+``group_size`` 32 or 64, default 64 as Ollama and mlx-lm); ``"f32"`` dequantizes everything to
+float32 (the reference for perplexity).
 """
 
 from __future__ import annotations
 
 import json
-from collections import Counter
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,7 +30,13 @@ import mlx.core as mx
 
 from runtime.errors import ModelLoadError
 from runtime.formats.safetensors import check_safetensors
-from runtime.models import architecture
+from runtime.models.checkpoint import (
+    Checkpoint,
+    count_parameters,
+    instantiate,
+    quantization_label,
+)
+from runtime.models.source import open_checkpoint
 from runtime.progress import Progress, ProgressCallback
 from runtime.store.layout import Store, sha256_file
 from runtime.store.manifest import (
@@ -38,7 +47,6 @@ from runtime.store.manifest import (
     Manifest,
 )
 from runtime.store.names import ModelName
-from runtime.store.source import Source, read_source
 
 Quantize = Literal["q4", "q8", "f32"]
 _BITS = {"q4": 4, "q8": 8}
@@ -51,7 +59,7 @@ class ImportResult:
     name: str
     digest: str  # of the manifest
     size_bytes: int
-    file_type: str
+    quantization: str  # as ``show`` and a load report it: "int4 g64", "F32", ...
     parameters: int
     blobs_written: int
     blobs_reused: int
@@ -59,10 +67,8 @@ class ImportResult:
 
 def _quantizable(config: dict[str, Any], weights: dict[str, mx.array], group: int) -> set[str]:
     """Modules ``nn.quantize`` would quantize (Linear, Embedding) whose input size fits ``group``."""
-    module = architecture(config)
-    model = module.Model(module.ModelArgs.from_dict(config))
     out = set()
-    for path, mod in model.named_modules():
+    for path, mod in instantiate(config, "model").named_modules():
         key = f"{path}.weight"
         w = weights.get(key)
         if (
@@ -75,7 +81,7 @@ def _quantizable(config: dict[str, Any], weights: dict[str, mx.array], group: in
     return out
 
 
-def _dequantized(src: Source) -> dict[str, mx.array]:
+def _dequantized(src: Checkpoint) -> dict[str, mx.array]:
     out: dict[str, mx.array] = {}
     for name, array in src.weights.items():
         module, _, part = name.rpartition(".")
@@ -96,7 +102,7 @@ def _dequantized(src: Source) -> dict[str, mx.array]:
 
 
 def transform(
-    src: Source, quantize: Quantize | None, group_size: int
+    src: Checkpoint, quantize: Quantize | None, group_size: int
 ) -> tuple[dict[str, mx.array], dict[str, tuple[int, int]]]:
     """The tensors to store (mlx-lm names) and (bits, group) of each quantized module."""
     if quantize is None:
@@ -119,35 +125,12 @@ def transform(
     return weights, quant
 
 
-def count_parameters(weights: dict[str, mx.array], quant: dict[str, tuple[int, int]]) -> int:
-    total = 0
-    for name, array in weights.items():
-        module, _, part = name.rpartition(".")
-        if module in quant and part in ("scales", "biases"):
-            continue
-        if module in quant and part == "weight":
-            total += array.size * 32 // quant[module][0]
-        else:
-            total += array.size
-    return total
-
-
 def human_parameters(n: int) -> str:
     """Ollama's style: ``134.52M``, ``1.24B``, ``116.74K``."""
     for size, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
         if n >= size:
             return f"{n / size:.2f}{unit}"
     return str(n)
-
-
-def file_type(weights: dict[str, mx.array], quant: dict[str, tuple[int, int]]) -> str:
-    """``int4``/``int8`` by the most common quantized module, else the float dtype."""
-    if quant:
-        bits = Counter(b for b, _ in quant.values()).most_common(1)[0][0]
-        return f"int{bits}"
-    names = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
-    dtypes = Counter(names.get(str(v.dtype).split(".")[-1], "?") for v in weights.values())
-    return dtypes.most_common(1)[0][0] if dtypes else "F32"
 
 
 def _ollama_tensors(module: str, weights: dict[str, mx.array], quantized: bool) -> dict[str, Any]:
@@ -233,7 +216,7 @@ def import_model(
         raise ModelLoadError(f"group size must be 32 or 64, not {group}")
     report = progress or (lambda _: None)
     report(Progress(phase="read"))
-    src = read_source(Path(source).expanduser(), store)
+    src = open_checkpoint(source, store=store, progress=report)
     weights, quant = transform(src, quantize, group)
 
     modules: dict[str, dict[str, mx.array]] = {}
@@ -258,16 +241,16 @@ def import_model(
 
     json_files = {
         "config.json": _json_bytes(src.config),
-        "tokenizer.json": src.tokenizer_json.encode("utf-8"),
-        "tokenizer_config.json": _json_bytes(src.tokenizer_config),
+        "tokenizer.json": src.files.tokenizer_json.encode("utf-8"),
+        "tokenizer_config.json": _json_bytes(src.files.tokenizer_config),
     }
-    if src.generation_config is not None:
-        json_files["generation_config.json"] = _json_bytes(src.generation_config)
+    if src.files.generation_config is not None:
+        json_files["generation_config.json"] = _json_bytes(src.files.generation_config)
     layers += [writer.json(JSON_MEDIA_TYPE, data, file) for file, data in json_files.items()]
 
     n_params = count_parameters(weights, quant)
     model_type = str(src.config.get("model_type", ""))
-    kind = file_type(weights, quant)
+    kind = quantization_label(weights, quant)
     config_blob = {
         "model_format": "safetensors",
         "model_family": model_type,
@@ -290,7 +273,7 @@ def import_model(
         name=parsed.short,
         digest=sha256_file(path),
         size_bytes=manifest.config.size + sum(layer.size for layer in layers),
-        file_type=kind,
+        quantization=kind,
         parameters=n_params,
         blobs_written=writer.written,
         blobs_reused=writer.reused,

@@ -1,4 +1,4 @@
-"""The model store: Ollama's on-disk layout, resolved by name, listed, described and pruned.
+"""The model store: Ollama's on-disk layout, resolved by name, listed, written and pruned.
 
 ``<root>/manifests/<host>/<namespace>/<name>/<tag>`` (JSON, ``runtime.store.manifest``) and
 ``<root>/blobs/sha256-<hex>``. ``resolve`` turns a name into ``ModelFiles`` after checking every
@@ -21,16 +21,14 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import attrs
 
 from runtime.errors import ModelLoadError, ModelNotFoundError
+from runtime.formats.model_files import ModelFiles
 from runtime.store.manifest import Layer, Manifest, parse_manifest
 from runtime.store.names import ModelName
-
-if TYPE_CHECKING:  # runtime.formats.safetensors imports MLX, which `mlxrunner list` does not need
-    from runtime.formats.safetensors import ModelFiles
 
 _CHUNK = 1 << 20
 TEMP_PREFIX = ".partial-"  # blobs/ and manifests/ temp files; never a valid name part
@@ -147,8 +145,6 @@ class Store:
 
     def resolve(self, name: str, *, verify: bool = True) -> ModelFiles:
         """The files of ``name``, every used blob's digest checked (``ModelLoadError`` if not)."""
-        from runtime.formats.safetensors import ModelFiles
-
         parsed, manifest, path = self.read_manifest(name)
         model = parsed.short
         for layer in manifest.used_layers():

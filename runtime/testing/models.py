@@ -1,4 +1,5 @@
-"""Tiny real models for tests: random weights in a real HF/MLX folder with a trained tokenizer."""
+"""Tiny real models for tests: random weights (float or quantized, under mlx-lm's or Ollama's
+tensor names) and real HF/MLX folders of them with a trained tokenizer."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from runtime.models import architecture
-from runtime.models.loader import flat_parameters
+from runtime.models.checkpoint import flat_parameters
 
 TINY_CONFIGS: dict[str, dict[str, Any]] = {
     "llama": {
@@ -81,6 +82,19 @@ def quantize_weights(
     model.load_weights(list(weights.items()))
     nn.quantize(model, group_size=group_size, bits=bits)
     return flat_parameters(model)
+
+
+def ollama_names(weights: dict[str, mx.array]) -> dict[str, mx.array]:
+    """mlx-lm quantized names -> Ollama's (``.weight.scale`` / ``.weight.bias``)."""
+    out = {}
+    for name, array in weights.items():
+        if name.endswith(".scales"):
+            out[name.removesuffix(".scales") + ".weight.scale"] = array
+        elif name.endswith(".biases"):
+            out[name.removesuffix(".biases") + ".weight.bias"] = array
+        else:
+            out[name] = array
+    return out
 
 
 def make_tiny_folder(

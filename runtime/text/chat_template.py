@@ -1,6 +1,7 @@
-"""Rendering of HF-style Jinja chat templates (``tokenizer_config.json``'s ``chat_template``).
+"""HF-style Jinja chat templates: which one a model's tokenizer config names, and rendering.
 
-Templates run in Jinja's immutable sandbox with the helpers HF templates expect
+``configured_template`` picks the template out of ``tokenizer_config.json``'s
+``chat_template`` (a string, or HF's list of named templates). Templates run in Jinja's immutable sandbox with the helpers HF templates expect
 (``raise_exception``, ``strftime_now``, a ``tojson`` that keeps non-ASCII text) and the
 whitespace rules transformers uses (``trim_blocks``, ``lstrip_blocks``). A model without a
 template gets ChatML, which is what most small instruct models were tuned on.
@@ -20,7 +21,7 @@ from jinja2.ext import Extension
 from jinja2.parser import Parser
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from runtime.errors import OptionsError
+from runtime.errors import ModelLoadError, OptionsError
 
 CHATML = (
     "{% for message in messages %}"
@@ -30,6 +31,18 @@ CHATML = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+
+
+def configured_template(tokenizer_config: Mapping[str, Any]) -> str | None:
+    """The chat template ``tokenizer_config`` names: its string, or the ``default`` of HF's
+    named templates (``[{"name": ..., "template": ...}]``), as transformers picks it."""
+    template = tokenizer_config.get("chat_template")
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, Mapping)}
+        template = named.get("default")
+    if template is not None and not isinstance(template, str):
+        raise ModelLoadError(f"chat_template is a {type(template).__name__}, not a string")
+    return template
 
 
 class TemplateError(OptionsError):

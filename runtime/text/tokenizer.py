@@ -1,11 +1,12 @@
 """The tokenizer of a loaded model: HF ``tokenizers`` plus the model's special-token rules.
 
 Owns encoding (special tokens in the text are matched whole; BOS added once, when the model
-asks for it), decoding, the end-of-sequence set, the chat template, and streaming
-detokenizers. EOS ids follow Ollama's priority: ``generation_config.json``, then
-``config.json``, then ``tokenizer_config.json``; the template's end-of-turn marker
-(``<|im_end|>``, ``<|eot_id|>``, ...) is added when the vocabulary has it as a special token,
-because chat models end their turn with it.
+asks for it), decoding, the end-of-sequence set, the chat template (the one
+``tokenizer_config.json`` names, see ``chat_template.configured_template``), and streaming
+detokenizers. EOS ids follow Ollama's priority: ``generation_config.json`` (all of its
+``eos_token_id`` list), then ``config.json``, then ``tokenizer_config.json``'s ``eos_token``;
+the common end-of-turn markers (``<|im_end|>``, ``<|eot_id|>``, ...) are added when the
+vocabulary has them as special tokens, because chat models end their turn with them.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from runtime.text import chat_template
 from runtime.text.detokenizer import StreamingDetokenizer
 
 if TYPE_CHECKING:
-    from runtime.formats.safetensors import ModelFiles
+    from runtime.formats.model_files import ModelFiles
 
 # End-of-turn markers of common chat formats (llama.cpp's end-of-generation list, in part).
 END_OF_TURN = (
@@ -136,10 +137,7 @@ class Tokenizer:
             # The tokenizer's own post-processor says whether it prefixes BOS.
             probe = tok.encode("a", add_special_tokens=True).ids
             add_bos = bos is not None and bool(probe) and probe[0] == bos
-        template = tokenizer_config.get("chat_template")
-        if isinstance(template, list):  # several named templates: take "default"
-            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
-            template = named.get("default")
+        template = chat_template.configured_template(tokenizer_config)
         eos_text = _token_text(tokenizer_config.get("eos_token"))
         if eos_text is None and eos:
             eos_text = tok.id_to_token(eos[0])
@@ -149,7 +147,7 @@ class Tokenizer:
             bos_id=bos,
             eos_ids=frozenset(eos),
             add_bos=bool(add_bos),
-            chat_template=template if isinstance(template, str) else None,
+            chat_template=template,
             bos_token=bos_text or "",
             eos_token=eos_text or "",
         )

