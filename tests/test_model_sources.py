@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from actors.messages import ChatMessage, GenerateRequest, GenerationOptions
+from actors.testing import read_to_end
 from actors.tree import open_runner
 from api.app import create_app
 from cli import run as run_command
@@ -177,8 +178,8 @@ async def test_serve_with_a_folder_uses_its_chat_template_jinja(jinja_folder: Pa
             messages=(ChatMessage(role="user", content="hi"),),
             options=GenerationOptions(num_predict=1),
         )
-        async with runner.generate(request) as chunks:
-            last = [chunk async for chunk in chunks][-1]
+        with await runner.submit(request) as generation:
+            last = (await read_to_end(generation))[-1]
         assert last.prompt_eval_count == len(runner.tokenize(prompt))
 
 
