@@ -44,9 +44,14 @@ class Prepared:
     context_length: int
 
 
+DEFAULT_CONTEXT = 4096
+
+
 def prepare(request: GenerateRequest, tokenizer: Tokenizer, model_context: int) -> Prepared:
     options = request.options
-    context = model_context
+    # Ollama's default: a request gets DEFAULT_CONTEXT tokens unless it asks for more with
+    # num_ctx (up to the server's --ctx), so the KV-cache budget admits sane worst cases.
+    context = min(DEFAULT_CONTEXT, model_context)
     if options.num_ctx is not None:
         if options.num_ctx < 1:
             raise OptionsError("num_ctx must be >= 1")

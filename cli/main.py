@@ -77,7 +77,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         metavar="N",
-        help="context length in tokens (default: the model's own)",
+        help="the longest context a request may ask for with num_ctx (default: the model's "
+        "own); a request that does not ask gets 4096 tokens, as with Ollama",
     )
     p.add_argument(
         "--parallel",

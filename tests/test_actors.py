@@ -7,6 +7,7 @@ import signal
 import threading
 from collections.abc import Callable
 
+import attrs
 import pytest
 import trio
 
@@ -356,3 +357,17 @@ async def test_an_abandoned_job_does_not_hold_the_caller() -> None:
         thread.stop()
         assert await trio.to_thread.run_sync(thread.join, 5.0)
     assert not thread.abandoned_running
+
+
+def test_a_request_gets_the_default_context_unless_it_asks_for_more() -> None:
+    from actors.pipeline import DEFAULT_CONTEXT, prepare
+    from actors.testing import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    plain = prepare(_request("hi"), tokenizer, model_context=32_768)
+    assert plain.context_length == DEFAULT_CONTEXT
+    wide = _request("hi")
+    wide = attrs.evolve(wide, options=attrs.evolve(wide.options, num_ctx=10_000))
+    assert prepare(wide, tokenizer, model_context=32_768).context_length == 10_000
+    huge = attrs.evolve(wide, options=attrs.evolve(wide.options, num_ctx=10**6))
+    assert prepare(huge, tokenizer, model_context=32_768).context_length == 32_768
