@@ -40,24 +40,6 @@ from bench.servers import (
 BENCH_DIR = ROOT / ".bench"
 
 
-def model_folder(size: str) -> Path:
-    """The random ``size`` llama in bf16, written once."""
-    folder = BENCH_DIR / f"random-llama-{size}-bf16"
-    if (folder / "config.json").exists():
-        return folder
-    import mlx.core as mx
-
-    started = time.perf_counter()
-    config = random_llama.CONFIGS[size]
-    partial = folder.with_name(folder.name + ".partial")
-    random_llama.write_folder(partial, config, random_llama.random_weights(config, mx.bfloat16))
-    partial.rename(folder)
-    gc.collect()
-    mx.clear_cache()
-    print(f"wrote {folder} in {time.perf_counter() - started:.1f} s", flush=True)
-    return folder
-
-
 def engine_level(
     folder: Path, prompts: list[list[int]], levels: list[int], gen: int
 ) -> dict[int, float]:
@@ -109,7 +91,7 @@ def main() -> int:
     exit_on_sigterm()
 
     size = "tiny" if args.tiny else "8b"
-    folder = model_folder(size)
+    folder = random_llama.bf16_folder(size, BENCH_DIR)
     vocab = int(random_llama.CONFIGS[size]["vocab_size"])
     prompts = engine_runs.random_prompts(max(levels), args.prompt_tokens, vocab)
     if args.engine_json is not None:

@@ -128,6 +128,21 @@ def write_folder(path: Path, config: dict[str, Any], weights: dict[str, mx.array
     return path
 
 
+def bf16_folder(size: str, parent: Path) -> Path:
+    """``parent/random-llama-<size>-bf16``: the random ``size`` llama, written on first use."""
+    folder = parent / f"random-llama-{size}-bf16"
+    if (folder / "config.json").exists():
+        return folder
+    started = time.perf_counter()
+    config = CONFIGS[size]
+    partial = folder.with_name(folder.name + ".partial")
+    write_folder(partial, config, random_weights(config, mx.bfloat16))
+    partial.rename(folder)  # a folder is complete or absent, even after an interrupted write
+    mx.clear_cache()
+    print(f"wrote {folder} in {time.perf_counter() - started:.1f} s", flush=True)
+    return folder
+
+
 def no_eos_tokenizer(vocab_size: int) -> Tokenizer:
     """A tokenizer with no end-of-sequence ids: every sequence runs to its token limit, as
     mlx-lm's generators do when given no stop tokens."""
