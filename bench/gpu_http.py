@@ -82,6 +82,7 @@ def main() -> int:
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--gen-tokens", type=int, default=128)
     parser.add_argument("--engine-json", type=Path, default=None, help="gpu_engine.py's JSON")
+    parser.add_argument("--cache-gb", type=float, default=32.0, help="the server's KV bound")
     parser.add_argument("--tiny", action="store_true", help="a small model (CPU check)")
     parser.add_argument("--quick", action="store_true", help="16 tokens per stream")
     args = parser.parse_args()
@@ -102,7 +103,10 @@ def main() -> int:
     report: dict[str, Any] = {"model": folder.name, "levels": {}}
     with open_servers() as servers:
         port = free_port()
-        command = mlxrunner_command(folder, port, "--parallel", str(max(levels)))
+        # 64 sequences of 256 positions take ~2.1 GB of bf16 KV: above the default --cache-gb.
+        command = mlxrunner_command(
+            folder, port, "--parallel", str(max(levels)), "--cache-gb", str(args.cache_gb)
+        )
         server = ServerProcess.start(
             "ours", command, port, BENCH_DIR / "logs" / "gpu_http.log", child_env()
         )
