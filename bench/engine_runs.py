@@ -84,7 +84,7 @@ def make_engine(loaded: LoadedModel, prefill_tokens: int) -> Engine:
     return ModelEngine(loaded, prefill_chunk=max(512, prefill_tokens))
 
 
-def ours(loaded: LoadedModel, prompts: list[list[int]], gen: int) -> DecodeRun:
+def engine_decode(loaded: LoadedModel, prompts: list[list[int]], gen: int) -> DecodeRun:
     engine = make_engine(loaded, sum(len(p) for p in prompts))
     clock = _Clock(len(prompts))
     for i, prompt in enumerate(prompts):

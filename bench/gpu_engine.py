@@ -77,9 +77,9 @@ def run_dtype(dtype: str, config: dict[str, Any], args: argparse.Namespace) -> d
     weights = random_llama.random_weights(config, mx.bfloat16)
     if dtype == "q4":
         weights = random_llama.quantized(weights)
-    loaded = random_llama.ours_in_memory(config, weights, name=f"random-{dtype}")
+    loaded = random_llama.loaded_in_memory(config, weights, name=f"random-{dtype}")
     weights.clear()  # the models hold the arrays now
-    theirs = random_llama.theirs_in_memory(config, loaded.model)
+    theirs = random_llama.mlx_lm_model(config, loaded.model)
     print(
         f"[{dtype}] {loaded.quantization}, "
         f"{random_llama.weight_bytes(loaded.model) / 1e9:.4g} GB of weights, "
@@ -116,20 +116,20 @@ def measure(
         flush=True,
     )
     rows: dict[str, Any] = {}
-    engine_runs.ours(loaded, prompts[:1], 4)  # warm-up: the decode shapes
+    engine_runs.engine_decode(loaded, prompts[:1], 4)  # warm-up: the decode shapes
     engine_runs.mlx_lm_single(theirs, prompts[0], 4)
     pairs = alternate(
-        functools.partial(engine_runs.ours, loaded, prompts[:1], gen),
+        functools.partial(engine_runs.engine_decode, loaded, prompts[:1], gen),
         functools.partial(engine_runs.mlx_lm_single, theirs, prompts[0], gen),
         args.repeats,
     )
     rows["batch-1 decode tok/s (generate_step)"] = summary(pairs)
     for n in args.batches:
         batch = prompts[:n]
-        engine_runs.ours(loaded, batch, 3)  # warm-up: this batch's shapes
+        engine_runs.engine_decode(loaded, batch, 3)  # warm-up: this batch's shapes
         engine_runs.mlx_lm_batch(theirs, batch, 3)
         pairs = alternate(
-            functools.partial(engine_runs.ours, loaded, batch, gen),
+            functools.partial(engine_runs.engine_decode, loaded, batch, gen),
             functools.partial(engine_runs.mlx_lm_batch, theirs, batch, gen),
             args.repeats,
         )

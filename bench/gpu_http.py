@@ -51,8 +51,8 @@ def engine_level(
     loaded = load_model(folder)
     rates: dict[int, float] = {}
     for n in levels:
-        engine_runs.ours(loaded, prompts[:n], 3)  # warm-up: this batch's shapes
-        rates[n] = engine_runs.ours(loaded, prompts[:n], gen).rate
+        engine_runs.engine_decode(loaded, prompts[:n], 3)  # warm-up: this batch's shapes
+        rates[n] = engine_runs.engine_decode(loaded, prompts[:n], gen).rate
         print(f"engine {n:>3} seq: {rates[n]:8.1f} tok/s", flush=True)
     del loaded
     gc.collect()

@@ -10,8 +10,9 @@ and ``max_tokens`` for both; each prompt starts with a marker of its own so no s
 answer it from a cache, except where the prefix hit is the point.
 
 Rows: decode tok/s of one stream; aggregate decode tok/s of 4 and 8 concurrent streams;
-time to first token (TTFT) of a ~1000-token prompt (cold); TTFT of the same prefix with a new
-question after the prefix was served once; and the prefix-hit / cold TTFT of each server.
+time to first token (TTFT) of a ~1000-token prompt (cold); TTFT of the same prefix with a
+different ending after the prefix was served once; and the prefix-hit / cold TTFT of each
+server. Both servers get ``repeat_penalty`` 1.0 (ours defaults to Ollama's 1.1, mlx-lm to none).
 Run: ``make bench-http`` or ``python bench/http_vs_mlxlm.py [--quick]``.
 """
 
@@ -44,8 +45,8 @@ from bench.servers import (
 )
 
 BENCH_DIR = ROOT / ".bench"
-# Two continuations of the long prefix (a question and "Answer:" made the model stop at once).
-QUESTIONS = (
+# Two endings of the long prefix (a question and "Answer:" made the model stop at once).
+ENDINGS = (
     "\n\nThe next morning, the clockmaker",
     "\n\nMany years later, one of the children",
 )
@@ -112,10 +113,10 @@ class Bench:
         return {f"decode {streams} streams tok/s": rate}
 
     def ttft(self, port: int) -> dict[str, float]:
-        """Cold TTFT, then the same long prefix with another question (a prefix hit)."""
+        """Cold TTFT, then the same long prefix with another ending (a prefix hit)."""
         prefix = self.marker() + self.prefix
-        cold = stream_openai(port, self.body(prefix + QUESTIONS[0], 4)).ttft
-        hit = stream_openai(port, self.body(prefix + QUESTIONS[1], 4)).ttft
+        cold = stream_openai(port, self.body(prefix + ENDINGS[0], 4)).ttft
+        hit = stream_openai(port, self.body(prefix + ENDINGS[1], 4)).ttft
         return {
             f"cold TTFT s ({self.args.prefix_tokens} tok)": cold,
             "prefix-hit TTFT s": hit,

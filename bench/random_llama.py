@@ -157,7 +157,9 @@ def no_eos_tokenizer(vocab_size: int) -> Tokenizer:
     )
 
 
-def ours_in_memory(config: dict[str, Any], weights: dict[str, mx.array], name: str) -> LoadedModel:
+def loaded_in_memory(
+    config: dict[str, Any], weights: dict[str, mx.array], name: str
+) -> LoadedModel:
     """Our model class over ``weights`` (shared, not copied) through the loader's own build."""
     started = time.perf_counter()
     quant = any(k.endswith(".scales") for k in weights)
@@ -183,7 +185,7 @@ def ours_in_memory(config: dict[str, Any], weights: dict[str, mx.array], name: s
     )
 
 
-def theirs_in_memory(config: dict[str, Any], ours: nn.Module) -> nn.Module:
+def mlx_lm_model(config: dict[str, Any], ours: nn.Module) -> nn.Module:
     """mlx-lm's llama over the very arrays our model holds (after our loader's conversions)."""
     from mlx_lm.models import llama as mlx_lm_llama
 
