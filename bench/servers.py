@@ -4,12 +4,14 @@ A ``ServerProcess`` is one child process listening on a loopback port. Its stder
 stdout) go to a log file, so a chatty server never blocks on a full pipe and the log can be
 searched afterwards. ``stop`` sends SIGTERM and waits; a process still alive after the wait is
 killed, so a benchmark never leaves a server behind. ``open_servers`` is the context manager
-that guarantees it: every server it started is stopped on the way out, error or not.
+that guarantees it: every server it started is stopped on the way out, error or not; on Linux a
+server also gets SIGTERM from the kernel if the benchmark itself dies (even by SIGKILL).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import http.client
 import json
 import os
@@ -93,6 +95,12 @@ def child_env(*, preload: str | None = None) -> dict[str, str]:
     return env
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: ask the kernel for SIGTERM when the parent dies."""
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 @attrs.define(eq=False)
 class ServerProcess:
     """A server child process on ``port``; ``log`` holds its stdout and stderr."""
@@ -110,7 +118,13 @@ class ServerProcess:
         log.parent.mkdir(parents=True, exist_ok=True)
         with log.open("wb") as out:
             process = subprocess.Popen(
-                command, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out
+                command,
+                cwd=ROOT,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
+                preexec_fn=_die_with_parent if sys.platform == "linux" else None,
             )
         return cls(name=name, port=port, process=process, log=log, started_at=time.monotonic())
 
