@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 DEFAULT_MODEL := smollm2:135m
 
-.PHONY: serve test install model lint typecheck unit bench clean
+.PHONY: serve test install model lint typecheck unit bench bench-http clean
 
 $(STAMP): pyproject.toml scripts/setup-blas.sh
 	bash scripts/setup-blas.sh
@@ -42,6 +42,10 @@ test: $(STAMP)
 
 bench: model
 	$(BIN)/python bench/decode.py
+
+# mlxrunner serve vs mlx_lm.server through HTTP, same weights (a few minutes; not part of test).
+bench-http: $(STAMP)
+	$(BIN)/python bench/http_vs_mlxlm.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
