@@ -68,7 +68,7 @@ def converted_model(out: Path) -> Path:
 
 def long_prefix(folder: Path, tokens: int) -> str:
     """Text of about ``tokens`` tokens of the model's tokenizer."""
-    from runtime.formats.safetensors import folder_files
+    from runtime.formats.model_files import folder_files
     from runtime.text.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.from_model_files(folder_files(folder))

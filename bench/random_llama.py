@@ -20,7 +20,8 @@ import mlx.nn as nn
 
 from runtime.formats.safetensors import TensorSet
 from runtime.models import architecture
-from runtime.models.loader import LoadedModel, build_model, flat_parameters
+from runtime.models.checkpoint import flat_parameters
+from runtime.models.loader import LoadedModel, build_model
 from runtime.testing.tokenizers import tokenizer_config, train_tokenizer
 from runtime.text.tokenizer import Tokenizer
 
