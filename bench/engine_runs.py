@@ -139,7 +139,8 @@ def mlx_lm_batch(model: nn.Module, prompts: list[list[int]], gen: int) -> Decode
 
 def copy_bandwidth(nbytes: int, *, repeats: int = 10) -> float:
     """GB/s of an elementwise read + write over ``nbytes`` of bf16 (the decode ceiling)."""
-    x = mx.random.uniform(shape=(nbytes // 2,), dtype=mx.bfloat16)
+    # Two axes: one axis of more than 2**31 elements overflows MLX's int32 shapes.
+    x = mx.random.uniform(shape=(nbytes // 2 // 4096, 4096), dtype=mx.bfloat16)
     mx.eval(x)
     times = []
     for _ in range(repeats + 1):
