@@ -245,3 +245,17 @@ def test_step_cost_does_not_loop_over_sequences_in_attention(loaded: LoadedModel
     finally:
         batch_cache.mx.fast.scaled_dot_product_attention = real
     assert calls == engine.model.num_layers
+
+
+def test_rows_in_step_attend_without_a_mask_and_equal_solo_runs(loaded: LoadedModel) -> None:
+    prompts = [[5, 17, 99, 3], [12, 300, 8, 41], [7, 7, 7, 7]]  # equal lengths: no mask
+    solo = []
+    for i, p in enumerate(prompts):
+        engine = ModelEngine(loaded)
+        engine.add(_request(i, p, max_tokens=8))
+        solo.append(_tokens(_run(engine)[i]))
+    engine = ModelEngine(loaded)
+    for i, p in enumerate(prompts):
+        engine.add(_request(i, p, max_tokens=8))
+    together = _run(engine)
+    assert [_tokens(together[i]) for i in range(3)] == solo

@@ -12,8 +12,10 @@ memory accounting (``runtime.engine.admission``) charges the capacity, not the l
 
 ``BatchLayout`` is the ``Layout`` (``runtime.models.common``) of one engine step: the first
 ``rows`` tokens of the packed row are one decode token per cache row (rows that are not
-decoding carry a dummy token whose output is discarded), followed by prefill chunks. All cache
-writes of a layer happen before its attention reads, so MLX can update the buffers in place.
+decoding carry a dummy token whose output is discarded), followed by prefill chunks. A step
+with no prefill chunk (the common case) comes as ``[rows, 1]`` instead, one batch entry per
+row, which spares the transposes. All cache writes of a layer happen before its attention
+reads, so MLX can update the buffers in place.
 """
 
 from __future__ import annotations
@@ -122,7 +124,8 @@ class BatchLayout:
     positions: int
     rows: int  # decode tokens at the head of the packed row: 0, or one per cache row
     offsets: mx.array | None  # [rows] int32: each row's write position (= its length)
-    mask: mx.array | None  # [rows, 1, 1, positions] bool: the positions each row may see
+    span: int = 0  # decode attention reads positions [0, span) of every row
+    mask: mx.array | None = None  # [rows, 1, 1, span] bool, or None: every row sees all
     prefill: tuple[PrefillChunk, ...] = ()
 
     @classmethod
@@ -133,26 +136,33 @@ class BatchLayout:
         capacity_rows: int,
         positions: int,
         lengths: Sequence[int] | None,
+        decoding: Sequence[int] = (),
         prefill: Sequence[PrefillChunk],
     ) -> BatchLayout:
-        """``lengths``: every row's length when the step decodes (``None``: prefill only)."""
+        """``lengths``: every row's length when the step decodes (``None``: prefill only);
+        ``decoding``: the rows whose decode output is used (the others carry dummies)."""
         offsets = mask = None
-        rows = 0
+        rows = span = 0
         if lengths is not None:
             rows = capacity_rows
             assert len(lengths) == rows
             offsets = mx.array(list(lengths), dtype=mx.int32)
-            # A row sees its valid positions and the one it writes now; padding rows (length 0)
-            # still see one position, so no row of the softmax is all -inf.
-            mask = (mx.arange(positions)[None, :] <= offsets[:, None]).reshape(
-                rows, 1, 1, positions
-            )
+            used = [lengths[r] for r in decoding] or [0]
+            # Attention reads only up to the longest used row (and the position it writes
+            # now). When every used row has that length, no mask is needed at all: a masked
+            # attention costs 2-3x an unmasked one on the GPU (bench/profile_step.py), and
+            # rows that start together stay in step. Dummy rows' outputs are discarded.
+            span = max(used) + 1
+            if min(used) != max(used):
+                # Padding rows (length 0) still see one position: no softmax row is all -inf.
+                mask = (mx.arange(span)[None, :] <= offsets[:, None]).reshape(rows, 1, 1, span)
         return cls(
             cache=cache,
             capacity_rows=capacity_rows,
             rows=rows,
             positions=positions,
             offsets=offsets,
+            span=span,
             mask=mask,
             prefill=tuple(prefill),
         )
@@ -173,12 +183,17 @@ class BatchLayout:
         k_all, v_all = cache.keys[layer], cache.values[layer]
         assert k_all is not None
         assert v_all is not None
+        decode_only = rows > 0 and not self.prefill
         if rows:
             assert self.offsets is not None
-            # [1, H, rows, D] -> [rows, H, 1, D]: each decode token is its own batch entry.
-            q_dec = rope(queries[:, :, :rows].transpose(2, 1, 0, 3), self.offsets)
-            k_dec = rope(keys[:, :, :rows].transpose(2, 1, 0, 3), self.offsets)
-            v_dec = values[:, :, :rows].transpose(2, 1, 0, 3)
+            if decode_only:  # tokens came as [rows, 1]: already one batch entry per row
+                q_dec, k_dec, v_dec = queries, keys, values
+            else:  # [1, H, rows, D] -> [rows, H, 1, D]
+                q_dec = queries[:, :, :rows].transpose(2, 1, 0, 3)
+                k_dec = keys[:, :, :rows].transpose(2, 1, 0, 3)
+                v_dec = values[:, :, :rows].transpose(2, 1, 0, 3)
+            q_dec = rope(q_dec, self.offsets)
+            k_dec = rope(k_dec, self.offsets)
             at = self.offsets.reshape(rows, 1, 1, 1)
             k_all = mx.put_along_axis(k_all, mx.broadcast_to(at, k_dec.shape), k_dec, axis=2)
             v_all = mx.put_along_axis(v_all, mx.broadcast_to(at, v_dec.shape), v_dec, axis=2)
@@ -194,11 +209,14 @@ class BatchLayout:
         cache.keys[layer], cache.values[layer] = k_all, v_all
         outputs = []
         if rows:
-            # The buffer is exactly capacity-shaped (``ensure`` grows it only to a capacity,
-            # and capacities never shrink while rows are in use), so no slice is needed.
+            k_seen, v_seen = k_all, v_all
+            if self.span < k_all.shape[2]:
+                k_seen, v_seen = k_all[:, :, : self.span], v_all[:, :, : self.span]
             out = mx.fast.scaled_dot_product_attention(
-                q_dec, k_all, v_all, scale=scale, mask=self.mask
+                q_dec, k_seen, v_seen, scale=scale, mask=self.mask
             )
+            if decode_only:
+                return merge_heads(out)  # [rows, 1, H * D]
             outputs.append(out.transpose(2, 1, 0, 3))  # back to [1, H, rows, D]
         for q, row, stop in chunks:
             k = k_all[row : row + 1, :, :stop]

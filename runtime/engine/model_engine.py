@@ -247,10 +247,14 @@ class ModelEngine:
             capacity_rows=capacity_rows,
             positions=self._positions,
             lengths=lengths,
+            decoding=[r.index for r in fed],
             prefill=prefill,
         )
-        tokens_in = inputs[0] if len(inputs) == 1 else mx.concatenate(inputs)
-        hidden = self.model.hidden(tokens_in[None], layout)[0]
+        if fed and not chunks:  # one batch entry per row (see ``BatchLayout``)
+            hidden = self.model.hidden(inputs[0][:, None], layout)[:, 0]
+        else:
+            tokens_in = inputs[0] if len(inputs) == 1 else mx.concatenate(inputs)
+            hidden = self.model.hidden(tokens_in[None], layout)[0]
         # Rows that sample: every fed decode row, and every prompt this forward completes.
         sampled_rows: list[_Row] = list(fed)
         picks = [r.index for r in fed]
