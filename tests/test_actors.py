@@ -371,3 +371,17 @@ def test_a_request_gets_the_default_context_unless_it_asks_for_more() -> None:
     assert prepare(wide, tokenizer, model_context=32_768).context_length == 10_000
     huge = attrs.evolve(wide, options=attrs.evolve(wide.options, num_ctx=10**6))
     assert prepare(huge, tokenizer, model_context=32_768).context_length == 32_768
+
+
+async def test_a_lagging_reader_gets_the_waiting_tokens_in_fewer_chunks() -> None:
+    words = " one two three four five six seven eight nine ten"
+    engine = ScriptedEngine(_spell(words))
+    async with open_test_runner(engine) as client:
+        with await client.runner.submit(_request("Hi")) as generation:
+            # Read nothing until every token has been routed to the pipeline.
+            await wait_until(lambda: client.statistics().generated_tokens_total == len(_ids(words)))
+            chunks = [c async for c in generation.chunks]
+    assert "".join(c.content for c in chunks) == words  # nothing lost or doubled
+    assert sum(len(c.tokens) for c in chunks) == len(_ids(words))
+    assert len(chunks) < len(_ids(words))  # held text went out together
+    assert chunks[-1].done
