@@ -27,6 +27,7 @@ from actors.testing import (
     count_up,
     fake_info,
     open_test_runner,
+    read_to_end,
     receive_chunk,
     scripted_load,
     tiny_tokenizer,
@@ -380,7 +381,7 @@ async def test_a_lagging_reader_gets_the_waiting_tokens_in_fewer_chunks() -> Non
         with await client.runner.submit(_request("Hi")) as generation:
             # Read nothing until every token has been routed to the pipeline.
             await wait_until(lambda: client.statistics().generated_tokens_total == len(_ids(words)))
-            chunks = [c async for c in generation.chunks]
+            chunks = await read_to_end(generation)
     assert "".join(c.content for c in chunks) == words  # nothing lost or doubled
     assert sum(len(c.tokens) for c in chunks) == len(_ids(words))
     assert len(chunks) < len(_ids(words))  # held text went out together
