@@ -223,13 +223,8 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _exit(code: int) -> NoReturn:
-    # On Linux, MLX can abort the process at interpreter exit once a thread that ran MLX
-    # work has ended ("terminate called without an active exception", exit 134). The tree
-    # joins its engine thread, which avoided it in our runs, but a bare thread doing
-    # mx.async_eval still aborts about half the time after a join. Everything is written by
-    # now, so flush and leave without running C++ static destructors.
+    # A plain exit: the tree ends its engine thread's MLX streams before joining it
+    # (``runtime.engine.model_engine.end_mlx_thread``), which is what made MLX abort at
+    # interpreter exit ("terminate called without an active exception") before.
     logging.shutdown()
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(OSError, ValueError):
-            stream.flush()
-    os._exit(code)
+    raise SystemExit(code)
