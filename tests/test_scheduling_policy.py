@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from runtime.engine.batch_cache import STEP
 from runtime.engine.options import SamplingOptions
@@ -178,3 +182,44 @@ def test_shutdown_withdraws_everything_once() -> None:
     assert policy.withdraw_all() == ["queued", "running"]
     assert policy.withdraw_all() == []
     assert policy.queued == 0
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["enqueue", "finish", "leave", "job"]),
+            st.integers(1, 300),  # prompt length
+            st.integers(1, 300),  # max_tokens
+            st.integers(0, 7),  # which running sequence
+        ),
+        max_size=60,
+    )
+)
+def test_admission_never_overcommits_the_budget(actions: list[tuple[str, int, int, int]]) -> None:
+    budget = 3 * STEP * BPT + 150 * BPT
+    policy = _policy(cache_bytes=budget, parallel=4, max_queue=16)
+    next_id = iter(range(1, 10_000))
+    running: list[int] = []
+    for action, prompt_len, max_tokens, pick in actions:
+        if action == "enqueue":
+            seq_id = next(next_id)
+            with contextlib.suppress(QueueFull, CacheBudgetError):
+                policy.enqueue(_req(seq_id, [seq_id % 7] * prompt_len, max_tokens), str(seq_id))
+        elif action in ("finish", "leave") and running:
+            seq_id = running[pick % len(running)]
+            if action == "finish":
+                _finish(policy, seq_id, [1, 2])
+            else:
+                policy.withdraw(seq_id)
+        job = policy.next_job()
+        # The engine keeps every position it was given (prompt + routed tokens).
+        kept = [
+            len(policy._running[r.seq_id].tokens) if r.save_as is not None else 0
+            for r in job.removals
+        ]
+        policy.job_done(job, kept)
+        running = [s for s in running if s in policy._running] + [r.seq_id for r in job.admits]
+        # What the engine may hold now: the batch at its committed shape plus every entry.
+        held = policy._rows * policy._positions * BPT + policy.prefixes.nbytes
+        assert held <= budget
