@@ -11,7 +11,7 @@ import trio
 import trio.testing
 
 from api.app import ApiConfig, context_of, create_app
-from tests.api_fakes import FakeRunner, raw_request, serve_app
+from tests.api_fakes import FakeRunner, raw_request, read_until, serve_app
 
 
 def paced(seconds: float):
@@ -30,17 +30,6 @@ async def wait_until(predicate, what: str) -> None:
     with trio.fail_after(20):  # a hang guard, not a speed assertion
         while not predicate():
             await trio.sleep(0.005)
-
-
-async def read_until(stream: trio.SocketStream, done) -> bytes:
-    """Read until ``done(received)``; fails if the server closes first (a hang guard too)."""
-    received = b""
-    with trio.fail_after(20):
-        while not done(received):
-            data = await stream.receive_some(65536)
-            assert data, "the server closed the connection early"
-            received += data
-    return received
 
 
 async def assert_generation_stopped(fake: FakeRunner) -> None:

@@ -15,7 +15,7 @@ import trio
 
 from actors.testing import HarnessClient, open_test_runner, tiny_tokenizer
 from api.app import ApiConfig, create_app
-from tests.api_fakes import raw_request, serve_app, slow_engine
+from tests.api_fakes import raw_request, read_until, serve_app, slow_engine
 
 
 @functools.cache
@@ -36,17 +36,6 @@ async def wait_until(predicate: Any) -> None:
     with trio.fail_after(20):  # a hang guard, not a speed assertion
         while not predicate():
             await trio.sleep(0.005)
-
-
-async def read_until(stream: trio.SocketStream, done: Any) -> bytes:
-    """Read until ``done(received)``; fails if the server closes first (a hang guard too)."""
-    received = b""
-    with trio.fail_after(20):
-        while not done(received):
-            data = await stream.receive_some(65536)
-            assert data, "the server closed the connection early"
-            received += data
-    return received
 
 
 async def assert_sequence_gone(harness: HarnessClient) -> None:
