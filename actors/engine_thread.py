@@ -77,8 +77,11 @@ class EngineThread:
             except BaseException as exc:  # handed to the awaiting task, which re-raises it
                 job.error = exc
             self.abandoned_running = False
+            # Fire and forget: waiting for the loop to run this (``from_thread.run_sync``)
+            # kept the engine thread idle while the loop was busy writing responses (6% of
+            # its time at 64 streams on the GPU, measured with py-spy).
             with contextlib.suppress(trio.RunFinishedError):
-                trio.from_thread.run_sync(job.done.set, trio_token=job.token)
+                job.token.run_sync_soon(job.done.set)
 
     async def run(self, fn: Callable[..., T], *args: Any, abandon_on_cancel: bool = False) -> T:
         """Run ``fn(*args)`` on the engine thread and return its result (or raise its error).

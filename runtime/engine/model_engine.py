@@ -104,6 +104,8 @@ class ModelEngine:
         self._positions = 0  # cache capacity in positions (grows; reset when empty)
         self._inflight: _Forward | None = None
         self._prefixes: dict[int, tuple[Prefix, int]] = {}
+        self._prefix_bytes = 0  # kept as a total: summing every entry's arrays per step showed
+        # up as 7% of the engine thread with many entries (py-spy, GPU, 64 streams)
 
     @property
     def context_length(self) -> int:
@@ -162,7 +164,10 @@ class ModelEngine:
             return 0
         kept = 0
         if save_as is not None and not row.pending and row.length > 0:
-            self._prefixes[save_as] = (self._cache.copy_out(row.index, row.length), row.length)
+            self.drop_prefix(save_as)
+            prefix = self._cache.copy_out(row.index, row.length)
+            self._prefixes[save_as] = (prefix, row.length)
+            self._prefix_bytes += sum(k.nbytes + v.nbytes for k, v in prefix)
             kept = row.length
         self._sampler.remove(row.index)
         self._rows[row.index] = None
@@ -180,7 +185,9 @@ class ModelEngine:
             self._positions = 0
 
     def drop_prefix(self, entry_id: int) -> None:
-        self._prefixes.pop(entry_id, None)
+        dropped = self._prefixes.pop(entry_id, None)
+        if dropped is not None:
+            self._prefix_bytes -= sum(k.nbytes + v.nbytes for k, v in dropped[0])
 
     def has_work(self) -> bool:
         return self._inflight is not None or any(
@@ -188,9 +195,7 @@ class ModelEngine:
         )
 
     def statistics(self) -> EngineStats:
-        prefix_bytes = sum(
-            sum(k.nbytes + v.nbytes for k, v in prefix) for prefix, _ in self._prefixes.values()
-        )
+        prefix_bytes = self._prefix_bytes
         return EngineStats(
             active_sequences=len(self._by_id),
             prefilling_sequences=sum(1 for r in self._by_id.values() if r.pending),
@@ -375,6 +380,7 @@ class ModelEngine:
         self._by_id.clear()
         self._rows.clear()
         self._prefixes.clear()
+        self._prefix_bytes = 0
         self._cache.clear()
         self._sampler = BatchSampler(vocab_size=self._vocab, context_length=self._context)
         self.model = self.loaded = None  # type: ignore[assignment]
