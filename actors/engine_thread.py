@@ -83,17 +83,26 @@ class EngineThread:
             with contextlib.suppress(trio.RunFinishedError):
                 job.token.run_sync_soon(job.done.set)
 
-    async def run(self, fn: Callable[..., T], *args: Any, abandon_on_cancel: bool = False) -> T:
+    async def run(
+        self,
+        fn: Callable[..., T],
+        *args: Any,
+        abandon_on_cancel: bool = False,
+        interrupt: threading.Event | None = None,
+    ) -> T:
         """Run ``fn(*args)`` on the engine thread and return its result (or raise its error).
 
         ``abandon_on_cancel``: if cancelled while ``fn`` runs, return at once and let it finish
         unobserved (for a model load, which no one should have to wait out on a second Ctrl-C).
+        ``interrupt``: set when cancelled, for a ``fn`` that watches it to return early.
         """
         job = _Job(fn=lambda: fn(*args), token=trio.lowlevel.current_trio_token())
         self._jobs.put(job)
         try:
             await job.done.wait()
         except trio.Cancelled:
+            if interrupt is not None:
+                interrupt.set()
             with self._lock:
                 job.abandoned = True
                 running = job.started

@@ -198,6 +198,9 @@ class Runner:
         def close() -> None:
             receive.close()
             scope.cancel()
+            # Now, not when the pipeline next runs: a request closed while queued must not be
+            # admitted in between (its slot is free at once).
+            scheduler.cancel(seq_id)
 
         return Generation(receive, close)
 

@@ -165,6 +165,8 @@ async def test_a_request_that_leaves_while_queued_never_runs() -> None:
                 await trio.testing.wait_all_tasks_blocked()  # admitted; its step waits
                 with await client.runner.submit(_request("queued")):
                     assert client.statistics().queued_requests == 1
+                # Closing the handle freed the queue slot at once, with no checkpoint between.
+                assert client.statistics().queued_requests == 0
         finally:
             engine.gate.set()
         # Had the queued one been admitted, it would be running, or recorded as added.
