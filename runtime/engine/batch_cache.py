@@ -8,7 +8,7 @@ position. Prefill chunks write a slice of their row and attend to it with a caus
 
 Capacity grows in steps (rows one at a time, positions ``STEP`` at a time) and only shrinks
 when the batch empties: growing copies the buffer, so it must be rare, and the scheduler's
-memory accounting (``runtime.engine.admission``) charges the capacity, not the lengths.
+memory accounting (``runtime.scheduling.policy``) charges the capacity, not the lengths.
 
 ``BatchLayout`` is the ``Layout`` (``runtime.models.common``) of one engine step: the first
 ``rows`` tokens of the packed row are one decode token per cache row (rows that are not

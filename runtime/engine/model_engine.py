@@ -15,7 +15,7 @@ more, and that extra output is discarded.
 
 A finished sequence keeps its row until ``remove``: the scheduler decides then whether its
 computed positions become a prefix-cache entry (``save_as``). Entries are compact copies kept
-here by id; the scheduler owns their index and budget (``actors.scheduler_policy``), and an
+here by id; the scheduler owns their index and budget (``runtime.scheduling``), and an
 admitted request may start from one (``SequenceRequest.reuse``).
 """
 
