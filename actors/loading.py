@@ -15,6 +15,7 @@ def model_loader(config: RunnerConfig) -> LoadFn:
     """A ``LoadFn`` for ``config.model`` (store name, folder or GGUF); runs on the engine thread."""
 
     def load(progress: Callable[[float], None]) -> Loaded:
+        from runtime.engine.lifecycle import warm_up
         from runtime.engine.model_engine import ModelEngine
         from runtime.models.loader import load_model
         from runtime.store.layout import Store
@@ -29,7 +30,7 @@ def model_loader(config: RunnerConfig) -> LoadFn:
             loaded, prefill_chunk=config.prefill_chunk, context_length=config.context_length
         )
         # Every kind of step runs once now, so no request pays for kernel compilation.
-        engine.warm_up(lambda f: progress(LOAD_SHARE + (1 - LOAD_SHARE) * f))
+        warm_up(engine, lambda f: progress(LOAD_SHARE + (1 - LOAD_SHARE) * f))
         info = ModelInfo(
             name=config.model,
             model_type=loaded.model_type,

@@ -174,6 +174,6 @@ async def open_runner(
 
 def _end_mlx_thread() -> None:
     # Imported here: a tree with a fake engine never loads MLX until its thread ends.
-    from runtime.engine.model_engine import end_mlx_thread
+    from runtime.engine.lifecycle import end_mlx_thread
 
     end_mlx_thread()

@@ -224,7 +224,7 @@ def main(args: argparse.Namespace) -> int:
 
 def _exit(code: int) -> NoReturn:
     # A plain exit: the tree ends its engine thread's MLX streams before joining it
-    # (``runtime.engine.model_engine.end_mlx_thread``), which is what made MLX abort at
+    # (``runtime.engine.lifecycle.end_mlx_thread``), which is what made MLX abort at
     # interpreter exit ("terminate called without an active exception") before.
     logging.shutdown()
     raise SystemExit(code)

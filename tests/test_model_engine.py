@@ -259,3 +259,20 @@ def test_rows_in_step_attend_without_a_mask_and_equal_solo_runs(loaded: LoadedMo
         engine.add(_request(i, p, max_tokens=8))
     together = _run(engine)
     assert [_tokens(together[i]) for i in range(3)] == solo
+
+
+def test_warm_up_runs_every_kind_of_step_and_leaves_the_engine_empty(
+    loaded: LoadedModel,
+) -> None:
+    from runtime.engine.lifecycle import warm_up
+
+    engine = ModelEngine(loaded, prefill_chunk=64)
+    seen: list[float] = []
+    warm_up(engine, seen.append)
+    assert seen[-1] == 1.0
+    assert seen == sorted(seen)
+    stats = engine.statistics()
+    assert (stats.active_sequences, stats.cache_bytes) == (0, 0)
+    # and the engine still serves afterwards
+    engine.add(_request(0, PROMPTS[0], max_tokens=4))
+    assert _tokens(_run(engine)[0]) == _reference_greedy(loaded, PROMPTS[0], 4)

@@ -39,8 +39,6 @@ from runtime.engine.protocol import (
 from runtime.errors import PromptError, PromptTooLongError
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
-
     from runtime.models.loader import LoadedModel
 
 Prefix = list[tuple[mx.array, mx.array]]
@@ -110,6 +108,10 @@ class ModelEngine:
     @property
     def context_length(self) -> int:
         return self._context
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -387,47 +389,3 @@ class ModelEngine:
         gc.collect()
         mx.synchronize()
         mx.clear_cache()
-
-    # ---- warm-up ----
-
-    def warm_up(self, progress: Callable[[float], None] | None = None) -> None:
-        """Run every kind of step once so kernels compile now, not on the first request."""
-        from runtime.engine.options import SamplingOptions
-
-        # (rows, prompt length, sampling): a long prefill and narrow and wide decode batches,
-        # greedy, top-k and full-sort sampling. Kernels are specialised by such shapes; on
-        # the GPU a q4 model's first 128-token prefill alone compiled for 65 s (measured).
-        long = max(1, min(128, self.prefill_chunk, self._context - 8))
-        plans = [
-            (1, long, SamplingOptions(temperature=0.0)),
-            (4, 8, SamplingOptions()),
-            (16, 4, SamplingOptions(temperature=0.7, top_k=0, top_p=0.95, seed=1)),
-        ]
-        seq_ids = iter(range(-1, -1000, -1))
-        for done, (width, length, sampling) in enumerate(plans):
-            ids = []
-            for i in range(width):
-                seq_id = next(seq_ids)
-                ids.append(seq_id)
-                prompt = tuple((7 * i + j) % self._vocab for j in range(length + i % 2))
-                self.add(
-                    SequenceRequest(seq_id=seq_id, prompt=prompt, sampling=sampling, max_tokens=4)
-                )
-            while self.has_work():
-                self.step()
-            for seq_id in ids:
-                self.remove(seq_id)
-            if progress is not None:
-                progress((done + 1) / len(plans))
-
-
-def end_mlx_thread() -> None:
-    """The last MLX call of a thread that used MLX: finish its work and destroy its streams.
-
-    MLX keeps per-thread streams whose thread-local destructors otherwise run while the
-    interpreter shuts down, and abort the process ("terminate called without an active
-    exception"; measured on CPU and GPU builds of MLX 0.32). ``mx.clear_streams`` is MLX's
-    documented way to tear them down first.
-    """
-    mx.synchronize()
-    mx.clear_streams()
