@@ -217,17 +217,6 @@ async def raw_request(
     return stream
 
 
-async def read_until(stream: trio.SocketStream, done: Any) -> bytes:
-    """Read until ``done(received)``; fails if the server closes first (a hang guard too)."""
-    received = b""
-    with trio.fail_after(20):
-        while not done(received):
-            data = await stream.receive_some(65536)
-            assert data, "the server closed the connection early"
-            received += data
-    return received
-
-
 def slow_engine(delay: float, context_length: int = 100_000) -> Any:
     """The harness's scripted engine, sleeping ``delay`` s per step on the engine thread; each
     sequence repeats its last prompt token until its budget (or the context) is spent."""

@@ -35,15 +35,9 @@ from actors.testing import (
 from actors.tree import drain
 from runtime.engine.protocol import SequenceRequest
 from runtime.errors import PromptError
+from tests.waits import wait_until
 
 TOK = tiny_tokenizer()
-
-
-async def wait_until(predicate: Callable[[], bool]) -> None:
-    """Poll state that another thread (the engine's) changes; a hang guard, not a timing."""
-    with trio.fail_after(10):
-        while not predicate():
-            await trio.sleep(0.001)
 
 
 def _ids(text: str) -> list[int]:

@@ -11,7 +11,8 @@ import trio
 import trio.testing
 
 from api.app import ApiConfig, context_of, create_app
-from tests.api_fakes import FakeRunner, raw_request, read_until, serve_app
+from tests.api_fakes import FakeRunner, raw_request, serve_app
+from tests.waits import read_until, wait_until
 
 
 def paced(seconds: float):
@@ -24,12 +25,6 @@ def paced(seconds: float):
 def paced_runner() -> FakeRunner:
     # An endless generation, one token per read after a short sleep: it stops when closed.
     return FakeRunner(endless=True, step=paced(0.002))
-
-
-async def wait_until(predicate, what: str) -> None:
-    with trio.fail_after(20):  # a hang guard, not a speed assertion
-        while not predicate():
-            await trio.sleep(0.005)
 
 
 async def assert_generation_stopped(fake: FakeRunner) -> None:

@@ -30,6 +30,7 @@ from actors.scheduler import EngineFailed, Reply, Submission
 from actors.testing import HarnessClient, ScriptedEngine, open_test_runner, tiny_tokenizer
 from api.app import ApiConfig, create_app
 from tests.api_fakes import raw_request, serve_app
+from tests.waits import read_until, wait_until
 
 BYSTANDER_TOKENS = 24  # more than the victim's 11 steps: it is still streaming at the fault
 VICTIM_PROMPT = "victim " * 8  # 48 tokens: five prefill-only steps of 8
@@ -152,24 +153,6 @@ async def scene(
             engine.resume()  # never leave the engine thread waiting
 
 
-async def read_until(stream: trio.SocketStream, marker: bytes) -> bytes:
-    received = b""
-    with trio.fail_after(10):  # hang guard
-        while marker not in received:
-            data = await stream.receive_some(65536)
-            if not data:
-                break
-            received += data
-    return received
-
-
-async def wait_until(predicate: Callable[[], bool]) -> None:
-    """Poll state changed by the engine thread or a handler's worker thread; a hang guard."""
-    with trio.fail_after(10):
-        while not predicate():
-            await trio.sleep(0.001)
-
-
 def last_line(received: bytes) -> dict[str, Any]:
     body = received.split(b"\r\n\r\n", 1)[1]
     lines = [line for line in body.split(b"\n") if line.startswith(b"{")]
@@ -235,7 +218,7 @@ async def test_a_failure_racing_a_disconnect_harms_no_other_request(
         await victim.aclose()  # before the server runs again
     elif order == "fault first":
         fault()
-        answer = await read_until(victim, b"generation failed")
+        answer = await read_until(victim, b"generation failed", eof_ok=True)
         await victim.aclose()
         assert b"generation failed" in answer  # the victim's client was told
         if route == "/api/generate":
@@ -246,7 +229,7 @@ async def test_a_failure_racing_a_disconnect_harms_no_other_request(
         fault()
     engine.resume()
 
-    received = await read_until(bystander, b'"done":true')
+    received = await read_until(bystander, b'"done":true', eof_ok=True)
     await bystander.aclose()
     done = last_line(received)
     assert done["done_reason"] == 1  # length: the whole stream, not cut
@@ -259,13 +242,13 @@ async def test_a_failure_racing_a_disconnect_harms_no_other_request(
         "/completion",
         {"prompt": "again", "options": {"num_predict": 3}},
     )
-    received = await read_until(again, b'"done":true')
+    received = await read_until(again, b'"done":true', eof_ok=True)
     await again.aclose()
     assert received.startswith(b"HTTP/1.1 200")
     assert last_line(received)["eval_count"] == 3
 
     health = await raw_request(scene.host, scene.port, "GET", "/health")
-    assert (await read_until(health, b"}")).startswith(b"HTTP/1.1 200")
+    assert (await read_until(health, b"}", eof_ok=True)).startswith(b"HTTP/1.1 200")
     await health.aclose()
 
     await wait_until(lambda: harness.statistics().active_sequences == 0)

@@ -19,6 +19,7 @@ from typing import Any
 import trio
 
 from tests.api_fakes import raw_request
+from tests.waits import read_until
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -61,19 +62,9 @@ async def server_process(*command: str) -> AsyncIterator[tuple[trio.Process, int
             await process.wait()
 
 
-async def read_until(stream: trio.SocketStream, marker: bytes) -> bytes:
-    received = b""
-    while marker not in received:
-        data = await stream.receive_some(65536)
-        if not data:
-            break
-        received += data
-    return received
-
-
 async def get(path: str, port: int) -> bytes:
     stream = await raw_request("127.0.0.1", port, "GET", path)
-    data = await read_until(stream, b"}")
+    data = await read_until(stream, b"}", eof_ok=True)
     await stream.aclose()
     return data
 
@@ -86,18 +77,18 @@ async def test_sigterm_lets_open_streams_finish_then_exits_0() -> None:
     ):
         body = {"prompt": "x", "max_tokens": 200}
         stream = await raw_request("127.0.0.1", port, "POST", "/completion", body)
-        first = await read_until(stream, b'"done":false')
+        first = await read_until(stream, b'"done":false', eof_ok=True)
         assert first.startswith(b"HTTP/1.1 200")
         process.send_signal(signal.SIGTERM)
         # While it drains, the server still answers: not ready, and no new work.
         while b"shutting_down" not in await get("/health", port):
             await trio.sleep(0.01)
         refused = await raw_request("127.0.0.1", port, "POST", "/completion", {"prompt": "y"})
-        answer = await read_until(refused, b"}")
+        answer = await read_until(refused, b"}", eof_ok=True)
         await refused.aclose()
         assert answer.startswith(b"HTTP/1.1 503")
         assert b"retry-after" in answer.lower()
-        rest = await read_until(stream, b"0\r\n\r\n")
+        rest = await read_until(stream, b"0\r\n\r\n", eof_ok=True)
         await stream.aclose()
         received = first + rest
         assert received.count(b'"done":false') == 200
@@ -116,12 +107,12 @@ async def test_streams_past_the_grace_period_are_cut_and_exit_is_still_0() -> No
         stderr,
     ):
         stream = await raw_request("127.0.0.1", port, "POST", "/completion", {"prompt": "x"})
-        await read_until(stream, b'"done":false')
+        await read_until(stream, b'"done":false', eof_ok=True)
         process.send_signal(signal.SIGTERM)
         with trio.fail_after(30):  # hang guard
             code = await process.wait()
         assert code == 0, b"".join(stderr).decode()
-        tail = await read_until(stream, b"0\r\n\r\n")
+        tail = await read_until(stream, b"0\r\n\r\n", eof_ok=True)
         await stream.aclose()
         # 100k tokens at 10 ms each: it ended because the drain cancelled it.
         assert b'"done_reason":2' in tail
@@ -162,7 +153,7 @@ async def test_mlxrunner_serve_runs_a_tiny_real_model_end_to_end(tmp_path) -> No
                 await trio.sleep(0.05)
         body = {"prompt": "hello", "options": {"temperature": 0, "num_predict": 4}, "stream": False}
         stream = await raw_request("127.0.0.1", port, "POST", "/completion", body)
-        answer = await read_until(stream, b"}\n")
+        answer = await read_until(stream, b"}\n", eof_ok=True)
         await stream.aclose()
         assert answer.startswith(b"HTTP/1.1 200"), answer
         assert b'"eval_count":4' in answer

@@ -15,7 +15,8 @@ import trio
 
 from actors.testing import HarnessClient, open_test_runner, tiny_tokenizer
 from api.app import ApiConfig, create_app
-from tests.api_fakes import raw_request, read_until, serve_app, slow_engine
+from tests.api_fakes import raw_request, serve_app, slow_engine
+from tests.waits import read_until, wait_until
 
 
 @functools.cache
@@ -30,12 +31,6 @@ async def tree() -> AsyncIterator[tuple[HarnessClient, str, int]]:
         app = create_app(harness.runner, ApiConfig(model_name="fake", max_body=1 << 16))
         async with serve_app(app) as (host, port):
             yield harness, host, port
-
-
-async def wait_until(predicate: Any) -> None:
-    with trio.fail_after(20):  # a hang guard, not a speed assertion
-        while not predicate():
-            await trio.sleep(0.005)
 
 
 async def assert_sequence_gone(harness: HarnessClient) -> None:

@@ -146,21 +146,22 @@ def test_missing_blob_names_blob_and_model(store: Store) -> None:
         store.resolve("tiny:1")
 
 
-def test_unknown_media_type_is_rejected(store: Store) -> None:
+@pytest.mark.parametrize(
+    ("media_type", "message"),
+    [
+        ("application/vnd.example.mystery", r"'tiny:1'.*unknown media type.*mystery"),
+        # A GGUF layer (what Ollama's own models are) says how to import it instead.
+        ("application/vnd.ollama.image.model", r"GGUF model.*mlxrunner import"),
+    ],
+)
+def test_a_layer_of_another_kind_is_refused_with_what_to_do(
+    store: Store, media_type: str, message: str
+) -> None:
     path = _manifest_path(store)
     manifest = json.loads(path.read_text())
-    manifest["layers"][0]["mediaType"] = "application/vnd.example.mystery"
+    manifest["layers"][0]["mediaType"] = media_type
     path.write_text(json.dumps(manifest))
-    with pytest.raises(ModelLoadError, match=r"'tiny:1'.*unknown media type.*mystery"):
-        store.resolve("tiny:1")
-
-
-def test_gguf_layer_says_how_to_import_it(store: Store) -> None:
-    path = _manifest_path(store)
-    manifest = json.loads(path.read_text())
-    manifest["layers"][0]["mediaType"] = "application/vnd.ollama.image.model"
-    path.write_text(json.dumps(manifest))
-    with pytest.raises(ModelLoadError, match=r"GGUF model.*mlxrunner import"):
+    with pytest.raises(ModelLoadError, match=message):
         store.resolve("tiny:1")
 
 
