@@ -52,13 +52,13 @@ def openblas_preload() -> str | None:
     return f"{blas}:{lapack}" if lapack != blas and os.path.exists(lapack) else blas
 
 
-def mlxrunner_command(model: str | Path, port: int, *extra: str) -> list[str]:
-    """``mlxrunner serve`` of this checkout (``sys.executable -m cli.main``, no venv assumed)."""
+def _serve_command(
+    module: list[str], model: str | Path, port: int, extra: tuple[str, ...]
+) -> list[str]:
     return [
         sys.executable,
         "-m",
-        "cli.main",
-        "serve",
+        *module,
         "--model",
         str(model),
         "--host",
@@ -67,21 +67,15 @@ def mlxrunner_command(model: str | Path, port: int, *extra: str) -> list[str]:
         str(port),
         *extra,
     ]
+
+
+def mlxrunner_command(model: str | Path, port: int, *extra: str) -> list[str]:
+    """``mlxrunner serve`` of this checkout (``sys.executable -m cli.main``, no venv assumed)."""
+    return _serve_command(["cli.main", "serve"], model, port, extra)
 
 
 def mlx_lm_command(model: str | Path, port: int, *extra: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "mlx_lm.server",
-        "--model",
-        str(model),
-        "--host",
-        HOST,
-        "--port",
-        str(port),
-        *extra,
-    ]
+    return _serve_command(["mlx_lm.server"], model, port, extra)
 
 
 def child_env(*, preload: str | None = None) -> dict[str, str]:

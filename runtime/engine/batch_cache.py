@@ -100,9 +100,8 @@ class BatchKVCache:
             keys, values = self.keys[layer], self.values[layer]
             assert keys is not None
             assert values is not None
-            keys[row : row + 1, :, :length] = k[:, :, :length]
+            keys[row : row + 1, :, :length] = k[:, :, :length]  # updates the array in the list
             values[row : row + 1, :, :length] = v[:, :, :length]
-            self.keys[layer], self.values[layer] = keys, values
 
 
 @attrs.frozen(kw_only=True)
