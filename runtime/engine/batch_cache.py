@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 import attrs
 import mlx.core as mx
 
+from runtime.engine import decode_attention
 from runtime.models.common import merge_heads
 
 if TYPE_CHECKING:
@@ -124,7 +125,9 @@ class BatchLayout:
     rows: int  # decode tokens at the head of the packed row: 0, or one per cache row
     offsets: mx.array | None  # [rows] int32: each row's write position (= its length)
     span: int = 0  # decode attention reads positions [0, span) of every row
-    mask: mx.array | None = None  # [rows, 1, 1, span] bool, or None: every row sees all
+    ragged: bool = False  # decoding rows differ in length (MLX's attention needs a mask)
+    kernel: bool = False  # decode rows attend with ``decode_attention`` (GPU), not MLX's
+    mask: mx.array | None = None  # ``length_mask()`` when ragged and MLX's attention is used
     prefill: tuple[PrefillChunk, ...] = ()
 
     @classmethod
@@ -140,8 +143,9 @@ class BatchLayout:
     ) -> BatchLayout:
         """``lengths``: every row's length when the step decodes (``None``: prefill only);
         ``decoding``: the rows whose decode output is used (the others carry dummies)."""
-        offsets = mask = None
+        offsets = None
         rows = span = 0
+        ragged = kernel = False
         if lengths is not None:
             rows = capacity_rows
             assert len(lengths) == rows
@@ -152,19 +156,33 @@ class BatchLayout:
             # attention costs 2-3x an unmasked one on the GPU (bench/profile_step.py), and
             # rows that start together stay in step. Dummy rows' outputs are discarded.
             span = max(used) + 1
-            if min(used) != max(used):
-                # Padding rows (length 0) still see one position: no softmax row is all -inf.
-                mask = (mx.arange(span)[None, :] <= offsets[:, None]).reshape(rows, 1, 1, span)
-        return cls(
+            ragged = min(used) != max(used)
+            # The GPU kernel reads each row to its own length without a mask; MLX's attention
+            # is still faster for one or two rows of equal, short length (bench/decode_attention.py).
+            kernel = decode_attention.enabled() and (ragged or rows >= 4 or span >= 1024)
+        layout = cls(
             cache=cache,
             capacity_rows=capacity_rows,
             rows=rows,
             positions=positions,
             offsets=offsets,
             span=span,
-            mask=mask,
+            ragged=ragged,
+            kernel=kernel,
             prefill=tuple(prefill),
         )
+        if ragged and not kernel:
+            layout = attrs.evolve(layout, mask=layout.length_mask())
+        return layout
+
+    def length_mask(self) -> mx.array | None:
+        """``[rows, 1, 1, span]``: which positions each decode row sees (None: all of them)."""
+        if not self.ragged:
+            return None
+        assert self.offsets is not None
+        # Padding rows (length 0) still see one position: no softmax row is all -inf.
+        visible = mx.arange(self.span)[None, :] <= self.offsets[:, None]
+        return visible.reshape(self.rows, 1, 1, self.span)
 
     def attend(
         self,
@@ -208,12 +226,23 @@ class BatchLayout:
         cache.keys[layer], cache.values[layer] = k_all, v_all
         outputs = []
         if rows:
-            k_seen, v_seen = k_all, v_all
-            if self.span < k_all.shape[2]:
-                k_seen, v_seen = k_all[:, :, : self.span], v_all[:, :, : self.span]
-            out = mx.fast.scaled_dot_product_attention(
-                q_dec, k_seen, v_seen, scale=scale, mask=self.mask
-            )
+            out = None
+            if self.kernel:
+                assert self.offsets is not None
+                out = decode_attention.decode_attention(
+                    q_dec, k_all, v_all, self.offsets, scale=scale, longest=self.span
+                )
+            if out is None:
+                k_seen, v_seen = k_all, v_all
+                if self.span < k_all.shape[2]:
+                    k_seen, v_seen = k_all[:, :, : self.span], v_all[:, :, : self.span]
+                out = mx.fast.scaled_dot_product_attention(
+                    q_dec,
+                    k_seen,
+                    v_seen,
+                    scale=scale,
+                    mask=self.mask if self.mask is not None else self.length_mask(),
+                )
             if decode_only:
                 return merge_heads(out)  # [rows, 1, H * D]
             outputs.append(out.transpose(2, 1, 0, 3))  # back to [1, H, rows, D]
