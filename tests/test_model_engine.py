@@ -262,13 +262,26 @@ def test_rows_in_step_attend_without_a_mask_and_equal_solo_runs(loaded: LoadedMo
 
 
 def test_warm_up_runs_every_kind_of_step_and_leaves_the_engine_empty(
-    loaded: LoadedModel,
+    loaded: LoadedModel, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from runtime.engine import batch_cache
     from runtime.engine.lifecycle import warm_up
 
+    decode_shapes: set[tuple[bool, bool]] = set()  # (4+ rows, span past 128 positions)
+    build = batch_cache.BatchLayout.build
+
+    def spy(*args: Any, **kwargs: Any) -> batch_cache.BatchLayout:
+        layout = build(*args, **kwargs)
+        if layout.rows:
+            decode_shapes.add((layout.rows >= 4, layout.span > 128))
+        return layout
+
+    monkeypatch.setattr(batch_cache.BatchLayout, "build", spy)
     engine = ModelEngine(loaded, prefill_chunk=64)
     seen: list[float] = []
     warm_up(engine, seen.append)
+    # Each CUDA decode-attention variant ran: single pass (short) and split (long).
+    assert {(True, False), (True, True)} <= decode_shapes
     assert seen[-1] == 1.0
     assert seen == sorted(seen)
     stats = engine.statistics()

@@ -17,8 +17,12 @@ def warm_up(engine: ModelEngine, progress: Callable[[float], None] | None = None
     # greedy, top-k and full-sort sampling. Kernels are specialised by such shapes; on
     # the GPU a q4 model's first 128-token prefill alone compiled for 65 s (measured).
     long = max(1, min(128, engine.prefill_chunk, engine.context_length - 8))
+    # On CUDA, 4 rows past 128 positions take the split decode-attention kernel and its
+    # merge; short rows take the single-pass one (runtime.engine.decode_attention).
+    split = max(1, min(150, engine.context_length - 8))
     plans = [
         (1, long, SamplingOptions(temperature=0.0)),
+        (4, split, SamplingOptions(temperature=0.0)),
         (4, 8, SamplingOptions()),
         (16, 4, SamplingOptions(temperature=0.7, top_k=0, top_p=0.95, seed=1)),
     ]
