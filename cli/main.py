@@ -108,7 +108,10 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     _add_model_args(serve)
     serve.add_argument(
-        "--host", default="127.0.0.1", help="address to listen on (default: %(default)s)"
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on; on a loopback address, requests must name a local Host "
+        "(see --allowed-hosts), elsewhere the server is exposed (default: %(default)s)",
     )
     serve.add_argument(
         "--port",
@@ -150,7 +153,7 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "--api-key-file",
         default=None,
         metavar="PATH",
-        help="read the key from the first line of this file (instead of --api-key)",
+        help="read the key from this file, surrounding whitespace ignored (instead of --api-key)",
     )
     serve.add_argument(
         "--allowed-hosts",
