@@ -1,8 +1,13 @@
 """The quart-trio application and the hypercorn server that runs it in the actor tree.
 
 ``create_app`` wires the three route families (native, Ollama, OpenAI), ``/metrics``, the
-bearer-token check and the error mapping around one ``RunnerClient``. The app starts no tasks
-of its own: a generation's work runs in the tree, and a route only reads its handle.
+request guard and the error mapping around one ``RunnerClient``. The app starts no tasks of
+its own: a generation's work runs in the tree, and a route only reads its handle.
+
+The guard runs before every route, in this order (the decisions are ``api/guard.py``'s): the
+request gets its id; a non-local ``Host`` (while listening on loopback) and a browser
+``Origin`` that is not allowed get 403; an allowed origin's CORS preflight is answered here,
+without the key; then the API key (401) and, for a POST, a JSON content type (415).
 
 ``serve_http`` runs it with hypercorn in the caller's nursery until ``shutdown_trigger``
 returns (for ``mlxrunner serve``: once the tree has drained, see ``actors/tree.py``). Then the
@@ -13,19 +18,19 @@ it cancels them.
 
 from __future__ import annotations
 
-import hmac
 import logging
 from collections.abc import Awaitable, Callable
 
 import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
-from quart import Response, request
+from quart import Response, g, request
 from quart_trio import QuartTrio
 
 from actors.messages import RunnerClient
 from api import errors, native, ollama, openai
 from api.context import ApiConfig, ApiContext
+from api.guard import bearer_token_matches, body_refusal, method_label
 from api.metrics import CONTENT_TYPE, Metrics
 
 __all__ = ["ApiConfig", "create_app", "serve_http"]
@@ -51,23 +56,43 @@ def create_app(client: RunnerClient, config: ApiConfig) -> QuartTrio:
     async def metrics() -> Response:
         return Response(ctx.metrics.render(), content_type=CONTENT_TYPE)
 
-    if config.api_key:
-        expected = f"Bearer {config.api_key}".encode()
+    guard = config.guard
 
-        @app.before_request
-        async def require_key() -> None:
-            if request.path in _PUBLIC_PATHS:
-                return
-            given = request.headers.get("Authorization", "").strip().encode()
-            if not hmac.compare_digest(given, expected):
-                raise errors.ApiError(
-                    401, "missing or invalid API key", headers={"WWW-Authenticate": "Bearer"}
-                )
+    @app.before_request
+    async def check_request() -> Response | None:
+        g.request_id = errors.new_request_id()
+        headers = request.headers
+        origin = headers.get("Origin")
+        refusal = guard.host_refusal(headers.get("Host")) or guard.origin_refusal(origin)
+        if refusal is not None:
+            raise errors.ApiError(403, refusal)
+        preflight = request.method == "OPTIONS" and "Access-Control-Request-Method" in headers
+        if origin is not None and preflight:  # answered here: browsers send it without the key
+            asked = headers.get("Access-Control-Request-Headers")
+            return Response(b"", status=204, headers=guard.preflight_headers(asked))
+        key = config.api_key
+        public = request.path in _PUBLIC_PATHS
+        if key and not public and not bearer_token_matches(headers.get("Authorization"), key):
+            raise errors.ApiError(
+                401, "missing or invalid API key", headers={"WWW-Authenticate": "Bearer"}
+            )
+        # A matched route's body (unmatched ones answer 404 or 405 instead).
+        if (
+            request.url_rule is not None
+            and (problem := body_refusal(request.method, request.mimetype)) is not None
+        ):
+            raise errors.ApiError(415, problem)
+        return None
 
     @app.after_request
-    async def count(response: Response) -> Response:
+    async def finish(response: Response) -> Response:
+        response.headers[errors.REQUEST_ID_HEADER] = errors.request_id()
+        origin = request.headers.get("Origin")
+        if origin is not None and guard.origin_allowed(origin):
+            response.headers.update(guard.response_headers(origin))
         rule = request.url_rule.rule if request.url_rule is not None else "unmatched"
-        ctx.metrics.requests.labels(rule, request.method, str(response.status_code)).inc()
+        method = method_label(request.method)
+        ctx.metrics.requests.labels(rule, method, str(response.status_code)).inc()
         return response
 
     return app

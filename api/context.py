@@ -8,6 +8,7 @@ import attrs
 
 from actors.messages import ModelInfo, RunnerClient, UnavailableError
 from api.errors import not_found
+from api.guard import GuardPolicy
 from api.metrics import Metrics
 
 
@@ -15,6 +16,7 @@ from api.metrics import Metrics
 class ApiConfig:
     model_name: str = ""  # the name clients use; empty: whatever ModelInfo.name says
     api_key: str | None = None
+    guard: GuardPolicy = attrs.field(factory=GuardPolicy)  # Host and Origin rules (api/guard.py)
     max_body: int = 8 * 1024 * 1024
     version: str = "0.1.0"
 

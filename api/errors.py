@@ -1,18 +1,23 @@
 """The one place that maps request errors to HTTP statuses and JSON bodies.
 
-Every error a client can cause ends as ``{"error": "<message>"}`` with a 4xx or 503 status;
-429 and 503 carry ``Retry-After``. A ``GenerationError`` (the runner failed a generation it
-had admitted; the runner logged why) is answered 500 with its message. Anything else escaping
-a handler is a bug: it is logged with its traceback and answered 500 (the connection stays
-usable, the server keeps running).
+Every error a client can cause ends as ``{"error": "<message>"}`` with a 4xx or 503 status
+and a message that says what to change; 429 and 503 carry ``Retry-After``.
+
+An unexpected server error (any other 5xx: a ``GenerationError``, the runner failing a
+generation it had admitted, or a bug escaping a handler) tells the client nothing about its
+cause: the body is ``{"error": "internal error (request id <id>)", "request_id": "<id>"}``
+(an OpenAI stream's error event carries the same in its error object), and the exception with
+its traceback goes to the log under the same id. Every response names its request's id in
+``X-Request-Id``. The connection stays usable and the server keeps running.
 """
 
 from __future__ import annotations
 
 import logging
+import secrets
 from typing import Any
 
-from quart import Response, jsonify
+from quart import Response, g, has_request_context, jsonify
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 
 from actors.messages import GenerationError, QueueFullError, UnavailableError
@@ -30,6 +35,7 @@ log = logging.getLogger(__name__)
 RETRY_AFTER_QUEUE_FULL = 1  # seconds: a slot frees as soon as one generation ends
 RETRY_AFTER_LOADING = 5
 RETRY_AFTER_SHUTTING_DOWN = 30  # another instance should have taken over by then
+REQUEST_ID_HEADER = "X-Request-Id"
 
 
 class ApiError(Exception):
@@ -80,32 +86,88 @@ def status_of(exc: BaseException) -> tuple[int, str, dict[str, str]]:
             allowed = ", ".join(exc.valid_methods or ())
             return 405, "method not allowed", {"Allow": allowed} if allowed else {}
         case GenerationError():
-            return 500, str(exc), {}
+            return 500, "internal error", {}
         case HTTPException():
             code = exc.code or 400
-            return code, exc.description or exc.name, {}
+            message = "internal error" if is_unexpected(code) else exc.description or exc.name
+            return code, message, {}
         case _:
             return 500, "internal error", {}
 
 
+def is_unexpected(status: int) -> bool:
+    """A server error whose cause the client is not told (503 says loading or stopping)."""
+    return status >= 500 and status != 503
+
+
+def new_request_id() -> str:
+    return secrets.token_hex(8)
+
+
+def request_id() -> str:
+    """The id of the request being handled (made on first use); a fresh one outside a
+    request."""
+    if not has_request_context():
+        return new_request_id()
+    rid: str | None = getattr(g, "request_id", None)
+    if rid is None:
+        rid = g.request_id = new_request_id()
+    return rid
+
+
 def error_response(exc: BaseException) -> Response:
     status, message, headers = status_of(exc)
-    if status >= 500 and not isinstance(exc, RuntimeInputError | ApiError | GenerationError):
-        log.error("unhandled error in a request handler", exc_info=exc)
-    return json_error(status, message, headers)
+    if not is_unexpected(status):
+        return json_error(status, message, headers)
+    rid = request_id()
+    _log_unexpected(exc, rid)
+    response = json_error(status, _generic(rid), headers, request_id=rid)
+    response.headers[REQUEST_ID_HEADER] = rid
+    return response
 
 
-def json_error(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
-    response = jsonify({"error": message})
+def json_error(
+    status: int,
+    message: str,
+    headers: dict[str, str] | None = None,
+    *,
+    request_id: str | None = None,
+) -> Response:
+    body = (
+        {"error": message} if request_id is None else {"error": message, "request_id": request_id}
+    )
+    response = jsonify(body)
     response.status_code = status
     for key, value in (headers or {}).items():
         response.headers[key] = value
     return response
 
 
-def stream_error_payload(exc: BaseException) -> dict[str, Any]:
-    """The body of an error that happens after a stream's 200 header was sent."""
-    return {"error": status_of(exc)[1]}
+def stream_error_payload(exc: BaseException, request_id: str) -> dict[str, Any]:
+    """The error record that ends a stream (native and Ollama routes) when ``exc`` happens
+    after the 200 header was sent."""
+    status, message, _ = status_of(exc)
+    if not is_unexpected(status):
+        return {"error": message}
+    _log_unexpected(exc, request_id)
+    return {"error": _generic(request_id), "request_id": request_id}
+
+
+def openai_stream_error(exc: BaseException, request_id: str) -> dict[str, Any]:
+    """The same for an OpenAI stream: an error object, as OpenAI's own stream errors are."""
+    payload = stream_error_payload(exc, request_id)
+    error: dict[str, Any] = {"message": payload["error"], "type": "server_error"}
+    if "request_id" in payload:
+        error["request_id"] = payload["request_id"]
+    return {"error": error}
+
+
+def _generic(rid: str) -> str:
+    return f"internal error (request id {rid})"
+
+
+def _log_unexpected(exc: BaseException, rid: str) -> None:
+    log.error("request %s failed: %s: %s", rid, type(exc).__name__, exc, exc_info=exc)
 
 
 def register(app: Any) -> None:

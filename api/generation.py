@@ -17,6 +17,7 @@ import trio
 
 from actors.messages import Chunk, DoneReason, GenerateRequest, Generation, GenerationError, Logprob
 from api.context import ApiContext
+from api.errors import request_id
 from api.metrics import Metrics
 
 
@@ -25,7 +26,7 @@ async def open_generation(ctx: ApiContext, request: GenerateRequest) -> Generati
     ctx.check_admitting()
     started_at = trio.current_time()
     generation = await ctx.client.submit(request)
-    return GenerationReader(ctx.metrics, generation, started_at)
+    return GenerationReader(ctx.metrics, generation, started_at, request_id=request_id())
 
 
 class GenerationReader:
@@ -33,9 +34,14 @@ class GenerationReader:
 
     A generation that failed after admission raises its ``GenerationError`` instead of the
     last chunk; a channel that just ends (the tree stopped) reads as a cancelled last chunk.
+    ``request_id`` is the HTTP request's, for the error record that ends a failed stream
+    (the response is sent after the request's context is gone).
     """
 
-    def __init__(self, metrics: Metrics, generation: Generation, started_at: float) -> None:
+    def __init__(
+        self, metrics: Metrics, generation: Generation, started_at: float, *, request_id: str
+    ) -> None:
+        self.request_id = request_id
         self._metrics = metrics
         self._generation = generation
         self._last = started_at

@@ -16,7 +16,12 @@ from quart import Blueprint, Response, jsonify, request
 
 from actors.messages import Chunk, DoneReason, GenerateRequest, GenerationError, Logprob
 from api.context import ApiContext
-from api.errors import RETRY_AFTER_LOADING, RETRY_AFTER_SHUTTING_DOWN, bad_request
+from api.errors import (
+    RETRY_AFTER_LOADING,
+    RETRY_AFTER_SHUTTING_DOWN,
+    bad_request,
+    stream_error_payload,
+)
 from api.generation import GenerationReader, StreamBody, open_generation
 from api.schemas import (
     INT32_MAX,
@@ -116,7 +121,7 @@ def blueprint(ctx: ApiContext) -> Blueprint:
                     async for chunk in generation:
                         yield ndjson_line(_chunk_json(chunk, logprobs=req.logprobs))
                 except GenerationError as exc:
-                    yield ndjson_line({"error": str(exc)})
+                    yield ndjson_line(stream_error_payload(exc, generation.request_id))
                 finally:
                     generation.close()
 

@@ -15,7 +15,7 @@ from quart import Blueprint, Response, jsonify, request
 
 from actors.messages import Chunk, DoneReason, GenerateRequest, GenerationError, ModelInfo
 from api.context import ApiContext
-from api.errors import bad_request
+from api.errors import bad_request, stream_error_payload
 from api.generation import open_generation
 from api.native import ndjson_line, ndjson_response, stats_json
 from api.schemas import (
@@ -108,7 +108,7 @@ async def _respond(
                         lps = _logprobs(chunk) if req.logprobs else None
                         yield ndjson_line(_line(name, render, chunk.content, chunk, lps))
             except GenerationError as exc:
-                yield ndjson_line({"error": str(exc)})
+                yield ndjson_line(stream_error_payload(exc, generation.request_id))
             finally:
                 generation.close()
 

@@ -27,7 +27,7 @@ from actors.messages import (
     UnavailableError,
 )
 from api.context import ApiContext
-from api.errors import bad_request
+from api.errors import bad_request, openai_stream_error
 from api.generation import GenerationReader, StreamBody, open_generation
 from api.schemas import (
     INT32_MAX,
@@ -209,7 +209,7 @@ async def _stream(
                     yield _sse({**shape.envelope(shape.chunk_object, []), "usage": _usage(chunk)})
         yield _sse("[DONE]")
     except GenerationError as exc:
-        yield _sse({"error": {"message": str(exc), "type": "server_error"}})
+        yield _sse(openai_stream_error(exc, generation.request_id))
     finally:
         generation.close()
 

@@ -11,6 +11,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from cli.numbers import integer, number
 from runtime.engine.options import SamplingOptions
 
 DEFAULT_MODEL = "smollm2:135m"
@@ -74,7 +75,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--ctx",
-        type=int,
+        type=integer(1),
         default=None,
         metavar="N",
         help="the longest context a request may ask for with num_ctx (default: the model's "
@@ -82,14 +83,14 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--parallel",
-        type=int,
+        type=integer(1),
         default=4,
         metavar="N",
         help="how many requests are generated together (default: %(default)s)",
     )
     p.add_argument(
         "--prefill-chunk",
-        type=int,
+        type=integer(1),
         default=512,
         metavar="N",
         help="prompt tokens processed per step; smaller keeps other requests flowing during "
@@ -107,41 +108,72 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     _add_model_args(serve)
     serve.add_argument(
-        "--host", default="127.0.0.1", help="address to listen on (default: %(default)s)"
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on; on a loopback address, requests must name a local Host "
+        "(see --allowed-hosts), elsewhere the server is exposed (default: %(default)s)",
     )
     serve.add_argument(
-        "--port", type=int, default=DEFAULT_PORT, help="port to listen on (default: %(default)s)"
+        "--port",
+        type=integer(0, 65535),
+        default=DEFAULT_PORT,
+        help="port to listen on; 0 picks a free one (default: %(default)s)",
     )
     serve.add_argument(
         "--grace",
-        type=float,
+        type=number(0),
         default=10.0,
         metavar="SECONDS",
         help="on SIGINT/SIGTERM, how long running requests may finish (default: %(default)s)",
     )
     serve.add_argument(
         "--max-queue",
-        type=int,
+        type=integer(1),
         default=64,
         metavar="N",
         help="requests that may wait for a slot; more get 429 (default: %(default)s)",
     )
     serve.add_argument(
         "--cache-gb",
-        type=float,
+        type=number(above=0),
         default=2.0,
         metavar="GB",
         help="memory for the requests' KV caches (default: %(default)s)",
     )
-    serve.add_argument(
+    key = serve.add_mutually_exclusive_group()
+    key.add_argument(
         "--api-key",
         default=None,
         metavar="KEY",
-        help="require 'Authorization: Bearer KEY' on every request (default: no key)",
+        help="require 'Authorization: Bearer KEY' on every request but /health (default: "
+        "$MLXRUNNER_API_KEY; no key when unset). Other users can see it in the process list: "
+        "prefer --api-key-file or the variable",
+    )
+    key.add_argument(
+        "--api-key-file",
+        default=None,
+        metavar="PATH",
+        help="read the key from this file, surrounding whitespace ignored (instead of --api-key)",
+    )
+    serve.add_argument(
+        "--allowed-hosts",
+        default=None,
+        metavar="LIST",
+        help="while listening on a loopback address, Host names accepted besides localhost, "
+        "*.localhost and loopback addresses: comma-separated, '*' matches any run of characters "
+        "(default: $MLXRUNNER_ALLOWED_HOSTS)",
+    )
+    serve.add_argument(
+        "--origins",
+        default=None,
+        metavar="LIST",
+        help="browser origins allowed besides local pages and desktop apps: comma-separated, "
+        "e.g. 'https://app.example.com,https://*.corp.example'; '*' allows every origin "
+        "(default: $MLXRUNNER_ORIGINS)",
     )
     serve.add_argument(
         "--max-body",
-        type=int,
+        type=integer(1),
         default=8 * 1024 * 1024,
         metavar="BYTES",
         help="largest request body accepted; larger ones get 413 (default: %(default)s)",
@@ -160,48 +192,48 @@ def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     sampling = run.add_argument_group("sampling")
     sampling.add_argument(
         "--temperature",
-        type=float,
+        type=number(0),
         default=None,
         metavar="T",
         help=f"0 is greedy (default: {defaults.temperature})",
     )
     sampling.add_argument(
         "--top-k",
-        type=int,
+        type=integer(0),
         default=None,
         metavar="K",
         help=f"sample from the K likeliest tokens; 0 disables (default: {defaults.top_k})",
     )
     sampling.add_argument(
         "--top-p",
-        type=float,
+        type=number(above=0, hi=1),
         default=None,
         metavar="P",
         help=f"sample from the likeliest tokens holding mass P (default: {defaults.top_p})",
     )
     sampling.add_argument(
         "--min-p",
-        type=float,
+        type=number(0, 1),
         default=None,
         metavar="P",
         help=f"drop tokens less likely than P times the likeliest one (default: {defaults.min_p})",
     )
     sampling.add_argument(
         "--repeat-penalty",
-        type=float,
+        type=number(above=0),
         default=None,
         metavar="R",
         help=f"penalty on recently seen tokens; 1 disables (default: {defaults.repeat_penalty})",
     )
     sampling.add_argument(
         "--seed",
-        type=int,
+        type=integer(),
         default=None,
         help="random seed: the same seed, options and prompt give the same text",
     )
     run.add_argument(
         "--num-predict",
-        type=int,
+        type=integer(-1),
         default=None,
         metavar="N",
         help="generate at most N tokens (default: until the model stops or the context is full)",

@@ -78,14 +78,6 @@ def runner_options(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _check_args(args: argparse.Namespace) -> str | None:
-    for flag in ("parallel", "prefill_chunk", "ctx"):
-        value = getattr(args, flag, None)
-        if value is not None and value < 1:
-            return f"--{flag.replace('_', '-')} must be >= 1"
-    return None
-
-
 @attrs.frozen
 class _LoadProgress:
     """The loader reports a fraction only; this is what ``ProgressBar`` draws from it."""
@@ -195,10 +187,6 @@ async def run(
 def main(args: argparse.Namespace) -> int:
     import runtime  # noqa: F401  (maps the optimized BLAS before anything imports MLX)
 
-    problem = _check_args(args)
-    if problem is not None:
-        print(f"mlxrunner run: {problem}", file=sys.stderr)
-        return EXIT_USAGE
     try:
         request = build_request(args)  # bad flags fail before a model is loaded
     except OptionsError as exc:

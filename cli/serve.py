@@ -4,8 +4,15 @@ The tree owns the signals (``actors/tree.py``): the first SIGINT/SIGTERM stops a
 (``/health`` and new generations answer 503), lets open generations run for ``--grace``
 seconds, cancels the rest, then fires ``runner.shutdown_trigger``; hypercorn then stops
 accepting and gives responses a short flush before it closes them. A second signal stops at
-once. Either way the process exits 0; a bad flag exits 2; a model that cannot be loaded or a
-port that cannot be bound exits 1 with one line on stderr.
+once. Either way the process exits 0; a bad flag (or an unreadable ``--api-key-file``) exits
+2; a model that cannot be loaded or a port that cannot be bound exits 1 with one line on
+stderr.
+
+Who may talk to the server (``api/guard.py``) comes from the flags, each falling back to its
+environment variable when not given: the API key from ``--api-key`` or ``--api-key-file``,
+else ``MLXRUNNER_API_KEY``; extra Host names from ``--allowed-hosts``, else
+``MLXRUNNER_ALLOWED_HOSTS``; extra browser origins from ``--origins``, else
+``MLXRUNNER_ORIGINS``. The Host check is on while ``--host`` is a loopback address.
 """
 
 from __future__ import annotations
@@ -16,18 +23,28 @@ import functools
 import logging
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import trio
 
 from api.app import ApiConfig, create_app, hypercorn_config, serve_http
+from api.guard import GuardPolicy, binds_to_loopback, split_list
 from runtime.errors import RuntimeInputError, exception_leaves
 
 log = logging.getLogger("mlxrunner.serve")
 
 # Once the tree has drained, the seconds responses get to deliver their final chunk.
 FLUSH_SECONDS = 2.0
+
+ENV_API_KEY = "MLXRUNNER_API_KEY"
+ENV_ALLOWED_HOSTS = "MLXRUNNER_ALLOWED_HOSTS"
+ENV_ORIGINS = "MLXRUNNER_ORIGINS"
+
+
+class SettingError(Exception):
+    """A setting that cannot be used (an unreadable key file); the command exits 2."""
 
 
 def served_name(model: str) -> str:
@@ -39,12 +56,48 @@ def served_name(model: str) -> str:
     return model
 
 
-def api_config(args: argparse.Namespace) -> ApiConfig:
+def api_config(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> ApiConfig:
+    """The HTTP settings from the flags and, where a flag is not given, the environment.
+
+    Raises ``SettingError`` for a key file that cannot be read or holds no key.
+    """
     return ApiConfig(
         model_name=served_name(str(args.model)) if getattr(args, "model", None) else "",
-        api_key=getattr(args, "api_key", None) or None,
+        api_key=api_key(args, environ),
         max_body=int(getattr(args, "max_body", 8 * 1024 * 1024)),
+        guard=GuardPolicy(
+            check_host=binds_to_loopback(getattr(args, "host", "127.0.0.1")),
+            allowed_hosts=split_list(
+                _flag_or_env(args, "allowed_hosts", environ, ENV_ALLOWED_HOSTS)
+            ),
+            allowed_origins=split_list(_flag_or_env(args, "origins", environ, ENV_ORIGINS)),
+        ),
     )
+
+
+def api_key(args: argparse.Namespace, environ: Mapping[str, str]) -> str | None:
+    """``--api-key``, else the contents of ``--api-key-file`` (surrounding whitespace
+    stripped), else ``$MLXRUNNER_API_KEY``; ``None`` (no key) when none is set."""
+    if getattr(args, "api_key", None):
+        return str(args.api_key)
+    path = getattr(args, "api_key_file", None)
+    if path is None:
+        return environ.get(ENV_API_KEY) or None
+    try:
+        key = Path(path).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise SettingError(f"--api-key-file: cannot read {path}: {reason}") from None
+    if not key:
+        raise SettingError(f"--api-key-file: {path} holds no key")
+    return key
+
+
+def _flag_or_env(
+    args: argparse.Namespace, flag: str, environ: Mapping[str, str], variable: str
+) -> str:
+    value = getattr(args, flag, None)
+    return str(value) if value is not None else environ.get(variable, "")
 
 
 def runner_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -66,18 +119,22 @@ async def serve(
     args: argparse.Namespace,
     *,
     load: Any = None,
+    config: ApiConfig | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Open the tree (``load`` overrides the model loader, for tests) and serve it."""
+    """Open the tree (``load`` overrides the model loader, for tests) and serve it with
+    ``config`` (default: ``api_config(args)``)."""
     from actors.tree import open_runner
 
+    http = hypercorn_config(args.host, args.port, FLUSH_SECONDS)
+    if config is None:
+        config = api_config(args)
     async with open_runner(load=load, handle_signals=True, **runner_options(args)) as runner:
-        app = create_app(runner, api_config(args))
-        config = hypercorn_config(args.host, args.port, FLUSH_SECONDS)
+        app = create_app(runner, config)
 
         async def announce(*, task_status: trio.TaskStatus[list[str]]) -> None:
             await serve_http(
-                app, config, shutdown_trigger=runner.shutdown_trigger, task_status=task_status
+                app, http, shutdown_trigger=runner.shutdown_trigger, task_status=task_status
             )
 
         async with trio.open_nursery() as nursery:
@@ -87,32 +144,19 @@ async def serve(
             task_status.started(binds)
 
 
-def check_args(args: argparse.Namespace) -> str | None:
-    for flag in ("max_queue", "parallel", "max_body", "prefill_chunk"):
-        value = getattr(args, flag, None)
-        if value is not None and value < 1:
-            return f"--{flag.replace('_', '-')} must be >= 1"
-    if args.grace < 0:
-        return "--grace must be >= 0"
-    if getattr(args, "ctx", None) is not None and args.ctx < 1:
-        return "--ctx must be >= 1"
-    if args.cache_gb <= 0:
-        return "--cache-gb must be > 0"
-    if not 0 <= args.port <= 65535:
-        return "--port must be in 0..65535"
-    return None
-
-
 def main(args: argparse.Namespace) -> int:
     import runtime  # noqa: F401  (maps the optimized BLAS before anything imports MLX)
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    problem = check_args(args)
-    if problem is not None:
-        print(f"mlxrunner serve: {problem}", file=sys.stderr)
-        return 2
     try:
-        trio.run(functools.partial(serve, args))
+        config = api_config(args)
+    except SettingError as exc:
+        print(f"mlxrunner serve: {exc}", file=sys.stderr)
+        return 2
+    if not config.guard.check_host and not config.api_key:
+        log.warning("listening on %s, beyond this machine, without an API key", args.host)
+    try:
+        trio.run(functools.partial(serve, args, config=config))
     except Exception as exc:
         # A taken port, an unknown host, a missing model: one line each, not a traceback.
         problems = exception_leaves(exc)

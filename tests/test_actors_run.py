@@ -162,18 +162,20 @@ async def test_a_reader_that_leaves_stops_the_generation() -> None:
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        (["--top-p", "2"], "top_p must be in (0, 1]"),
-        (["--temperature", "-1"], "temperature must be >= 0"),
-        (["--num-predict", "-5"], "--num-predict must be >= 0"),
-        (["--parallel", "0"], "--parallel must be >= 1"),
-        (["--ctx", "0"], "--ctx must be >= 1"),
+        (["--top-p", "2"], "argument --top-p: must be <= 1"),
+        (["--temperature", "-1"], "argument --temperature: must be >= 0"),
+        (["--temperature", "nan"], "argument --temperature: must be a finite number"),
+        (["--num-predict", "-5"], "argument --num-predict: must be >= -1"),
+        (["--parallel", "0"], "argument --parallel: must be >= 1"),
+        (["--ctx", "0"], "argument --ctx: must be >= 1"),
     ],
 )
 def test_bad_flags_exit_2_before_loading(
     flags: list[str], message: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    code = run_command.main(_args(*flags, "Hi"))
-    assert code == run_command.EXIT_USAGE
+    with pytest.raises(SystemExit) as exit_info:
+        _args(*flags, "Hi")
+    assert exit_info.value.code == run_command.EXIT_USAGE
     assert message in capsys.readouterr().err
 
 

@@ -85,5 +85,7 @@ async def test_no_body_produces_a_server_error(route: str, body: Any) -> None:
 async def test_no_raw_bytes_produce_a_server_error(raw: bytes) -> None:
     app = create_app(FakeRunner(), ApiConfig(model_name="fake"))
     async with app.test_app() as test_app:
-        response = await test_app.test_client().post("/api/chat", data=raw)
+        response = await test_app.test_client().post(
+            "/api/chat", data=raw, headers={"Content-Type": "application/json"}
+        )
     assert response.status_code < 500

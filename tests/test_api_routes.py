@@ -132,7 +132,7 @@ async def test_tokenize_and_detokenize(client) -> None:
 
 async def test_metrics_exposes_counters_histograms_and_runner_state(client) -> None:
     await client.post("/completion", json={"prompt": "hi"})
-    await client.post("/completion", data=b"{")
+    await client.post("/completion", data=b"{", headers={"Content-Type": "application/json"})
     text = (await (await client.get("/metrics")).get_data()).decode()
     assert (
         'mlxrunner_http_requests_total{method="POST",route="/completion",status="200"} 1.0' in text
@@ -288,22 +288,38 @@ async def test_a_generation_dropped_unread_is_still_closed(fake) -> None:
     assert fake.cancelled == 1
 
 
-async def test_a_runner_fault_after_admission_ends_the_stream_with_an_error(client, fake) -> None:
+async def test_a_runner_fault_after_admission_ends_the_stream_with_an_error(
+    client, fake, caplog
+) -> None:
+    """The client learns that the server failed and under which id; only the log says why."""
     fake.fail_at = 1
-    chunks = lines(await (await client.post("/completion", json={"prompt": "x"})).get_data())
+
+    def generic(error: str, response: Any) -> str:
+        rid = response.headers["X-Request-Id"]
+        assert error == f"internal error (request id {rid})"
+        assert f"request {rid} failed: GenerationError: engine failed" in caplog.text
+        return rid
+
+    response = await client.post("/completion", json={"prompt": "x"})
+    chunks = lines(await response.get_data())
     assert chunks[0]["content"] == "Hello"
-    assert chunks[-1] == {"error": "engine failed"}
+    assert chunks[-1]["request_id"] == generic(chunks[-1]["error"], response)
     response = await client.post("/api/chat", json={"messages": [{"role": "user", "content": "x"}]})
-    assert lines(await response.get_data())[-1] == {"error": "engine failed"}
+    last = lines(await response.get_data())[-1]
+    assert last["request_id"] == generic(last["error"], response)
     response = await client.post(
         "/v1/completions", json={"model": "fake", "prompt": "x", "stream": True}
     )
     data = (await response.get_data()).decode()
-    assert '"error":{"message":"engine failed"' in data
     assert "[DONE]" not in data
+    event = json.loads(data.split("data: ")[-1])
+    assert event["error"]["type"] == "server_error"
+    assert event["error"]["request_id"] == generic(event["error"]["message"], response)
     response = await client.post("/completion", json={"prompt": "x", "stream": False})
     assert response.status_code == 500
-    assert await response.get_json() == {"error": "engine failed"}
+    body = await response.get_json()
+    assert body["request_id"] == generic(body["error"], response)
+    assert "engine failed" not in json.dumps(body)
     assert fake.active == 0
 
 

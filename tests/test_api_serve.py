@@ -16,6 +16,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 
 from tests.api_fakes import raw_request
@@ -126,8 +127,12 @@ def test_serve_command_line_errors_exit_nonzero_with_one_line(tmp_path, capsys) 
         args = build_parser().parse_args(["serve", "--port", "0", *flags])
         return main(args)
 
-    assert serve("--parallel", "0") == 2
+    with pytest.raises(SystemExit) as exit_info:
+        serve("--parallel", "0")
+    assert exit_info.value.code == 2
     assert "--parallel" in capsys.readouterr().err
+    assert serve("--api-key-file", str(tmp_path / "missing")) == 2
+    assert "--api-key-file" in capsys.readouterr().err
     assert serve("--models-dir", str(tmp_path), "--model", "nosuch:model") == 1
     err = capsys.readouterr().err
     assert "nosuch" in err

@@ -80,3 +80,73 @@ def test_run_prints_paris(tmp_path: Path, default_gguf: Path) -> None:
     )
     assert out.returncode == 0, out.stderr
     assert "Paris" in out.stdout
+
+
+def _numeric_flags() -> list[tuple[str, str, str]]:
+    """(command, flag, type's kind) for every number flag of every command."""
+    subparsers = next(
+        a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)
+    )
+    found = []
+    for command, sub in subparsers.choices.items():
+        for action in sub._actions:
+            if action.type in (int, float):
+                assert action.choices, f"{command} {action.option_strings}: use cli.numbers"
+            qualname = getattr(action.type, "__qualname__", "")
+            kind = qualname.split(".")[0]
+            if kind in ("integer", "number"):
+                found.append((command, action.option_strings[-1], kind))
+    return found
+
+
+NUMERIC_FLAGS = _numeric_flags()
+
+
+def test_every_number_flag_is_checked_at_parse_time() -> None:
+    flags = {(command, flag) for command, flag, _ in NUMERIC_FLAGS}
+    for flag in ("--grace", "--cache-gb", "--ctx", "--parallel", "--port", "--max-queue"):
+        assert ("serve", flag) in flags
+    for flag in ("--temperature", "--top-p", "--min-p", "--repeat-penalty", "--num-predict"):
+        assert ("run", flag) in flags
+
+
+@pytest.mark.parametrize(("command", "flag", "kind"), NUMERIC_FLAGS)
+def test_number_flags_refuse_nan_and_inf_with_one_line(
+    command: str, flag: str, kind: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    positional = {"run": ["hi"]}.get(command, [])
+    for value in ("nan", "inf", "-inf", "NaN", "1e999", "x"):
+        with pytest.raises(SystemExit) as exit_info:
+            build_parser().parse_args([command, f"{flag}={value}", *positional])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith(f"mlxrunner {command}: error: argument {flag}: must be")
+        assert repr(value) in err[-1]
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--grace", "-1", "must be >= 0"),
+        ("--cache-gb", "0", "must be > 0"),
+        ("--port", "65536", "must be in 0..65535"),
+        ("--port", "-1", "must be in 0..65535"),
+        ("--parallel", "0", "must be >= 1"),
+        ("--max-body", "-5", "must be >= 1"),
+    ],
+)
+def test_meaningless_serve_numbers_are_refused(
+    flag: str, value: str, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", f"{flag}={value}"])
+    assert message in capsys.readouterr().err
+
+
+def test_good_numbers_parse() -> None:
+    args = build_parser().parse_args(
+        ["serve", "--grace", "0", "--cache-gb", "0.5", "--port", "0", "--ctx", "8192"]
+    )
+    assert (args.grace, args.cache_gb, args.port, args.ctx) == (0.0, 0.5, 0, 8192)
+    args = build_parser().parse_args(["run", "--seed", "-1", "--num-predict", "-1", "hi"])
+    assert (args.seed, args.num_predict) == (-1, -1)
