@@ -27,6 +27,7 @@ import attrs
 import mlx.core as mx
 
 from runtime.engine import decode_attention
+from runtime.models import fused
 from runtime.models.common import merge_heads
 
 if TYPE_CHECKING:
@@ -236,7 +237,7 @@ class BatchLayout:
                 k_seen, v_seen = k_all, v_all
                 if self.span < k_all.shape[2]:
                     k_seen, v_seen = k_all[:, :, : self.span], v_all[:, :, : self.span]
-                out = mx.fast.scaled_dot_product_attention(
+                out = fused.attention(
                     q_dec,
                     k_seen,
                     v_seen,

@@ -22,6 +22,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from runtime.engine.kvcache import KVCache, SequenceCache
+from runtime.models import fused
 
 
 @attrs.frozen
@@ -61,13 +62,13 @@ class Rope(nn.Module):
             raise ValueError(f"unsupported rope scaling {kind!r}")
 
     def __call__(self, x: mx.array, offset: int | mx.array) -> mx.array:
-        return mx.fast.rope(
+        return fused.rope(
             x,
-            self.dims,
+            offset,
+            dims=self.dims,
             traditional=self.traditional,
             base=self.base,
             scale=self.scale,
-            offset=offset,
             freqs=self._freqs,
         )
 

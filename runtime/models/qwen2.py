@@ -21,6 +21,7 @@ from runtime.models.common import (
     split_heads,
     swiglu,
 )
+from runtime.models.fused import RMSNorm
 
 
 @attrs.frozen(kw_only=True)
@@ -99,8 +100,8 @@ class TransformerBlock(nn.Module):
         super().__init__()
         self.self_attn = Attention(args, layer)
         self.mlp = MLP(args)
-        self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
-        self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.input_layernorm = RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
     def __call__(self, x: mx.array, layout: Layout) -> mx.array:
         h = x + self.self_attn(self.input_layernorm(x), layout)
@@ -112,7 +113,7 @@ class Qwen2Model(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
         self.layers = [TransformerBlock(args, i) for i in range(args.num_hidden_layers)]
-        self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.norm = RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
     def __call__(self, inputs: mx.array, layout: Layout) -> mx.array:
         h = self.embed_tokens(inputs)

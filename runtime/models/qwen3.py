@@ -21,6 +21,7 @@ from runtime.models.common import (
     split_heads,
     swiglu,
 )
+from runtime.models.fused import RMSNorm
 
 
 @attrs.frozen(kw_only=True)
@@ -69,8 +70,8 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(args.hidden_size, self.n_kv_heads * head_dim, bias=bias)
         self.v_proj = nn.Linear(args.hidden_size, self.n_kv_heads * head_dim, bias=bias)
         self.o_proj = nn.Linear(self.n_heads * head_dim, args.hidden_size, bias=bias)
-        self.q_norm = nn.RMSNorm(head_dim, eps=args.rms_norm_eps)
-        self.k_norm = nn.RMSNorm(head_dim, eps=args.rms_norm_eps)
+        self.q_norm = RMSNorm(head_dim, eps=args.rms_norm_eps)
+        self.k_norm = RMSNorm(head_dim, eps=args.rms_norm_eps)
         self.rope = Rope(
             head_dim,
             base=args.rope_theta,
@@ -105,8 +106,8 @@ class TransformerBlock(nn.Module):
         super().__init__()
         self.self_attn = Attention(args, layer)
         self.mlp = MLP(args)
-        self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
-        self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.input_layernorm = RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
     def __call__(self, x: mx.array, layout: Layout) -> mx.array:
         h = x + self.self_attn(self.input_layernorm(x), layout)
@@ -118,7 +119,7 @@ class Qwen3Model(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
         self.layers = [TransformerBlock(args, i) for i in range(args.num_hidden_layers)]
-        self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.norm = RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
     def __call__(self, inputs: mx.array, layout: Layout) -> mx.array:
         h = self.embed_tokens(inputs)
