@@ -58,6 +58,9 @@ class RecordingEngine:
     def drop_prefix(self, entry_id: int) -> None:
         self.inner.drop_prefix(entry_id)
 
+    def set_paused(self, seq_id: int, paused: bool) -> None:
+        self.inner.set_paused(seq_id, paused)
+
     def close(self) -> None:
         self.threads.add(threading.get_ident())
         self.inner.close()
