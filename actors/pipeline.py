@@ -192,15 +192,20 @@ async def _stream(
     pending_ids: list[int] = []
     pending_lps: list[Logprob] = []
     pending_text: list[str] = []
+    reported = 0  # leading tokens of ``pending_ids`` already reported taken
 
     async def emit(text: str) -> None:
         """Send the text so far; while the reader lags and more events wait, hold it for one
         chunk with them (a chunk per token per stream costs the HTTP layer a socket write
         each: at 64 streams that capped throughput, bench/gpu_http.py)."""
-        nonlocal pending_ids, pending_lps
+        nonlocal pending_ids, pending_lps, reported
         if text:
             pending_text.append(text)
         if not pending_text:
+            # Held for a stop string or a partial character, not for the reader: not unread
+            # (or a sequence could pause waiting for a reader that waits for it).
+            on_taken(len(pending_ids) - reported)
+            reported = len(pending_ids)
             return
         chunk = Chunk(
             content="".join(pending_text), tokens=tuple(pending_ids), logprobs=tuple(pending_lps)
@@ -211,7 +216,8 @@ async def _stream(
             if replies.statistics().current_buffer_used > 0:
                 return  # the reader is busy and another token is here: send them together
             await chunks.send(chunk)
-        on_taken(len(chunk.tokens))
+        on_taken(len(chunk.tokens) - reported)
+        reported = 0
         pending_text.clear()
         pending_ids, pending_lps = [], []
 

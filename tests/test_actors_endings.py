@@ -28,7 +28,13 @@ from actors.messages import (
 )
 from actors.runner import Runner
 from actors.scheduler import STEPS_PER_JOB, Scheduler
-from actors.testing import ScriptedEngine, open_test_runner, read_to_end, receive_chunk
+from actors.testing import (
+    ScriptedEngine,
+    open_test_runner,
+    read_to_end,
+    receive_chunk,
+    tiny_tokenizer,
+)
 from actors.tree import drain
 from tests.waits import wait_until
 
@@ -136,6 +142,17 @@ async def test_a_reader_that_stops_reading_pauses_only_its_own_sequence() -> Non
         assert chunks[-1].done_reason is DoneReason.LENGTH
         assert (seq_id, False) in [p[:2] for p in engine.pauses]
         assert client.statistics().paused_sequences == 0
+
+
+async def test_text_held_for_a_stop_string_never_pauses_a_reader_that_reads() -> None:
+    spelled = "a" * 30 + "b done"  # 30 tokens that may still become the stop string
+    engine = ScriptedEngine(lambda request: tiny_tokenizer().encode(spelled))
+    async with open_test_runner(engine, reader_pause_tokens=4) as client:
+        options = GenerationOptions(stop=("a" * 40,))
+        with trio.fail_after(10):  # hang guard: paused, it would wait for its reader for good
+            text, last = await client.generate_text("Hi", options=options)
+    assert text == spelled
+    assert last.done_reason is DoneReason.LENGTH
 
 
 async def test_a_stalled_reader_loses_its_sequence_after_the_timeout(
