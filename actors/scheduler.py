@@ -281,7 +281,7 @@ class Scheduler:
             await trio.lowlevel.checkpoint()
 
     def _job(self, job: Job, token: trio.lowlevel.TrioToken) -> _Outcome:
-        """One engine-thread job: leave (saving prefixes), drop entries, join, then step.
+        """One engine-thread job: leave (saving prefixes), drop entries, join, pause, then step.
 
         While nothing asks for a new job (a submission, a departure, a finish: ``_interrupt``)
         it keeps stepping, up to ``STEPS_PER_JOB``, and posts each step's events to the loop

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import trio
 
-from actors.messages import GenerateRequest, OverloadedError
+from actors.messages import GenerateRequest, GenerationCut, OverloadedError
 from actors.testing import open_test_runner, tiny_tokenizer
 from actors.tree import drain
 from api.app import ApiConfig, context_of, create_app
@@ -132,7 +132,7 @@ async def test_a_reader_over_a_stopped_tree_never_reports_success() -> None:
     fake = FakeRunner(vanish_at=0)
     app = create_app(fake, ApiConfig(model_name="fake"))
     reader = await open_generation(context_of(app), GenerateRequest(prompt="x"))
-    with pytest.raises(Exception, match="stopped before the generation finished"):
+    with pytest.raises(GenerationCut, match="stopped before the generation finished"):
         await reader.collect()
     assert context_of(app).metrics.value("mlxrunner_cancellations_total") == 1
 
@@ -161,7 +161,7 @@ async def test_a_whole_reply_cut_by_the_grace_period_is_503(tree, route) -> None
     head, _, payload = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 503"), answer
     assert b"retry-after: 30" in head.lower()
-    assert b"cut short" in json.loads(payload)["error"].encode()
+    assert "cut short" in json.loads(payload)["error"]
     assert b"finish_reason" not in answer
 
 
