@@ -38,3 +38,9 @@ class RunnerConfig:
     max_queue: int = 64
     cache_gb: float = 2.0
     grace: float = 10.0
+    # Generations open at once (queued, running, or still being read); more get 503.
+    max_open: int = 256
+    # A sequence whose reader leaves this many tokens unread pauses until it catches up...
+    reader_pause_tokens: int = 256
+    # ... and is cancelled (its cache freed) after this many seconds paused.
+    reader_timeout: float = 60.0

@@ -25,7 +25,7 @@ class DoneReason(enum.IntEnum):
 
     STOP = 0  # end-of-sequence token or a stop string
     LENGTH = 1  # num_predict or the context length reached
-    CANCELLED = 2  # the client went away, or shutdown cancelled it
+    CANCELLED = 2  # cut short: only ever in a ``GenerationCut``, never in a done chunk
 
 
 # ---- request errors (mapped to HTTP statuses in api/errors.py) ----
@@ -43,6 +43,14 @@ class UnavailableError(RuntimeInputError):
         self.state = state
 
 
+class OverloadedError(RuntimeInputError):
+    """As many generations are open as the runner allows (HTTP 503 with Retry-After).
+
+    Unlike ``QueueFullError`` it counts every generation whose last item was not taken yet,
+    queued, running or finished but still being read: what bounds the server's memory.
+    """
+
+
 class GenerationError(Exception):
     """An admitted generation could not be completed: a server fault, not the client's.
 
@@ -51,6 +59,21 @@ class GenerationError(Exception):
     the request's pipeline hit a bug). The HTTP layer answers 500 if no header was sent yet,
     and ends the stream with an error record otherwise.
     """
+
+
+class GenerationCut(GenerationError):
+    """The generation ended before its end, through no fault of the request or the server.
+
+    Shutdown cut it (the grace period ran out, or a second signal), it was still queued when
+    shutdown began (never admitted), or its reader stopped reading for too long. Its text so
+    far has been delivered; ``final`` has the totals (``done_reason`` ``CANCELLED``). Retrying
+    can succeed, so the HTTP layer answers 503 with Retry-After if no header was sent yet, and
+    ends a stream with an error record (native: ``done_reason`` 2), never with success.
+    """
+
+    def __init__(self, message: str, final: Chunk | None = None) -> None:
+        super().__init__(message)
+        self.final = final or Chunk(done=True, done_reason=DoneReason.CANCELLED)
 
 
 # ---- requests ----
@@ -127,9 +150,9 @@ class Generation:
     """One admitted generation, as its requester holds it.
 
     ``chunks`` delivers the generation's ``Chunk``s; the last one has ``done=True``. A
-    generation that fails after admission ends with one ``GenerationError`` item instead. The
-    channel can also end with neither when the tree itself stops (its pipelines are
-    cancelled): read that as a cancelled generation.
+    generation that fails after admission ends with one ``GenerationError`` item instead (a
+    ``GenerationCut`` when it was cut short). The channel can also end with neither when the
+    tree itself stops (its pipelines are cancelled): read that as a ``GenerationCut``.
 
     ``close()`` leaves the generation: the pipeline stops, the scheduler drops the sequence
     within one engine step and its cache is freed. It never blocks and is idempotent, so it is
@@ -195,6 +218,8 @@ class Statistics:
     cache_evictions_total: int = 0
     prefix_cache_bytes: int = 0  # the part of cache_bytes kept by prefix-cache entries
     prefix_cache_entries: int = 0
+    paused_sequences: int = 0  # running, but paused until their readers catch up
+    open_generations: int = 0  # admitted or being admitted, whose last item is not taken yet
 
 
 @attrs.frozen(kw_only=True)
@@ -231,8 +256,9 @@ class RunnerClient(Protocol):
         """Admit ``request``; return the handle of its generation (see ``Generation``).
 
         Errors (raised here, before any chunk): ``OptionsError``/``PromptError`` (400),
-        ``PromptTooLongError`` (413), ``QueueFullError`` (429), ``UnavailableError`` (503).
-        Failures after admission arrive on the handle's channel as a ``GenerationError``.
+        ``PromptTooLongError`` (413), ``QueueFullError`` (429), ``UnavailableError`` and
+        ``OverloadedError`` (503). Failures after admission arrive on the handle's channel as a
+        ``GenerationError`` (``GenerationCut`` for work cut short).
 
         Cancellation: cancelled before it returns, nothing was admitted.
         """

@@ -6,7 +6,10 @@ request is queued. ``run`` is the request's task in the tree's pipelines nursery
 ``TokenEvent``s the scheduler routes to it, detokenizes them with the streaming detokenizer,
 holds back text that may be the start of a stop string (a stop string is never emitted, not
 even in part, whatever the token boundaries), and sends ``Chunk``s, the last with the totals.
-A failure is sent as the last item, a ``GenerationError``, and goes no further.
+A failure is sent as the last item, a ``GenerationError``, and goes no further; a generation
+the scheduler ended early (``Dropped``: shutdown, or a stalled reader) sends the text it has,
+then a ``GenerationCut``. Each chunk its reader takes is reported (``on_taken``, in tokens), so
+the scheduler can pause the sequence while the reader lags.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import attrs
@@ -23,6 +27,7 @@ from actors.messages import (
     Chunk,
     DoneReason,
     GenerateRequest,
+    GenerationCut,
     GenerationError,
     GenerationItem,
     Logprob,
@@ -138,12 +143,13 @@ async def run(
     chunks: trio.MemorySendChannel[GenerationItem],
     *,
     submitted_ns: int,
+    on_taken: Callable[[int], None],
 ) -> None:
     """The pipeline task of one request: the scheduler's events in, chunks out.
 
     The channel ends after the done chunk, or after one ``GenerationError`` when the engine
-    failed on the sequence or this code did. Returns quietly once the requester has closed
-    its end.
+    failed on the sequence or this code did (a ``GenerationCut`` when the scheduler ended it
+    early). Returns quietly once the requester has closed its end.
 
     Errors: none escape but ``Cancelled``. One request's failure must not reach the nursery
     that every request shares, so even a bug here ends only this request (and is logged with
@@ -155,7 +161,7 @@ async def run(
     # exception that ends the stream.
     with chunks, replies:
         try:
-            await _stream(prepared, request, tokenizer, replies, chunks, submitted_ns)
+            await _stream(prepared, request, tokenizer, replies, chunks, submitted_ns, on_taken)
         except trio.BrokenResourceError:
             pass  # the requester closed its handle
         except Exception as exc:  # see "Errors" above: this request fails, nothing else
@@ -173,26 +179,33 @@ async def _stream(
     replies: trio.MemoryReceiveChannel[Reply],
     chunks: trio.MemorySendChannel[GenerationItem],
     submitted_ns: int,
+    on_taken: Callable[[int], None],
 ) -> None:
     detok = tokenizer.detokenizer(prepared.prompt[-4:])
     stops = StopMatcher(request.options.stop)
     eos = tokenizer.eos_ids
     first_token_ns: int | None = None
     eval_count = 0
-    reason = DoneReason.CANCELLED
+    reason = DoneReason.STOP
     hit_stop = False
+    cut: Dropped | None = None
     pending_ids: list[int] = []
     pending_lps: list[Logprob] = []
     pending_text: list[str] = []
+    reported = 0  # leading tokens of ``pending_ids`` already reported taken
 
     async def emit(text: str) -> None:
         """Send the text so far; while the reader lags and more events wait, hold it for one
         chunk with them (a chunk per token per stream costs the HTTP layer a socket write
         each: at 64 streams that capped throughput, bench/gpu_http.py)."""
-        nonlocal pending_ids, pending_lps
+        nonlocal pending_ids, pending_lps, reported
         if text:
             pending_text.append(text)
         if not pending_text:
+            # Held for a stop string or a partial character, not for the reader: not unread
+            # (or a sequence could pause waiting for a reader that waits for it).
+            on_taken(len(pending_ids) - reported)
+            reported = len(pending_ids)
             return
         chunk = Chunk(
             content="".join(pending_text), tokens=tuple(pending_ids), logprobs=tuple(pending_lps)
@@ -203,6 +216,8 @@ async def _stream(
             if replies.statistics().current_buffer_used > 0:
                 return  # the reader is busy and another token is here: send them together
             await chunks.send(chunk)
+        on_taken(len(chunk.tokens) - reported)
+        reported = 0
         pending_text.clear()
         pending_ids, pending_lps = [], []
 
@@ -213,7 +228,7 @@ async def _stream(
             await chunks.send(failure)
             return
         if isinstance(item, Dropped):
-            reason = DoneReason.CANCELLED
+            cut = item
             break
         if item.token is None:
             continue
@@ -236,24 +251,38 @@ async def _stream(
             reason = DoneReason.LENGTH if item.finish is FinishReason.LENGTH else DoneReason.STOP
             break
     else:
-        reason = DoneReason.CANCELLED  # the scheduler dropped us without a marker
-    if reason is not DoneReason.CANCELLED and not hit_stop:
+        cut = Dropped("the generation was cancelled")  # its channel closed without a marker
+    if cut is None and not hit_stop:
         # Text held for a stop string that never completed, or a last partial character.
         text, hit_stop = stops.feed(detok.finish())
         await emit(text if hit_stop else text + stops.flush())
     now = time.monotonic_ns()
     first = first_token_ns or now
+    final = Chunk(
+        content="".join(pending_text),  # text held back for a lagging reader, if any
+        tokens=tuple(pending_ids),
+        logprobs=tuple(pending_lps),
+        done=True,
+        done_reason=reason if cut is None else DoneReason.CANCELLED,
+        prompt_eval_count=len(prepared.prompt),
+        prompt_eval_duration=first - submitted_ns,
+        eval_count=eval_count,
+        eval_duration=now - first,
+        total_duration=now - submitted_ns,
+    )
+    if cut is None:
+        await chunks.send(final)
+        return
+    # Cut short: the text so far goes out as usual (held stop-string prefixes excepted), then
+    # an error that no reader can mistake for a finished generation.
+    if final.content or final.tokens:
+        await chunks.send(attrs.evolve(final, done=False, done_reason=None))
+    what = (
+        f"the generation was cut short after {eval_count} tokens"
+        if cut.admitted
+        else "the request was never started"
+    )
+    message = f"{cut.reason}: {what}"
     await chunks.send(
-        Chunk(
-            content="".join(pending_text),  # text held back for a lagging reader, if any
-            tokens=tuple(pending_ids),
-            logprobs=tuple(pending_lps),
-            done=True,
-            done_reason=reason,
-            prompt_eval_count=len(prepared.prompt),
-            prompt_eval_duration=first - submitted_ns,
-            eval_count=eval_count,
-            eval_duration=now - first,
-            total_duration=now - submitted_ns,
-        )
+        GenerationCut(message, attrs.evolve(final, content="", tokens=(), logprobs=()))
     )

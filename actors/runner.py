@@ -6,6 +6,10 @@ the tree, in which each admitted request's pipeline task runs. ``submit`` admits
 (validation and queue errors raise at once), starts its pipeline there and returns a
 ``Generation`` handle; closing the handle cancels the pipeline, whose exit tells the scheduler
 to drop the sequence. A request's failure reaches its handle only, as the last item.
+
+Open generations (being admitted, queued, running, or finished but not read to the end) are
+bounded by ``max_open``: beyond it ``submit`` raises ``OverloadedError`` at once. With the
+scheduler's pause of sequences whose reader lags, that bounds the output the server holds.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from actors.messages import (
     GenerationItem,
     Health,
     ModelInfo,
+    OverloadedError,
     QueueFullError,
     Statistics,
     UnavailableError,
@@ -47,12 +52,16 @@ class Ready:
 
 
 class Runner:
-    def __init__(self) -> None:
+    def __init__(self, *, max_open: int = 256) -> None:
+        if max_open < 1:
+            raise ValueError("max_open must be >= 1")
         self.progress = 0.0  # written by the engine thread while loading (a float store is atomic)
         self.ready: Ready | None = None
         self.state: Literal["loading", "ok", "shutting_down"] = "loading"
         self.stopped = trio.Event()  # the tree asks the HTTP server to stop
+        self.max_open = max_open
         self._open = 0  # pipelines running
+        self._preparing = 0  # requests being tokenized by ``submit``
         self._idle = trio.Event()
         self._idle.set()
         self._ready_event = trio.Event()
@@ -117,7 +126,12 @@ class Runner:
 
     def statistics(self) -> Statistics:
         if self.ready is None:
-            return Statistics(active_sequences=0, queued_requests=0, cache_bytes=0)
+            return Statistics(
+                active_sequences=0,
+                queued_requests=0,
+                cache_bytes=0,
+                open_generations=self._open + self._preparing,
+            )
         s = self.ready.scheduler
         c = s.counters
         p = s.prefix_counters
@@ -135,6 +149,8 @@ class Runner:
             cache_evictions_total=p.evictions,
             prefix_cache_bytes=s.engine_stats.prefix_bytes,
             prefix_cache_entries=s.prefix_entries,
+            paused_sequences=s.paused,
+            open_generations=self._open + self._preparing,
         )
 
     def model_info(self) -> ModelInfo:
@@ -154,9 +170,15 @@ class Runner:
         nursery. See ``RunnerClient.submit`` for the errors.
         """
         ready = self._require()
-        prepared = await trio.to_thread.run_sync(
-            pipeline.prepare, request, ready.tokenizer, ready.info.context_length
-        )
+        if self._open + self._preparing >= self.max_open:
+            raise OverloadedError(f"too many generations are open ({self.max_open})")
+        self._preparing += 1
+        try:
+            prepared = await trio.to_thread.run_sync(
+                pipeline.prepare, request, ready.tokenizer, ready.info.context_length
+            )
+        finally:
+            self._preparing -= 1
         ready = self._require()  # shutdown may have begun while the prompt was tokenized
         nursery = self._pipelines
         if nursery is None:
@@ -191,7 +213,14 @@ class Runner:
         self._open += 1
         self._idle = trio.Event()
         run = functools.partial(
-            pipeline.run, prepared, request, ready.tokenizer, replies, send, submitted_ns=submitted
+            pipeline.run,
+            prepared,
+            request,
+            ready.tokenizer,
+            replies,
+            send,
+            submitted_ns=submitted,
+            on_taken=functools.partial(scheduler.taken, seq_id),
         )
         nursery.start_soon(self._pipeline, run, scope, scheduler, seq_id)
 

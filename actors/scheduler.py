@@ -9,7 +9,13 @@ requester left.
 
 A requester that leaves calls ``cancel``: a queued request frees its queue slot at once, a
 running sequence is dropped at the start of the next engine job, so cancellation costs at most
-one step. ``cancel_all`` ends every sequence with a ``Dropped`` marker (shutdown).
+one step. Shutdown ends sequences with a ``Dropped`` marker: ``refuse_queued`` the ones never
+admitted, ``cancel_all`` every one; ``wait_settled`` waits until the engine has removed them.
+
+Readers: a requester reports the tokens its reader took (``taken``). A sequence whose reader
+lags by ``reader_pause_tokens`` is paused, without holding up the others, until the reader
+catches up; one paused for ``reader_timeout`` seconds ends with a ``Dropped`` marker and its
+cache is freed (``runtime.scheduling.policy`` decides).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import math
 import threading
 from typing import TYPE_CHECKING
 
@@ -35,6 +42,8 @@ log = logging.getLogger("mlxrunner.scheduler")
 
 # Engine steps one job may run while nothing in the loop asks for a new job.
 STEPS_PER_JOB = 32
+# How long a stopping tree waits for the engine to remove the sequences that ended.
+SETTLE_SECONDS = 5.0
 
 
 @attrs.frozen(kw_only=True)
@@ -44,19 +53,25 @@ class SchedulerConfig:
     # One budget for the batch KV cache and the prefix-cache entries together.
     cache_bytes_limit: int = 2 << 30
     prefix_cache: bool = True
+    reader_pause_tokens: int = 256
+    reader_timeout: float = 60.0
 
     def __attrs_post_init__(self) -> None:
         if self.max_queue < 1 or self.parallel < 1:
             raise ValueError("max_queue and parallel must be >= 1")
         if self.cache_bytes_limit < 1:
             raise ValueError("cache_bytes_limit must be >= 1")
+        if self.reader_pause_tokens < 2:
+            raise ValueError("reader_pause_tokens must be >= 2")
 
 
 @attrs.frozen
 class Dropped:
-    """The last item a reply channel carries when the scheduler ended the sequence itself."""
+    """The last item a reply channel carries when the scheduler ended the sequence itself
+    (shutdown, or a reader that stopped reading); ``admitted``: whether it ever ran."""
 
     reason: str
+    admitted: bool = True
 
 
 @attrs.frozen
@@ -104,10 +119,14 @@ class Scheduler:
                 cache_bytes=config.cache_bytes_limit,
                 kv_bytes_per_token=max(1, engine.kv_bytes_per_token),
                 prefix_cache=config.prefix_cache,
+                pause_unread=config.reader_pause_tokens,
+                resume_unread=config.reader_pause_tokens // 2,
+                reader_timeout=config.reader_timeout,
             )
         )
         self._ids = itertools.count(1)
         self._wakeup = trio.Event()
+        self._job_done = trio.Event()  # set (and replaced) after each job
         # Set from the loop when the engine should come back for a new job (see ``_job``).
         self._interrupt = threading.Event()
         self.engine_stats = EngineStats(active_sequences=0, prefilling_sequences=0, cache_bytes=0)
@@ -147,11 +166,33 @@ class Scheduler:
             self.counters.cancelled += 1
         self._wake()
 
+    def taken(self, seq_id: int, tokens: int) -> None:
+        """The requester's reader took ``tokens`` more tokens of the sequence."""
+        if self._policy.consume(seq_id, tokens):
+            self._wake()  # a paused sequence may go on
+
+    def refuse_queued(self, reason: str) -> None:
+        """Admit nothing more: every queued request ends now, never admitted."""
+        for sub in self._policy.withdraw_queued():
+            self._end(sub, Dropped(reason, admitted=False))
+
     def cancel_all(self, reason: str) -> None:
         """End every queued and running sequence now (their requesters get ``Dropped``)."""
+        self.refuse_queued(reason)
         for sub in self._policy.withdraw_all():
             self._end(sub, Dropped(reason))
         self._wake()
+
+    async def wait_settled(self) -> None:
+        """Until the engine has removed every sequence that ended (``withdrawn`` is empty)."""
+        while self._policy.withdrawn:
+            self._wake()
+            await self._job_done.wait()
+
+    @property
+    def withdrawn(self) -> frozenset[int]:
+        """Sequences that ended and that the engine has yet to remove."""
+        return self._policy.withdrawn
 
     @property
     def queued(self) -> int:
@@ -160,6 +201,10 @@ class Scheduler:
     @property
     def active(self) -> int:
         return self._policy.active
+
+    @property
+    def paused(self) -> int:
+        return self._policy.paused
 
     @property
     def prefix_counters(self) -> PrefixCounters:
@@ -179,6 +224,11 @@ class Scheduler:
         task_status.started()
         try:
             await self._loop()
+        except trio.Cancelled:
+            # The tree is stopping: open work is cut short, not failed.
+            self.cancel_all("the server stopped")
+            await self._remove_withdrawn()
+            raise
         except BaseException as exc:
             # Open requests learn why instead of hanging; then the tree comes down.
             failure = exc if isinstance(exc, Exception) else RuntimeError("scheduler stopped")
@@ -186,17 +236,33 @@ class Scheduler:
                 self._end(sub, EngineFailed(failure))
             raise
 
+    async def _remove_withdrawn(self) -> None:
+        """The tree is stopping: have the engine remove what ended, so nothing is left
+        withdrawn (bounded: the engine thread finished its last job before we got here)."""
+        with trio.CancelScope(shield=True), trio.move_on_after(SETTLE_SECONDS):
+            job = self._policy.next_job(trio.current_time())
+            try:
+                kept = await self._thread.run(_removals_only, self._engine, job)
+            except Exception:  # the tree is stopping anyway; the engine's close frees it all
+                log.exception("removing the last sequences failed")
+                return
+            self._policy.job_done(job, kept)
+
     async def _loop(self) -> None:
         busy = False
         token = trio.lowlevel.current_trio_token()
         while True:
+            for stalled in self._policy.stalled(trio.current_time()):
+                self._end(stalled, Dropped("its client stopped reading"))
             self._interrupt.clear()  # before planning: what comes after it interrupts the job
-            job = self._policy.next_job()
+            job = self._policy.next_job(trio.current_time())
             for request in job.admits:
                 self.counters.prompt_tokens += len(request.prompt)
             if not job and not busy:
                 self._wakeup = trio.Event()
-                await self._wakeup.wait()
+                deadline = self._policy.next_deadline()
+                with trio.move_on_at(math.inf if deadline is None else deadline):
+                    await self._wakeup.wait()
                 continue
             outcome = await self._thread.run(self._job, job, token, interrupt=self._interrupt)
             self.steps += 1
@@ -209,11 +275,13 @@ class Scheduler:
                     if sub is not None:
                         self._end(sub, EngineFailed(error))
             self._policy.job_done(job, outcome.kept, list(rejected))
+            self._job_done.set()
+            self._job_done = trio.Event()
             self._route(outcome.events)
             await trio.lowlevel.checkpoint()
 
     def _job(self, job: Job, token: trio.lowlevel.TrioToken) -> _Outcome:
-        """One engine-thread job: leave (saving prefixes), drop entries, join, then step.
+        """One engine-thread job: leave (saving prefixes), drop entries, join, pause, then step.
 
         While nothing asks for a new job (a submission, a departure, a finish: ``_interrupt``)
         it keeps stepping, up to ``STEPS_PER_JOB``, and posts each step's events to the loop
@@ -225,6 +293,10 @@ class Scheduler:
         kept = [engine.remove(r.seq_id, save_as=r.save_as) for r in job.removals]
         for entry_id in job.drops:
             engine.drop_prefix(entry_id)
+        for seq_id in job.pauses:
+            engine.set_paused(seq_id, True)
+        for seq_id in job.resumes:
+            engine.set_paused(seq_id, False)
         rejected: list[tuple[int, BaseException]] = []
         for request in job.admits:
             try:
@@ -258,7 +330,8 @@ class Scheduler:
             sub = self._policy.payload(event.seq_id)
             if sub is None:
                 continue  # departed while the step ran; removed in the next job
-            self._policy.record(event)
+            if self._policy.record(event):
+                self._interrupt.set()  # its reader lags: the next job pauses it
             if event.token is not None:
                 self.counters.generated_tokens += 1
             try:
@@ -282,3 +355,10 @@ class Scheduler:
         ):
             sub.reply.send_nowait(marker)
         sub.reply.close()
+
+
+def _removals_only(engine: Engine, job: Job) -> list[int]:
+    kept = [engine.remove(r.seq_id, save_as=r.save_as) for r in job.removals]
+    for entry_id in job.drops:
+        engine.drop_prefix(entry_id)
+    return kept

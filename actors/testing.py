@@ -38,10 +38,12 @@ class _Seq:
     prefill_left: int
     produced: int = 0
     finished: bool = False  # keeps its place until ``remove``, as a real engine's row
+    paused: bool = False
 
 
 class ScriptedEngine:
-    """A fake ``Engine``: scripted tokens, optional gate per step, optional crash at step N."""
+    """A fake ``Engine``: scripted tokens, optional gate per step, optional crash at step N;
+    a paused sequence computes nothing (``pauses`` records each pause and resume)."""
 
     def __init__(
         self,
@@ -64,6 +66,7 @@ class ScriptedEngine:
         self.removed: list[int] = []
         self.removed_at_step: dict[int, int] = {}  # seq_id -> steps run before its removal
         self.added: list[int] = []
+        self.pauses: list[tuple[int, bool, int]] = []  # (seq_id, paused, steps run before)
         self.steps = 0
         self.gate: threading.Event | None = None  # when set, each step waits for it
         self.closed = False
@@ -96,13 +99,20 @@ class ScriptedEngine:
     def drop_prefix(self, entry_id: int) -> None:
         self._record()
 
+    def set_paused(self, seq_id: int, paused: bool) -> None:
+        self._record()
+        seq = self.seqs.get(seq_id)
+        if seq is not None:
+            seq.paused = paused
+            self.pauses.append((seq_id, paused, self.steps))
+
     def close(self) -> None:
         self._record()
         self.closed = True
 
     def has_work(self) -> bool:
         self._record()
-        return any(not s.finished for s in self.seqs.values())
+        return any(not s.finished and not s.paused for s in self.seqs.values())
 
     def statistics(self) -> EngineStats:
         self._record()
@@ -125,7 +135,7 @@ class ScriptedEngine:
         events = []
         for seq in list(self.seqs.values()):
             sid = seq.request.seq_id
-            if seq.finished:
+            if seq.finished or seq.paused:
                 continue
             if seq.prefill_left > self.prefill_chunk:
                 seq.prefill_left -= self.prefill_chunk

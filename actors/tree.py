@@ -11,9 +11,12 @@ model on the engine thread (reporting progress into the runner), starts the sche
 marks the runner ready; until then ``submit`` raises ``UnavailableError("loading")``.
 
 Signals (``handle_signals=True``): the first SIGINT/SIGTERM stops admission (``/health`` and
-new requests answer 503), lets open generations run for ``grace`` seconds, cancels what is
-left (open streams end with ``done_reason`` cancelled), then sets ``runner.stopped`` so the
-HTTP server closes. A second signal cancels everything at once.
+new requests answer 503) and ends the queued requests at once (never admitted), lets running
+generations go on for ``grace`` seconds, cuts what is left, then sets ``runner.stopped`` so
+the HTTP server closes. A second signal cuts every open generation at once and stops the HTTP
+server; responses get up to ``FLUSH_SECONDS`` to write their last record before the tree is
+cancelled (a third signal cancels it at once). Work cut or never admitted ends with a
+``GenerationCut``, never as a success.
 """
 
 from __future__ import annotations
@@ -35,8 +38,10 @@ from actors.scheduler import Scheduler, SchedulerConfig
 
 log = logging.getLogger("mlxrunner.tree")
 
-# After the grace period, how long cancelled streams get to deliver their last chunk.
+# After the grace period (or a second signal), how long cut streams get to deliver their
+# last record.
 FLUSH_SECONDS = 2.0
+SHUTTING_DOWN = "the server is shutting down"
 # How long closing the tree waits for the engine thread to finish its last job.
 JOIN_SECONDS = 30.0
 
@@ -63,6 +68,8 @@ async def _loader(
             max_queue=config.max_queue,
             parallel=config.parallel,
             cache_bytes_limit=int(config.cache_gb * (1 << 30)),
+            reader_pause_tokens=config.reader_pause_tokens,
+            reader_timeout=config.reader_timeout,
         ),
         loaded.engine,
         thread,
@@ -92,7 +99,7 @@ async def _supervise_scheduler(
 async def _signals(
     runner: Runner,
     grace: float,
-    cancel_all: trio.CancelScope,
+    everything: trio.CancelScope,
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -100,31 +107,46 @@ async def _signals(
         task_status.started()
         async for signum in signals:
             log.info("%s: draining for up to %.1f s", signal.Signals(signum).name, grace)
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(drain, runner, grace)
-
-                async def second_signal() -> None:
-                    async for again in signals:
-                        log.warning("%s again: stopping now", signal.Signals(again).name)
-                        runner.stopped.set()
-                        cancel_all.cancel()
-                        return
-
-                nursery.start_soon(second_signal)
-                await runner.stopped.wait()
+            break
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(drain, runner, grace)
+            # The drain may end (and the HTTP server close) before a second signal comes.
+            async for again in signals:
+                log.warning("%s again: ending open generations now", signal.Signals(again).name)
                 nursery.cancel_scope.cancel()
-            return
+                break
+        loaded = runner.ready is not None
+        stop_now(runner)
+        if loaded:  # a load in progress has nothing to flush, and no one should wait for it
+            with trio.move_on_after(FLUSH_SECONDS):
+                async for _ in signals:
+                    break
+        everything.cancel()
 
 
 async def drain(runner: Runner, grace: float) -> None:
-    """Stop admitting, let open generations finish for ``grace`` s, cancel the rest, stop."""
+    """Stop admitting (queued requests end now, never admitted), let running generations
+    finish for ``grace`` s, cut the rest, and stop once the engine has removed them all."""
     runner.begin_shutdown()
+    scheduler = runner.ready.scheduler if runner.ready is not None else None
+    if scheduler is not None:
+        scheduler.refuse_queued(SHUTTING_DOWN)
     with trio.move_on_after(grace):
         await runner.wait_idle()
-    if runner.ready is not None:
-        runner.ready.scheduler.cancel_all("shutting down")
+    if scheduler is not None:
+        scheduler.cancel_all(SHUTTING_DOWN)
     with trio.move_on_after(FLUSH_SECONDS):
+        if scheduler is not None:
+            await scheduler.wait_settled()
         await runner.wait_idle()
+    runner.stopped.set()
+
+
+def stop_now(runner: Runner) -> None:
+    """Cut every open generation now and ask the HTTP server to stop (a second signal)."""
+    runner.begin_shutdown()
+    if runner.ready is not None:
+        runner.ready.scheduler.cancel_all("the server is stopping now")
     runner.stopped.set()
 
 
@@ -150,7 +172,7 @@ async def open_runner(
         load = loading.model_loader(config)
     thread = EngineThread()
     thread.on_stop(_end_mlx_thread)
-    runner = Runner()
+    runner = Runner(max_open=config.max_open)
     try:
         with trio.CancelScope() as everything:
             async with trio.open_nursery() as nursery:

@@ -1,7 +1,11 @@
 """The one place that maps request errors to HTTP statuses and JSON bodies.
 
 Every error a client can cause ends as ``{"error": "<message>"}`` with a 4xx or 503 status
-and a message that says what to change; 429 and 503 carry ``Retry-After``.
+and a message that says what to change; 429 and 503 carry ``Retry-After``. A
+``GenerationCut`` (cut short by shutdown or a stalled reader, or never admitted) is a 503 with
+``Retry-After`` and its message: the work did not finish, and a retry can succeed. After a
+stream's header the same errors end the stream with an error record instead (each route
+family renders it in its own wire format).
 
 An unexpected server error (any other 5xx: a ``GenerationError``, the runner failing a
 generation it had admitted, or a bug escaping a handler) tells the client nothing about its
@@ -20,7 +24,13 @@ from typing import Any
 from quart import Response, g, has_request_context, jsonify
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 
-from actors.messages import GenerationError, QueueFullError, UnavailableError
+from actors.messages import (
+    GenerationCut,
+    GenerationError,
+    OverloadedError,
+    QueueFullError,
+    UnavailableError,
+)
 from runtime.errors import (
     ModelLoadError,
     ModelNotFoundError,
@@ -33,6 +43,7 @@ from runtime.errors import (
 log = logging.getLogger(__name__)
 
 RETRY_AFTER_QUEUE_FULL = 1  # seconds: a slot frees as soon as one generation ends
+RETRY_AFTER_OVERLOADED = 1  # likewise, once one open generation is read to its end
 RETRY_AFTER_LOADING = 5
 RETRY_AFTER_SHUTTING_DOWN = 30  # another instance should have taken over by then
 REQUEST_ID_HEADER = "X-Request-Id"
@@ -68,6 +79,9 @@ def status_of(exc: BaseException) -> tuple[int, str, dict[str, str]]:
         case UnavailableError():
             retry = str(RETRY_AFTER_SHUTTING_DOWN)
             return 503, str(exc) or "shutting down", {"Retry-After": retry}
+        case OverloadedError():
+            retry = str(RETRY_AFTER_OVERLOADED)
+            return 503, str(exc) or "too many open generations", {"Retry-After": retry}
         case ModelNotFoundError():
             return 404, str(exc), {}
         case PromptTooLongError():
@@ -85,6 +99,9 @@ def status_of(exc: BaseException) -> tuple[int, str, dict[str, str]]:
         case MethodNotAllowed():
             allowed = ", ".join(exc.valid_methods or ())
             return 405, "method not allowed", {"Allow": allowed} if allowed else {}
+        case GenerationCut():
+            retry = str(RETRY_AFTER_SHUTTING_DOWN)
+            return 503, str(exc) or "the generation was cut short", {"Retry-After": retry}
         case GenerationError():
             return 500, "internal error", {}
         case HTTPException():
@@ -156,7 +173,9 @@ def stream_error_payload(exc: BaseException, request_id: str) -> dict[str, Any]:
 def openai_stream_error(exc: BaseException, request_id: str) -> dict[str, Any]:
     """The same for an OpenAI stream: an error object, as OpenAI's own stream errors are."""
     payload = stream_error_payload(exc, request_id)
-    error: dict[str, Any] = {"message": payload["error"], "type": "server_error"}
+    status = status_of(exc)[0]
+    kind = "server_unavailable" if status == 503 else "server_error"
+    error: dict[str, Any] = {"message": payload["error"], "type": kind, "code": status}
     if "request_id" in payload:
         error["request_id"] = payload["request_id"]
     return {"error": error}

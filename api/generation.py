@@ -6,6 +6,11 @@ reads the ``GenerationReader`` it returns: a streamed body iterates it as the re
 sent, a whole reply calls ``collect``. The reader receives straight from the handle's channel
 (no task or channel of its own), records the metrics, and closes the handle when the last item
 is read or the response goes away (``StreamBody.aclose``, or the handler's cancellation).
+
+A generation ends in exactly one of two ways: a done chunk (it finished: stop or length), or a
+``GenerationError`` raised by the reader (``GenerationCut`` when it was cut short or never
+admitted). Routes map the latter through ``api/errors.py``: a status for a whole reply, an
+error record at the end of a stream. Nothing cut is ever rendered as finished.
 """
 
 from __future__ import annotations
@@ -15,7 +20,15 @@ from collections.abc import AsyncIterator
 import attrs
 import trio
 
-from actors.messages import Chunk, DoneReason, GenerateRequest, Generation, GenerationError, Logprob
+from actors.messages import (
+    Chunk,
+    DoneReason,
+    GenerateRequest,
+    Generation,
+    GenerationCut,
+    GenerationError,
+    Logprob,
+)
 from api.context import ApiContext
 from api.errors import request_id
 from api.metrics import Metrics
@@ -33,9 +46,10 @@ class GenerationReader:
     """The chunks of one admitted generation, ending in exactly one ``done`` chunk.
 
     A generation that failed after admission raises its ``GenerationError`` instead of the
-    last chunk; a channel that just ends (the tree stopped) reads as a cancelled last chunk.
-    ``request_id`` is the HTTP request's, for the error record that ends a failed stream
-    (the response is sent after the request's context is gone).
+    last chunk; a cut one its ``GenerationCut``, and so does a channel that just ends (the
+    tree stopped). Every done chunk it returns is a finished generation. ``request_id`` is the
+    HTTP request's, for the error record that ends a failed stream (the response is sent after
+    the request's context is gone).
     """
 
     def __init__(
@@ -57,9 +71,14 @@ class GenerationReader:
         try:
             item = await self._generation.chunks.receive()
         except (trio.EndOfChannel, trio.ClosedResourceError):
-            item = Chunk(done=True, done_reason=DoneReason.CANCELLED)
+            item = GenerationCut("the server stopped before the generation finished")
+        if isinstance(item, Chunk) and item.done and item.done_reason is DoneReason.CANCELLED:
+            item = GenerationCut("the generation was cancelled", item)  # never a success
         if isinstance(item, GenerationError):
             self._finished = True
+            if isinstance(item, GenerationCut):
+                self._metrics.cancellations.inc()
+                self._metrics.prompt_tokens.inc(item.final.prompt_eval_count)
             self._generation.close()
             raise item
         self._observe(item)
@@ -67,11 +86,12 @@ class GenerationReader:
 
     async def collect(self) -> Chunk:
         """Read the whole generation (non-streaming replies): one chunk with all the text,
-        tokens and logprobs, and the totals of the last chunk."""
+        tokens and logprobs, and the totals of the last chunk. A cut or failed generation
+        raises (the route answers 503 or 500, never the partial text as a success)."""
         content: list[str] = []
         tokens: list[int] = []
         logprobs: list[Logprob] = []
-        last = Chunk(done=True, done_reason=DoneReason.CANCELLED)
+        last = Chunk(done=True)
         try:
             async for chunk in self:
                 content.append(chunk.content)
@@ -104,8 +124,6 @@ class GenerationReader:
         if chunk.done:
             self._finished = True
             m.prompt_tokens.inc(chunk.prompt_eval_count)
-            if chunk.done_reason == DoneReason.CANCELLED:
-                m.cancellations.inc()
             self._generation.close()
 
     def close(self) -> None:

@@ -37,6 +37,16 @@ class _RunnerCollector(Collector):
             "mlxrunner_active_sequences", "Sequences being decoded", value=s.active_sequences
         )
         yield GaugeMetricFamily(
+            "mlxrunner_paused_sequences",
+            "Sequences paused until their readers catch up",
+            value=s.paused_sequences,
+        )
+        yield GaugeMetricFamily(
+            "mlxrunner_open_generations",
+            "Generations queued, running or still being read",
+            value=s.open_generations,
+        )
+        yield GaugeMetricFamily(
             "mlxrunner_cache_bytes", "Bytes held by the KV cache", value=s.cache_bytes
         )
         yield GaugeMetricFamily(
@@ -94,7 +104,7 @@ class Metrics:
         )
         self.cancellations = Counter(
             "mlxrunner_cancellations",
-            "Generations left before their end (client gone, shutdown)",
+            "Generations left or cut before their end (client gone, shutdown, stalled reader)",
             registry=r,
         )
         self.ttft = Histogram(

@@ -2,8 +2,11 @@
 ``/detokenize``.
 
 ``/completion`` speaks the seed runner's wire: one object per chunk with ``content`` and
-``token``; the last has ``done: true``, an integer ``done_reason`` (0 stop, 1 length,
-2 cancelled) and Ollama's counters in nanoseconds.
+``token``; the last has ``done: true``, an integer ``done_reason`` (0 stop, 1 length) and
+Ollama's counters in nanoseconds. A stream cut short (shutdown, a stalled reader, never
+admitted) ends instead with ``done: true``, ``done_reason: 2``, the counters and an
+``error``; one that failed with ``{"error": ...}``. Without streaming both are HTTP errors
+(503 with Retry-After, 500).
 """
 
 from __future__ import annotations
@@ -14,7 +17,14 @@ from typing import Any
 
 from quart import Blueprint, Response, jsonify, request
 
-from actors.messages import Chunk, DoneReason, GenerateRequest, GenerationError, Logprob
+from actors.messages import (
+    Chunk,
+    DoneReason,
+    GenerateRequest,
+    GenerationCut,
+    GenerationError,
+    Logprob,
+)
 from api.context import ApiContext
 from api.errors import (
     RETRY_AFTER_LOADING,
@@ -120,6 +130,10 @@ def blueprint(ctx: ApiContext) -> Blueprint:
                 try:
                     async for chunk in generation:
                         yield ndjson_line(_chunk_json(chunk, logprobs=req.logprobs))
+                except GenerationCut as cut:
+                    last = _chunk_json(cut.final, logprobs=req.logprobs)
+                    error = stream_error_payload(cut, generation.request_id)
+                    yield ndjson_line({**last, **error})
                 except GenerationError as exc:
                     yield ndjson_line(stream_error_payload(exc, generation.request_id))
                 finally:

@@ -2,7 +2,9 @@
 ``/api/show``, ``/api/ps``, ``/api/version``.
 
 Field names, defaults (``stream: true``), the empty-prompt "load" reply and the final
-statistics follow Ollama, so the official ``ollama`` client works against this server.
+statistics follow Ollama, so the official ``ollama`` client works against this server. A
+stream cut short or failed ends with Ollama's error line, ``{"error": "..."}``, which its
+client raises as ``ResponseError``; without streaming the same is an HTTP error.
 """
 
 from __future__ import annotations
@@ -30,11 +32,8 @@ from api.schemas import (
     tool_list,
 )
 
-DONE_REASONS = {
-    DoneReason.STOP: "stop",
-    DoneReason.LENGTH: "length",
-    DoneReason.CANCELLED: "connection closed",  # Ollama's DoneReasonConnectionClosed
-}
+# A cut generation never gets a done line: its stream ends with an error line instead.
+DONE_REASONS = {DoneReason.STOP: "stop", DoneReason.LENGTH: "length"}
 _FAR_FUTURE = "2318-11-25T00:00:00Z"  # a model that never unloads, as `keep_alive: -1` shows
 
 
@@ -107,7 +106,7 @@ async def _respond(
                     if chunk.content or chunk.done or chunk.logprobs:
                         lps = _logprobs(chunk) if req.logprobs else None
                         yield ndjson_line(_line(name, render, chunk.content, chunk, lps))
-            except GenerationError as exc:
+            except GenerationError as exc:  # failed, or cut short: Ollama's error line
                 yield ndjson_line(stream_error_payload(exc, generation.request_id))
             finally:
                 generation.close()

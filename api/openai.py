@@ -4,7 +4,9 @@
 OpenAI's option names map onto Ollama's (``max_tokens`` -> ``num_predict``; temperature and
 top_p default to 1 as in OpenAI and Ollama's compatibility layer). Streams are
 ``data: {json}`` events ending in ``data: [DONE]``; with ``stream_options.include_usage`` a
-last event carries ``usage`` and no choices.
+last event carries ``usage`` and no choices. A stream cut short or failed ends instead with an
+error event, ``data: {"error": {"message", "type", "code"}}``, and no ``finish_reason`` or
+``[DONE]``; without streaming the same is an HTTP error (503 with Retry-After, or 500).
 """
 
 from __future__ import annotations
@@ -44,11 +46,8 @@ from api.schemas import (
     tool_list,
 )
 
-FINISH_REASONS = {
-    DoneReason.STOP: "stop",
-    DoneReason.LENGTH: "length",
-    DoneReason.CANCELLED: "stop",
-}
+# A cut generation has no finish reason: its stream ends with an error event instead.
+FINISH_REASONS = {DoneReason.STOP: "stop", DoneReason.LENGTH: "length"}
 _OLLAMA_EXTRAS = ("top_k", "min_p", "typical_p", "repeat_penalty", "repeat_last_n", "num_ctx")
 _FINGERPRINT = "fp_mlxrunner"
 

@@ -134,6 +134,14 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="requests that may wait for a slot; more get 429 (default: %(default)s)",
     )
     serve.add_argument(
+        "--max-open",
+        type=integer(1),
+        default=256,
+        metavar="N",
+        help="generations open at once (queued, running, or still being read); more get 503 "
+        "(default: %(default)s)",
+    )
+    serve.add_argument(
         "--cache-gb",
         type=number(above=0),
         default=2.0,

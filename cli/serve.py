@@ -1,12 +1,13 @@
 """``mlxrunner serve``: the actor tree with the HTTP server in its body.
 
 The tree owns the signals (``actors/tree.py``): the first SIGINT/SIGTERM stops admission
-(``/health`` and new generations answer 503), lets open generations run for ``--grace``
-seconds, cancels the rest, then fires ``runner.shutdown_trigger``; hypercorn then stops
-accepting and gives responses a short flush before it closes them. A second signal stops at
-once. Either way the process exits 0; a bad flag (or an unreadable ``--api-key-file``) exits
-2; a model that cannot be loaded or a port that cannot be bound exits 1 with one line on
-stderr.
+(``/health`` and new generations answer 503, queued ones end at once), lets running
+generations go on for ``--grace`` seconds, cuts the rest, then fires
+``runner.shutdown_trigger``; hypercorn then stops accepting and gives responses a short flush
+before it closes them. A second signal cuts every open generation at once and stops the same
+way (a third stops without the flush). Cut work ends with 503 or a stream's error record.
+Either way the process exits 0; a bad flag (or an unreadable ``--api-key-file``) exits 2; a
+model that cannot be loaded or a port that cannot be bound exits 1 with one line on stderr.
 
 Who may talk to the server (``api/guard.py``) comes from the flags, each falling back to its
 environment variable when not given: the API key from ``--api-key`` or ``--api-key-file``,
@@ -110,6 +111,7 @@ def runner_options(args: argparse.Namespace) -> dict[str, Any]:
         "parallel": args.parallel,
         "prefill_chunk": getattr(args, "prefill_chunk", 512),
         "max_queue": args.max_queue,
+        "max_open": getattr(args, "max_open", 256),
         "cache_gb": args.cache_gb,
         "grace": args.grace,
     }

@@ -23,6 +23,7 @@ from actors.messages import (
     DoneReason,
     GenerateRequest,
     Generation,
+    GenerationCut,
     GenerationError,
     GenerationItem,
     Health,
@@ -32,6 +33,8 @@ from actors.messages import (
     UnavailableError,
 )
 from runtime.errors import OptionsError
+
+CUT_MESSAGE = "the server is shutting down: the generation was cut short after 2 tokens"
 
 INFO = ModelInfo(
     name="fake:latest",
@@ -66,6 +69,8 @@ class FakeRunner:
     generated: int = 0
     finished: int = 0
     fail_at: int | None = None  # raise (a runner fault) before producing this token
+    cut_at: int | None = None  # end with a GenerationCut (shutdown) before this token
+    vanish_at: int | None = None  # the channel just ends (the tree stopped) before this token
     admission: trio.Event | None = None  # when set: generate() waits on it, as if queued
     waiting: int = 0
 
@@ -146,6 +151,18 @@ class _ScriptedChunks(trio.abc.ReceiveChannel[GenerationItem]):
             if fake.fail_at is not None and self._count >= fake.fail_at:
                 self._end()
                 return GenerationError("engine failed")
+            if fake.cut_at is not None and self._count >= fake.cut_at:
+                self._end()
+                totals = Chunk(
+                    done=True,
+                    done_reason=DoneReason.CANCELLED,
+                    prompt_eval_count=fake.prompt_tokens,
+                    eval_count=self._count,
+                )
+                return GenerationCut(CUT_MESSAGE, totals)
+            if fake.vanish_at is not None and self._count >= fake.vanish_at:
+                self._end()
+                raise trio.EndOfChannel
             word = fake.script[self._count % len(fake.script)]
             logprobs: tuple[Logprob, ...] = ()
             if request.logprobs:

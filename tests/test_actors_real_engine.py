@@ -58,6 +58,9 @@ class RecordingEngine:
     def drop_prefix(self, entry_id: int) -> None:
         self.inner.drop_prefix(entry_id)
 
+    def set_paused(self, seq_id: int, paused: bool) -> None:
+        self.inner.set_paused(seq_id, paused)
+
     def close(self) -> None:
         self.threads.add(threading.get_ident())
         self.inner.close()
@@ -180,6 +183,27 @@ async def test_leaving_returns_the_cache_memory_within_one_step(folder: Path) ->
         await _until_freed(runner)
         assert engines[0].steps <= steps_at_exit + 1
         assert engines[0].removed  # dropped by the scheduler, not run to its end
+
+
+async def test_a_reader_that_lags_pauses_its_sequence_without_changing_its_tokens(
+    folder: Path,
+) -> None:
+    threads: set[int] = set()
+    engines: list[RecordingEngine] = []
+    async with open_runner(load=_loader(folder, threads, engines), reader_pause_tokens=4) as runner:
+        await runner.wait_ready()
+        alone = await _tokens(runner, _request(PROMPT, 120))
+        with await runner.submit(_request(PROMPT, 120)) as lagging:
+            got = list((await receive_chunk(lagging)).tokens)
+            # Not read on, it pauses long before its 120 tokens (a job runs at most 32 steps
+            # past the bound): the pipelined engine stops feeding it with a token in flight...
+            with trio.fail_after(30):  # hang guard
+                while runner.statistics().paused_sequences == 0:
+                    await trio.sleep(0.001)
+            # ...and resumes from that token once its reader is back.
+            got.extend(t for chunk in await read_to_end(lagging) for t in chunk.tokens)
+    assert got == alone
+    assert len(got) == 120
 
 
 async def test_run_command_loads_a_model_folder(folder: Path) -> None:

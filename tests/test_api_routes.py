@@ -148,6 +148,8 @@ async def test_metrics_exposes_counters_histograms_and_runner_state(client) -> N
         "mlxrunner_cache_bytes",
         "mlxrunner_cache_hit_ratio 0.25",
         "mlxrunner_cancellations_total",
+        "mlxrunner_paused_sequences 0.0",
+        "mlxrunner_open_generations 0.0",
     ):
         assert name in text
 

@@ -115,8 +115,35 @@ async def test_streams_past_the_grace_period_are_cut_and_exit_is_still_0() -> No
         assert code == 0, b"".join(stderr).decode()
         tail = await read_until(stream, b"0\r\n\r\n", eof_ok=True)
         await stream.aclose()
-        # 100k tokens at 10 ms each: it ended because the drain cancelled it.
+        # 100k tokens at 10 ms each: it ended because the drain cut it, and says so.
         assert b'"done_reason":2' in tail
+        assert b'"error":"the server is shutting down: the generation was cut short' in tail
+
+
+async def test_a_second_signal_ends_open_streams_with_an_error_record_and_exits_0() -> None:
+    async with fake_server("--delay", "0.01", "--grace", "600") as (process, port, stderr):
+        native = await raw_request("127.0.0.1", port, "POST", "/completion", {"prompt": "x"})
+        body = {"model": "fake", "messages": [{"role": "user", "content": "x"}], "stream": True}
+        sse = await raw_request("127.0.0.1", port, "POST", "/v1/chat/completions", body)
+        await read_until(native, b'"done":false', eof_ok=True)
+        await read_until(sse, b'"content":"', eof_ok=True)
+        process.send_signal(signal.SIGTERM)
+        while b"shutting_down" not in await get("/health", port):
+            await trio.sleep(0.01)
+        process.send_signal(signal.SIGTERM)  # the grace period is long: stop now
+        native_tail = await read_until(native, b"0\r\n\r\n", eof_ok=True)
+        sse_tail = await read_until(sse, b"0\r\n\r\n", eof_ok=True)
+        for stream in (native, sse):
+            await stream.aclose()
+        with trio.fail_after(30):  # hang guard
+            code = await process.wait()
+        assert code == 0, b"".join(stderr).decode()
+    records = [line for line in native_tail.split(b"\n") if line.startswith(b"{")]
+    assert b'"done_reason":2' in records[-1]
+    assert b'"error":"the server is stopping now' in records[-1]
+    assert sum(b'"done":true' in record for record in records) == 1
+    assert b'data: {"error":{"message":"the server is stopping now' in sse_tail
+    assert b"[DONE]" not in sse_tail
 
 
 def test_serve_command_line_errors_exit_nonzero_with_one_line(tmp_path, capsys) -> None:
@@ -133,6 +160,10 @@ def test_serve_command_line_errors_exit_nonzero_with_one_line(tmp_path, capsys) 
     assert "--parallel" in capsys.readouterr().err
     assert serve("--api-key-file", str(tmp_path / "missing")) == 2
     assert "--api-key-file" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        serve("--max-open", "0")
+    assert exit_info.value.code == 2
+    assert "--max-open" in capsys.readouterr().err
     assert serve("--models-dir", str(tmp_path), "--model", "nosuch:model") == 1
     err = capsys.readouterr().err
     assert "nosuch" in err

@@ -97,6 +97,42 @@ def test_batched_sequences_equal_solo_runs(loaded: LoadedModel, sampling: Sampli
     assert [_tokens(out[i]) for i in range(3)] == solo
 
 
+@pytest.mark.parametrize("sampling", [GREEDY, SEEDED])
+def test_a_paused_row_computes_nothing_and_resumes_where_it_stopped(
+    loaded: LoadedModel, sampling: SamplingOptions
+) -> None:
+    solo = []
+    for i in (0, 1):
+        engine = ModelEngine(loaded)
+        engine.add(_request(i, PROMPTS[i], sampling=sampling, max_tokens=12))
+        solo.append(_tokens(_run(engine)[i]))
+    assert min(len(t) for t in solo) == 12  # no early EOS: every phase below has tokens
+    engine = ModelEngine(loaded)
+    out: dict[int, list[TokenEvent]] = {0: [], 1: []}
+
+    def step() -> None:
+        for ev in engine.step():
+            out[ev.seq_id].append(ev)
+            if ev.finish is not None:
+                engine.remove(ev.seq_id)
+
+    for i in (0, 1):
+        engine.add(_request(i, PROMPTS[i], sampling=sampling, max_tokens=12))
+    while len(_tokens(out[0])) < 3:
+        step()
+    engine.set_paused(0, True)
+    step()  # a token already in flight for it is still reported
+    held, others = len(_tokens(out[0])), len(_tokens(out[1]))
+    for _ in range(3):
+        step()
+    assert len(_tokens(out[0])) == held  # paused: nothing computed
+    assert len(_tokens(out[1])) == others + 3  # the other row stepped on alone
+    engine.set_paused(0, False)
+    while engine.has_work():
+        step()
+    assert [_tokens(out[i]) for i in (0, 1)] == solo
+
+
 def test_prefill_is_chunked_and_budgeted(loaded: LoadedModel) -> None:
     engine = ModelEngine(loaded, prefill_chunk=16)
     engine.add(_request(0, list(range(40)), max_tokens=1))

@@ -29,8 +29,10 @@ def _req(seq_id: int, prompt: list[int] | tuple[int, ...], max_tokens: int = 8) 
     )
 
 
-def _policy(**kw: int | bool) -> SchedulerPolicy[str]:
-    config = dict(max_queue=8, parallel=4, cache_bytes=4 * STEP * BPT, kv_bytes_per_token=BPT)
+def _policy(**kw: float) -> SchedulerPolicy[str]:
+    config: dict[str, float] = dict(
+        max_queue=8, parallel=4, cache_bytes=4 * STEP * BPT, kv_bytes_per_token=BPT
+    )
     config.update(kw)
     return SchedulerPolicy[str](PolicyConfig(**config))  # type: ignore[arg-type]
 
@@ -43,9 +45,11 @@ def _finish(policy: SchedulerPolicy[str], seq_id: int, tokens: list[int]) -> Non
         )
 
 
-def _run_job(policy: SchedulerPolicy[str], kept: dict[int, int] | None = None) -> Job:
+def _run_job(
+    policy: SchedulerPolicy[str], kept: dict[int, int] | None = None, now: float = 0.0
+) -> Job:
     """Plan a job and report it done, the engine keeping ``kept[seq_id]`` positions."""
-    job = policy.next_job()
+    job = policy.next_job(now)
     counts = [(kept or {}).get(r.seq_id, 0) if r.save_as is not None else 0 for r in job.removals]
     policy.job_done(job, counts)
     return job
@@ -219,7 +223,86 @@ def test_admission_never_overcommits_the_budget(actions: list[tuple[str, int, in
             for r in job.removals
         ]
         policy.job_done(job, kept)
+        assert policy.withdrawn == frozenset()  # the engine removed every ended sequence
         running = [s for s in running if s in policy._running] + [r.seq_id for r in job.admits]
         # What the engine may hold now: the batch at its committed shape plus every entry.
         held = policy._rows * policy._positions * BPT + policy.prefixes.nbytes
         assert held <= budget
+
+
+def _tokens(policy: SchedulerPolicy[str], seq_id: int, count: int) -> list[bool]:
+    """Route ``count`` tokens to ``seq_id``; what ``record`` said about a pause after each."""
+    return [policy.record(TokenEvent(seq_id=seq_id, token=7)) for _ in range(count)]
+
+
+def test_a_lagging_reader_pauses_its_sequence_until_it_catches_up() -> None:
+    policy = _policy(pause_unread=4, resume_unread=2)
+    policy.enqueue(_req(1, [1], max_tokens=100), "slow")
+    policy.enqueue(_req(2, [2], max_tokens=100), "fast")
+    _run_job(policy)
+    assert _tokens(policy, 1, 4) == [False, False, False, True]  # the 4th unread one: pause
+    _tokens(policy, 2, 4)
+    policy.consume(2, 4)  # the other reader keeps up
+    job = _run_job(policy, now=10.0)
+    assert (job.pauses, job.resumes) == ((1,), ())  # only the lagging one, the other runs on
+    assert policy.paused == 1
+    assert _run_job(policy).pauses == ()  # told once
+    assert policy.consume(1, 1) is False  # 3 unread: still too far behind
+    assert policy.consume(1, 1) is True  # 2 unread: it may go on
+    job = _run_job(policy, now=11.0)
+    assert (job.pauses, job.resumes) == ((), (1,))
+    assert policy.paused == 0
+    assert policy.next_deadline() is None
+
+
+def test_a_sequence_paused_past_the_reader_timeout_is_given_up_and_removed() -> None:
+    policy = _policy(pause_unread=2, resume_unread=0, reader_timeout=60.0)
+    policy.enqueue(_req(1, [1], max_tokens=100), "stalled")
+    _run_job(policy)
+    _tokens(policy, 1, 2)
+    _run_job(policy, now=10.0)
+    assert policy.next_deadline() == 70.0
+    assert policy.stalled(69.9) == []  # still within its bound
+    assert policy.stalled(70.0) == ["stalled"]
+    assert policy.stalled(80.0) == []  # given up once
+    assert policy.withdrawn == {1}
+    assert policy.next_deadline() is None
+    assert [r.seq_id for r in _run_job(policy).removals] == [1]
+    assert policy.withdrawn == frozenset()
+    assert policy.active == 0
+
+
+def test_the_withdrawn_set_empties_after_a_storm_of_cancellations_and_after_shutdown() -> None:
+    policy = _policy(parallel=4, max_queue=8, pause_unread=2, resume_unread=1)
+    next_id = 1
+    live: list[int] = []
+    pauses = 0
+    for round_ in range(200):
+        while policy.queued < 8:
+            policy.enqueue(_req(next_id, [next_id % 5 + 1], max_tokens=4), str(next_id))
+            next_id += 1
+        job = _run_job(policy, now=float(round_))
+        pauses += len(job.pauses)
+        live = [s for s in live if s in policy._running] + [r.seq_id for r in job.admits]
+        for seq_id in live[: round_ % 3]:
+            _tokens(policy, seq_id, 2)  # some readers lag: their sequences pause
+        leaving = live[round_ % 2 :: 2]
+        for seq_id in [*leaving, next_id - 1, 10**6]:  # running, queued, unknown
+            policy.withdraw(seq_id)
+        policy.stalled(float(round_) - 100)  # none yet: they paused recently
+        assert set(leaving) <= policy.withdrawn  # ended ones wait for the engine...
+    assert pauses > 0
+    policy.stalled(1e9)  # every paused one is given up
+    _run_job(policy)
+    policy.withdraw_all()  # shutdown
+    _run_job(policy)
+    assert policy.withdrawn == frozenset()  # ...and are forgotten once it has removed them
+    assert policy.active == policy.queued == policy.paused == 0
+    assert policy._running == {}
+
+
+def test_reader_bounds_are_checked() -> None:
+    with pytest.raises(ValueError, match="resume_unread"):
+        PolicyConfig(pause_unread=4, resume_unread=4)
+    with pytest.raises(ValueError, match="reader_timeout"):
+        PolicyConfig(reader_timeout=float("nan"))

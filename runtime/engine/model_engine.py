@@ -54,6 +54,7 @@ class _Row:
     reported: int = 0  # tokens read back and reported
     last: int | None = None  # the last token read back
     finished: bool = False
+    paused: bool = False  # its reader lags: fed nothing until unpaused
 
     @property
     def prompt_len(self) -> int:
@@ -61,7 +62,7 @@ class _Row:
 
     def fed_next(self, context: int) -> bool:
         """Whether the next forward feeds this row's last sampled token."""
-        if self.finished or self.pending or self.sampled == 0:
+        if self.finished or self.paused or self.pending or self.sampled == 0:
             return False
         return self.sampled < self.request.max_tokens and self.prompt_len + self.sampled < context
 
@@ -191,6 +192,11 @@ class ModelEngine:
         if dropped is not None:
             self._prefix_bytes -= sum(k.nbytes + v.nbytes for k, v in dropped[0])
 
+    def set_paused(self, seq_id: int, paused: bool) -> None:
+        row = self._by_id.get(seq_id)
+        if row is not None:
+            row.paused = paused
+
     def has_work(self) -> bool:
         return self._inflight is not None or any(
             r.pending or r.fed_next(self._context) for r in self._by_id.values()
@@ -297,7 +303,7 @@ class ModelEngine:
         """Each row's last sampled token, a dummy for rows that do not decode.
 
         Tokens of ``previous`` are taken lazily (not read yet); a row that did not sample in
-        it (only after a failed step) feeds its last reported token from the host.
+        it (after a failed step, or a pause) feeds its last reported token from the host.
         """
         sampled = previous.rows if previous is not None else ()
         where = {row.index: i for i, row in enumerate(sampled)}

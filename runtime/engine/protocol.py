@@ -2,7 +2,7 @@
 
 An ``Engine`` is driven from one thread only (the engine thread); it is synchronous and knows
 nothing of Trio. The scheduler adds sequences, calls ``step`` in a loop and removes sequences
-that finished or whose requester is gone. One ``step`` advances every active sequence together:
+that finished or whose requester is gone, and pauses sequences whose reader lags. One ``step`` advances every active sequence together:
 a prefill chunk for sequences still reading their prompt (bounded by a per-step token budget),
 one decode token for the others. Sequences join and leave between steps. An engine may pipeline:
 the events a step returns can belong to the forward pass dispatched by the step before.
@@ -101,6 +101,11 @@ class Engine(Protocol):
 
     def drop_prefix(self, entry_id: int) -> None:
         """Free a prefix-cache entry. Unknown ids are ignored."""
+
+    def set_paused(self, seq_id: int, paused: bool) -> None:
+        """Stop (or restart) decoding a sequence: a paused one keeps its row and cache but
+        computes no token until it is unpaused; the other rows step on without it. A token
+        already in flight for it is still reported. Unknown ids are ignored."""
 
     def has_work(self) -> bool:
         """Whether ``step`` would advance anything."""

@@ -12,6 +12,16 @@ evicting least-recently-used entries if needed; so a running sequence never runs
 A request that could never fit, even alone in an empty cache, is refused when it is queued.
 Admission is first come, first served: the head of the queue waits for room rather than being
 overtaken.
+
+Readers: every token routed to a sequence counts as unread until its requester reports it
+taken (``consume``). A sequence with ``pause_unread`` tokens unread is paused (the engine stops
+decoding it; the others step on) and resumed once its reader is back under ``resume_unread``;
+one paused for ``reader_timeout`` seconds is given up (``stalled``), so a client that stops
+reading holds a bounded amount of output and, in the end, no cache.
+
+Withdrawn sequences (departed, stalled, finished, shut down) stay in the running map, marked
+``ended``, only until the engine has removed them: ``job_done`` forgets them, so ``withdrawn``
+is empty whenever the engine has caught up.
 """
 
 from __future__ import annotations
@@ -45,12 +55,19 @@ class PolicyConfig:
     cache_bytes: int = 2 << 30
     kv_bytes_per_token: int = 1
     prefix_cache: bool = True
+    pause_unread: int = 256  # tokens a reader may leave unread before its sequence pauses
+    resume_unread: int = 128  # ... and the most it may leave unread for it to go on
+    reader_timeout: float = 60.0  # seconds a sequence may stay paused before it is given up
 
     def __attrs_post_init__(self) -> None:
         if self.max_queue < 1 or self.parallel < 1:
             raise ValueError("max_queue and parallel must be >= 1")
         if self.cache_bytes < 1 or self.kv_bytes_per_token < 1:
             raise ValueError("cache_bytes and kv_bytes_per_token must be >= 1")
+        if not 0 <= self.resume_unread < self.pause_unread:
+            raise ValueError("need 0 <= resume_unread < pause_unread")
+        if not self.reader_timeout >= 0:
+            raise ValueError("reader_timeout must be >= 0")
 
 
 @attrs.frozen(kw_only=True)
@@ -61,14 +78,16 @@ class Removal:
 
 @attrs.frozen(kw_only=True)
 class Job:
-    """One engine-thread job: removals, then dropped entries, then admissions, then a step."""
+    """One engine-thread job: removals, dropped entries, admissions, pauses, then a step."""
 
     removals: tuple[Removal, ...] = ()
     drops: tuple[int, ...] = ()
     admits: tuple[SequenceRequest, ...] = ()
+    pauses: tuple[int, ...] = ()
+    resumes: tuple[int, ...] = ()
 
     def __bool__(self) -> bool:
-        return bool(self.removals or self.drops or self.admits)
+        return bool(self.removals or self.drops or self.admits or self.pauses or self.resumes)
 
 
 @attrs.define(eq=False)
@@ -78,6 +97,8 @@ class _Running(Generic[P]):
     tokens: list[int]  # prompt + every token routed so far (the prefix-cache key)
     produced: bool = False  # a token came back: the prompt was fully computed
     ended: bool = False  # finished or departed: to remove in the next job
+    unread: int = 0  # tokens routed that its reader has not taken yet
+    paused_at: float | None = None  # when the engine was told to pause it
 
 
 def worst_case_positions(request: SequenceRequest) -> int:
@@ -144,14 +165,78 @@ class SchedulerPolicy(Generic[P]):
                 payloads.append(running.payload)
         return payloads
 
+    def withdraw_queued(self) -> list[P]:
+        """Shutdown began: no queued request will be admitted; their payloads, in order."""
+        payloads = [payload for _, payload in self._queue]
+        self._queue.clear()
+        return payloads
+
     def payload(self, seq_id: int) -> P | None:
         running = self._running.get(seq_id)
         return running.payload if running is not None and not running.ended else None
 
+    @property
+    def withdrawn(self) -> frozenset[int]:
+        """Sequences that ended but that the engine has not removed yet."""
+        return frozenset(seq_id for seq_id, r in self._running.items() if r.ended)
+
+    @property
+    def paused(self) -> int:
+        return sum(1 for r in self._running.values() if r.paused_at is not None and not r.ended)
+
+    # ---- readers ----
+
+    def consume(self, seq_id: int, tokens: int) -> bool:
+        """The requester took ``tokens`` routed tokens; whether a resume is now due."""
+        running = self._running.get(seq_id)
+        if running is None:
+            return False
+        running.unread = max(0, running.unread - tokens)
+        return self._resume_due(running)
+
+    def stalled(self, now: float) -> list[P]:
+        """Sequences paused for ``reader_timeout`` seconds by ``now``: withdrawn (removed in
+        the next job); their payloads."""
+        payloads = []
+        for running in self._running.values():
+            since = running.paused_at
+            if since is not None and not running.ended and now - since >= self._timeout:
+                running.ended = True
+                payloads.append(running.payload)
+        return payloads
+
+    def next_deadline(self) -> float | None:
+        """When the next paused sequence stalls (for the caller's wait), if any is paused."""
+        times = [
+            r.paused_at + self._timeout
+            for r in self._running.values()
+            if r.paused_at is not None and not r.ended
+        ]
+        return min(times, default=None)
+
+    @property
+    def _timeout(self) -> float:
+        return self.config.reader_timeout
+
+    def _pause_due(self, running: _Running[P]) -> bool:
+        return (
+            not running.ended
+            and running.paused_at is None
+            and running.unread >= self.config.pause_unread
+        )
+
+    def _resume_due(self, running: _Running[P]) -> bool:
+        return (
+            not running.ended
+            and running.paused_at is not None
+            and running.unread <= self.config.resume_unread
+        )
+
     # ---- jobs ----
 
-    def next_job(self) -> Job:
-        """What the engine should do before its next step (possibly nothing)."""
+    def next_job(self, now: float = 0.0) -> Job:
+        """What the engine should do before its next step (possibly nothing); ``now`` is the
+        caller's clock in seconds (it times pauses)."""
         removals = []
         saving = 0  # bytes of entries this job saves, indexed only when it is done
         for seq_id, running in list(self._running.items()):
@@ -162,7 +247,21 @@ class SchedulerPolicy(Generic[P]):
                 removals.append(Removal(seq_id=seq_id, save_as=save_as))
         admits = self._admit(leaving=len(removals), saving=saving)
         drops, self._drops = tuple(self._drops), []
-        return Job(removals=tuple(removals), drops=drops, admits=tuple(admits))
+        pauses, resumes = [], []
+        for seq_id, running in self._running.items():
+            if self._pause_due(running):
+                running.paused_at = now
+                pauses.append(seq_id)
+            elif self._resume_due(running):
+                running.paused_at = None
+                resumes.append(seq_id)
+        return Job(
+            removals=tuple(removals),
+            drops=drops,
+            admits=tuple(admits),
+            pauses=tuple(pauses),
+            resumes=tuple(resumes),
+        )
 
     def job_done(
         self,
@@ -183,16 +282,19 @@ class SchedulerPolicy(Generic[P]):
         if not self._running:
             self._rows = self._positions = 0
 
-    def record(self, event: TokenEvent) -> None:
-        """An event was routed: extend the sequence's key; a finish ends it."""
+    def record(self, event: TokenEvent) -> bool:
+        """An event was routed: extend the sequence's key (and its unread count); a finish
+        ends it. Whether the sequence is now due to pause (its reader lags)."""
         running = self._running.get(event.seq_id)
         if running is None:
-            return
+            return False
         if event.token is not None:
             running.tokens.append(event.token)
             running.produced = True
+            running.unread += 1
         if event.finish is not None:
             running.ended = True
+        return self._pause_due(running)
 
     # ---- decisions ----
 
