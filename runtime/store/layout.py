@@ -4,9 +4,9 @@
 ``<root>/blobs/sha256-<hex>``. ``resolve`` turns a name into ``ModelFiles`` after checking every
 blob it will read against its digest, so a damaged store fails with an error naming the blob
 and the model instead of loading wrong weights. Writes (``runtime.store.importer`` puts blobs, then
-the manifest) go through ``add_blob``/``commit_manifest``: temp file, fsync, rename, so a crash
-leaves either no manifest or a complete one, and ``rm`` never deletes a blob another manifest
-uses. ``Store.default()`` is ``$MLXRUNNER_HOME/models`` (``~/.mlxrunner/models``); an Ollama
+the manifest) go through ``write_blob``/``commit_manifest``: temp file, fsync, rename, so a crash
+leaves either no manifest or a complete one, and a failed write (a full disk) removes its temp
+file before the error goes on; ``rm`` never deletes a blob another manifest uses. ``Store.default()`` is ``$MLXRUNNER_HOME/models`` (``~/.mlxrunner/models``); an Ollama
 ``models`` directory works too.
 """
 
@@ -19,9 +19,9 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import attrs
 
@@ -56,6 +56,12 @@ def sha256_file(path: Path) -> str:
 def _fsync(fd: int) -> None:
     """``os.fsync``; one name for the tests to interrupt an import at."""
     os.fsync(fd)
+
+
+def _open_for_write(path: Path) -> BinaryIO:
+    """Open a temp file to write; every byte the store writes goes through here (the tests
+    wrap it to fill the disk at a chosen byte)."""
+    return path.open("wb")
 
 
 def fsync_dir(path: Path) -> None:
@@ -256,15 +262,35 @@ class Store:
             with temp.open("rb") as f:
                 _fsync(f.fileno())
             os.replace(temp, final)
-            fsync_dir(self.blobs)
+            try:
+                fsync_dir(self.blobs)
+            except BaseException:
+                final.unlink(missing_ok=True)  # the caller never learns its digest: not added
+                raise
             return Layer(media_type="", digest=digest, size=size), False
         finally:
             temp.unlink(missing_ok=True)
 
-    def add_bytes(self, data: bytes) -> tuple[Layer, bool]:
+    def write_blob(
+        self, fill: Callable[[BinaryIO], object], *, check: Callable[[Path], object] | None = None
+    ) -> tuple[Layer, bool]:
+        """Write a blob with ``fill(file)``, ``check`` the written file, then ``add_blob`` it.
+
+        Whatever fails (a full disk raises ``OSError`` from a write, ``check`` finds a short
+        file), the temp file is removed before the error goes on.
+        """
         temp = self.temp_blob()
-        temp.write_bytes(data)
-        return self.add_blob(temp)
+        try:
+            with _open_for_write(temp) as f:
+                fill(f)
+            if check is not None:
+                check(temp)
+            return self.add_blob(temp)
+        finally:
+            temp.unlink(missing_ok=True)
+
+    def add_bytes(self, data: bytes) -> tuple[Layer, bool]:
+        return self.write_blob(lambda f: f.write(data))
 
     def commit_manifest(self, name: ModelName, manifest: Manifest) -> Path:
         """Write the manifest atomically, after checking under the lock that its blobs exist."""
@@ -278,15 +304,20 @@ class Store:
                     )
             path.parent.mkdir(parents=True, exist_ok=True)
             fd, temp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=path.parent)
+            os.close(fd)
             try:
-                with os.fdopen(fd, "wb") as f:
+                with _open_for_write(Path(temp)) as f:
                     f.write(manifest.to_bytes())
                     f.flush()
                     _fsync(f.fileno())
                 os.replace(temp, path)
             finally:
                 Path(temp).unlink(missing_ok=True)
-            fsync_dir(path.parent)
+            # The atomic rename is done: the import has succeeded. A failed flush of the folder
+            # (a full disk) only means a crash could bring back the previous state, which is a
+            # consistent store; reporting the import as failed would be the lie.
+            with contextlib.suppress(OSError):
+                fsync_dir(path.parent)
         return path
 
     def remove(self, name: str) -> list[str]:
