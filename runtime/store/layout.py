@@ -3,7 +3,8 @@
 ``<root>/manifests/<host>/<namespace>/<name>/<tag>`` (JSON, ``runtime.store.manifest``) and
 ``<root>/blobs/sha256-<hex>``. ``resolve`` turns a name into ``ModelFiles`` after checking every
 blob it will read against its digest, so a damaged store fails with an error naming the blob
-and the model instead of loading wrong weights. Writes (``runtime.store.importer`` puts blobs, then
+and the model instead of loading wrong weights; a blob hashed at an earlier load whose file
+has not changed since is not hashed again (``runtime.store.verified``). Writes (``runtime.store.importer`` puts blobs, then
 the manifest) go through ``write_blob``/``commit_manifest``: temp file, fsync, rename, so a crash
 leaves either no manifest or a complete one, and a failed write (a full disk) removes its temp
 file before the error goes on; ``rm`` never deletes a blob another manifest uses. ``Store.default()`` is ``$MLXRUNNER_HOME/models`` (``~/.mlxrunner/models``); an Ollama
@@ -27,8 +28,10 @@ import attrs
 
 from runtime.errors import ModelLoadError, ModelNotFoundError
 from runtime.formats.model_files import ModelFiles
+from runtime.store import verified
 from runtime.store.manifest import Layer, Manifest, parse_manifest
 from runtime.store.names import ModelName
+from runtime.store.verified import VerifiedBlobs
 
 _CHUNK = 1 << 20
 TEMP_PREFIX = ".partial-"  # blobs/ and manifests/ temp files; never a valid name part
@@ -116,27 +119,35 @@ class Store:
             raise ModelLoadError(f"model {parsed.short!r}: cannot read {path} ({exc})") from exc
         return parsed, parse_manifest(data, f"model {parsed.short!r} ({path})"), path
 
-    def check_blob(self, model: str, layer: Layer, *, verify: bool = True) -> Path:
-        """The blob's path once its size (and, with ``verify``, its sha256) match the manifest."""
+    def check_blob(
+        self, model: str, layer: Layer, *, verify: bool = True, known: VerifiedBlobs | None = None
+    ) -> Path:
+        """The blob's path once its size (and, with ``verify``, its sha256) match the manifest.
+
+        With ``known``, a blob hashed before and unchanged since is not hashed again.
+        """
         path = self.blob_path(layer.digest)
         what = f"model {model!r}: blob {layer.digest}"
         label = f" ({layer.name})" if layer.name else ""
         try:
-            size = path.stat().st_size
+            st = path.stat()
         except FileNotFoundError:
             raise ModelLoadError(f"{what}{label} is missing ({path})") from None
-        if size != layer.size:
+        if st.st_size != layer.size:
             raise ModelLoadError(
-                f"{what}{label} is {'truncated' if size < layer.size else 'corrupt'}: "
-                f"{size} bytes, manifest says {layer.size}"
+                f"{what}{label} is {'truncated' if st.st_size < layer.size else 'corrupt'}: "
+                f"{st.st_size} bytes, manifest says {layer.size}"
             )
-        if verify:
+        if verify and not (known is not None and known.known(layer.digest, st)):
+            started = verified.now()
             try:
                 actual = sha256_file(path)
             except OSError as exc:
                 raise ModelLoadError(f"{what}{label} cannot be read ({exc})") from exc
             if actual != layer.digest:
                 raise ModelLoadError(f"{what}{label} is corrupt: its sha256 is {actual}")
+            if known is not None:
+                known.record(layer.digest, path, st, started)
         return path
 
     def _read_json(self, model: str, layer: Layer, *, verify: bool = True) -> Any:
@@ -150,11 +161,15 @@ class Store:
             ) from exc
 
     def resolve(self, name: str, *, verify: bool = True) -> ModelFiles:
-        """The files of ``name``, every used blob's digest checked (``ModelLoadError`` if not)."""
+        """The files of ``name``, every used blob's digest checked (``ModelLoadError`` if not;
+        with ``verify``, a blob is hashed once and again only when its file changes)."""
         parsed, manifest, path = self.read_manifest(name)
         model = parsed.short
+        known = VerifiedBlobs(self.root) if verify else None
         for layer in manifest.used_layers():
-            self.check_blob(model, layer, verify=verify)
+            self.check_blob(model, layer, verify=verify, known=known)
+        if known is not None:
+            known.save()
         if not manifest.tensor_layers():
             raise ModelLoadError(f"model {model!r}: the manifest lists no tensor layers")
 
@@ -357,15 +372,14 @@ class Store:
         return removed
 
     def remove_stale_temps(self, *, older_than_s: float = 3600.0) -> int:
-        """Delete temp files left by killed imports (any import still running is younger)."""
+        """Delete temp files left by killed writers (any still running is younger)."""
         count = 0
-        now = time.time()
-        for folder in (self.blobs, self.manifests):
-            if not folder.is_dir():
-                continue
-            for temp in folder.rglob(TEMP_PREFIX + "*"):
-                with contextlib.suppress(OSError):
-                    if now - temp.stat().st_mtime > older_than_s:
-                        temp.unlink()
-                        count += 1
+        current = time.time()
+        if not self.root.is_dir():
+            return 0
+        for temp in self.root.rglob(TEMP_PREFIX + "*"):  # blobs/, manifests/, verified.json's
+            with contextlib.suppress(OSError):
+                if current - temp.stat().st_mtime > older_than_s:
+                    temp.unlink()
+                    count += 1
         return count
