@@ -7,6 +7,9 @@ Q8_0, Q5_0, Q5_1, and the K-quants Q4_K and Q5_K (a 256-value super-block is eig
 groups). Q6_K keeps one scale per 16 values, finer than MLX's smallest group, so it is decoded
 to float32. F32, F16 and BF16 are copied as stored. The bytes' length and the shape were
 checked against the type by ``runtime.formats.gguf_file``.
+
+``mx.load`` reads GGUF too, but the gguflib it bundles decodes Q4_K wrongly (the high-nibble
+sub-blocks take the previous sub-block's scale) and cannot read Q5 types; so it is not used.
 """
 
 from __future__ import annotations

@@ -4,11 +4,12 @@
 ``<root>/blobs/sha256-<hex>``. ``resolve`` turns a name into ``ModelFiles`` after checking every
 blob it will read against its digest, so a damaged store fails with an error naming the blob
 and the model instead of loading wrong weights; a blob hashed at an earlier load whose file
-has not changed since is not hashed again (``runtime.store.verified``). Writes (``runtime.store.importer`` puts blobs, then
-the manifest) go through ``write_blob``/``commit_manifest``: temp file, fsync, rename, so a crash
-leaves either no manifest or a complete one, and a failed write (a full disk) removes its temp
-file before the error goes on; ``rm`` never deletes a blob another manifest uses. ``Store.default()`` is ``$MLXRUNNER_HOME/models`` (``~/.mlxrunner/models``); an Ollama
-``models`` directory works too.
+has not changed since is not hashed again (``runtime.store.verified``). Writes
+(``runtime.store.importer`` puts blobs, then the manifest) go through
+``write_blob``/``commit_manifest``: temp file, fsync, rename, so a crash leaves either no
+manifest or a complete one, and a failed write (a full disk) removes its temp file before the
+error goes on; ``rm`` never deletes a blob another manifest uses. ``Store.default()`` is
+``$MLXRUNNER_HOME/models`` (``~/.mlxrunner/models``); an Ollama ``models`` directory works too.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from runtime.store.names import ModelName
 from runtime.store.verified import VerifiedBlobs
 
 _CHUNK = 1 << 20
-TEMP_PREFIX = ".partial-"  # blobs/ and manifests/ temp files; never a valid name part
+TEMP_PREFIX = ".partial-"  # the store's temp files; never a valid name part
 
 
 @attrs.frozen(kw_only=True)
