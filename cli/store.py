@@ -2,7 +2,7 @@
 
 Each handler takes the parsed arguments (``cli.main``) and returns an exit code: 0 on success,
 1 with ``Error: ...`` on stderr for anything the user can fix (bad name, missing model, damaged
-blob), 130 when an import is interrupted (it leaves no manifest behind). ``list`` and ``rm``
+blob, a full disk), 130 when an import is interrupted (it leaves no manifest behind). ``list`` and ``rm``
 do not import MLX; ``show`` describes a stored model, a folder or a GGUF file through the same
 checks as a load (``runtime.models.description``).
 """
@@ -10,6 +10,7 @@ checks as a load (``runtime.models.description``).
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -50,6 +51,13 @@ def import_main(args: argparse.Namespace) -> int:
                 quantize=args.quantize,
                 group_size=args.group_size,
                 progress=bar,
+            )
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            return _fail(
+                f"no space left on the disk of {store.root} ({exc.strerror}); the import of "
+                f"{args.name} was undone. Free some space and import again."
             )
         finally:
             bar.close()

@@ -47,6 +47,18 @@ class F32Value(float):
     """Metadata written as float32 (floats default to float32)."""
 
 
+class F64Value(float):
+    """Metadata written as float64."""
+
+
+class Raw:
+    """Metadata written as given: a value type and the bytes after it (to make broken files)."""
+
+    def __init__(self, value_type: int, body: bytes) -> None:
+        self.value_type = value_type
+        self.body = body
+
+
 def _string(s: str) -> bytes:
     data = s.encode("utf-8")
     return struct.pack("<Q", len(data)) + data
@@ -61,6 +73,8 @@ def _scalar(value: Any) -> tuple[int, bytes]:
         return _U64, struct.pack("<Q", value)
     if isinstance(value, int):
         return (_U32, struct.pack("<I", value)) if value >= 0 else (_I32, struct.pack("<i", value))
+    if isinstance(value, F64Value):
+        return _F64, struct.pack("<d", value)
     if isinstance(value, float):
         return _F32, struct.pack("<f", value)
     if isinstance(value, str):
@@ -69,6 +83,8 @@ def _scalar(value: Any) -> tuple[int, bytes]:
 
 
 def _value(value: Any) -> tuple[int, bytes]:
+    if isinstance(value, Raw):
+        return value.value_type, value.body
     if isinstance(value, np.ndarray):
         kinds = {np.dtype(np.int32): (_I32, "<i4"), np.dtype(np.float32): (_F32, "<f4")}
         kind, fmt = kinds[value.dtype]
@@ -310,11 +326,14 @@ def write_gguf(
     *,
     version: int = 3,
     shapes: Mapping[str, tuple[int, ...]] | None = None,
+    offsets: Mapping[str, int] | None = None,
+    type_ids: Mapping[str, int] | None = None,
 ) -> dict[str, bytes]:
     """Write a GGUF file; ``tensors`` maps name -> (array, GGML type name).
 
-    ``shapes`` overrides the declared (row-major) shape of a tensor, to make broken files.
-    Returns the encoded bytes of each tensor.
+    To make broken files, ``shapes`` overrides the declared (row-major) shape of a tensor,
+    ``offsets`` its declared data offset and ``type_ids`` its declared GGML type number (the
+    data is written as the array and type name say). Returns the encoded bytes of each tensor.
     """
     kv = b""
     for key, value in metadata.items():
@@ -328,8 +347,10 @@ def write_gguf(
         blobs[name] = data
         shape = (shapes or {}).get(name, tuple(array.shape))
         dims = tuple(reversed(shape))  # GGUF lists the innermost dimension first
+        declared_offset = (offsets or {}).get(name, offset)
+        type_id = (type_ids or {}).get(name, GGML_TYPES[kind])
         infos += _string(name) + struct.pack(
-            f"<I{len(dims)}QIQ", len(dims), *dims, GGML_TYPES[kind], offset
+            f"<I{len(dims)}QIQ", len(dims), *dims, type_id, declared_offset
         )
         offset += len(data)
         offset += -offset % ALIGNMENT
@@ -462,12 +483,15 @@ def write_model_gguf(
     extra_metadata: Mapping[str, Any] | None = None,
     drop: tuple[str, ...] = (),
     shapes: Mapping[str, tuple[int, ...]] | None = None,
+    offsets: Mapping[str, int] | None = None,
+    type_ids: Mapping[str, int] | None = None,
     extra_tensors: Mapping[str, tuple[np.ndarray, str]] | None = None,
 ) -> dict[str, bytes]:
     """Write HF-named ``weights`` as llama.cpp would (names, q/k row order); GGUF name -> bytes.
 
     ``types`` maps an HF tensor name to a GGML type name; ``drop`` omits GGUF tensors;
-    ``extra_tensors`` are GGUF-named and written as given.
+    ``extra_tensors`` are GGUF-named and written as given; ``shapes``, ``offsets`` and
+    ``type_ids`` (GGUF names) go to ``write_gguf``.
     """
     tensors: dict[str, tuple[np.ndarray, str]] = {}
     for hf_name, array in weights.items():
@@ -481,4 +505,4 @@ def write_model_gguf(
         tensors[name] = (array, types(hf_name))
     tensors |= extra_tensors or {}
     metadata = {**model_metadata(config), **tokenizer, **(extra_metadata or {})}
-    return write_gguf(path, metadata, tensors, shapes=shapes)
+    return write_gguf(path, metadata, tensors, shapes=shapes, offsets=offsets, type_ids=type_ids)

@@ -54,6 +54,23 @@ def test_unexpected_tensor_is_named(config: dict[str, Any]) -> None:
         check_weights("m", config, _tensors(w))
 
 
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        # Unbounded, it would size the build of the architecture: 10**12 layers.
+        ({"num_hidden_layers": 10**12}, "num_hidden_layers = 1000000000000 but the model has"),
+        ({"num_attention_heads": 0}, "invalid config.json"),
+        ({"intermediate_size": 10**13}, "invalid config.json"),
+    ],
+)
+def test_impossible_config_values_are_model_load_errors(
+    config: dict[str, Any], change: dict[str, Any], message: str
+) -> None:
+    w = random_weights(config)
+    with pytest.raises(ModelLoadError, match=rf"^m: .*{message}"):
+        check_weights("m", {**config, **change}, _tensors(w))
+
+
 def test_unknown_model_type_lists_supported() -> None:
     with pytest.raises(ModelLoadError, match=r"'gpt9'.*llama.*qwen2.*qwen3"):
         check_weights("m", {"model_type": "gpt9"}, _tensors({}))

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import random
 from pathlib import Path
+from typing import Any
 
 import mlx.core as mx
 import pytest
@@ -48,3 +51,65 @@ def test_garbage_file_names_file(tmp_path: Path) -> None:
     path.write_bytes(b"\x05\x00\x00\x00\x00\x00\x00\x00{nope")
     with pytest.raises(ModelLoadError, match=r"bad\.safetensors"):
         read_tensors([path])
+
+
+def _raw(path: Path, header: dict[str, Any], data: bytes) -> Path:
+    text = json.dumps(header).encode()
+    path.write_bytes(len(text).to_bytes(8, "little") + text + data)
+    return path
+
+
+_GOOD = {"a.weight": {"dtype": "F32", "shape": [2, 4], "data_offsets": [0, 32]}}
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"data_offsets": ["0", 32]}, "invalid data_offsets"),
+        ({"data_offsets": [16, 8]}, "invalid data_offsets"),
+        ({"data_offsets": [0, True]}, "invalid data_offsets"),
+        ({"shape": "2x4"}, "invalid data_offsets"),
+        ({"shape": [2, -4]}, "invalid data_offsets"),
+        ({"shape": [2, 8]}, "needs 64 bytes, its data_offsets hold 32"),
+        ({"dtype": "F16"}, "needs 16 bytes, its data_offsets hold 32"),
+    ],
+)
+def test_malformed_tensor_entries_are_named(
+    tmp_path: Path, change: dict[str, Any], message: str
+) -> None:
+    header = {"a.weight": {**_GOOD["a.weight"], **change}}
+    path = _raw(tmp_path / "w.safetensors", header, bytes(32))
+    with pytest.raises(ModelLoadError, match=rf"w\.safetensors: .*'a\.weight'.*{message}"):
+        read_tensors([path])
+
+
+def test_malformed_metadata_is_a_model_load_error(tmp_path: Path) -> None:
+    path = _raw(tmp_path / "w.safetensors", {**_GOOD, "__metadata__": ["x"]}, bytes(32))
+    with pytest.raises(ModelLoadError, match="__metadata__"):
+        read_tensors([path])
+    header = {
+        **_GOOD,
+        "a.weight.scale": {"dtype": "F32", "shape": [2, 1], "data_offsets": [32, 40]},
+        "__metadata__": {"quant_type": "int4", "group_size": "lots"},
+    }
+    path = _raw(tmp_path / "q.safetensors", header, bytes(40))
+    with pytest.raises(ModelLoadError, match=r"q\.safetensors: invalid group_size 'lots'"):
+        read_tensors([path])
+
+
+def test_random_header_damage_loads_or_gives_model_load_error(tmp_path: Path) -> None:
+    """Seeded damage to a small file's header: it reads, or it is a ModelLoadError."""
+    source = _save(tmp_path / "ok.safetensors", {"a.weight": mx.ones((4, 8)), "b": mx.zeros(8)})
+    blob = source.read_bytes()
+    end = 8 + int.from_bytes(blob[:8], "little")
+    rng = random.Random(7)
+    path = tmp_path / "bad.safetensors"
+    for _ in range(200):
+        damaged = bytearray(blob)
+        for _ in range(rng.randint(1, 3)):
+            damaged[rng.randrange(8, end)] = rng.choice(b'0123456789[]{}",:-.eE x')
+        path.write_bytes(bytes(damaged))
+        try:
+            mx.eval(list(read_tensors([path]).tensors.values()))
+        except ModelLoadError as exc:
+            assert str(path) in str(exc)  # noqa: PT017 - the outcome of a loop iteration

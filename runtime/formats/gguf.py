@@ -1,10 +1,12 @@
 """Read GGUF files (llama.cpp's format) into an HF/mlx-lm-shaped model: config, weights, tokenizer.
 
-``read_gguf`` parses and checks the header (``runtime.formats.gguf_file``) and checks the tensor
-set against the architecture in GGUF's own names, so a broken file gets an error naming the
-file and tensor before anything is decoded; then it decodes each tensor from the file's bytes:
+``read_gguf`` parses and checks the header (``runtime.formats.gguf_file``), derives the config
+(``runtime.formats.gguf_config``) and checks the tensor set against the architecture in GGUF's
+own names, so a broken file gets an error naming the file and tensor before anything is
+decoded; then it decodes each tensor from the file's bytes (``runtime.formats.gguf_blocks``):
 block-quantized types become MLX's quantized layout (packed ``uint32`` weight, float32
-``scales`` and ``biases``, group 32), the rest dense arrays. Tensors get mlx-lm names, and for
+``scales`` and ``biases``, group 32), the rest dense arrays. The file is hostile input: every
+failure, whatever raised it, reaches the caller as a ``ModelLoadError`` naming the file. Tensors get mlx-lm names, and for
 llama the q/k projection rows are put back in HF order (llama.cpp interleaves the two rotary
 halves of each head; qwen2/qwen3 use NEOX RoPE and are stored unpermuted). ``write_folder``
 turns the result into a model folder that ``mlx_lm.load`` accepts. The tokenizer is rebuilt in
@@ -17,6 +19,7 @@ from __future__ import annotations
 import json
 import mmap
 import re
+import struct
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -26,10 +29,23 @@ import mlx.core as mx
 import numpy as np
 
 from runtime.errors import ModelLoadError
-from runtime.formats.gguf_file import GROUP_SIZE, TYPES, TensorInfo, nbytes, read_header, to_mlx
+from runtime.formats.gguf_blocks import GROUP_SIZE, to_mlx
+from runtime.formats.gguf_config import arch_config
+from runtime.formats.gguf_file import TYPES, TensorInfo, nbytes, read_header
 from runtime.formats.gguf_tokenizer import build_tokenizer
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3")
+# What a malformed file can make parsing or decoding raise besides ModelLoadError (numpy and
+# MLX report bad shapes as ValueError, MLX its own failures as RuntimeError).
+_PARSE_ERRORS = (
+    struct.error,
+    UnicodeError,
+    ValueError,
+    ArithmeticError,
+    LookupError,
+    TypeError,
+    RuntimeError,
+    MemoryError,
+)
 
 
 @attrs.frozen(kw_only=True)
@@ -41,124 +57,6 @@ class GGUFContents:
     tokenizer_json: str
     tokenizer_config: dict[str, Any]  # chat_template, bos_token, eos_token, add_bos_token, ...
     metadata: dict[str, Any]  # the file's metadata as plain Python values
-
-
-# ---- config ----
-
-
-def _arch_config(
-    path: Path, meta: dict[str, Any], infos: dict[str, TensorInfo], rope_freqs: np.ndarray | None
-) -> dict[str, Any]:
-    arch = meta.get("general.architecture")
-    if arch not in SUPPORTED_ARCHITECTURES:
-        raise ModelLoadError(
-            f"{path}: unsupported architecture {arch!r}; "
-            f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
-        )
-
-    def get(key: str, default: float | None = None, *, kind: type = int) -> Any:
-        value = meta.get(f"{arch}.{key}", default)
-        if value is None:
-            raise ModelLoadError(f"{path}: missing metadata {arch}.{key}")
-        ok = isinstance(value, int | float) and not isinstance(value, bool)
-        fractional = isinstance(value, float) and not value.is_integer()  # nan and inf too
-        if not ok or (kind is int and (fractional or value <= 0)):
-            raise ModelLoadError(f"{path}: metadata {arch}.{key} = {value!r} is not valid")
-        return kind(value)
-
-    heads, hidden = get("attention.head_count"), get("embedding_length")
-    head_dim = get("attention.key_length", hidden // heads)
-    embed = infos.get("token_embd.weight")
-    if embed is None:
-        raise ModelLoadError(f"{path}: missing tensor 'token_embd.weight'")
-    config: dict[str, Any] = {
-        "model_type": arch,
-        "architectures": [_HF_CLASSES[arch]],
-        "hidden_size": hidden,
-        "num_hidden_layers": get("block_count"),
-        "intermediate_size": get("feed_forward_length"),
-        "num_attention_heads": heads,
-        "num_key_value_heads": get("attention.head_count_kv", heads),
-        "head_dim": head_dim,
-        "rms_norm_eps": _short_float(get("attention.layer_norm_rms_epsilon", kind=float)),
-        "rope_theta": _short_float(get("rope.freq_base", _ROPE_BASE[arch], kind=float)),
-        "max_position_embeddings": get("context_length"),
-        "vocab_size": embed.shape[0],
-        "tie_word_embeddings": "output.weight" not in infos,
-    }
-    if get("rope.dimension_count", head_dim) != head_dim:
-        raise ModelLoadError(f"{path}: partial rotary embeddings are not supported")
-    scaling = meta.get(f"{arch}.rope.scaling.type", "none")
-    if scaling == "linear":
-        config["rope_scaling"] = {
-            "type": "linear",
-            "factor": get("rope.scaling.factor", kind=float),
-        }
-    elif scaling != "none":
-        raise ModelLoadError(f"{path}: unsupported RoPE scaling {scaling!r}")
-    if rope_freqs is not None:
-        config["rope_scaling"] = _llama3_scaling(path, rope_freqs, config["rope_theta"], head_dim)
-    if arch == "llama":
-        config["attention_bias"] = "blk.0.attn_q.bias" in infos
-        config["mlp_bias"] = "blk.0.ffn_gate.bias" in infos
-    return config
-
-
-_HF_CLASSES = {
-    "llama": "LlamaForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
-    "qwen3": "Qwen3ForCausalLM",
-}
-_ROPE_BASE = {"llama": 10000.0, "qwen2": 1e6, "qwen3": 1e6}
-
-
-def _llama3_scaling(path: Path, factors: np.ndarray, base: float, dims: int) -> dict[str, Any]:
-    """HF's llama3 ``rope_scaling`` from llama.cpp's per-frequency divisors (``rope_freqs``).
-
-    Each divisor is 1 (short wavelengths), ``factor`` (long ones) or ``1 / ((1 - s) / factor
-    + s)`` with ``s = old_ctx / (wavelen * (high - low)) - low / (high - low)`` in between: a
-    line in ``1 / wavelen`` whose two coefficients fix the boundaries. Taking
-    ``low_freq_factor = 1`` picks the one parameter set the divisors cannot tell apart.
-    """
-    wavelens = 2 * np.pi * base ** (np.arange(0, dims, 2, dtype=np.float64) / dims)
-    f = factors.astype(np.float64)
-    if f.shape != wavelens.shape or not np.all(np.isfinite(f) & (f > 0)):
-        raise ModelLoadError(
-            f"{path}: tensor 'rope_freqs.weight' must hold {len(wavelens)} positive factors"
-        )
-    factor = float(f.max())
-    if factor <= 1 + 1e-6:
-        return {"type": "default"}
-    medium = (f > 1 + 1e-4) & (f < factor * (1 - 1e-4))
-    if medium.sum() >= 2:
-        s = (1 / f[medium] - 1 / factor) / (1 - 1 / factor)
-        a, b = np.polyfit(1 / wavelens[medium], s, 1)
-        with np.errstate(all="ignore"):
-            high, old_ctx = round(float((b - 1) / b), 4), round(float(-a / b), 2)
-    else:  # a step: put both boundaries between the last unscaled and first scaled wavelength
-        first = int(np.argmax(f > 1 + 1e-4))
-        inner = wavelens[first - 1] if first else wavelens[0] / 2
-        old_ctx = float(wavelens[first]) * 0.999
-        high = old_ctx / (float(inner) * 1.001)
-    not_llama3 = ModelLoadError(f"{path}: tensor 'rope_freqs.weight' is not llama3 RoPE scaling")
-    if not (np.isfinite(high) and np.isfinite(old_ctx) and high > 1 and old_ctx > 0):
-        raise not_llama3
-    scaling = {
-        "rope_type": "llama3",
-        "factor": round(factor, 4),
-        "low_freq_factor": 1.0,
-        "high_freq_factor": high,
-        "original_max_position_embeddings": int(old_ctx) if old_ctx == int(old_ctx) else old_ctx,
-    }
-    smooth = np.clip((old_ctx / wavelens - 1) / (high - 1), 0, 1)
-    if not np.allclose(1 / ((1 - smooth) / factor + smooth), f, rtol=1e-3):
-        raise not_llama3
-    return scaling
-
-
-def _short_float(value: Any) -> float:
-    # GGUF stores float32: 1e-5 reads back as 9.99999974e-06; keep the float32's shortest repr.
-    return float(str(np.float32(value)))
 
 
 # ---- tensors ----
@@ -310,6 +208,8 @@ def read_gguf(path: Path) -> GGUFContents:
                 return _read(path, data)
     except OSError as exc:
         raise ModelLoadError(f"{path}: cannot read ({exc})") from exc
+    except _PARSE_ERRORS as exc:  # a check this module lacks: still the file's fault
+        raise ModelLoadError(f"{path}: corrupt GGUF file ({type(exc).__name__}: {exc})") from exc
 
 
 def _read(path: Path, data: mmap.mmap) -> GGUFContents:
@@ -320,11 +220,9 @@ def _read(path: Path, data: mmap.mmap) -> GGUFContents:
             f"{path}: part of a GGUF split into {splits} files; merge them first "
             "(llama-gguf-split --merge)"
         )
-    infos = {i.name: i for i in info_list if i.name != _ROPE_FREQS}
+    infos = {i.name: i for i in info_list if i.name != _ROPE_FREQS}  # names are unique
     rope_factors = _rope_factors(path, info_list, data, start)
-    if len(infos) + (rope_factors is not None) != len(info_list):
-        raise ModelLoadError(f"{path}: duplicate tensor names")
-    config = _arch_config(path, metadata, infos, rope_factors)
+    config = arch_config(path, metadata, infos, rope_factors)
     _check_tensor_set(path, config, infos)
     tokenizer_json, tokenizer_config, special = build_tokenizer(
         path, metadata, config["vocab_size"]

@@ -1,33 +1,47 @@
-"""The GGUF container: its header parsed and bounds-checked, its tensors decoded to MLX arrays.
+"""The GGUF container read as hostile input: metadata and tensor infos, every count and length
+bounded before it sizes a loop or an allocation.
 
-``read_header`` reads metadata and tensor infos with every length checked against the file
-(a truncated or corrupt file is a ``ModelLoadError`` naming the file and tensor, never a read
-past the end). ``to_mlx`` decodes one tensor's bytes with numpy. Every block format whose
-values follow one affine map per 32 (``x = scale * code + bias``) becomes MLX's quantized
-layout exactly: codes packed as a little-endian bit stream in ``uint32`` words, ``scales`` and
-``biases`` in float32, group size 32. That covers Q4_0, Q4_1, Q8_0, Q5_0, Q5_1, and the
-K-quants Q4_K and Q5_K (a 256-value super-block is eight such groups). Q6_K keeps one scale per
-16 values, finer than MLX's smallest group, so it is decoded to float32. F32, F16 and BF16 are
-copied as stored.
+``read_header`` returns the metadata as plain Python values, the tensor infos and where the data
+section starts, or raises ``ModelLoadError`` naming the file and what is wrong; nothing else
+escapes it. The rules, llama.cpp's own (``gguf.cpp``) where it has one:
 
-``mx.load`` reads GGUF too, but the gguflib it bundles decodes Q4_K wrongly (the high-nibble
-sub-blocks take the previous sub-block's scale) and cannot read Q5 types; so it is not used.
+- counts (metadata entries, tensors, array items) are checked against the bytes left in the
+  file, at the smallest size each item could take, before anything is read;
+- a string is at most ``MAX_STRING_BYTES`` and valid UTF-8, as the format says; an array has
+  at most ``MAX_ARRAY_ITEMS`` items; a tensor name at most 63 bytes (``GGML_MAX_NAME``); keys
+  and tensor names are unique;
+- a tensor has 1 to 4 dimensions, fewer than 2**63 values, a known type and whole blocks per
+  row; its size is computed with Python integers (no wrap-around), and its data must start
+  where the previous tensor's ends, padded to ``general.alignment`` (what llama.cpp
+  requires) and end inside the file.
+
+Decoding the tensors' bytes is ``runtime.formats.gguf_blocks``.
 """
 
 from __future__ import annotations
 
+import math
 import mmap
 import struct
 from pathlib import Path
 from typing import Any
 
 import attrs
-import mlx.core as mx
 import numpy as np
 
 from runtime.errors import ModelLoadError
 
-GROUP_SIZE = 32
+# A metadata string: the longest real ones are chat templates, tens of KiB (llama.cpp: 1 GiB).
+MAX_STRING_BYTES = 16 << 20
+# A metadata array: 64 times the largest vocabularies (about 262k tokens; llama.cpp: 2**30).
+MAX_ARRAY_ITEMS = 1 << 24
+MAX_NAME_BYTES = 63  # llama.cpp's GGML_MAX_NAME (64) less its NUL
+MAX_DIMS = 4
+DEFAULT_ALIGNMENT = 32
+# The fewest bytes one metadata entry (key length, type, a u8) and one tensor info (name
+# length, dimension count, one dimension, type, offset) can take.
+_MIN_KV_BYTES = 8 + 4 + 1
+_MIN_INFO_BYTES = 8 + 4 + 8 + 4 + 8
 
 
 @attrs.frozen
@@ -57,10 +71,7 @@ OTHER_NAMES |= {24: "I8", 25: "I16", 26: "I32", 27: "I64", 28: "F64", 29: "IQ1_M
 
 
 def type_name(kind: int) -> str:
-    return TYPES[kind].name if kind in TYPES else OTHER_NAMES.get(kind, f"type #{kind}")
-
-
-# ---- header ----
+    return TYPES[kind].name if kind in TYPES else OTHER_NAMES.get(kind, f"#{kind}")
 
 
 @attrs.frozen
@@ -71,33 +82,18 @@ class TensorInfo:
     offset: int  # from the start of the data section
 
 
-_SCALARS = {
-    0: "<B",
-    1: "<b",
-    2: "<H",
-    3: "<h",
-    4: "<I",
-    5: "<i",
-    6: "<f",
-    7: "<?",
-    10: "<Q",
-    11: "<q",
-    12: "<d",
-}
-_NUMPY = {
-    0: "<u1",
-    1: "<i1",
-    2: "<u2",
-    3: "<i2",
-    4: "<u4",
-    5: "<i4",
-    6: "<f4",
-    7: "?",
-    10: "<u8",
-    11: "<i8",
-    12: "<f8",
-}
+def nbytes(info: TensorInfo) -> int:
+    """The tensor's size in the file (Python integers: no overflow however large the dims)."""
+    spec = TYPES[info.kind]
+    return math.prod(info.shape) // spec.block * spec.size
+
+
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?"}
+_SCALARS |= {10: "<Q", 11: "<q", 12: "<d"}
+_NUMPY = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?"}
+_NUMPY |= {10: "<u8", 11: "<i8", 12: "<f8"}
 _STRING, _ARRAY = 8, 9
+_LENGTH = struct.Struct("<Q")
 
 
 class _Header:
@@ -111,89 +107,132 @@ class _Header:
     def fail(self, what: str) -> ModelLoadError:
         return ModelLoadError(f"{self.path}: {what}")
 
-    def take(self, n: int) -> bytes:
-        if n < 0 or self.pos + n > len(self.data):
-            raise self.fail("truncated GGUF header")
+    @property
+    def left(self) -> int:
+        return len(self.data) - self.pos
+
+    def take(self, n: int, what: str) -> bytes:
+        if n > self.left:
+            raise self.fail(
+                f"truncated GGUF header: {what} needs {n} bytes at offset {self.pos}, "
+                f"the file has {self.left} more"
+            )
         chunk = self.data[self.pos : self.pos + n]
         self.pos += n
         return chunk
 
-    def scalar(self, fmt: str) -> Any:
-        size = struct.calcsize(fmt)
-        return struct.unpack(fmt, self.take(size))[0]
+    def scalar(self, fmt: str, what: str) -> Any:
+        return struct.unpack(fmt, self.take(struct.calcsize(fmt), what))[0]
 
-    def string(self) -> str:
-        n = self.scalar("<Q")
-        return self.take(n).decode("utf-8", errors="replace")
+    def string(self, what: str, limit: int | None = None) -> str:
+        n, limit = self.scalar("<Q", what), limit or MAX_STRING_BYTES
+        if n > limit:
+            raise self.fail(
+                f"truncated or corrupt GGUF header: {what} is {n} bytes long (at most {limit})"
+            )
+        raw = self.take(n, what)
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise self.fail(f"corrupt GGUF header: {what} is not UTF-8 ({exc})") from None
 
-    def strings(self, count: int) -> list[str]:
+    def strings(self, count: int, what: str) -> list[str]:
         # The vocabulary is ~100k strings: one tight loop instead of method calls per item.
         data, pos, size, out = self.data, self.pos, len(self.data), []
-        if count > size:
-            raise self.fail("truncated GGUF header")
-        unpack = struct.Struct("<Q").unpack_from
-        for _ in range(count):
+        unpack = _LENGTH.unpack_from
+        for i in range(count):
             if pos + 8 > size:
-                raise self.fail("truncated GGUF header")
+                raise self.fail(f"truncated GGUF header: {what} ends after {i} of {count} items")
             (n,) = unpack(data, pos)
             end = pos + 8 + n
-            if end > size:
-                raise self.fail("truncated GGUF header")
-            out.append(data[pos + 8 : end].decode("utf-8", errors="replace"))
+            if n > MAX_STRING_BYTES or end > size:
+                self.pos = pos
+                raise self.fail(
+                    f"truncated or corrupt GGUF header: {what}[{i}] is {n} bytes long at "
+                    f"offset {pos}, the file has {size - pos - 8} more"
+                )
+            try:
+                out.append(data[pos + 8 : end].decode("utf-8"))
+            except UnicodeDecodeError as exc:
+                raise self.fail(f"corrupt GGUF header: {what}[{i}] is not UTF-8 ({exc})") from None
             pos = end
         self.pos = pos
         return out
 
     def value(self, kind: int, key: str) -> Any:
+        what = f"metadata {key!r}"
         if kind in _SCALARS:
-            return self.scalar(_SCALARS[kind])
+            return self.scalar(_SCALARS[kind], what)
         if kind == _STRING:
-            return self.string()
-        if kind == _ARRAY:
-            item, count = self.scalar("<I"), self.scalar("<Q")
-            if item in _NUMPY:
-                dtype = np.dtype(_NUMPY[item])
-                return np.frombuffer(self.take(count * dtype.itemsize), dtype).tolist()
-            if item == _STRING:
-                return self.strings(count)
-            raise self.fail(f"metadata {key!r}: unsupported array type {item}")
-        raise self.fail(f"metadata {key!r}: unknown value type {kind}")
+            return self.string(what)
+        if kind != _ARRAY:
+            raise self.fail(f"{what}: unknown value type {kind}")
+        item, count = self.scalar("<I", what), self.scalar("<Q", what)
+        if item not in _NUMPY and item != _STRING:
+            raise self.fail(f"{what}: unsupported array item type {item}")
+        item_size = np.dtype(_NUMPY[item]).itemsize if item in _NUMPY else 8  # string: length
+        if count > MAX_ARRAY_ITEMS or count * item_size > self.left:
+            raise self.fail(
+                f"truncated or corrupt GGUF header: {what} claims {count} items; the file has "
+                f"{self.left} bytes left (at most {MAX_ARRAY_ITEMS} items)"
+            )
+        if item == _STRING:
+            return self.strings(count, what)
+        raw = self.take(count * item_size, what)
+        return np.frombuffer(raw, _NUMPY[item]).tolist()
 
 
 def read_header(path: Path, data: mmap.mmap) -> tuple[dict[str, Any], list[TensorInfo], int]:
+    """(metadata, tensor infos, offset of the data section); see the module doc for the checks."""
     h = _Header(data, path)
     if len(data) < 4 or bytes(data[:4]) != b"GGUF":
         raise h.fail("not a GGUF file (bad magic)")
     h.pos = 4
-    version = h.scalar("<I")
+    version = h.scalar("<I", "the version")
     if version not in (2, 3):
         raise h.fail(f"unsupported GGUF version {version} (supported: 2, 3)")
-    n_tensors, n_kv = h.scalar("<Q"), h.scalar("<Q")
-    if n_tensors > len(data) or n_kv > len(data):
-        raise h.fail("corrupt GGUF header (impossible counts)")
+    n_tensors, n_kv = h.scalar("<Q", "the tensor count"), h.scalar("<Q", "the metadata count")
+    if n_tensors * _MIN_INFO_BYTES + n_kv * _MIN_KV_BYTES > h.left:
+        raise h.fail(
+            f"truncated or corrupt GGUF header: {n_tensors} tensors and {n_kv} metadata entries "
+            f"cannot fit in the {h.left} bytes left"
+        )
     metadata: dict[str, Any] = {}
-    for _ in range(n_kv):
-        key = h.string()
-        metadata[key] = h.value(h.scalar("<I"), key)
-    infos = []
-    for _ in range(n_tensors):
-        name = h.string()
-        n_dims = h.scalar("<I")
-        if not 1 <= n_dims <= 4:
-            raise h.fail(f"tensor {name!r}: {n_dims} dimensions")
-        dims = [h.scalar("<Q") for _ in range(n_dims)]
-        kind, offset = h.scalar("<I"), h.scalar("<Q")
-        infos.append(TensorInfo(name, tuple(reversed(dims)), kind, offset))
-    alignment = metadata.get("general.alignment", 32)
+    for i in range(n_kv):
+        key = h.string(f"metadata key #{i}")
+        if key in metadata:
+            raise h.fail(f"corrupt GGUF header: duplicate metadata key {key!r}")
+        metadata[key] = h.value(h.scalar("<I", f"metadata {key!r}"), key)
+    infos = [_tensor_info(h, i) for i in range(n_tensors)]
+    if len({info.name for info in infos}) != len(infos):
+        raise h.fail("corrupt GGUF header: duplicate tensor names")
+    alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
     if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
-        raise h.fail(f"invalid general.alignment {alignment!r}")
+        raise h.fail(f"invalid general.alignment {alignment!r} (a power of two)")
     start = h.pos + (-h.pos % alignment)
+    expected = 0
     for info in infos:
-        _check_tensor(path, info, start, len(data))
+        expected = _check_tensor(path, info, start, len(data), expected, alignment)
     return metadata, infos, start
 
 
-def _check_tensor(path: Path, info: TensorInfo, start: int, size: int) -> None:
+def _tensor_info(h: _Header, index: int) -> TensorInfo:
+    name = h.string(f"the name of tensor #{index}", MAX_NAME_BYTES)
+    what = f"tensor {name!r}"
+    n_dims = h.scalar("<I", what)
+    if not 1 <= n_dims <= MAX_DIMS:
+        raise h.fail(f"{what}: {n_dims} dimensions (1 to {MAX_DIMS})")
+    dims = [h.scalar("<Q", what) for _ in range(n_dims)]
+    if math.prod(dims) >= 1 << 63:  # llama.cpp counts values in an int64
+        raise h.fail(f"{what}: dimensions {dims} hold more than 2**63 values")
+    kind, offset = h.scalar("<I", what), h.scalar("<Q", what)
+    return TensorInfo(name, tuple(reversed(dims)), kind, offset)
+
+
+def _check_tensor(
+    path: Path, info: TensorInfo, start: int, size: int, expected: int, alignment: int
+) -> int:
+    """Check one tensor's type, shape and place; return where the next one must start."""
     spec = TYPES.get(info.kind)
     if spec is None:
         supported = ", ".join(t.name for t in TYPES.values())
@@ -206,123 +245,15 @@ def _check_tensor(path: Path, info: TensorInfo, start: int, size: int) -> None:
             f"{path}: tensor {info.name!r} ({spec.name}) has a row of {info.shape[-1]} values, "
             f"not a multiple of {spec.block}"
         )
-    end = start + info.offset + nbytes(info)
+    if info.offset != expected:
+        raise ModelLoadError(
+            f"{path}: corrupt GGUF header: tensor {info.name!r} has data offset {info.offset}, "
+            f"expected {expected} (tensors follow each other, aligned to {alignment} bytes)"
+        )
+    length = nbytes(info)
+    end = start + info.offset + length
     if end > size:
         raise ModelLoadError(
             f"{path}: truncated: tensor {info.name!r} needs bytes up to {end}, the file has {size}"
         )
-
-
-def nbytes(info: TensorInfo) -> int:
-    spec = TYPES[info.kind]
-    return int(np.prod(info.shape, dtype=np.uint64)) // spec.block * spec.size
-
-
-# ---- tensor encodings ----
-
-_F16 = ("d", "<f2")
-_LAYOUTS: dict[str, list[tuple[str, str] | tuple[str, str, int]]] = {
-    "Q4_0": [_F16, ("qs", "u1", 16)],
-    "Q4_1": [_F16, ("m", "<f2"), ("qs", "u1", 16)],
-    "Q5_0": [_F16, ("qh", "<u4"), ("qs", "u1", 16)],
-    "Q5_1": [_F16, ("m", "<f2"), ("qh", "<u4"), ("qs", "u1", 16)],
-    "Q8_0": [_F16, ("qs", "i1", 32)],
-    "Q4_K": [_F16, ("dmin", "<f2"), ("scales", "u1", 12), ("qs", "u1", 128)],
-    "Q5_K": [_F16, ("dmin", "<f2"), ("scales", "u1", 12), ("qh", "u1", 32), ("qs", "u1", 128)],
-    "Q6_K": [("ql", "u1", 128), ("qh", "u1", 64), ("scales", "i1", 16), _F16],
-}
-
-
-def _nibbles(qs: np.ndarray) -> np.ndarray:
-    """Byte j of a 32-value block holds value j (low nibble) and value j + 16 (high)."""
-    return np.concatenate([qs & 0xF, qs >> 4], axis=-1)
-
-
-def _high_bits(qh: np.ndarray) -> np.ndarray:
-    """Bit i of a block's 32-bit ``qh`` is the fifth bit of value i."""
-    return ((qh[:, None] >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8)
-
-
-def _k_scales(blk: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The eight 6-bit (scale, min) pairs of a Q4_K/Q5_K super-block, times d and dmin."""
-    sc = blk["scales"].astype(np.uint8)
-    low, mid, high = sc[:, 0:4], sc[:, 4:8], sc[:, 8:12]
-    scale = np.concatenate([low & 63, (high & 0xF) | ((low >> 6) << 4)], axis=1)
-    mins = np.concatenate([mid & 63, (high >> 4) | ((mid >> 6) << 4)], axis=1)
-    d = blk["d"].astype(np.float32)[:, None]
-    dmin = blk["dmin"].astype(np.float32)[:, None]
-    return d * scale, dmin * mins
-
-
-def _k_low_nibbles(qs: np.ndarray) -> np.ndarray:
-    """Sub-block s of 32 values: bytes 32 * (s // 2) onward, low nibbles if s is even."""
-    chunks = qs.reshape(-1, 4, 1, 32)
-    return np.concatenate([chunks & 0xF, chunks >> 4], axis=2).reshape(-1, 8, 32)
-
-
-def _affine(blk: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(codes uint8 [groups, 32], scales [groups], biases [groups]) of an affine block type."""
-    d = blk["d"].astype(np.float32)
-    if name == "Q8_0":
-        return (blk["qs"].astype(np.int16) + 128).astype(np.uint8), d, -128 * d
-    if name in ("Q4_0", "Q4_1"):
-        codes = _nibbles(blk["qs"])
-        return codes, d, blk["m"].astype(np.float32) if name == "Q4_1" else -8 * d
-    if name in ("Q5_0", "Q5_1"):
-        codes = _nibbles(blk["qs"]) | (_high_bits(blk["qh"]) << 4)
-        return codes, d, blk["m"].astype(np.float32) if name == "Q5_1" else -16 * d
-    scale, mins = _k_scales(blk)
-    codes = _k_low_nibbles(blk["qs"])
-    if name == "Q5_K":
-        # Bit s of qh[l] is the fifth bit of value l of sub-block s.
-        bits = (blk["qh"][:, None, :] >> np.arange(8, dtype=np.uint8)[None, :, None]) & 1
-        codes = codes | (bits << 4)
-    return codes.reshape(-1, 32), scale.reshape(-1), -mins.reshape(-1)
-
-
-def _q6_k(blk: np.ndarray) -> np.ndarray:
-    ql = blk["ql"].reshape(-1, 2, 2, 32)  # [block, half, (values 0-31 | 32-63), 32]
-    qh = blk["qh"].reshape(-1, 2, 1, 32)
-    low = np.concatenate([ql & 0xF, ql >> 4], axis=2)  # quarters 0..3 of each 128-value half
-    high = (qh >> np.array([0, 2, 4, 6], dtype=np.uint8)[None, None, :, None]) & 3
-    q = (low | (high << 4)).astype(np.float32) - 32  # [block, half, quarter, 32]
-    scales = blk["scales"].reshape(-1, 2, 4, 2, 1).astype(np.float32)  # 16 values per scale
-    d = blk["d"].astype(np.float32)[:, None, None, None, None]
-    return (d * scales * q.reshape(-1, 2, 4, 2, 16)).reshape(-1)
-
-
-def pack(codes: np.ndarray, bits: int) -> np.ndarray:
-    """MLX's packing: each row's codes as a little-endian bit stream, read as uint32 words."""
-    rows = codes.shape[0]
-    if bits == 8:
-        return np.ascontiguousarray(codes).view("<u4")
-    if bits == 4:
-        return np.ascontiguousarray(codes[:, 0::2] | (codes[:, 1::2] << 4)).view("<u4")
-    # Eight codes fill ``bits`` bytes exactly.
-    eights = codes.reshape(rows, -1, 8).astype(np.uint64)
-    words = np.bitwise_or.reduce(eights << (bits * np.arange(8, dtype=np.uint64)), axis=2)
-    as_bytes = words.astype("<u8").view(np.uint8).reshape(rows, -1, 8)[:, :, :bits]
-    return np.ascontiguousarray(as_bytes).reshape(rows, -1).view("<u4")
-
-
-def to_mlx(kind: int, raw: np.ndarray, shape: tuple[int, ...]) -> dict[str, mx.array]:
-    """The tensor stored as ``raw`` bytes: ``{"weight"}`` dense, or weight/scales/biases."""
-    spec = TYPES[kind]
-    if spec.name == "F32":
-        return {"weight": mx.array(raw.view("<f4").reshape(shape))}
-    if spec.name == "F16":
-        return {"weight": mx.array(raw.view("<f2").reshape(shape))}
-    if spec.name == "BF16":
-        return {"weight": mx.array(raw.view("<u2").reshape(shape)).view(mx.bfloat16)}
-    blk = raw.view(np.dtype(_LAYOUTS[spec.name]))
-    if spec.bits is None:  # Q6_K
-        return {"weight": mx.array(_q6_k(blk).reshape(shape))}
-    with np.errstate(all="ignore"):  # a corrupt file may hold inf/nan scales: values, not errors
-        codes, scales, biases = _affine(blk, spec.name)
-    rows = int(np.prod(shape[:-1], dtype=np.int64))
-    groups = (*shape[:-1], shape[-1] // GROUP_SIZE)
-    return {
-        "weight": mx.array(pack(codes.reshape(rows, -1), spec.bits).reshape(*shape[:-1], -1)),
-        "scales": mx.array(scales.reshape(groups)),
-        "biases": mx.array(biases.reshape(groups)),
-    }
+    return info.offset + length + (-length % alignment)

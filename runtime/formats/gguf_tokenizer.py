@@ -13,6 +13,11 @@ Control tokens (type 3) become special added tokens, user-defined ones (type 4) 
 tokens. A post-processor adds BOS (and EOS) when ``tokenizer.ggml.add_bos_token`` (and
 ``add_eos_token``) say so, as HF's own llama tokenizers do; the chat template and the special
 token ids go to the rebuilt ``tokenizer_config.json`` and ``config.json`` entries.
+
+A token is at most ``MAX_TOKEN_BYTES`` (1 KiB) of UTF-8. Real vocabularies stay far below
+(SmolLM2's longest token is 162 bytes, byte-level BPE's longest are a few hundred); llama.cpp
+has no limit of its own besides GGUF's 1 GiB per string, but deriving SentencePiece merges
+costs the square of a piece's length, and the cap bounds that work for a hostile file.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from tokenizers import (
 from runtime.errors import ModelLoadError
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+MAX_TOKEN_BYTES = 1024
 
 # llama.cpp pre-tokenizer regexes (``llama-vocab.cpp``), as HF writes them in tokenizer.json.
 _LLAMA3 = (
@@ -166,6 +172,12 @@ def _build(
             f"{path}: {len(tokens)} tokens but the embedding has {vocab_size} rows"
         )
     n = len(tokens)
+    for index, token in enumerate(tokens):
+        if len(token.encode("utf-8")) > MAX_TOKEN_BYTES:
+            raise ModelLoadError(
+                f"{path}: token {index} in tokenizer.ggml.tokens is {len(token.encode())} bytes "
+                f"long (at most {MAX_TOKEN_BYTES})"
+            )
     types = meta.get("tokenizer.ggml.token_type") or [NORMAL] * n
     if not isinstance(types, list) or len(types) != n:
         raise ModelLoadError(f"{path}: tokenizer.ggml.token_type is not one per token")

@@ -17,6 +17,7 @@ per-tensor overrides) comes along; ``runtime.models.checkpoint`` checks it again
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,8 @@ from runtime.errors import ModelLoadError
 _SCALE = ".weight.scale"
 _QBIAS = ".weight.bias"
 _QUANT_TYPES = {"int4": 4, "q4": 4, "fp4": 4, "int8": 8, "q8": 8, "fp8": 8}
+_ITEM_SIZES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2}
+_ITEM_SIZES |= {"I16": 2, "U16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
 @attrs.frozen(kw_only=True)
@@ -62,13 +65,12 @@ def check_safetensors(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
     if not isinstance(header, dict):
         raise ModelLoadError(f"{path}: corrupt safetensors header")
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise ModelLoadError(f"{path}: corrupt safetensors header (__metadata__)")
     data_size = size - 8 - n
     for name, info in header.items():
-        try:
-            start, end = info["data_offsets"]
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ModelLoadError(f"{path}: tensor {name!r} has no valid data_offsets") from exc
-        if not 0 <= start <= end <= data_size:
+        end = _data_end(path, name, info)
+        if end > data_size:
             raise ModelLoadError(
                 f"{path}: truncated: tensor {name!r} needs bytes up to {end}, "
                 f"the file holds {data_size}"
@@ -76,15 +78,40 @@ def check_safetensors(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
     return header, {str(k): str(v) for k, v in metadata.items()}
 
 
-def _declared_quant(metadata: dict[str, str], weight: str) -> tuple[int, int] | None:
+def _data_end(path: Path, name: str, info: Any) -> int:
+    """Where a tensor's data ends, its offsets checked against its shape and dtype (as the
+    safetensors library does, where the dtype is one it knows)."""
+    try:
+        start, end = info["data_offsets"]
+        shape = info["shape"]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ModelLoadError(f"{path}: tensor {name!r} has no valid data_offsets") from exc
+    numbers = [start, end, *shape] if isinstance(shape, list) else []
+    if not numbers or not all(type(x) is int and x >= 0 for x in numbers) or start > end:
+        raise ModelLoadError(
+            f"{path}: tensor {name!r} has invalid data_offsets {info['data_offsets']!r} or "
+            f"shape {shape!r}"
+        )
+    item = _ITEM_SIZES.get(str(info.get("dtype")))
+    if item is not None and end - start != math.prod(shape) * item:
+        raise ModelLoadError(
+            f"{path}: tensor {name!r} ({info.get('dtype')}, shape {shape}) needs "
+            f"{math.prod(shape) * item} bytes, its data_offsets hold {end - start}"
+        )
+    return end
+
+
+def _declared_quant(metadata: dict[str, str], weight: str, origin: str) -> tuple[int, int] | None:
     kind = metadata.get(f"{weight}.quant_type", metadata.get("quant_type", "")).lower()
     if not kind:
         return None
     bits = _QUANT_TYPES.get(kind)
     if bits is None:
-        raise ModelLoadError(f"unsupported quant_type {kind!r} for tensor {weight!r}")
-    group = int(metadata.get(f"{weight}.group_size", metadata.get("group_size", "64")))
-    return bits, group
+        raise ModelLoadError(f"{origin}: unsupported quant_type {kind!r} for tensor {weight!r}")
+    group_text = metadata.get(f"{weight}.group_size", metadata.get("group_size", "64"))
+    if not group_text.isdigit():
+        raise ModelLoadError(f"{origin}: invalid group_size {group_text!r} for tensor {weight!r}")
+    return bits, int(group_text)
 
 
 def read_tensors(
@@ -124,7 +151,7 @@ def read_tensors(
             scaled.add(module)
             out[module + ".scales"] = array
             out_origins[module + ".scales"] = origins[name]
-            declared = _declared_quant(metas[name], module + ".weight")
+            declared = _declared_quant(metas[name], module + ".weight", origins[name])
             if declared is not None:
                 quant[module] = declared
     # Phase 3: everything else; a ".weight.bias" is a quantization bias only beside a scale.

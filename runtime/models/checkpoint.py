@@ -64,7 +64,7 @@ def instantiate(config: dict[str, Any], where: str) -> nn.Module:
     module = architecture(config)
     try:
         return cast("nn.Module", module.Model(module.ModelArgs.from_dict(config)))
-    except (TypeError, ValueError, KeyError) as exc:
+    except (TypeError, ValueError, LookupError, ArithmeticError) as exc:  # 0 heads, 2**40 dims
         raise ModelLoadError(f"{where}: invalid config.json ({exc})") from exc
 
 
@@ -97,6 +97,12 @@ def check_weights(
 
     Errors name the file a tensor came from (``tensors.origins``), else ``where``.
     """
+    layers = config.get("num_hidden_layers")
+    if isinstance(layers, int) and layers > len(tensors.tensors):  # it sizes the model's build
+        raise ModelLoadError(
+            f"{where}: config.json has num_hidden_layers = {layers} but the model has only "
+            f"{len(tensors.tensors)} tensors"
+        )
     model = instantiate(config, where)
     weights = model.sanitize(dict(tensors.tensors))
     expected = {k: tuple(v.shape) for k, v in flat_parameters(model).items()}

@@ -11,7 +11,8 @@ layers; a config blob saying ``model_format: safetensors``, with the parameter s
 quantization as ``file_type`` (what ``list`` shows). Scales and biases are float32 (float16
 ones are ~50x slower on CPU). Blobs are content-addressed, so re-importing the same weights
 reuses them; the manifest is written last (``Store.commit_manifest``), so an interrupted import
-leaves no manifest or the previous one.
+leaves no manifest or the previous one, and an import that fails (a full disk, Ctrl-C) removes
+its temp files and the blobs it added that no manifest uses.
 
 ``quantize``: ``None`` keeps the source's encoding; ``"q4"``/``"q8"`` re-quantizes every Linear
 and the embedding whose input size is a multiple of the group size (``mx.quantize``, affine,
@@ -21,9 +22,11 @@ float32 (the reference for perplexity).
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, BinaryIO, Literal
 
 import attrs
 import mlx.core as mx
@@ -144,16 +147,18 @@ def _ollama_tensors(module: str, weights: dict[str, mx.array], quantized: bool) 
     return out
 
 
-def _write_tensors(path: Path, arrays: dict[str, Any], metadata: dict[str, str]) -> None:
-    """``mx.save_safetensors``, then a check of what reached the disk.
-
-    MLX does not report failed writes (a full disk gives a short file and no error), and a
-    short blob would still get a valid digest; reading the header back catches it here.
-    """
+def _write_tensors(f: BinaryIO, arrays: dict[str, Any], metadata: dict[str, str]) -> None:
+    # To a file object, not a path: then a failed write (a full disk) raises OSError here,
+    # where MLX writing to a path leaves a short file and reports nothing.
     try:
-        mx.save_safetensors(str(path), arrays, metadata=metadata)
+        mx.save_safetensors(f, arrays, metadata=metadata)
     except RuntimeError as exc:
-        raise ModelLoadError(f"cannot write {path} ({exc})") from exc
+        raise ModelLoadError(f"cannot write a tensor blob ({exc})") from exc
+
+
+def _check_written(path: Path) -> None:
+    """The header read back against the file's size: a write lost without an error still
+    shows as a short file here, before the blob gets a (valid) digest of its short bytes."""
     try:
         check_safetensors(path)
     except ModelLoadError as exc:
@@ -171,10 +176,13 @@ class _BlobWriter:
         self.store = store
         self.written = 0
         self.reused = 0
+        self.new_digests: set[str] = set()  # blobs this import added: dropped if it fails
 
     def _count(self, blob: Layer, reused: bool) -> Layer:
         self.written += not reused
         self.reused += reused
+        if not reused:
+            self.new_digests.add(blob.digest)
         return blob
 
     def tensors(
@@ -183,17 +191,28 @@ class _BlobWriter:
         metadata = {}
         if quant is not None:
             metadata = {"quant_type": f"int{quant[0]}", "group_size": str(quant[1])}
-        temp = self.store.temp_blob()
-        try:
-            _write_tensors(temp, _ollama_tensors(module, tensors, quant is not None), metadata)
-            blob = self._count(*self.store.add_blob(temp))
-        finally:
-            temp.unlink(missing_ok=True)
+        arrays = _ollama_tensors(module, tensors, quant is not None)
+        written = self.store.write_blob(
+            lambda f: _write_tensors(f, arrays, metadata), check=_check_written
+        )
+        blob = self._count(*written)
         return attrs.evolve(blob, media_type=TENSOR_MEDIA_TYPE, name=module)
 
     def json(self, media_type: str, data: bytes, name: str = "") -> Layer:
         blob = self._count(*self.store.add_bytes(data))
         return attrs.evolve(blob, media_type=media_type, name=name)
+
+
+@contextlib.contextmanager
+def _undone_on_failure(store: Store, writer: _BlobWriter) -> Iterator[None]:
+    """An import that fails before its manifest is committed (a full disk, Ctrl-C) drops the
+    blobs it added that no manifest uses: the store is as before, and the space is free."""
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(Exception):  # the first error is the one to report
+            store.prune(writer.new_digests)
+        raise
 
 
 def import_model(
@@ -228,45 +247,46 @@ def import_model(
     store.remove_stale_temps()
     report(total)
     writer = _BlobWriter(store)
-    layers: list[Layer] = []
-    done = total
-    for module, tensors in modules.items():
-        layers.append(writer.tensors(module, tensors, quant.get(module)))
-        done = attrs.evolve(
-            done,
-            done_items=done.done_items + len(tensors),
-            done_bytes=done.done_bytes + sum(v.nbytes for v in tensors.values()),
-        )
-        report(done)
+    with _undone_on_failure(store, writer):
+        layers: list[Layer] = []
+        done = total
+        for module, tensors in modules.items():
+            layers.append(writer.tensors(module, tensors, quant.get(module)))
+            done = attrs.evolve(
+                done,
+                done_items=done.done_items + len(tensors),
+                done_bytes=done.done_bytes + sum(v.nbytes for v in tensors.values()),
+            )
+            report(done)
 
-    json_files = {
-        "config.json": _json_bytes(src.config),
-        "tokenizer.json": src.files.tokenizer_json.encode("utf-8"),
-        "tokenizer_config.json": _json_bytes(src.files.tokenizer_config),
-    }
-    if src.files.generation_config is not None:
-        json_files["generation_config.json"] = _json_bytes(src.files.generation_config)
-    layers += [writer.json(JSON_MEDIA_TYPE, data, file) for file, data in json_files.items()]
+        json_files = {
+            "config.json": _json_bytes(src.config),
+            "tokenizer.json": src.files.tokenizer_json.encode("utf-8"),
+            "tokenizer_config.json": _json_bytes(src.files.tokenizer_config),
+        }
+        if src.files.generation_config is not None:
+            json_files["generation_config.json"] = _json_bytes(src.files.generation_config)
+        layers += [writer.json(JSON_MEDIA_TYPE, data, file) for file, data in json_files.items()]
 
-    n_params = count_parameters(weights, quant)
-    model_type = str(src.config.get("model_type", ""))
-    kind = quantization_label(weights, quant)
-    config_blob = {
-        "model_format": "safetensors",
-        "model_family": model_type,
-        "model_families": [model_type],
-        "model_type": human_parameters(n_params),
-        "file_type": kind,
-        "capabilities": ["completion"],
-        "rootfs": {"type": "layers", "diff_ids": [layer.digest for layer in layers]},
-    }
-    config = writer.json(CONFIG_MEDIA_TYPE, _json_bytes(config_blob))
-    manifest = Manifest(config=config, layers=tuple(layers))
-    try:
-        previous = store.read_manifest(parsed)[1].digests()
-    except ModelLoadError:
-        previous = set()
-    path = store.commit_manifest(parsed, manifest)
+        n_params = count_parameters(weights, quant)
+        model_type = str(src.config.get("model_type", ""))
+        kind = quantization_label(weights, quant)
+        config_blob = {
+            "model_format": "safetensors",
+            "model_family": model_type,
+            "model_families": [model_type],
+            "model_type": human_parameters(n_params),
+            "file_type": kind,
+            "capabilities": ["completion"],
+            "rootfs": {"type": "layers", "diff_ids": [layer.digest for layer in layers]},
+        }
+        config = writer.json(CONFIG_MEDIA_TYPE, _json_bytes(config_blob))
+        manifest = Manifest(config=config, layers=tuple(layers))
+        try:
+            previous = store.read_manifest(parsed)[1].digests()
+        except ModelLoadError:
+            previous = set()
+        path = store.commit_manifest(parsed, manifest)
     store.prune(previous - manifest.digests())  # blobs only the replaced manifest used
     report(attrs.evolve(done, phase="done"))
     return ImportResult(

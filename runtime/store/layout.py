@@ -3,11 +3,13 @@
 ``<root>/manifests/<host>/<namespace>/<name>/<tag>`` (JSON, ``runtime.store.manifest``) and
 ``<root>/blobs/sha256-<hex>``. ``resolve`` turns a name into ``ModelFiles`` after checking every
 blob it will read against its digest, so a damaged store fails with an error naming the blob
-and the model instead of loading wrong weights. Writes (``runtime.store.importer`` puts blobs, then
-the manifest) go through ``add_blob``/``commit_manifest``: temp file, fsync, rename, so a crash
-leaves either no manifest or a complete one, and ``rm`` never deletes a blob another manifest
-uses. ``Store.default()`` is ``$MLXRUNNER_HOME/models`` (``~/.mlxrunner/models``); an Ollama
-``models`` directory works too.
+and the model instead of loading wrong weights; a blob hashed at an earlier load whose file
+has not changed since is not hashed again (``runtime.store.verified``). Writes
+(``runtime.store.importer`` puts blobs, then the manifest) go through
+``write_blob``/``commit_manifest``: temp file, fsync, rename, so a crash leaves either no
+manifest or a complete one, and a failed write (a full disk) removes its temp file before the
+error goes on; ``rm`` never deletes a blob another manifest uses. ``Store.default()`` is
+``$MLXRUNNER_HOME/models`` (``~/.mlxrunner/models``); an Ollama ``models`` directory works too.
 """
 
 from __future__ import annotations
@@ -19,19 +21,21 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import attrs
 
 from runtime.errors import ModelLoadError, ModelNotFoundError
 from runtime.formats.model_files import ModelFiles
+from runtime.store import verified
 from runtime.store.manifest import Layer, Manifest, parse_manifest
 from runtime.store.names import ModelName
+from runtime.store.verified import VerifiedBlobs
 
 _CHUNK = 1 << 20
-TEMP_PREFIX = ".partial-"  # blobs/ and manifests/ temp files; never a valid name part
+TEMP_PREFIX = ".partial-"  # the store's temp files; never a valid name part
 
 
 @attrs.frozen(kw_only=True)
@@ -56,6 +60,12 @@ def sha256_file(path: Path) -> str:
 def _fsync(fd: int) -> None:
     """``os.fsync``; one name for the tests to interrupt an import at."""
     os.fsync(fd)
+
+
+def _open_for_write(path: Path) -> BinaryIO:
+    """Open a temp file to write; every byte the store writes goes through here (the tests
+    wrap it to fill the disk at a chosen byte)."""
+    return path.open("wb")
 
 
 def fsync_dir(path: Path) -> None:
@@ -110,27 +120,35 @@ class Store:
             raise ModelLoadError(f"model {parsed.short!r}: cannot read {path} ({exc})") from exc
         return parsed, parse_manifest(data, f"model {parsed.short!r} ({path})"), path
 
-    def check_blob(self, model: str, layer: Layer, *, verify: bool = True) -> Path:
-        """The blob's path once its size (and, with ``verify``, its sha256) match the manifest."""
+    def check_blob(
+        self, model: str, layer: Layer, *, verify: bool = True, known: VerifiedBlobs | None = None
+    ) -> Path:
+        """The blob's path once its size (and, with ``verify``, its sha256) match the manifest.
+
+        With ``known``, a blob hashed before and unchanged since is not hashed again.
+        """
         path = self.blob_path(layer.digest)
         what = f"model {model!r}: blob {layer.digest}"
         label = f" ({layer.name})" if layer.name else ""
         try:
-            size = path.stat().st_size
+            st = path.stat()
         except FileNotFoundError:
             raise ModelLoadError(f"{what}{label} is missing ({path})") from None
-        if size != layer.size:
+        if st.st_size != layer.size:
             raise ModelLoadError(
-                f"{what}{label} is {'truncated' if size < layer.size else 'corrupt'}: "
-                f"{size} bytes, manifest says {layer.size}"
+                f"{what}{label} is {'truncated' if st.st_size < layer.size else 'corrupt'}: "
+                f"{st.st_size} bytes, manifest says {layer.size}"
             )
-        if verify:
+        if verify and not (known is not None and known.known(layer.digest, st)):
+            started = verified.now()
             try:
                 actual = sha256_file(path)
             except OSError as exc:
                 raise ModelLoadError(f"{what}{label} cannot be read ({exc})") from exc
             if actual != layer.digest:
                 raise ModelLoadError(f"{what}{label} is corrupt: its sha256 is {actual}")
+            if known is not None:
+                known.record(layer.digest, path, st, started)
         return path
 
     def _read_json(self, model: str, layer: Layer, *, verify: bool = True) -> Any:
@@ -144,11 +162,15 @@ class Store:
             ) from exc
 
     def resolve(self, name: str, *, verify: bool = True) -> ModelFiles:
-        """The files of ``name``, every used blob's digest checked (``ModelLoadError`` if not)."""
+        """The files of ``name``, every used blob's digest checked (``ModelLoadError`` if not;
+        with ``verify``, a blob is hashed once and again only when its file changes)."""
         parsed, manifest, path = self.read_manifest(name)
         model = parsed.short
+        known = VerifiedBlobs(self.root) if verify else None
         for layer in manifest.used_layers():
-            self.check_blob(model, layer, verify=verify)
+            self.check_blob(model, layer, verify=verify, known=known)
+        if known is not None:
+            known.save()
         if not manifest.tensor_layers():
             raise ModelLoadError(f"model {model!r}: the manifest lists no tensor layers")
 
@@ -256,15 +278,35 @@ class Store:
             with temp.open("rb") as f:
                 _fsync(f.fileno())
             os.replace(temp, final)
-            fsync_dir(self.blobs)
+            try:
+                fsync_dir(self.blobs)
+            except BaseException:
+                final.unlink(missing_ok=True)  # the caller never learns its digest: not added
+                raise
             return Layer(media_type="", digest=digest, size=size), False
         finally:
             temp.unlink(missing_ok=True)
 
-    def add_bytes(self, data: bytes) -> tuple[Layer, bool]:
+    def write_blob(
+        self, fill: Callable[[BinaryIO], object], *, check: Callable[[Path], object] | None = None
+    ) -> tuple[Layer, bool]:
+        """Write a blob with ``fill(file)``, ``check`` the written file, then ``add_blob`` it.
+
+        Whatever fails (a full disk raises ``OSError`` from a write, ``check`` finds a short
+        file), the temp file is removed before the error goes on.
+        """
         temp = self.temp_blob()
-        temp.write_bytes(data)
-        return self.add_blob(temp)
+        try:
+            with _open_for_write(temp) as f:
+                fill(f)
+            if check is not None:
+                check(temp)
+            return self.add_blob(temp)
+        finally:
+            temp.unlink(missing_ok=True)
+
+    def add_bytes(self, data: bytes) -> tuple[Layer, bool]:
+        return self.write_blob(lambda f: f.write(data))
 
     def commit_manifest(self, name: ModelName, manifest: Manifest) -> Path:
         """Write the manifest atomically, after checking under the lock that its blobs exist."""
@@ -278,15 +320,20 @@ class Store:
                     )
             path.parent.mkdir(parents=True, exist_ok=True)
             fd, temp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=path.parent)
+            os.close(fd)
             try:
-                with os.fdopen(fd, "wb") as f:
+                with _open_for_write(Path(temp)) as f:
                     f.write(manifest.to_bytes())
                     f.flush()
                     _fsync(f.fileno())
                 os.replace(temp, path)
             finally:
                 Path(temp).unlink(missing_ok=True)
-            fsync_dir(path.parent)
+            # The atomic rename is done: the import has succeeded. A failed flush of the folder
+            # (a full disk) only means a crash could bring back the previous state, which is a
+            # consistent store; reporting the import as failed would be the lie.
+            with contextlib.suppress(OSError):
+                fsync_dir(path.parent)
         return path
 
     def remove(self, name: str) -> list[str]:
@@ -326,15 +373,14 @@ class Store:
         return removed
 
     def remove_stale_temps(self, *, older_than_s: float = 3600.0) -> int:
-        """Delete temp files left by killed imports (any import still running is younger)."""
+        """Delete temp files left by killed writers (any still running is younger)."""
         count = 0
-        now = time.time()
-        for folder in (self.blobs, self.manifests):
-            if not folder.is_dir():
-                continue
-            for temp in folder.rglob(TEMP_PREFIX + "*"):
-                with contextlib.suppress(OSError):
-                    if now - temp.stat().st_mtime > older_than_s:
-                        temp.unlink()
-                        count += 1
+        current = time.time()
+        if not self.root.is_dir():
+            return 0
+        for temp in self.root.rglob(TEMP_PREFIX + "*"):  # blobs/, manifests/, verified.json's
+            with contextlib.suppress(OSError):
+                if current - temp.stat().st_mtime > older_than_s:
+                    temp.unlink()
+                    count += 1
         return count

@@ -1,0 +1,147 @@
+"""The HF ``config.json`` of a GGUF file, from its metadata (llama.cpp's key names).
+
+``arch_config`` reads ``<arch>.*`` keys as hostile input: every number must be a positive
+integer or a finite positive float, and ``block_count``, the one number that sizes a loop
+before the tensors are checked against it, may not exceed the file's tensor count. llama 3's
+per-frequency RoPE divisors (the ``rope_freqs`` tensor) become HF's ``rope_scaling``.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from runtime.errors import ModelLoadError
+from runtime.formats.gguf_file import TensorInfo
+
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3")
+
+
+def arch_config(
+    path: Path, meta: dict[str, Any], infos: dict[str, TensorInfo], rope_freqs: np.ndarray | None
+) -> dict[str, Any]:
+    """config.json for the file's architecture; ``infos`` are its tensors (``rope_freqs``
+    apart, given as ``rope_freqs``)."""
+    arch = meta.get("general.architecture")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ModelLoadError(
+            f"{path}: unsupported architecture {arch!r}; "
+            f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+
+    def get(key: str, default: float | None = None, *, kind: type = int) -> Any:
+        value = meta.get(f"{arch}.{key}", default)
+        if value is None:
+            raise ModelLoadError(f"{path}: missing metadata {arch}.{key}")
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        if ok and kind is int:  # is_integer: nan and inf are not
+            ok = not (isinstance(value, float) and not value.is_integer()) and value > 0
+        elif ok:  # finite as the float32 the model computes with
+            ok = math.isfinite(_short_float(value)) and value > 0
+        if not ok:
+            raise ModelLoadError(f"{path}: metadata {arch}.{key} = {value!r} is not valid")
+        return kind(value)
+
+    heads, hidden = get("attention.head_count"), get("embedding_length")
+    head_dim = get("attention.key_length", hidden // heads)
+    if head_dim % 2:
+        raise ModelLoadError(f"{path}: head dimension {head_dim} is odd (RoPE needs pairs)")
+    embed = infos.get("token_embd.weight")
+    if embed is None:
+        raise ModelLoadError(f"{path}: missing tensor 'token_embd.weight'")
+    config: dict[str, Any] = {
+        "model_type": arch,
+        "architectures": [_HF_CLASSES[arch]],
+        "hidden_size": hidden,
+        "num_hidden_layers": get("block_count"),
+        "intermediate_size": get("feed_forward_length"),
+        "num_attention_heads": heads,
+        "num_key_value_heads": get("attention.head_count_kv", heads),
+        "head_dim": head_dim,
+        "rms_norm_eps": _short_float(get("attention.layer_norm_rms_epsilon", kind=float)),
+        "rope_theta": _short_float(get("rope.freq_base", _ROPE_BASE[arch], kind=float)),
+        "max_position_embeddings": get("context_length"),
+        "vocab_size": embed.shape[0],
+        "tie_word_embeddings": "output.weight" not in infos,
+    }
+    if config["num_hidden_layers"] > len(infos):  # it sizes the loop over expected tensors
+        raise ModelLoadError(
+            f"{path}: metadata {arch}.block_count = {config['num_hidden_layers']} but the file "
+            f"has only {len(infos)} tensors"
+        )
+    if get("rope.dimension_count", head_dim) != head_dim:
+        raise ModelLoadError(f"{path}: partial rotary embeddings are not supported")
+    scaling = meta.get(f"{arch}.rope.scaling.type", "none")
+    if scaling == "linear":
+        config["rope_scaling"] = {
+            "type": "linear",
+            "factor": get("rope.scaling.factor", kind=float),
+        }
+    elif scaling != "none":
+        raise ModelLoadError(f"{path}: unsupported RoPE scaling {scaling!r}")
+    if rope_freqs is not None:
+        config["rope_scaling"] = _llama3_scaling(path, rope_freqs, config["rope_theta"], head_dim)
+    if arch == "llama":
+        config["attention_bias"] = "blk.0.attn_q.bias" in infos
+        config["mlp_bias"] = "blk.0.ffn_gate.bias" in infos
+    return config
+
+
+_HF_CLASSES = {
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
+_ROPE_BASE = {"llama": 10000.0, "qwen2": 1e6, "qwen3": 1e6}
+
+
+def _llama3_scaling(path: Path, factors: np.ndarray, base: float, dims: int) -> dict[str, Any]:
+    """HF's llama3 ``rope_scaling`` from llama.cpp's per-frequency divisors (``rope_freqs``).
+
+    Each divisor is 1 (short wavelengths), ``factor`` (long ones) or ``1 / ((1 - s) / factor
+    + s)`` with ``s = old_ctx / (wavelen * (high - low)) - low / (high - low)`` in between: a
+    line in ``1 / wavelen`` whose two coefficients fix the boundaries. Taking
+    ``low_freq_factor = 1`` picks the one parameter set the divisors cannot tell apart.
+    """
+    n = (dims + 1) // 2  # checked before ``dims`` (metadata) sizes an array
+    f = factors.astype(np.float64)
+    if f.shape != (n,) or not np.all(np.isfinite(f) & (f > 0)):
+        raise ModelLoadError(f"{path}: tensor 'rope_freqs.weight' must hold {n} positive factors")
+    wavelens = 2 * np.pi * base ** (np.arange(0, dims, 2, dtype=np.float64) / dims)
+    factor = float(f.max())
+    if factor <= 1 + 1e-6:
+        return {"type": "default"}
+    medium = (f > 1 + 1e-4) & (f < factor * (1 - 1e-4))
+    if medium.sum() >= 2:
+        s = (1 / f[medium] - 1 / factor) / (1 - 1 / factor)
+        a, b = np.polyfit(1 / wavelens[medium], s, 1)
+        with np.errstate(all="ignore"):
+            high, old_ctx = round(float((b - 1) / b), 4), round(float(-a / b), 2)
+    else:  # a step: put both boundaries between the last unscaled and first scaled wavelength
+        first = int(np.argmax(f > 1 + 1e-4))
+        inner = wavelens[first - 1] if first else wavelens[0] / 2
+        old_ctx = float(wavelens[first]) * 0.999
+        high = old_ctx / (float(inner) * 1.001)
+    not_llama3 = ModelLoadError(f"{path}: tensor 'rope_freqs.weight' is not llama3 RoPE scaling")
+    if not (np.isfinite(high) and np.isfinite(old_ctx) and high > 1 and old_ctx > 0):
+        raise not_llama3
+    scaling = {
+        "rope_type": "llama3",
+        "factor": round(factor, 4),
+        "low_freq_factor": 1.0,
+        "high_freq_factor": high,
+        "original_max_position_embeddings": int(old_ctx) if old_ctx == int(old_ctx) else old_ctx,
+    }
+    smooth = np.clip((old_ctx / wavelens - 1) / (high - 1), 0, 1)
+    if not np.allclose(1 / ((1 - smooth) / factor + smooth), f, rtol=1e-3):
+        raise not_llama3
+    return scaling
+
+
+def _short_float(value: Any) -> float:
+    # GGUF stores float32: 1e-5 reads back as 9.99999974e-06; keep the float32's shortest repr.
+    with np.errstate(over="ignore"):  # a float64 past float32's range becomes inf
+        return float(str(np.float32(value)))
