@@ -92,7 +92,8 @@ async def test_sigterm_lets_open_streams_finish_then_exits_0() -> None:
         rest = await read_until(stream, b"0\r\n\r\n", eof_ok=True)
         await stream.aclose()
         received = first + rest
-        assert received.count(b'"done":false') == 200
+        # All 200 tokens were generated and sent (a reader that lags gets them coalesced into
+        # fewer records, so the record count depends on timing; the final count does not).
         assert b'"eval_count":200' in received
         assert b'"done":true' in received
         assert b'"done_reason":1' in received  # num_predict reached
