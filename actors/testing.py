@@ -20,7 +20,13 @@ from actors.config import Loaded, LoadFn
 from actors.messages import Chunk, GenerateRequest, Generation, GenerationError, ModelInfo
 from actors.runner import Runner
 from actors.tree import open_runner
-from runtime.engine.protocol import EngineStats, FinishReason, SequenceRequest, TokenEvent
+from runtime.engine.protocol import (
+    EngineStats,
+    FinishReason,
+    SequenceRequest,
+    StepAbort,
+    TokenEvent,
+)
 
 Script = Callable[[SequenceRequest], Sequence[int]]
 
@@ -64,6 +70,8 @@ class ScriptedEngine:
         self.removed: list[int] = []
         self.removed_at_step: dict[int, int] = {}  # seq_id -> steps run before its removal
         self.added: list[int] = []
+        self.aborted: list[int] = []  # sequences dropped with a failed step
+        self._stepping: list[int] = []  # the sequences the last step advanced
         self.steps = 0
         self.gate: threading.Event | None = None  # when set, each step waits for it
         self.closed = False
@@ -120,6 +128,7 @@ class ScriptedEngine:
         if self.gate is not None:
             self.gate.wait()
         self.steps += 1
+        self._stepping = [sid for sid, seq in self.seqs.items() if not seq.finished]
         if self.crash_at_step is not None and self.steps >= self.crash_at_step:
             raise RuntimeError(f"engine crashed at step {self.steps}")
         events = []
@@ -146,6 +155,17 @@ class ScriptedEngine:
                 seq.finished = True
             events.append(TokenEvent(seq_id=sid, token=token, prefilled=prefilled, finish=finish))
         return events
+
+    def abort_step(self) -> StepAbort:
+        """Drop every sequence the failed step advanced (even one it finished: its end was
+        never reported)."""
+        self._record()
+        failed = tuple(sid for sid in self._stepping if sid in self.seqs)
+        for sid in failed:
+            del self.seqs[sid]
+        self.aborted.extend(failed)
+        self._stepping = []
+        return StepAbort(failed=failed)
 
 
 def fake_info(name: str = "fake", context_length: int = 256) -> ModelInfo:

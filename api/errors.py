@@ -20,7 +20,7 @@ from typing import Any
 from quart import Response, g, has_request_context, jsonify
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 
-from actors.messages import GenerationError, QueueFullError, UnavailableError
+from actors.messages import GenerationError, OutOfMemoryError, QueueFullError, UnavailableError
 from runtime.errors import (
     ModelLoadError,
     ModelNotFoundError,
@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 RETRY_AFTER_QUEUE_FULL = 1  # seconds: a slot frees as soon as one generation ends
 RETRY_AFTER_LOADING = 5
 RETRY_AFTER_SHUTTING_DOWN = 30  # another instance should have taken over by then
+RETRY_AFTER_OUT_OF_MEMORY = 5  # running generations end and give their memory back
 REQUEST_ID_HEADER = "X-Request-Id"
 
 
@@ -85,6 +86,8 @@ def status_of(exc: BaseException) -> tuple[int, str, dict[str, str]]:
         case MethodNotAllowed():
             allowed = ", ".join(exc.valid_methods or ())
             return 405, "method not allowed", {"Allow": allowed} if allowed else {}
+        case OutOfMemoryError():  # a GenerationError that a retry may get past
+            return 503, str(exc), {"Retry-After": str(RETRY_AFTER_OUT_OF_MEMORY)}
         case GenerationError():
             return 500, "internal error", {}
         case HTTPException():
