@@ -21,6 +21,7 @@ from actors.messages import Chunk, GenerateRequest, Generation, GenerationError,
 from actors.runner import Runner
 from actors.tree import open_runner
 from runtime.engine.protocol import (
+    Engine,
     EngineStats,
     FinishReason,
     SequenceRequest,
@@ -183,7 +184,7 @@ def fake_info(name: str = "fake", context_length: int = 256) -> ModelInfo:
     )
 
 
-def scripted_load(engine: ScriptedEngine, tokenizer: Any) -> LoadFn:
+def scripted_load(engine: Engine, tokenizer: Any) -> LoadFn:
     def load(progress: Callable[[float], None]) -> Loaded:
         progress(0.5)
         return Loaded(

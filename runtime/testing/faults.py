@@ -10,6 +10,7 @@ inside the step instead, in the model's forward pass, for engine-level tests.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -45,11 +46,16 @@ def engine_bug() -> RuntimeError:
 
 
 class FaultInjectingEngine:
-    """An ``Engine`` that delegates to ``inner`` and makes the steps ``plan`` names raise."""
+    """An ``Engine`` that delegates to ``inner`` and makes the steps ``plan`` names raise.
+
+    ``gate``: when set to an event, each step waits for it first (on the engine thread), so a
+    test can line requests up before the steps it counts on.
+    """
 
     def __init__(self, inner: Engine, plan: FaultPlan) -> None:
         self.inner = inner
         self.plan = plan
+        self.gate: threading.Event | None = None
         self.steps = 0
         self.failed_steps: list[int] = []
         self.aborts: list[StepAbort] = []
@@ -75,6 +81,8 @@ class FaultInjectingEngine:
         return self.inner.has_work()
 
     def step(self) -> list[TokenEvent]:
+        if self.gate is not None:
+            self.gate.wait()
         self.steps += 1
         events = self.inner.step()
         fault = self.plan(self.steps)
