@@ -303,6 +303,8 @@ class Scheduler:
         for seq_id, error in outcome.rejected:
             if not isinstance(error, ValueError | RuntimeInputError):
                 log.error("the engine failed to admit sequence %d", seq_id, exc_info=error)
+                if is_out_of_memory(error):
+                    self._policy.evict_all()
                 self._count_fault(error)
         self._faults.succeeded(outcome.steps)
         if outcome.failure is not None:
@@ -321,7 +323,9 @@ class Scheduler:
             sub = self._policy.payload(seq_id)
             if sub is not None:
                 self._end(sub, EngineFailed(error))
-        self._policy.step_failed(abort.failed, abort.lost_entries, free_prefixes=out_of_memory)
+        self._policy.step_failed(abort.failed, abort.lost_entries)
+        if out_of_memory:
+            self._policy.evict_all()
         self._count_fault(error)
 
     def _count_fault(self, error: BaseException) -> None:

@@ -144,7 +144,7 @@ def test_a_failed_step_forgets_its_sequences_and_lost_entries_and_frees_their_ro
 def test_running_out_of_memory_evicts_every_prefix_entry() -> None:
     policy = _policy()
     entries = [_save_entry(policy, 1, [1, 2, 3]), _save_entry(policy, 2, [4, 5, 6])]
-    policy.step_failed([], free_prefixes=True)
+    policy.evict_all()
     assert len(policy.prefixes) == 0
     assert policy.prefixes.counters.evictions == 2
     assert sorted(policy.next_job().drops) == sorted(entries)  # the engine frees them next

@@ -31,7 +31,6 @@ from actors.messages import (
 from actors.runner import Runner
 from actors.testing import (
     ScriptedEngine,
-    count_up,
     fake_info,
     open_test_runner,
     read_to_end,
@@ -42,7 +41,6 @@ from actors.tree import open_runner
 from api.app import ApiConfig, create_app
 from runtime.engine.model_engine import ModelEngine
 from runtime.engine.options import SamplingOptions
-from runtime.engine.protocol import SequenceRequest
 from runtime.models.loader import load_model
 from runtime.testing.faults import (
     FaultInjectingEngine,
@@ -247,18 +245,20 @@ async def test_a_fault_that_keeps_repeating_ends_the_tree_with_one_log_line(
     ]
 
 
-async def test_an_admission_that_runs_out_of_memory_fails_that_request_alone() -> None:
-    def script(request: SequenceRequest) -> list[int]:
-        if request.prompt[0] == QUEUED[0]:
-            raise MemoryError
-        return count_up(request)
-
-    async with open_test_runner(ScriptedEngine(script), tokenizer=tokenizer()) as client:
+async def test_an_admission_that_runs_out_of_memory_fails_that_request_alone(
+    folder: Path,
+) -> None:
+    async with _real_tree(folder, at_steps({})) as (runner, engine):
+        await _tokens(runner, _request(LATER, 3, seed=1))
+        await wait_until(lambda: runner.statistics().prefix_cache_entries == 1)
+        engine.admission = lambda r: out_of_memory() if r.prompt == QUEUED else None
         with pytest.raises(OutOfMemoryError):
-            await client.generate(_request(QUEUED, 3, seed=1))
-        assert (await client.generate(_request(LATER, 3, seed=1)))[-1].eval_count == 3
-        assert client.runner.ready is not None
-        assert client.runner.ready.scheduler.counters.engine_faults == 1
+            await _tokens(runner, _request(QUEUED, 3, seed=1))
+        assert runner.statistics().prefix_cache_entries == 0  # what could be freed was
+        assert len(await _tokens(runner, _request(VICTIMS[0], 3, seed=1))) == 3
+        assert runner.ready is not None
+        assert runner.ready.scheduler.counters.engine_faults == 1
+        await _until_freed(runner)
 
 
 SERVE_WITH_FAULTS = textwrap.dedent(

@@ -49,13 +49,15 @@ class FaultInjectingEngine:
     """An ``Engine`` that delegates to ``inner`` and makes the steps ``plan`` names raise.
 
     ``gate``: when set to an event, each step waits for it first (on the engine thread), so a
-    test can line requests up before the steps it counts on.
+    test can line requests up before the steps it counts on. ``admission``: the exception, if
+    any, that adding a sequence raises instead.
     """
 
     def __init__(self, inner: Engine, plan: FaultPlan) -> None:
         self.inner = inner
         self.plan = plan
         self.gate: threading.Event | None = None
+        self.admission: Callable[[SequenceRequest], BaseException | None] = lambda request: None
         self.steps = 0
         self.failed_steps: list[int] = []
         self.aborts: list[StepAbort] = []
@@ -69,6 +71,9 @@ class FaultInjectingEngine:
         return self.inner.kv_bytes_per_token
 
     def add(self, request: SequenceRequest) -> None:
+        fault = self.admission(request)
+        if fault is not None:
+            raise fault
         self.inner.add(request)
 
     def remove(self, seq_id: int, *, save_as: int | None = None) -> int:
