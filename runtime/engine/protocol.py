@@ -2,12 +2,12 @@
 
 An ``Engine`` is driven from one thread only (the engine thread); it is synchronous and knows
 nothing of Trio. The scheduler adds sequences, calls ``step`` in a loop and removes sequences
-that finished or whose requester is gone. When ``step`` raises, the scheduler calls
-``abort_step`` next: the sequences that step was computing are dropped (their requesters get
-the error), and the engine goes on with the others. One ``step`` advances every active sequence together:
+that finished or whose requester is gone. One ``step`` advances every active sequence together:
 a prefill chunk for sequences still reading their prompt (bounded by a per-step token budget),
 one decode token for the others. Sequences join and leave between steps. An engine may pipeline:
-the events a step returns can belong to the forward pass dispatched by the step before.
+the events a step returns can belong to the forward pass dispatched by the step before. When
+``step`` raises, the scheduler calls ``abort_step`` next: the sequences that step was computing
+are dropped (their requesters get the error), and the engine goes on.
 
 ``runtime.engine.model_engine.ModelEngine`` implements it on a real model; ``actors.testing`` has a
 scripted fake with the same behaviour for actor tests.
