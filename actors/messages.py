@@ -76,6 +76,19 @@ class GenerationCut(GenerationError):
         self.final = final or Chunk(done=True, done_reason=DoneReason.CANCELLED)
 
 
+class OutOfMemoryError(GenerationError):
+    """The server ran out of memory while running this generation (HTTP 503 with Retry-After).
+
+    The engine has freed what it could (the failed step's rows, the prefix cache); the same
+    request may well succeed when retried.
+    """
+
+
+class EngineFaultError(Exception):
+    """The engine kept failing (``runtime.scheduling.faults.FaultRule``): the tree stops, and
+    ``mlxrunner serve`` exits with status 1. Never sent to a request: it leaves the tree."""
+
+
 # ---- requests ----
 
 

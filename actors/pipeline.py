@@ -223,9 +223,7 @@ async def _stream(
 
     async for item in replies:
         if isinstance(item, EngineFailed):
-            failure = GenerationError(f"generation failed: {item.error}")
-            failure.__cause__ = item.error
-            await chunks.send(failure)
+            await chunks.send(item.generation_error())
             return
         if isinstance(item, Dropped):
             cut = item

@@ -16,6 +16,13 @@ Readers: a requester reports the tokens its reader took (``taken``). A sequence 
 lags by ``reader_pause_tokens`` is paused, without holding up the others, until the reader
 catches up; one paused for ``reader_timeout`` seconds ends with a ``Dropped`` marker and its
 cache is freed (``runtime.scheduling.policy`` decides).
+
+Faults stay local: when an engine step raises, the engine drops the sequences of that step
+(``Engine.abort_step``), their requesters get ``EngineFailed`` (a 500, or a 503 when memory ran
+out, after which the prefix cache is emptied too), and the others go on; an admission the
+engine fails only fails that request. A fault that keeps repeating
+(``runtime.scheduling.faults.FaultRule``) is logged in one line and raised as
+``EngineFaultError``, which takes the tree down.
 """
 
 from __future__ import annotations
@@ -30,7 +37,10 @@ from typing import TYPE_CHECKING
 import attrs
 import trio
 
-from runtime.engine.protocol import EngineStats, SequenceRequest, TokenEvent
+from actors.messages import EngineFaultError, GenerationError, OutOfMemoryError
+from runtime.engine.protocol import EngineStats, SequenceRequest, StepAbort, TokenEvent
+from runtime.errors import RuntimeInputError
+from runtime.scheduling.faults import FaultRule, FaultTracker, is_out_of_memory
 from runtime.scheduling.policy import Job, PolicyConfig, QueueFull, SchedulerPolicy
 
 if TYPE_CHECKING:
@@ -55,6 +65,7 @@ class SchedulerConfig:
     prefix_cache: bool = True
     reader_pause_tokens: int = 256
     reader_timeout: float = 60.0
+    faults: FaultRule = attrs.field(factory=FaultRule)
 
     def __attrs_post_init__(self) -> None:
         if self.max_queue < 1 or self.parallel < 1:
@@ -76,9 +87,28 @@ class Dropped:
 
 @attrs.frozen
 class EngineFailed:
-    """The last item a reply channel carries when the engine could not run the sequence."""
+    """The last item a reply channel carries when the engine could not run the sequence.
+
+    ``admission``: the engine refused the sequence when it was added (not a failed step).
+    """
 
     error: BaseException
+    admission: bool = False
+
+    def generation_error(self) -> GenerationError:
+        """What the requester is told. Only an input the engine refused is described; a fault
+        gets a generic message (the scheduler logged its details)."""
+        error = self.error
+        if is_out_of_memory(error):
+            failure: GenerationError = OutOfMemoryError(
+                "generation failed: the server ran out of memory; try again later"
+            )
+        elif self.admission and isinstance(error, ValueError | RuntimeInputError):
+            failure = GenerationError(f"generation failed: {error}")
+        else:
+            failure = GenerationError("generation failed: internal error")
+        failure.__cause__ = error
+        return failure
 
 
 Reply = TokenEvent | Dropped | EngineFailed
@@ -96,6 +126,13 @@ class Counters:
     cancelled: int = 0
     prompt_tokens: int = 0
     generated_tokens: int = 0
+    engine_faults: int = 0  # failed steps and failed admissions (not input errors)
+
+
+@attrs.frozen
+class _StepFailure:
+    error: Exception
+    abort: StepAbort
 
 
 @attrs.frozen
@@ -105,6 +142,8 @@ class _Outcome:
     events: list[TokenEvent]
     stats: EngineStats
     busy: bool  # the engine has more to compute
+    steps: int  # steps that succeeded (the events of all but the last were delivered)
+    failure: _StepFailure | None  # the step that ended the job by raising
 
 
 class Scheduler:
@@ -132,6 +171,7 @@ class Scheduler:
         self.engine_stats = EngineStats(active_sequences=0, prefilling_sequences=0, cache_bytes=0)
         self.counters = Counters()
         self.steps = 0
+        self._faults = FaultTracker(config.faults)
 
     # ---- used by pipelines (all non-blocking) ----
 
@@ -273,11 +313,12 @@ class Scheduler:
                 if error is not None:
                     sub = self._policy.payload(request.seq_id)
                     if sub is not None:
-                        self._end(sub, EngineFailed(error))
+                        self._end(sub, EngineFailed(error, admission=True))
             self._policy.job_done(job, outcome.kept, list(rejected))
             self._job_done.set()
             self._job_done = trio.Event()
             self._route(outcome.events)
+            self._judge(outcome)
             await trio.lowlevel.checkpoint()
 
     def _job(self, job: Job, token: trio.lowlevel.TrioToken) -> _Outcome:
@@ -301,23 +342,74 @@ class Scheduler:
         for request in job.admits:
             try:
                 engine.add(request)
-            except (ValueError, RuntimeError) as exc:  # e.g. PromptError: reported to the requester
+            except Exception as exc:  # e.g. PromptError: this request fails, no other
                 rejected.append((request.seq_id, exc))
-        events = engine.step() if engine.has_work() else []
-        steps = 1
-        while steps < STEPS_PER_JOB and not self._interrupt.is_set() and engine.has_work():
-            stats = engine.statistics()
-            with contextlib.suppress(trio.RunFinishedError):
-                token.run_sync_soon(self._deliver, events, stats)
-            events = engine.step()
-            steps += 1
+        events: list[TokenEvent] = []
+        steps = 0
+        failure = None
+        try:
+            while engine.has_work() and (
+                steps == 0 or (steps < STEPS_PER_JOB and not self._interrupt.is_set())
+            ):
+                if steps:
+                    stats = engine.statistics()
+                    with contextlib.suppress(trio.RunFinishedError):
+                        token.run_sync_soon(self._deliver, events, stats)
+                events = engine.step()
+                steps += 1
+        except Exception as exc:  # the step's sequences fail (see ``_fail_step``), no others
+            events, failure = [], _StepFailure(error=exc, abort=engine.abort_step())
         return _Outcome(
             kept=kept,
             rejected=rejected,
             events=events,
             stats=engine.statistics(),
             busy=engine.has_work(),
+            steps=steps,
+            failure=failure,
         )
+
+    def _judge(self, outcome: _Outcome) -> None:
+        """Hold a job's faults against ``FaultRule``, in the order they happened: admissions,
+        then steps. Raises ``EngineFaultError`` once the rule says the engine is broken."""
+        for seq_id, error in outcome.rejected:
+            if not isinstance(error, ValueError | RuntimeInputError):
+                log.error("the engine failed to admit sequence %d", seq_id, exc_info=error)
+                if is_out_of_memory(error):
+                    self._policy.evict_all()
+                self._count_fault(error)
+        self._faults.succeeded(outcome.steps)
+        if outcome.failure is not None:
+            self._fail_step(outcome.failure)
+
+    def _fail_step(self, failure: _StepFailure) -> None:
+        error, abort = failure.error, failure.abort
+        out_of_memory = is_out_of_memory(error)
+        log.error(
+            "an engine step failed; %d sequence(s) failed with it%s",
+            len(abort.failed),
+            ", the prefix cache is emptied (out of memory)" if out_of_memory else "",
+            exc_info=error,
+        )
+        for seq_id in abort.failed:
+            sub = self._policy.payload(seq_id)
+            if sub is not None:
+                self._end(sub, EngineFailed(error))
+        self._policy.step_failed(abort.failed, abort.lost_entries)
+        if out_of_memory:
+            self._policy.evict_all()
+        self._count_fault(error)
+
+    def _count_fault(self, error: BaseException) -> None:
+        self.counters.engine_faults += 1
+        verdict = self._faults.failed()
+        if verdict is not None:
+            fault = EngineFaultError(
+                f"the engine keeps failing ({verdict}; the last: {type(error).__name__}: "
+                f"{error}); stopping"
+            )
+            log.critical("%s", fault)
+            raise fault from error
 
     def _deliver(self, events: list[TokenEvent], stats: EngineStats) -> None:
         """The events of a step inside a job (runs in the loop, in step order)."""

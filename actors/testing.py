@@ -20,7 +20,14 @@ from actors.config import Loaded, LoadFn
 from actors.messages import Chunk, GenerateRequest, Generation, GenerationError, ModelInfo
 from actors.runner import Runner
 from actors.tree import open_runner
-from runtime.engine.protocol import EngineStats, FinishReason, SequenceRequest, TokenEvent
+from runtime.engine.protocol import (
+    Engine,
+    EngineStats,
+    FinishReason,
+    SequenceRequest,
+    StepAbort,
+    TokenEvent,
+)
 
 Script = Callable[[SequenceRequest], Sequence[int]]
 
@@ -67,6 +74,8 @@ class ScriptedEngine:
         self.removed_at_step: dict[int, int] = {}  # seq_id -> steps run before its removal
         self.added: list[int] = []
         self.pauses: list[tuple[int, bool, int]] = []  # (seq_id, paused, steps run before)
+        self.aborted: list[int] = []  # sequences dropped with a failed step
+        self._stepping: list[int] = []  # the sequences the last step advanced
         self.steps = 0
         self.gate: threading.Event | None = None  # when set, each step waits for it
         self.closed = False
@@ -130,6 +139,7 @@ class ScriptedEngine:
         if self.gate is not None:
             self.gate.wait()
         self.steps += 1
+        self._stepping = [sid for sid, seq in self.seqs.items() if not seq.finished]
         if self.crash_at_step is not None and self.steps >= self.crash_at_step:
             raise RuntimeError(f"engine crashed at step {self.steps}")
         events = []
@@ -157,6 +167,17 @@ class ScriptedEngine:
             events.append(TokenEvent(seq_id=sid, token=token, prefilled=prefilled, finish=finish))
         return events
 
+    def abort_step(self) -> StepAbort:
+        """Drop every sequence the failed step advanced (even one it finished: its end was
+        never reported)."""
+        self._record()
+        failed = tuple(sid for sid in self._stepping if sid in self.seqs)
+        for sid in failed:
+            del self.seqs[sid]
+        self.aborted.extend(failed)
+        self._stepping = []
+        return StepAbort(failed=failed)
+
 
 def fake_info(name: str = "fake", context_length: int = 256) -> ModelInfo:
     return ModelInfo(
@@ -173,7 +194,7 @@ def fake_info(name: str = "fake", context_length: int = 256) -> ModelInfo:
     )
 
 
-def scripted_load(engine: ScriptedEngine, tokenizer: Any) -> LoadFn:
+def scripted_load(engine: Engine, tokenizer: Any) -> LoadFn:
     def load(progress: Callable[[float], None]) -> Loaded:
         progress(0.5)
         return Loaded(

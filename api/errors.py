@@ -27,6 +27,7 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 from actors.messages import (
     GenerationCut,
     GenerationError,
+    OutOfMemoryError,
     OverloadedError,
     QueueFullError,
     UnavailableError,
@@ -46,6 +47,7 @@ RETRY_AFTER_QUEUE_FULL = 1  # seconds: a slot frees as soon as one generation en
 RETRY_AFTER_OVERLOADED = 1  # likewise, once one open generation is read to its end
 RETRY_AFTER_LOADING = 5
 RETRY_AFTER_SHUTTING_DOWN = 30  # another instance should have taken over by then
+RETRY_AFTER_OUT_OF_MEMORY = 5  # running generations end and give their memory back
 REQUEST_ID_HEADER = "X-Request-Id"
 
 
@@ -102,6 +104,8 @@ def status_of(exc: BaseException) -> tuple[int, str, dict[str, str]]:
         case GenerationCut():
             retry = str(RETRY_AFTER_SHUTTING_DOWN)
             return 503, str(exc) or "the generation was cut short", {"Retry-After": retry}
+        case OutOfMemoryError():  # a GenerationError that a retry may get past
+            return 503, str(exc), {"Retry-After": str(RETRY_AFTER_OUT_OF_MEMORY)}
         case GenerationError():
             return 500, "internal error", {}
         case HTTPException():

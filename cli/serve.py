@@ -7,7 +7,8 @@ generations go on for ``--grace`` seconds, cuts the rest, then fires
 before it closes them. A second signal cuts every open generation at once and stops the same
 way (a third stops without the flush). Cut work ends with 503 or a stream's error record.
 Either way the process exits 0; a bad flag (or an unreadable ``--api-key-file``) exits 2; a
-model that cannot be loaded or a port that cannot be bound exits 1 with one line on stderr.
+model that cannot be loaded or a port that cannot be bound exits 1 with one line on stderr,
+and so does an engine that keeps failing (``EngineFaultError``: the scheduler logged that line).
 
 Who may talk to the server (``api/guard.py``) comes from the flags, each falling back to its
 environment variable when not given: the API key from ``--api-key`` or ``--api-key-file``,
@@ -146,8 +147,10 @@ async def serve(
             task_status.started(binds)
 
 
-def main(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace, *, load: Any = None) -> int:
+    """``mlxrunner serve``; returns the exit status. ``load`` replaces the model load (tests)."""
     import runtime  # noqa: F401  (maps the optimized BLAS before anything imports MLX)
+    from actors.messages import EngineFaultError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
@@ -158,10 +161,12 @@ def main(args: argparse.Namespace) -> int:
     if not config.guard.check_host and not config.api_key:
         log.warning("listening on %s, beyond this machine, without an API key", args.host)
     try:
-        trio.run(functools.partial(serve, args, config=config))
+        trio.run(functools.partial(serve, args, load=load, config=config))
     except Exception as exc:
         # A taken port, an unknown host, a missing model: one line each, not a traceback.
         problems = exception_leaves(exc)
+        if any(isinstance(p, EngineFaultError) for p in problems):
+            return 1  # its line is in the log already
         if not all(isinstance(p, OSError | RuntimeInputError) for p in problems):
             raise
         for p in problems:

@@ -175,26 +175,6 @@ async def test_a_request_that_leaves_while_queued_never_runs() -> None:
     assert len(engine.added) == 1
 
 
-async def test_engine_crash_fails_the_tree_and_open_requests_see_the_error() -> None:
-    engine = ScriptedEngine(crash_at_step=3)
-    seen: list[BaseException] = []
-
-    async def consume(client: object) -> None:
-        try:
-            await client.generate(_request(num_predict=50))  # type: ignore[attr-defined]
-        except GenerationError as exc:
-            seen.append(exc)
-
-    with pytest.RaisesGroup(
-        pytest.RaisesExc(RuntimeError, match="crashed at step 3"), flatten_subgroups=True
-    ):
-        async with open_test_runner(engine) as client:
-            await consume(client)
-            await trio.sleep_forever()
-    assert len(seen) == 1
-    assert "crashed at step 3" in str(seen[0])
-
-
 async def test_a_sequence_the_engine_rejects_fails_alone() -> None:
     def script(request: SequenceRequest) -> list[int]:
         if len(request.prompt) > 8:

@@ -22,7 +22,7 @@ from cli import run as run_command
 from cli.main import build_parser
 from runtime.engine.model_engine import ModelEngine
 from runtime.engine.options import SamplingOptions
-from runtime.engine.protocol import EngineStats, SequenceRequest, TokenEvent
+from runtime.engine.protocol import EngineStats, SequenceRequest, StepAbort, TokenEvent
 from runtime.models.loader import load_model
 from runtime.testing.models import make_tiny_folder
 
@@ -86,6 +86,10 @@ class RecordingEngine:
         self.largest_batch = max(self.largest_batch, self.inner.statistics().active_sequences)
         self.steps += 1
         return self.inner.step()
+
+    def abort_step(self) -> StepAbort:
+        self.threads.add(threading.get_ident())
+        return self.inner.abort_step()
 
     def statistics(self) -> EngineStats:
         self.threads.add(threading.get_ident())

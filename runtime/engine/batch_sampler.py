@@ -113,6 +113,11 @@ class BatchSampler:
         if recent:
             self._history[row, : len(recent)] = mx.array(recent, dtype=mx.int32)
 
+    @property
+    def arrays(self) -> list[mx.array]:
+        """The MLX arrays it keeps between steps (the penalty windows)."""
+        return [self._history]
+
     def remove(self, row: int) -> None:
         """Row ``row`` is free for another sequence."""
         self._check_rows([row])

@@ -22,6 +22,7 @@ admitted request may start from one (``SequenceRequest.reuse``).
 from __future__ import annotations
 
 import gc
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import attrs
@@ -33,6 +34,7 @@ from runtime.engine.protocol import (
     EngineStats,
     FinishReason,
     SequenceRequest,
+    StepAbort,
     TokenEvent,
     TokenLogprob,
 )
@@ -65,6 +67,11 @@ class _Row:
         if self.finished or self.paused or self.pending or self.sampled == 0:
             return False
         return self.sampled < self.request.max_tokens and self.prompt_len + self.sampled < context
+
+
+# The rows of a forward: those fed a decode token, and prefill chunks (row, tokens).
+_Plan = tuple[Sequence[_Row], Sequence[tuple[_Row, int]]]
+_NO_ROWS: _Plan = ((), ())
 
 
 @attrs.frozen(eq=False)
@@ -102,6 +109,8 @@ class ModelEngine:
         self._by_id: dict[int, _Row] = {}
         self._positions = 0  # cache capacity in positions (grows; reset when empty)
         self._inflight: _Forward | None = None
+        self._reading, self._dispatching = _NO_ROWS, _NO_ROWS  # see ``step``
+        self._evaluating = False
         self._prefixes: dict[int, tuple[Prefix, int]] = {}
         self._prefix_bytes = 0  # kept as a total: summing every entry's arrays per step showed
         # up as 7% of the engine thread with many entries (py-spy, GPU, 64 streams)
@@ -183,6 +192,7 @@ class ModelEngine:
         # still in flight only holds rows that are gone, so its results are dropped).
         if not self._by_id:
             self._inflight = None
+            self._reading = self._dispatching = _NO_ROWS
             self._cache.clear()
             self._rows.clear()
             self._positions = 0
@@ -217,12 +227,13 @@ class ModelEngine:
 
     def step(self) -> list[TokenEvent]:
         previous, self._inflight = self._inflight, None
-        try:
-            self._inflight = self._dispatch(previous)
-            events = self._collect(previous) if previous is not None else []
-        except BaseException:
-            self._rollback()
-            raise
+        # For ``abort_step``, should this step fail: the rows of the forward it reads back and
+        # of the one it starts (``_dispatch`` records them), and whether MLX was evaluating.
+        self._reading, self._dispatching = self._dispatching, _NO_ROWS
+        self._evaluating = False
+        self._inflight = self._dispatch(previous)
+        self._evaluating = True
+        events = self._collect(previous) if previous is not None else []
         self._release_if_idle()
         return events
 
@@ -240,6 +251,7 @@ class ModelEngine:
             n = min(len(row.pending), budget)
             budget -= n
             chunks.append((row, n))
+        self._dispatching = (fed, chunks)
         if not fed and not chunks:
             return None
         capacity_rows = len(self._rows)
@@ -296,6 +308,7 @@ class ModelEngine:
             )
             if top >= 0:
                 lp = batch_logprobs(logits, tokens, top)
+        self._evaluating = True
         mx.async_eval(tokens, *(lp or ()), *self._cache.arrays)
         return _Forward(rows=tuple(sampled_rows), tokens=tokens, prefilled=prefilled, logprobs=lp)
 
@@ -358,25 +371,37 @@ class ModelEngine:
             )
         return events
 
-    def _rollback(self) -> None:
-        """After a failed step: every row in it goes back to what has been read back.
-
-        Positions whose tokens were never reported are forgotten (lengths move back; the data
-        past a length is dead), the sampler rewinds, and the next step re-feeds from scratch.
-        """
-        self._inflight = None
-        for row in self._by_id.values():
-            unread = row.sampled - row.reported
-            if unread > 0:
-                self._sampler.rewind([row.index], unread)
-                row.sampled = row.reported
-            if row.pending:
-                continue
-            if row.reported == 0:  # the prompt's last token is computed again
-                row.pending = [row.request.prompt[-1]]
-                row.length = row.prompt_len - 1
-            else:  # keep the reported tokens' positions but the last, which is fed next
-                row.length = min(row.length, row.prompt_len + row.reported - 1)
+    def abort_step(self) -> StepAbort:
+        """``Engine.abort_step``. A failure while MLX evaluated (an allocation, the device)
+        loses the whole batch and every prefix entry: MLX may mark the arrays of a failed
+        evaluation computed, and then they and all built on them read back made-up values
+        without another error (seen with MLX 0.32 on the CPU). A failure while the forward
+        was built drops the rows of the two forwards the step covers; the rest is evaluated
+        now, which raises if the forward before it failed."""
+        plans = (self._reading, self._dispatching)
+        touched = [row for fed, chunks in plans for row in (*fed, *(r for r, _ in chunks))]
+        failed = {r.request.seq_id for r in touched if self._by_id.get(r.request.seq_id) is r}
+        for seq_id in failed:
+            self.remove(seq_id)
+        self._inflight, self._reading, self._dispatching = None, _NO_ROWS, _NO_ROWS
+        intact = not self._evaluating
+        if intact:
+            prefixes = [a for prefix, _ in self._prefixes.values() for kv in prefix for a in kv]
+            try:
+                mx.eval(*self._cache.arrays, *self._sampler.arrays, *prefixes)
+            except Exception:
+                intact = False
+        lost = [] if intact else list(self._prefixes)
+        if not intact:
+            failed.update(self._by_id)
+            for seq_id in list(self._by_id):
+                self.remove(seq_id)
+            for entry_id in lost:
+                self.drop_prefix(entry_id)
+        if not self._by_id:  # its penalty windows may hold the failed forward's tokens
+            self._sampler = BatchSampler(vocab_size=self._vocab, context_length=self._context)
+        mx.clear_cache()
+        return StepAbort(failed=tuple(sorted(failed)), lost_entries=tuple(lost))
 
     def close(self) -> None:
         """Release every MLX array this engine holds: the model, the caches, the prefixes.

@@ -5,7 +5,9 @@ nothing of Trio. The scheduler adds sequences, calls ``step`` in a loop and remo
 that finished or whose requester is gone, and pauses sequences whose reader lags. One ``step`` advances every active sequence together:
 a prefill chunk for sequences still reading their prompt (bounded by a per-step token budget),
 one decode token for the others. Sequences join and leave between steps. An engine may pipeline:
-the events a step returns can belong to the forward pass dispatched by the step before.
+the events a step returns can belong to the forward pass dispatched by the step before. When
+``step`` raises, the scheduler calls ``abort_step`` next: the sequences that step was computing
+are dropped (their requesters get the error), and the engine goes on.
 
 ``runtime.engine.model_engine.ModelEngine`` implements it on a real model; ``actors.testing`` has a
 scripted fake with the same behaviour for actor tests.
@@ -81,6 +83,14 @@ class EngineStats:
     capacity_positions: int = 0
 
 
+@attrs.frozen(kw_only=True)
+class StepAbort:
+    """What a failed step cost: the sequences dropped with it, and lost prefix-cache entries."""
+
+    failed: tuple[int, ...]
+    lost_entries: tuple[int, ...] = ()
+
+
 class Engine(Protocol):
     """A model runner advanced one batched step at a time (engine thread only)."""
 
@@ -111,7 +121,16 @@ class Engine(Protocol):
         """Whether ``step`` would advance anything."""
 
     def step(self) -> list[TokenEvent]:
-        """Advance every active sequence by one step; return one event per sequence advanced."""
+        """Advance every active sequence by one step; return one event per sequence advanced.
+
+        If it raises, the caller must call ``abort_step`` before anything else."""
+
+    def abort_step(self) -> StepAbort:
+        """After ``step`` raised (or its events were lost): drop the sequences that step was
+        computing, freeing their rows (nothing of theirs becomes a prefix entry), and discard
+        any pipelined work. What the step did not touch stays usable unless it may depend on
+        what failed (a failed evaluation can spoil every array it reached): then it is
+        dropped too. Returns every sequence and prefix entry dropped."""
 
     def statistics(self) -> EngineStats: ...
 

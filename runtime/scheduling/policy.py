@@ -282,6 +282,21 @@ class SchedulerPolicy(Generic[P]):
         if not self._running:
             self._rows = self._positions = 0
 
+    def step_failed(self, seq_ids: Sequence[int], lost_entries: Sequence[int] = ()) -> None:
+        """An engine step failed: the engine dropped ``seq_ids`` (their requesters are told)
+        and lost the prefix entries ``lost_entries``."""
+        for seq_id in seq_ids:
+            self._running.pop(seq_id, None)
+        for entry_id in lost_entries:
+            self.prefixes.discard(entry_id)
+        if not self._running:
+            self._rows = self._positions = 0
+
+    def evict_all(self) -> None:
+        """The engine ran out of memory: evict every prefix entry (freed in the next job)."""
+        while (evicted := self.prefixes.evict_one()) is not None:
+            self._drops.append(evicted)
+
     def record(self, event: TokenEvent) -> bool:
         """An event was routed: extend the sequence's key (and its unread count); a finish
         ends it. Whether the sequence is now due to pause (its reader lags)."""

@@ -114,6 +114,10 @@ class PrefixIndex:
                 return entry_id
         return None
 
+    def discard(self, entry_id: int) -> None:
+        """Forget an entry the engine no longer holds (not counted as an eviction)."""
+        self._entries.pop(entry_id, None)
+
     def clear(self) -> list[int]:
         ids = list(self._entries)
         self._entries.clear()
