@@ -43,6 +43,7 @@ from api.schemas import (
     read_json,
     tool_list,
 )
+from runtime.engine.options import MIN_TOP_P
 
 FINISH_REASONS = {
     DoneReason.STOP: "stop",
@@ -71,8 +72,9 @@ def _options(body: dict[str, Any], max_tokens_keys: tuple[str, ...]) -> Generati
         "frequency_penalty": get_float(body, "frequency_penalty", 0.0, lo=-2.0, hi=2.0),
         "seed": body.get("seed"),
     }
-    if options["top_p"] == 0.0:
-        options["top_p"] = 1e-9  # "only the most likely token": Ollama's range excludes 0
+    # OpenAI's 0 (or anything that small) is "only the likeliest token": Ollama's range
+    # excludes 0, and MIN_TOP_P already keeps just that one.
+    options["top_p"] = max(options["top_p"], MIN_TOP_P)
     for key in _OLLAMA_EXTRAS:  # Ollama's compatibility layer accepts these too
         if key in body:
             options[key] = body[key]

@@ -195,7 +195,7 @@ def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         type=number(0),
         default=None,
         metavar="T",
-        help=f"0 is greedy (default: {defaults.temperature})",
+        help=f"0 (or anything below 1e-5) is greedy (default: {defaults.temperature})",
     )
     sampling.add_argument(
         "--top-k",
