@@ -21,6 +21,10 @@ _INT_OPTIONS = ("top_k", "repeat_last_n")
 # ignored, as Ollama ignores options it does not know.
 INT32_MAX = 2**31 - 1  # counts and lengths beyond this are nonsense and overflow MLX int32s
 MAX_TOP_LOGPROBS = 20
+# OpenAI allows 4 stop strings; these caps are generous and keep the per-token stop check
+# (and the request's validation) small.
+MAX_STOP_STRINGS = 16
+MAX_STOP_LENGTH = 256  # characters
 _ROLES = {"system", "user", "assistant", "tool"}
 
 
@@ -137,13 +141,19 @@ def get_object(body: Mapping[str, Any], key: str) -> dict[str, Any]:
 
 
 def get_stop(body: Mapping[str, Any], key: str = "stop") -> tuple[str, ...]:
+    """Stop strings: a string or a list of them, at most ``MAX_STOP_STRINGS`` of at most
+    ``MAX_STOP_LENGTH`` characters (each generated token is checked against all of them)."""
     value = body.get(key)
     if value is None:
         return ()
     if isinstance(value, str):
         value = [value]
+    if isinstance(value, list) and len(value) > MAX_STOP_STRINGS:
+        raise bad_request(f"'{key}' holds {len(value)} strings; at most {MAX_STOP_STRINGS}")
     if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
         raise bad_request(f"'{key}' must be a string or a list of strings")
+    if any(len(s) > MAX_STOP_LENGTH for s in value):
+        raise bad_request(f"a '{key}' string is longer than {MAX_STOP_LENGTH} characters")
     return tuple(s for s in value if s)
 
 

@@ -1,0 +1,123 @@
+"""Limits every route enforces on what a client sends: stop strings and sampling numbers.
+Quart's test client over the scripted fake runner."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from api.app import ApiConfig, create_app
+from api.schemas import MAX_STOP_LENGTH, MAX_STOP_STRINGS
+from tests.api_fakes import FakeRunner
+
+
+@pytest.fixture
+def fake() -> FakeRunner:
+    return FakeRunner()
+
+
+@pytest.fixture
+async def client(fake: FakeRunner) -> AsyncIterator[Any]:
+    app = create_app(fake, ApiConfig(model_name="fake:latest", max_body=1 << 22))
+    async with app.test_app() as test_app:
+        yield test_app.test_client()
+
+
+def _native(extra: dict[str, Any]) -> dict[str, Any]:
+    return {"prompt": "hi", "stream": False, "options": extra}
+
+
+def _ollama_generate(extra: dict[str, Any]) -> dict[str, Any]:
+    return {"model": "fake", "prompt": "hi", "stream": False, "options": extra}
+
+
+def _ollama_chat(extra: dict[str, Any]) -> dict[str, Any]:
+    messages = [{"role": "user", "content": "hi"}]
+    return {"model": "fake", "messages": messages, "stream": False, "options": extra}
+
+
+def _openai_completions(extra: dict[str, Any]) -> dict[str, Any]:
+    return {"model": "fake", "prompt": "hi", **extra}
+
+
+def _openai_chat(extra: dict[str, Any]) -> dict[str, Any]:
+    return {"model": "fake", "messages": [{"role": "user", "content": "hi"}], **extra}
+
+
+# Each route family and how its body carries options (Ollama's names under "options", or
+# OpenAI's at the top level).
+ROUTES = [
+    ("/completion", _native),
+    ("/api/generate", _ollama_generate),
+    ("/api/chat", _ollama_chat),
+    ("/v1/completions", _openai_completions),
+    ("/v1/chat/completions", _openai_chat),
+]
+ROUTE_IDS = [path for path, _ in ROUTES]
+
+
+async def _post(client: Any, path: str, body: dict[str, Any] | bytes) -> tuple[int, Any]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    response = await client.post(path, data=data, headers={"Content-Type": "application/json"})
+    return response.status_code, json.loads(await response.get_data())
+
+
+# ---- stop strings ----
+
+
+@pytest.mark.parametrize(("path", "body"), ROUTES, ids=ROUTE_IDS)
+async def test_stop_strings_are_capped_in_count_and_length(
+    client: Any, fake: FakeRunner, path: str, body: Any
+) -> None:
+    most = [f"{i:03d}" + "x" * (MAX_STOP_LENGTH - 3) for i in range(MAX_STOP_STRINGS)]
+    status, _ = await _post(client, path, body({"stop": most}))
+    assert status == 200
+    assert fake.requests[-1].options.stop == tuple(most)
+
+    status, reply = await _post(client, path, body({"stop": [*most, "one more"]}))
+    assert status == 400
+    assert f"at most {MAX_STOP_STRINGS}" in reply["error"]
+
+    status, reply = await _post(client, path, body({"stop": ["y" * (MAX_STOP_LENGTH + 1)]}))
+    assert status == 400
+    assert f"longer than {MAX_STOP_LENGTH} characters" in reply["error"]
+    assert len(fake.requests) == 1
+
+
+async def test_two_hundred_thousand_stop_strings_are_refused(client: Any, fake: FakeRunner) -> None:
+    status, reply = await _post(
+        client, "/v1/completions", _openai_completions({"stop": ["s"] * 200_000})
+    )
+    assert status == 400
+    assert "200000 strings" in reply["error"]
+    assert fake.requests == []
+
+
+# ---- sampling numbers ----
+
+
+@pytest.mark.parametrize(("path", "body"), ROUTES, ids=ROUTE_IDS)
+@pytest.mark.parametrize(
+    ("option", "raw", "message"),
+    [
+        ("temperature", "1e400", "temperature"),  # a JSON number Python reads as infinity
+        ("temperature", "NaN", "invalid JSON"),
+        ("repeat_penalty", "0.001", "repeat_penalty must be >= 0.01"),
+        ("repeat_penalty", "-1e400", "repeat_penalty"),
+        ("presence_penalty", "1e400", "presence_penalty"),
+        ("frequency_penalty", "-Infinity", "invalid JSON"),
+        ("top_p", "1e400", "top_p"),
+    ],
+)
+async def test_no_route_takes_a_number_the_sampler_cannot_use(
+    client: Any, fake: FakeRunner, path: str, body: Any, option: str, raw: str, message: str
+) -> None:
+    # JSON can spell numbers json.dumps never writes: put the raw literal in by hand.
+    data = json.dumps(body({option: "@"})).replace('"@"', raw).encode()
+    status, reply = await _post(client, path, data)
+    assert status == 400, reply
+    assert message in reply["error"]
+    assert fake.requests == []
