@@ -12,6 +12,7 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
+import trio
 from quart import Blueprint, Response, jsonify, request
 
 from actors.messages import Chunk, DoneReason, GenerateRequest, GenerationError, Logprob
@@ -35,6 +36,7 @@ from api.schemas import (
 )
 
 NDJSON = "application/x-ndjson"
+INLINE_REPLY_SIZE = 16_384  # tokens or characters; a larger reply is encoded off the loop
 
 
 def logprobs_json(logprobs: tuple[Logprob, ...]) -> list[dict[str, Any]]:
@@ -88,6 +90,19 @@ def ndjson_response(generation: GenerationReader, pieces: AsyncIterator[bytes]) 
     return response
 
 
+async def json_reply(obj: dict[str, Any], size: int, limiter: trio.CapacityLimiter) -> Response:
+    """``jsonify(obj)``, encoded on a worker thread behind ``limiter`` when ``size`` (its
+    tokens or characters) is over ``INLINE_REPLY_SIZE``."""
+    if size <= INLINE_REPLY_SIZE:
+        return jsonify(obj)
+    data = await trio.to_thread.run_sync(_json_bytes, obj, limiter=limiter)
+    return Response(data, content_type="application/json")
+
+
+def _json_bytes(obj: dict[str, Any]) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
 def _parse_completion(body: dict[str, Any]) -> GenerateRequest:
     prompt = body.get("prompt")
     tokens = get_token_ids(body, "prompt") if isinstance(prompt, list) else None
@@ -110,7 +125,7 @@ def blueprint(ctx: ApiContext) -> Blueprint:
 
     @bp.post("/completion")
     async def completion() -> Response:
-        body = await read_json(request)
+        body = await read_json(request, ctx.client.cpu_limiter)
         stream = get_bool(body, "stream", True)
         req = _parse_completion(body)
         generation = await open_generation(ctx, req)
@@ -147,20 +162,22 @@ def blueprint(ctx: ApiContext) -> Blueprint:
 
     @bp.post("/tokenize")
     async def tokenize() -> Response:
-        body = await read_json(request)
+        body = await read_json(request, ctx.client.cpu_limiter)
         text = next((body[k] for k in ("content", "text", "prompt") if k in body), None)
         if not isinstance(text, str):
             raise bad_request("'content' must be a string")
         ctx.resolve_model(body.get("model") if isinstance(body.get("model"), str) else None)
-        return jsonify({"tokens": ctx.client.tokenize(text)})
+        tokens = await ctx.client.tokenize(text)
+        return await json_reply({"tokens": tokens}, len(tokens), ctx.client.cpu_limiter)
 
     @bp.post("/detokenize")
     async def detokenize() -> Response:
-        body = await read_json(request)
+        body = await read_json(request, ctx.client.cpu_limiter)
         tokens = get_token_ids(body, "tokens")
         if tokens is None:
             raise bad_request("'tokens' must be a list of integers")
         ctx.resolve_model(body.get("model") if isinstance(body.get("model"), str) else None)
-        return jsonify({"content": ctx.client.detokenize(tokens)})
+        content = await ctx.client.detokenize(tokens)
+        return await json_reply({"content": content}, len(content), ctx.client.cpu_limiter)
 
     return bp

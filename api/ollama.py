@@ -145,7 +145,7 @@ def blueprint(ctx: ApiContext) -> Blueprint:
 
     @bp.post("/api/generate")
     async def generate() -> Response:
-        body = await read_json(request)
+        body = await read_json(request, ctx.client.cpu_limiter)
         name = ctx.resolve_model(get_str(body, "model"))
         options, stream = _common(body)
         prompt = get_str(body, "prompt", "") or ""
@@ -172,7 +172,7 @@ def blueprint(ctx: ApiContext) -> Blueprint:
 
     @bp.post("/api/chat")
     async def chat() -> Response:
-        body = await read_json(request)
+        body = await read_json(request, ctx.client.cpu_limiter)
         name = ctx.resolve_model(get_str(body, "model"))
         options, stream = _common(body)
         messages = chat_messages(body)
@@ -205,7 +205,7 @@ def blueprint(ctx: ApiContext) -> Blueprint:
 
     @bp.post("/api/show")
     async def show() -> Response:
-        body = await read_json(request)
+        body = await read_json(request, ctx.client.cpu_limiter)
         requested = get_str(body, "model") or get_str(body, "name")
         if not requested:
             raise bad_request("'model' is required")

@@ -229,7 +229,7 @@ def blueprint(ctx: ApiContext) -> Blueprint:
 
     @bp.post("/v1/chat/completions")
     async def chat_completions() -> Response:
-        body = await read_json(request)
+        body = await read_json(request, ctx.client.cpu_limiter)
         name = ctx.resolve_model(get_str(body, "model"))
         messages = chat_messages(body)
         if not messages:
@@ -249,7 +249,7 @@ def blueprint(ctx: ApiContext) -> Blueprint:
 
     @bp.post("/v1/completions")
     async def completions() -> Response:
-        body = await read_json(request)
+        body = await read_json(request, ctx.client.cpu_limiter)
         name = ctx.resolve_model(get_str(body, "model"))
         prompt, tokens = _completion_prompt(body)
         if get_bool(body, "echo", False):

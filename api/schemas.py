@@ -12,6 +12,8 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+import trio
+
 from actors.messages import ChatMessage, GenerationOptions
 from api.errors import ApiError, bad_request
 from runtime.engine.options import SamplingOptions
@@ -21,6 +23,7 @@ _INT_OPTIONS = ("top_k", "repeat_last_n")
 # ignored, as Ollama ignores options it does not know.
 INT32_MAX = 2**31 - 1  # counts and lengths beyond this are nonsense and overflow MLX int32s
 MAX_TOP_LOGPROBS = 20
+INLINE_BODY_BYTES = 64 * 1024  # larger bodies are decoded on a worker thread
 # OpenAI allows 4 stop strings; these caps are generous and keep the per-token stop check
 # (and the request's validation) small.
 MAX_STOP_STRINGS = 16
@@ -269,7 +272,14 @@ def reject_format(body: Mapping[str, Any]) -> None:
         raise ApiError(400, "'format' (structured output) is not supported by this server")
 
 
-async def read_json(request: Any) -> dict[str, Any]:
-    """Decode a Quart request's body (413 past MAX_CONTENT_LENGTH comes from Quart)."""
+async def read_json(request: Any, limiter: trio.CapacityLimiter) -> dict[str, Any]:
+    """Decode a Quart request's body (413 past MAX_CONTENT_LENGTH comes from Quart).
+
+    A body over ``INLINE_BODY_BYTES`` is decoded (and checked) on a worker thread behind
+    ``limiter``, so a few megabytes of JSON never hold the event loop; a small one costs less
+    than the trip to a thread and is decoded here.
+    """
     data: bytes = await request.get_data(cache=False, as_text=False)
-    return decode_json(data)
+    if len(data) <= INLINE_BODY_BYTES:
+        return decode_json(data)
+    return await trio.to_thread.run_sync(decode_json, data, limiter=limiter)

@@ -1,17 +1,21 @@
-"""Limits every route enforces on what a client sends: stop strings and sampling numbers.
-Quart's test client over the scripted fake runner."""
+"""Limits every route enforces on what a client sends: stop strings, sampling numbers, and
+large bodies decoded off the event loop. Quart's test client over the scripted fake runner."""
 
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+import trio
 
+from api import schemas
 from api.app import ApiConfig, create_app
-from api.schemas import MAX_STOP_LENGTH, MAX_STOP_STRINGS
+from api.schemas import INLINE_BODY_BYTES, MAX_STOP_LENGTH, MAX_STOP_STRINGS
 from tests.api_fakes import FakeRunner
+from tests.waits import wait_until
 
 
 @pytest.fixture
@@ -121,3 +125,43 @@ async def test_no_route_takes_a_number_the_sampler_cannot_use(
     assert status == 400, reply
     assert message in reply["error"]
     assert fake.requests == []
+
+
+# ---- large bodies ----
+
+
+async def test_a_large_body_is_decoded_off_the_loop(
+    client: Any, fake: FakeRunner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gate, entered = threading.Event(), threading.Event()
+    decoded_on: list[tuple[int, int]] = []  # (body size, thread)
+    decode = schemas.decode_json
+
+    def gated_decode(data: bytes) -> dict[str, Any]:
+        decoded_on.append((len(data), threading.get_ident()))
+        if len(data) > INLINE_BODY_BYTES:
+            entered.set()
+            gate.wait(timeout=10)  # a hang guard: a blocked loop comes back and fails
+        return decode(data)
+
+    monkeypatch.setattr(schemas, "decode_json", gated_decode)
+    big = _ollama_generate({"num_predict": 1}) | {"prompt": "x" * INLINE_BODY_BYTES}
+    replies: list[int] = []
+
+    async def post_big() -> None:
+        replies.append((await _post(client, "/api/generate", big))[0])
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(post_big)
+        await wait_until(entered.is_set, "the large body is being decoded")
+        assert fake.cpu_limiter.statistics().borrowed_tokens == 1
+        # Meanwhile the loop decodes and answers a small request itself.
+        assert (await _post(client, "/api/generate", _ollama_generate({})))[0] == 200
+        assert gate.is_set() is False
+        gate.set()
+    assert replies == [200]
+    loop = threading.get_ident()
+    assert [(size > INLINE_BODY_BYTES, thread == loop) for size, thread in decoded_on] == [
+        (True, False),
+        (False, True),
+    ]
