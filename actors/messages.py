@@ -229,7 +229,8 @@ class RunnerClient(Protocol):
         """Raises ``UnavailableError`` while loading."""
 
     async def tokenize(self, text: str) -> list[int]:
-        """On a worker thread. Raises ``UnavailableError`` while loading."""
+        """On a worker thread. Raises ``UnavailableError`` while loading,
+        ``PromptTooLongError`` for text longer than the model's context could hold."""
 
     async def detokenize(self, tokens: list[int]) -> str:
         """On a worker thread. Raises ``UnavailableError`` while loading, ``OptionsError``

@@ -145,6 +145,7 @@ class Runner:
 
     async def tokenize(self, text: str) -> list[int]:
         ready = self._require()
+        pipeline.check_text_fits(len(text), ready.info.context_length, ready.tokenizer)
         return await trio.to_thread.run_sync(ready.tokenizer.encode, text, limiter=self.cpu_limiter)
 
     async def detokenize(self, tokens: list[int]) -> str:

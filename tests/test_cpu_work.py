@@ -1,4 +1,5 @@
-"""Request-sized CPU work stays off the event loop.
+"""Request-sized CPU work stays off the event loop, and text too long for the context is
+refused before it is tokenized.
 
 The real tree (``actors.testing``: scripted engine, tiny tokenizer) behind hypercorn on a real
 socket. A gated tokenizer blocks in ``encode`` until the test opens its gate: while it blocks,
@@ -24,6 +25,7 @@ from actors.pipeline import prepare
 from actors.testing import HarnessClient, ScriptedEngine, open_test_runner, tiny_tokenizer
 from api.app import ApiConfig, create_app
 from api.schemas import decode_json
+from runtime.errors import PromptTooLongError
 from tests.api_fakes import raw_request, serve_app
 from tests.waits import read_until, wait_until
 
@@ -149,6 +151,48 @@ async def test_no_more_than_cpu_workers_jobs_run_at_once(tree: Tree) -> None:
     assert [(await answer(s))[0] for s in streams] == [200] * 4
     assert tree.tokenizer.most_inside == CPU_WORKERS
     assert tree.tokenizer.released == [True] * 4
+
+
+# ---- text too long for the context ----
+
+
+async def test_text_longer_than_the_context_could_hold_is_refused_before_tokenizing(
+    tree: Tree,
+) -> None:
+    per_token = tree.tokenizer.max_token_chars
+    limit = CONTEXT * per_token
+    too_long = "a" * (limit + 1)
+    requests: list[tuple[str, dict[str, Any]]] = [
+        ("/completion", {"prompt": too_long}),
+        ("/api/generate", {"model": "fake", "prompt": too_long, "raw": True}),
+        ("/v1/completions", {"model": "fake", "prompt": "a" * (16 * per_token + 1), "num_ctx": 16}),
+        ("/tokenize", {"content": too_long}),
+    ]
+    for path, body in requests:
+        status, reply = await answer(await tree.send("POST", path, body))
+        assert status == 413, (path, reply)
+        assert "cannot fit" in reply["error"]
+    half = {"role": "user", "content": "a" * (limit // 2 + 1)}
+    chat = {"model": "fake", "messages": [half, half], "stream": False}
+    status, reply = await answer(await tree.send("POST", "/api/chat", chat))
+    assert status == 413
+    assert tree.tokenizer.calls == ["apply_chat_template"]  # rendered, never tokenized
+    # The bound is the limit itself, not less: text of exactly that length is tokenized.
+    at_limit = {"prompt": "a" * limit, "stream": False}
+    status, reply = await answer(await tree.send("POST", "/completion", at_limit))
+    assert tree.tokenizer.calls[-1] == "encode"
+    assert status == 413
+    assert "exceeds the context length" in reply["error"]
+
+
+def test_prepare_checks_the_rendered_text_against_the_request_context() -> None:
+    tok: Any = GatedTokenizer(tokenizer())
+    per_token = tok.max_token_chars
+    messages = (ChatMessage(role="user", content="a" * (8 * per_token)),)
+    request = GenerateRequest(messages=messages)
+    with pytest.raises(PromptTooLongError, match="cannot fit in 8 tokens"):
+        prepare(attrs.evolve(request, options=attrs.evolve(request.options, num_ctx=8)), tok, 64)
+    assert tok.calls == ["apply_chat_template"]
 
 
 # ---- what runs on the worker threads never touches MLX ----
