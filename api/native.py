@@ -32,6 +32,7 @@ from api.schemas import (
     get_object,
     get_token_ids,
     get_top_logprobs,
+    parse_json,
     read_json,
 )
 
@@ -103,6 +104,10 @@ def _json_bytes(obj: dict[str, Any]) -> bytes:
     return json.dumps(obj, separators=(",", ":")).encode()
 
 
+def _detokenize_ids(body: dict[str, Any]) -> list[int] | None:
+    return get_token_ids(body, "tokens")
+
+
 def _parse_completion(body: dict[str, Any]) -> GenerateRequest:
     prompt = body.get("prompt")
     tokens = get_token_ids(body, "prompt") if isinstance(prompt, list) else None
@@ -125,9 +130,8 @@ def blueprint(ctx: ApiContext) -> Blueprint:
 
     @bp.post("/completion")
     async def completion() -> Response:
-        body = await read_json(request, ctx.client.cpu_limiter)
+        body, req = await parse_json(request, ctx.client.cpu_limiter, _parse_completion)
         stream = get_bool(body, "stream", True)
-        req = _parse_completion(body)
         generation = await open_generation(ctx, req)
         if stream:
 
@@ -172,8 +176,7 @@ def blueprint(ctx: ApiContext) -> Blueprint:
 
     @bp.post("/detokenize")
     async def detokenize() -> Response:
-        body = await read_json(request, ctx.client.cpu_limiter)
-        tokens = get_token_ids(body, "tokens")
+        body, tokens = await parse_json(request, ctx.client.cpu_limiter, _detokenize_ids)
         if tokens is None:
             raise bad_request("'tokens' must be a list of integers")
         ctx.resolve_model(body.get("model") if isinstance(body.get("model"), str) else None)

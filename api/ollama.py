@@ -19,15 +19,15 @@ from api.errors import bad_request, stream_error_payload
 from api.generation import open_generation
 from api.native import ndjson_line, ndjson_response, stats_json
 from api.schemas import (
-    chat_messages,
+    chat_parts,
     generation_options,
     get_bool,
     get_object,
     get_str,
     get_top_logprobs,
+    parse_json,
     read_json,
     reject_format,
-    tool_list,
 )
 
 DONE_REASONS = {
@@ -172,16 +172,15 @@ def blueprint(ctx: ApiContext) -> Blueprint:
 
     @bp.post("/api/chat")
     async def chat() -> Response:
-        body = await read_json(request, ctx.client.cpu_limiter)
+        body, (messages, tools) = await parse_json(request, ctx.client.cpu_limiter, chat_parts)
         name = ctx.resolve_model(get_str(body, "model"))
         options, stream = _common(body)
-        messages = chat_messages(body)
         if not messages:
             ctx.check_admitting()
             return _load_reply(name, _assistant_message)
         req = GenerateRequest(
             messages=messages,
-            tools=tool_list(body),
+            tools=tools,
             options=generation_options(options),
             logprobs=get_bool(body, "logprobs", False),
             top_logprobs=get_top_logprobs(body),

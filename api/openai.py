@@ -31,7 +31,7 @@ from api.errors import bad_request, openai_stream_error
 from api.generation import GenerationReader, StreamBody, open_generation
 from api.schemas import (
     INT32_MAX,
-    chat_messages,
+    chat_parts,
     generation_options,
     get_bool,
     get_float,
@@ -40,8 +40,7 @@ from api.schemas import (
     get_stop,
     get_str,
     get_token_ids,
-    read_json,
-    tool_list,
+    parse_json,
 )
 from runtime.engine.options import MIN_TOP_P
 
@@ -229,9 +228,8 @@ def blueprint(ctx: ApiContext) -> Blueprint:
 
     @bp.post("/v1/chat/completions")
     async def chat_completions() -> Response:
-        body = await read_json(request, ctx.client.cpu_limiter)
+        body, (messages, tools) = await parse_json(request, ctx.client.cpu_limiter, chat_parts)
         name = ctx.resolve_model(get_str(body, "model"))
-        messages = chat_messages(body)
         if not messages:
             raise bad_request("'messages' must be a non-empty list")
         logprobs = get_bool(body, "logprobs", False)
@@ -240,7 +238,7 @@ def blueprint(ctx: ApiContext) -> Blueprint:
             raise bad_request("'top_logprobs' requires 'logprobs': true")
         req = GenerateRequest(
             messages=messages,
-            tools=tool_list(body),
+            tools=tools,
             logprobs=logprobs,
             top_logprobs=top,
             options=_options(body, ("max_completion_tokens", "max_tokens")),
@@ -249,9 +247,9 @@ def blueprint(ctx: ApiContext) -> Blueprint:
 
     @bp.post("/v1/completions")
     async def completions() -> Response:
-        body = await read_json(request, ctx.client.cpu_limiter)
+        limiter = ctx.client.cpu_limiter
+        body, (prompt, tokens) = await parse_json(request, limiter, _completion_prompt)
         name = ctx.resolve_model(get_str(body, "model"))
-        prompt, tokens = _completion_prompt(body)
         if get_bool(body, "echo", False):
             raise bad_request("'echo' is not supported by this server")
         if get_str(body, "suffix"):

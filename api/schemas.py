@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 import trio
 
@@ -24,6 +24,7 @@ _INT_OPTIONS = ("top_k", "repeat_last_n")
 INT32_MAX = 2**31 - 1  # counts and lengths beyond this are nonsense and overflow MLX int32s
 MAX_TOP_LOGPROBS = 20
 INLINE_BODY_BYTES = 64 * 1024  # larger bodies are decoded on a worker thread
+T = TypeVar("T")
 # OpenAI allows 4 stop strings; these caps are generous and keep the per-token stop check
 # (and the request's validation) small.
 MAX_STOP_STRINGS = 16
@@ -273,13 +274,41 @@ def reject_format(body: Mapping[str, Any]) -> None:
 
 
 async def read_json(request: Any, limiter: trio.CapacityLimiter) -> dict[str, Any]:
-    """Decode a Quart request's body (413 past MAX_CONTENT_LENGTH comes from Quart).
+    """The request's body as a JSON object (see ``parse_json``)."""
+    body, _ = await parse_json(request, limiter, _nothing)
+    return body
 
-    A body over ``INLINE_BODY_BYTES`` is decoded (and checked) on a worker thread behind
-    ``limiter``, so a few megabytes of JSON never hold the event loop; a small one costs less
-    than the trip to a thread and is decoded here.
+
+async def parse_json(
+    request: Any, limiter: trio.CapacityLimiter, parse: Callable[[dict[str, Any]], T]
+) -> tuple[dict[str, Any], T]:
+    """Decode a Quart request's body and ``parse`` it: (the JSON object, what ``parse`` made).
+
+    ``parse`` is the route's plain checking code for the parts of a body that can be as large
+    as the body (messages, token ids). A body over ``INLINE_BODY_BYTES`` is decoded, checked
+    and parsed on a worker thread behind ``limiter``, so megabytes of JSON never hold the
+    event loop; a small one costs less than the trip to a thread and is done here. (413 past
+    MAX_CONTENT_LENGTH comes from Quart.)
     """
     data: bytes = await request.get_data(cache=False, as_text=False)
     if len(data) <= INLINE_BODY_BYTES:
-        return decode_json(data)
-    return await trio.to_thread.run_sync(decode_json, data, limiter=limiter)
+        return _decode_and_parse(data, parse)
+    return await trio.to_thread.run_sync(_decode_and_parse, data, parse, limiter=limiter)
+
+
+def _decode_and_parse(
+    data: bytes, parse: Callable[[dict[str, Any]], T]
+) -> tuple[dict[str, Any], T]:
+    body = decode_json(data)
+    return body, parse(body)
+
+
+def _nothing(body: dict[str, Any]) -> None:
+    return None
+
+
+def chat_parts(
+    body: Mapping[str, Any],
+) -> tuple[tuple[ChatMessage, ...], tuple[Mapping[str, Any], ...] | None]:
+    """A chat request's messages and tools (both as long as the body allows)."""
+    return chat_messages(body), tool_list(body)

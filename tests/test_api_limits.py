@@ -130,38 +130,47 @@ async def test_no_route_takes_a_number_the_sampler_cannot_use(
 # ---- large bodies ----
 
 
-async def test_a_large_body_is_decoded_off_the_loop(
+async def test_a_large_body_is_decoded_and_parsed_off_the_loop(
     client: Any, fake: FakeRunner, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     gate, entered = threading.Event(), threading.Event()
-    decoded_on: list[tuple[int, int]] = []  # (body size, thread)
-    decode = schemas.decode_json
+    loop = threading.get_ident()
+    ran: list[tuple[str, bool, bool]] = []  # (step, for the large body, on the loop's thread)
+    decode, parse_messages = schemas.decode_json, schemas.chat_messages
 
     def gated_decode(data: bytes) -> dict[str, Any]:
-        decoded_on.append((len(data), threading.get_ident()))
+        ran.append(("decode", len(data) > INLINE_BODY_BYTES, threading.get_ident() == loop))
         if len(data) > INLINE_BODY_BYTES:
             entered.set()
             gate.wait(timeout=10)  # a hang guard: a blocked loop comes back and fails
         return decode(data)
 
+    def recorded_messages(body: Any, key: str = "messages") -> Any:
+        ran.append(("messages", len(body[key]) > 1, threading.get_ident() == loop))
+        return parse_messages(body, key)
+
     monkeypatch.setattr(schemas, "decode_json", gated_decode)
-    big = _ollama_generate({"num_predict": 1}) | {"prompt": "x" * INLINE_BODY_BYTES}
+    monkeypatch.setattr(schemas, "chat_messages", recorded_messages)
+    many = [{"role": "user", "content": "hi"}] * (INLINE_BODY_BYTES // 16)
+    big = _ollama_chat({"num_predict": 1}) | {"messages": many}
     replies: list[int] = []
 
     async def post_big() -> None:
-        replies.append((await _post(client, "/api/generate", big))[0])
+        replies.append((await _post(client, "/api/chat", big))[0])
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(post_big)
         await wait_until(entered.is_set, "the large body is being decoded")
         assert fake.cpu_limiter.statistics().borrowed_tokens == 1
         # Meanwhile the loop decodes and answers a small request itself.
-        assert (await _post(client, "/api/generate", _ollama_generate({})))[0] == 200
+        assert (await _post(client, "/api/chat", _ollama_chat({})))[0] == 200
         assert gate.is_set() is False
         gate.set()
     assert replies == [200]
-    loop = threading.get_ident()
-    assert [(size > INLINE_BODY_BYTES, thread == loop) for size, thread in decoded_on] == [
-        (True, False),
-        (False, True),
+    assert len(fake.requests[-1].messages or ()) == len(many)
+    assert ran == [
+        ("decode", True, False),
+        ("decode", False, True),  # the small body, while the large one waits
+        ("messages", False, True),
+        ("messages", True, False),  # the large body's messages, once its gate opened
     ]
