@@ -12,7 +12,6 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
-import trio
 from quart import Blueprint, Response, jsonify, request
 
 from actors.messages import Chunk, DoneReason, GenerateRequest, GenerationError, Logprob
@@ -24,6 +23,7 @@ from api.errors import (
     stream_error_payload,
 )
 from api.generation import GenerationReader, StreamBody, open_generation
+from api.replies import json_reply, whole_reply_size
 from api.schemas import (
     INT32_MAX,
     generation_options,
@@ -37,7 +37,6 @@ from api.schemas import (
 )
 
 NDJSON = "application/x-ndjson"
-INLINE_REPLY_SIZE = 16_384  # tokens or characters; a larger reply is encoded off the loop
 
 
 def logprobs_json(logprobs: tuple[Logprob, ...]) -> list[dict[str, Any]]:
@@ -91,19 +90,6 @@ def ndjson_response(generation: GenerationReader, pieces: AsyncIterator[bytes]) 
     return response
 
 
-async def json_reply(obj: dict[str, Any], size: int, limiter: trio.CapacityLimiter) -> Response:
-    """``jsonify(obj)``, encoded on a worker thread behind ``limiter`` when ``size`` (its
-    tokens or characters) is over ``INLINE_REPLY_SIZE``."""
-    if size <= INLINE_REPLY_SIZE:
-        return jsonify(obj)
-    data = await trio.to_thread.run_sync(_json_bytes, obj, limiter=limiter)
-    return Response(data, content_type="application/json")
-
-
-def _json_bytes(obj: dict[str, Any]) -> bytes:
-    return json.dumps(obj, separators=(",", ":")).encode()
-
-
 def _detokenize_ids(body: dict[str, Any]) -> list[int] | None:
     return get_token_ids(body, "tokens")
 
@@ -147,7 +133,11 @@ def blueprint(ctx: ApiContext) -> Blueprint:
             return ndjson_response(generation, pieces())
 
         whole = await generation.collect()
-        return jsonify(_chunk_json(whole, logprobs=req.logprobs))
+        return await json_reply(
+            lambda: _chunk_json(whole, logprobs=req.logprobs),
+            whole_reply_size(whole),
+            ctx.client.cpu_limiter,
+        )
 
     @bp.get("/health")
     async def health() -> Response:
@@ -172,7 +162,7 @@ def blueprint(ctx: ApiContext) -> Blueprint:
             raise bad_request("'content' must be a string")
         ctx.resolve_model(body.get("model") if isinstance(body.get("model"), str) else None)
         tokens = await ctx.client.tokenize(text)
-        return await json_reply({"tokens": tokens}, len(tokens), ctx.client.cpu_limiter)
+        return await json_reply(lambda: {"tokens": tokens}, len(tokens), ctx.client.cpu_limiter)
 
     @bp.post("/detokenize")
     async def detokenize() -> Response:
@@ -181,6 +171,7 @@ def blueprint(ctx: ApiContext) -> Blueprint:
             raise bad_request("'tokens' must be a list of integers")
         ctx.resolve_model(body.get("model") if isinstance(body.get("model"), str) else None)
         content = await ctx.client.detokenize(tokens)
-        return await json_reply({"content": content}, len(content), ctx.client.cpu_limiter)
+        size = len(content) // 1024
+        return await json_reply(lambda: {"content": content}, size, ctx.client.cpu_limiter)
 
     return bp

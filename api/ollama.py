@@ -18,6 +18,7 @@ from api.context import ApiContext
 from api.errors import bad_request, stream_error_payload
 from api.generation import open_generation
 from api.native import ndjson_line, ndjson_response, stats_json
+from api.replies import json_reply, whole_reply_size
 from api.schemas import (
     chat_parts,
     generation_options,
@@ -115,8 +116,12 @@ async def _respond(
         return ndjson_response(generation, pieces())
 
     whole = await generation.collect()
-    lps = _logprobs(whole) if req.logprobs else None
-    return jsonify(_line(name, render, whole.content, whole, lps))
+
+    def reply() -> dict[str, Any]:
+        lps = _logprobs(whole) if req.logprobs else None
+        return _line(name, render, whole.content, whole, lps)
+
+    return await json_reply(reply, whole_reply_size(whole), ctx.client.cpu_limiter)
 
 
 def _load_reply(name: str, render: Render) -> Response:

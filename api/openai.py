@@ -29,6 +29,7 @@ from actors.messages import (
 from api.context import ApiContext
 from api.errors import bad_request, openai_stream_error
 from api.generation import GenerationReader, StreamBody, open_generation
+from api.replies import json_reply, whole_reply_size
 from api.schemas import (
     INT32_MAX,
     chat_parts,
@@ -184,8 +185,12 @@ async def _respond(
     if stream:
         return _sse_response(generation, _stream(generation, shape, include_usage))
     whole = await generation.collect()
-    choice = shape.choice(whole.content, list(whole.logprobs), _finish(whole), delta=False)
-    return jsonify({**shape.envelope(shape.object, [choice]), "usage": _usage(whole)})
+
+    def reply() -> dict[str, Any]:
+        choice = shape.choice(whole.content, list(whole.logprobs), _finish(whole), delta=False)
+        return {**shape.envelope(shape.object, [choice]), "usage": _usage(whole)}
+
+    return await json_reply(reply, whole_reply_size(whole), ctx.client.cpu_limiter)
 
 
 async def _stream(

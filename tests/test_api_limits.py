@@ -1,5 +1,6 @@
-"""Limits every route enforces on what a client sends: stop strings, sampling numbers, and
-large bodies decoded off the event loop. Quart's test client over the scripted fake runner."""
+"""Limits every route enforces on what a client sends (stop strings, sampling numbers), and
+large bodies and replies made off the event loop. Quart's test client over the scripted fake
+runner."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Any
 import pytest
 import trio
 
-from api import schemas
+from api import replies, schemas
 from api.app import ApiConfig, create_app
 from api.schemas import INLINE_BODY_BYTES, MAX_STOP_LENGTH, MAX_STOP_STRINGS
 from tests.api_fakes import FakeRunner
@@ -174,3 +175,45 @@ async def test_a_large_body_is_decoded_and_parsed_off_the_loop(
         ("messages", False, True),
         ("messages", True, False),  # the large body's messages, once its gate opened
     ]
+
+
+# ---- large replies ----
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/completion", {"prompt": "hi", "stream": False, "logprobs": True, "top_logprobs": 20}),
+        ("/api/generate", _ollama_generate({}) | {"logprobs": True, "top_logprobs": 20}),
+        ("/v1/chat/completions", _openai_chat({"logprobs": True, "top_logprobs": 20})),
+    ],
+    ids=["native", "ollama", "openai"],
+)
+async def test_a_large_whole_reply_is_made_off_the_loop(
+    client: Any, fake: FakeRunner, monkeypatch: pytest.MonkeyPatch, path: str, body: Any
+) -> None:
+    loop = threading.get_ident()
+    made_on_loop: list[bool] = []
+    encode = replies._encode
+
+    def recorded(make: Any) -> bytes:
+        made_on_loop.append(threading.get_ident() == loop)
+        return encode(make)
+
+    monkeypatch.setattr(replies, "_encode", recorded)
+    fake.endless = True
+    small = 4  # tokens, each with 20 alternatives: 84 logprob entries, made here
+    large = replies.INLINE_REPLY_SIZE // 21 + 1
+    sizes = []
+    for tokens in (small, large):
+        options = {"max_tokens": tokens} if path.startswith("/v1") else {"num_predict": tokens}
+        data = body | options if path.startswith("/v1") else _with_options(body, options)
+        response = await client.post(path, json=data)
+        assert response.status_code == 200
+        sizes.append(len(await response.get_data()))
+    assert made_on_loop == [False]  # only the large reply, on a worker thread
+    assert sizes[1] > sizes[0]
+
+
+def _with_options(body: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
+    return body | {"options": {**body.get("options", {}), **options}}
