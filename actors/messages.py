@@ -215,8 +215,8 @@ class RunnerClient(Protocol):
     """What the HTTP layer (and ``mlxrunner run``) may ask of the actor tree.
 
     ``cpu_limiter`` bounds the worker threads that run request-sized CPU work (templating,
-    tokenizing, detokenizing, decoding large bodies), so the event loop never does it: the
-    tree's own work and the HTTP layer's share it.
+    tokenizing, detokenizing, decoding large bodies, making large replies), so the event loop
+    never does it: the tree's own work and the HTTP layer's share it.
     """
 
     cpu_limiter: trio.CapacityLimiter
