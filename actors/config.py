@@ -7,6 +7,7 @@ These records live apart from ``actors.tree`` so that neither of those modules n
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -26,6 +27,10 @@ class Loaded:
 # Runs on the engine thread; reports progress in [0, 1] through the callback.
 LoadFn = Callable[[Callable[[float], None]], Loaded]
 
+# Request-sized CPU work (templating, tokenizing, big JSON bodies) holds the GIL: threads past
+# the cores, or past a few with the GIL, only queue behind each other.
+DEFAULT_CPU_WORKERS = min(4, os.cpu_count() or 1)
+
 
 @attrs.frozen(kw_only=True)
 class RunnerConfig:
@@ -44,3 +49,4 @@ class RunnerConfig:
     reader_pause_tokens: int = 256
     # ... and is cancelled (its cache freed) after this many seconds paused.
     reader_timeout: float = 60.0
+    cpu_workers: int = DEFAULT_CPU_WORKERS  # worker threads for request-sized CPU work

@@ -250,7 +250,14 @@ class ModelInfo:
 
 
 class RunnerClient(Protocol):
-    """What the HTTP layer (and ``mlxrunner run``) may ask of the actor tree."""
+    """What the HTTP layer (and ``mlxrunner run``) may ask of the actor tree.
+
+    ``cpu_limiter`` bounds the worker threads that run request-sized CPU work (templating,
+    tokenizing, detokenizing, decoding large bodies, making large replies), so the event loop
+    never does it: the tree's own work and the HTTP layer's share it.
+    """
+
+    cpu_limiter: trio.CapacityLimiter
 
     def health(self) -> Health: ...
 
@@ -259,11 +266,13 @@ class RunnerClient(Protocol):
     def model_info(self) -> ModelInfo:
         """Raises ``UnavailableError`` while loading."""
 
-    def tokenize(self, text: str) -> list[int]:
-        """Raises ``UnavailableError`` while loading."""
+    async def tokenize(self, text: str) -> list[int]:
+        """On a worker thread. Raises ``UnavailableError`` while loading,
+        ``PromptTooLongError`` for text longer than the model's context could hold."""
 
-    def detokenize(self, tokens: list[int]) -> str:
-        """Raises ``UnavailableError`` while loading, ``OptionsError`` for unknown ids."""
+    async def detokenize(self, tokens: list[int]) -> str:
+        """On a worker thread. Raises ``UnavailableError`` while loading, ``OptionsError``
+        for unknown ids."""
 
     async def submit(self, request: GenerateRequest) -> Generation:
         """Admit ``request``; return the handle of its generation (see ``Generation``).

@@ -52,6 +52,20 @@ class Prepared:
 DEFAULT_CONTEXT = 4096
 
 
+def check_text_fits(text_chars: int, tokens: int, tokenizer: Tokenizer) -> None:
+    """Refuse text that could not fit in ``tokens`` tokens, without tokenizing it.
+
+    No token stands for more than ``tokenizer.max_token_chars`` characters, so longer text
+    needs more tokens than that whatever it says (``PromptTooLongError``, HTTP 413).
+    """
+    limit = tokens * tokenizer.max_token_chars
+    if text_chars > limit:
+        raise PromptTooLongError(
+            f"input of {text_chars} characters cannot fit in {tokens} tokens "
+            f"(at most {limit} characters with this model's tokenizer)"
+        )
+
+
 def prepare(request: GenerateRequest, tokenizer: Tokenizer, model_context: int) -> Prepared:
     options = request.options
     # Ollama's default: a request gets DEFAULT_CONTEXT tokens unless it asks for more with
@@ -82,6 +96,7 @@ def prepare(request: GenerateRequest, tokenizer: Tokenizer, model_context: int) 
             text = tokenizer.apply_chat_template(messages, tools=request.tools)
         else:
             text = (request.system or "") + (request.prompt or "")
+        check_text_fits(len(text), context, tokenizer)
         ids = tokenizer.encode(text)
     if not ids:
         raise PromptError("empty prompt")

@@ -52,9 +52,12 @@ class Ready:
 
 
 class Runner:
-    def __init__(self, *, max_open: int = 256) -> None:
+    def __init__(self, *, max_open: int = 256, cpu_workers: int) -> None:
         if max_open < 1:
             raise ValueError("max_open must be >= 1")
+        # Request-sized CPU work runs on worker threads, at most this many at once (see
+        # ``RunnerClient``): a burst of long prompts queues here instead of stalling the loop.
+        self.cpu_limiter = trio.CapacityLimiter(cpu_workers)
         self.progress = 0.0  # written by the engine thread while loading (a float store is atomic)
         self.ready: Ready | None = None
         self.state: Literal["loading", "ok", "shutting_down"] = "loading"
@@ -156,18 +159,23 @@ class Runner:
     def model_info(self) -> ModelInfo:
         return self._require().info
 
-    def tokenize(self, text: str) -> list[int]:
-        return self._require().tokenizer.encode(text)
+    async def tokenize(self, text: str) -> list[int]:
+        ready = self._require()
+        pipeline.check_text_fits(len(text), ready.info.context_length, ready.tokenizer)
+        return await trio.to_thread.run_sync(ready.tokenizer.encode, text, limiter=self.cpu_limiter)
 
-    def detokenize(self, tokens: list[int]) -> str:
-        return self._require().tokenizer.decode(tokens)
+    async def detokenize(self, tokens: list[int]) -> str:
+        ready = self._require()
+        return await trio.to_thread.run_sync(
+            ready.tokenizer.decode, tokens, limiter=self.cpu_limiter
+        )
 
     async def submit(self, request: GenerateRequest) -> Generation:
         """Admit ``request``, start its pipeline in the tree and return its handle.
 
-        The prompt is rendered and tokenized on a worker thread (it can be long), then the
-        sequence is queued with the scheduler and its pipeline task starts in the pipelines
-        nursery. See ``RunnerClient.submit`` for the errors.
+        The prompt is rendered and tokenized on a worker thread behind ``cpu_limiter`` (it can
+        be long), then the sequence is queued with the scheduler and its pipeline task starts
+        in the pipelines nursery. See ``RunnerClient.submit`` for the errors.
         """
         ready = self._require()
         if self._open + self._preparing >= self.max_open:
@@ -175,7 +183,11 @@ class Runner:
         self._preparing += 1
         try:
             prepared = await trio.to_thread.run_sync(
-                pipeline.prepare, request, ready.tokenizer, ready.info.context_length
+                pipeline.prepare,
+                request,
+                ready.tokenizer,
+                ready.info.context_length,
+                limiter=self.cpu_limiter,
             )
         finally:
             self._preparing -= 1

@@ -33,6 +33,7 @@ from api.errors import (
     stream_error_payload,
 )
 from api.generation import GenerationReader, StreamBody, open_generation
+from api.replies import json_reply, whole_reply_size
 from api.schemas import (
     INT32_MAX,
     generation_options,
@@ -41,6 +42,7 @@ from api.schemas import (
     get_object,
     get_token_ids,
     get_top_logprobs,
+    parse_json,
     read_json,
 )
 
@@ -98,6 +100,10 @@ def ndjson_response(generation: GenerationReader, pieces: AsyncIterator[bytes]) 
     return response
 
 
+def _detokenize_ids(body: dict[str, Any]) -> list[int] | None:
+    return get_token_ids(body, "tokens")
+
+
 def _parse_completion(body: dict[str, Any]) -> GenerateRequest:
     prompt = body.get("prompt")
     tokens = get_token_ids(body, "prompt") if isinstance(prompt, list) else None
@@ -120,9 +126,8 @@ def blueprint(ctx: ApiContext) -> Blueprint:
 
     @bp.post("/completion")
     async def completion() -> Response:
-        body = await read_json(request)
+        body, req = await parse_json(request, ctx.client.cpu_limiter, _parse_completion)
         stream = get_bool(body, "stream", True)
-        req = _parse_completion(body)
         generation = await open_generation(ctx, req)
         if stream:
 
@@ -142,7 +147,11 @@ def blueprint(ctx: ApiContext) -> Blueprint:
             return ndjson_response(generation, pieces())
 
         whole = await generation.collect()
-        return jsonify(_chunk_json(whole, logprobs=req.logprobs))
+        return await json_reply(
+            lambda: _chunk_json(whole, logprobs=req.logprobs),
+            whole_reply_size(whole),
+            ctx.client.cpu_limiter,
+        )
 
     @bp.get("/health")
     async def health() -> Response:
@@ -161,20 +170,22 @@ def blueprint(ctx: ApiContext) -> Blueprint:
 
     @bp.post("/tokenize")
     async def tokenize() -> Response:
-        body = await read_json(request)
+        body = await read_json(request, ctx.client.cpu_limiter)
         text = next((body[k] for k in ("content", "text", "prompt") if k in body), None)
         if not isinstance(text, str):
             raise bad_request("'content' must be a string")
         ctx.resolve_model(body.get("model") if isinstance(body.get("model"), str) else None)
-        return jsonify({"tokens": ctx.client.tokenize(text)})
+        tokens = await ctx.client.tokenize(text)
+        return await json_reply(lambda: {"tokens": tokens}, len(tokens), ctx.client.cpu_limiter)
 
     @bp.post("/detokenize")
     async def detokenize() -> Response:
-        body = await read_json(request)
-        tokens = get_token_ids(body, "tokens")
+        body, tokens = await parse_json(request, ctx.client.cpu_limiter, _detokenize_ids)
         if tokens is None:
             raise bad_request("'tokens' must be a list of integers")
         ctx.resolve_model(body.get("model") if isinstance(body.get("model"), str) else None)
-        return jsonify({"content": ctx.client.detokenize(tokens)})
+        content = await ctx.client.detokenize(tokens)
+        size = len(content) // 1024
+        return await json_reply(lambda: {"content": content}, size, ctx.client.cpu_limiter)
 
     return bp

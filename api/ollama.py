@@ -20,16 +20,17 @@ from api.context import ApiContext
 from api.errors import bad_request, stream_error_payload
 from api.generation import open_generation
 from api.native import ndjson_line, ndjson_response, stats_json
+from api.replies import json_reply, whole_reply_size
 from api.schemas import (
-    chat_messages,
+    chat_parts,
     generation_options,
     get_bool,
     get_object,
     get_str,
     get_top_logprobs,
+    parse_json,
     read_json,
     reject_format,
-    tool_list,
 )
 
 # A cut generation never gets a done line: its stream ends with an error line instead.
@@ -114,8 +115,12 @@ async def _respond(
         return ndjson_response(generation, pieces())
 
     whole = await generation.collect()
-    lps = _logprobs(whole) if req.logprobs else None
-    return jsonify(_line(name, render, whole.content, whole, lps))
+
+    def reply() -> dict[str, Any]:
+        lps = _logprobs(whole) if req.logprobs else None
+        return _line(name, render, whole.content, whole, lps)
+
+    return await json_reply(reply, whole_reply_size(whole), ctx.client.cpu_limiter)
 
 
 def _load_reply(name: str, render: Render) -> Response:
@@ -144,7 +149,7 @@ def blueprint(ctx: ApiContext) -> Blueprint:
 
     @bp.post("/api/generate")
     async def generate() -> Response:
-        body = await read_json(request)
+        body = await read_json(request, ctx.client.cpu_limiter)
         name = ctx.resolve_model(get_str(body, "model"))
         options, stream = _common(body)
         prompt = get_str(body, "prompt", "") or ""
@@ -171,16 +176,15 @@ def blueprint(ctx: ApiContext) -> Blueprint:
 
     @bp.post("/api/chat")
     async def chat() -> Response:
-        body = await read_json(request)
+        body, (messages, tools) = await parse_json(request, ctx.client.cpu_limiter, chat_parts)
         name = ctx.resolve_model(get_str(body, "model"))
         options, stream = _common(body)
-        messages = chat_messages(body)
         if not messages:
             ctx.check_admitting()
             return _load_reply(name, _assistant_message)
         req = GenerateRequest(
             messages=messages,
-            tools=tool_list(body),
+            tools=tools,
             options=generation_options(options),
             logprobs=get_bool(body, "logprobs", False),
             top_logprobs=get_top_logprobs(body),
@@ -204,7 +208,7 @@ def blueprint(ctx: ApiContext) -> Blueprint:
 
     @bp.post("/api/show")
     async def show() -> Response:
-        body = await read_json(request)
+        body = await read_json(request, ctx.client.cpu_limiter)
         requested = get_str(body, "model") or get_str(body, "name")
         if not requested:
             raise bad_request("'model' is required")

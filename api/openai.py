@@ -31,9 +31,10 @@ from actors.messages import (
 from api.context import ApiContext
 from api.errors import bad_request, openai_stream_error
 from api.generation import GenerationReader, StreamBody, open_generation
+from api.replies import json_reply, whole_reply_size
 from api.schemas import (
     INT32_MAX,
-    chat_messages,
+    chat_parts,
     generation_options,
     get_bool,
     get_float,
@@ -42,9 +43,9 @@ from api.schemas import (
     get_stop,
     get_str,
     get_token_ids,
-    read_json,
-    tool_list,
+    parse_json,
 )
+from runtime.engine.options import MIN_TOP_P
 
 # A cut generation has no finish reason: its stream ends with an error event instead.
 FINISH_REASONS = {DoneReason.STOP: "stop", DoneReason.LENGTH: "length"}
@@ -70,8 +71,9 @@ def _options(body: dict[str, Any], max_tokens_keys: tuple[str, ...]) -> Generati
         "frequency_penalty": get_float(body, "frequency_penalty", 0.0, lo=-2.0, hi=2.0),
         "seed": body.get("seed"),
     }
-    if options["top_p"] == 0.0:
-        options["top_p"] = 1e-9  # "only the most likely token": Ollama's range excludes 0
+    # OpenAI's 0 (or anything that small) is "only the likeliest token": Ollama's range
+    # excludes 0, and MIN_TOP_P already keeps just that one.
+    options["top_p"] = max(options["top_p"], MIN_TOP_P)
     for key in _OLLAMA_EXTRAS:  # Ollama's compatibility layer accepts these too
         if key in body:
             options[key] = body[key]
@@ -182,8 +184,12 @@ async def _respond(
     if stream:
         return _sse_response(generation, _stream(generation, shape, include_usage))
     whole = await generation.collect()
-    choice = shape.choice(whole.content, list(whole.logprobs), _finish(whole), delta=False)
-    return jsonify({**shape.envelope(shape.object, [choice]), "usage": _usage(whole)})
+
+    def reply() -> dict[str, Any]:
+        choice = shape.choice(whole.content, list(whole.logprobs), _finish(whole), delta=False)
+        return {**shape.envelope(shape.object, [choice]), "usage": _usage(whole)}
+
+    return await json_reply(reply, whole_reply_size(whole), ctx.client.cpu_limiter)
 
 
 async def _stream(
@@ -226,9 +232,8 @@ def blueprint(ctx: ApiContext) -> Blueprint:
 
     @bp.post("/v1/chat/completions")
     async def chat_completions() -> Response:
-        body = await read_json(request)
+        body, (messages, tools) = await parse_json(request, ctx.client.cpu_limiter, chat_parts)
         name = ctx.resolve_model(get_str(body, "model"))
-        messages = chat_messages(body)
         if not messages:
             raise bad_request("'messages' must be a non-empty list")
         logprobs = get_bool(body, "logprobs", False)
@@ -237,7 +242,7 @@ def blueprint(ctx: ApiContext) -> Blueprint:
             raise bad_request("'top_logprobs' requires 'logprobs': true")
         req = GenerateRequest(
             messages=messages,
-            tools=tool_list(body),
+            tools=tools,
             logprobs=logprobs,
             top_logprobs=top,
             options=_options(body, ("max_completion_tokens", "max_tokens")),
@@ -246,9 +251,9 @@ def blueprint(ctx: ApiContext) -> Blueprint:
 
     @bp.post("/v1/completions")
     async def completions() -> Response:
-        body = await read_json(request)
+        limiter = ctx.client.cpu_limiter
+        body, (prompt, tokens) = await parse_json(request, limiter, _completion_prompt)
         name = ctx.resolve_model(get_str(body, "model"))
-        prompt, tokens = _completion_prompt(body)
         if get_bool(body, "echo", False):
             raise bad_request("'echo' is not supported by this server")
         if get_str(body, "suffix"):

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
+
+import trio
 
 from actors.messages import ChatMessage, GenerationOptions
 from api.errors import ApiError, bad_request
@@ -21,6 +23,12 @@ _INT_OPTIONS = ("top_k", "repeat_last_n")
 # ignored, as Ollama ignores options it does not know.
 INT32_MAX = 2**31 - 1  # counts and lengths beyond this are nonsense and overflow MLX int32s
 MAX_TOP_LOGPROBS = 20
+INLINE_BODY_BYTES = 64 * 1024  # larger bodies are decoded on a worker thread
+T = TypeVar("T")
+# OpenAI allows 4 stop strings; these caps are generous and keep the per-token stop check
+# (and the request's validation) small.
+MAX_STOP_STRINGS = 16
+MAX_STOP_LENGTH = 256  # characters
 _ROLES = {"system", "user", "assistant", "tool"}
 
 
@@ -137,13 +145,19 @@ def get_object(body: Mapping[str, Any], key: str) -> dict[str, Any]:
 
 
 def get_stop(body: Mapping[str, Any], key: str = "stop") -> tuple[str, ...]:
+    """Stop strings: a string or a list of them, at most ``MAX_STOP_STRINGS`` of at most
+    ``MAX_STOP_LENGTH`` characters (each generated token is checked against all of them)."""
     value = body.get(key)
     if value is None:
         return ()
     if isinstance(value, str):
         value = [value]
+    if isinstance(value, list) and len(value) > MAX_STOP_STRINGS:
+        raise bad_request(f"'{key}' holds {len(value)} strings; at most {MAX_STOP_STRINGS}")
     if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
         raise bad_request(f"'{key}' must be a string or a list of strings")
+    if any(len(s) > MAX_STOP_LENGTH for s in value):
+        raise bad_request(f"a '{key}' string is longer than {MAX_STOP_LENGTH} characters")
     return tuple(s for s in value if s)
 
 
@@ -259,7 +273,42 @@ def reject_format(body: Mapping[str, Any]) -> None:
         raise ApiError(400, "'format' (structured output) is not supported by this server")
 
 
-async def read_json(request: Any) -> dict[str, Any]:
-    """Decode a Quart request's body (413 past MAX_CONTENT_LENGTH comes from Quart)."""
+async def read_json(request: Any, limiter: trio.CapacityLimiter) -> dict[str, Any]:
+    """The request's body as a JSON object (see ``parse_json``)."""
+    body, _ = await parse_json(request, limiter, _nothing)
+    return body
+
+
+async def parse_json(
+    request: Any, limiter: trio.CapacityLimiter, parse: Callable[[dict[str, Any]], T]
+) -> tuple[dict[str, Any], T]:
+    """Decode a Quart request's body and ``parse`` it: (the JSON object, what ``parse`` made).
+
+    ``parse`` is the route's plain checking code for the parts of a body that can be as large
+    as the body (messages, token ids). A body over ``INLINE_BODY_BYTES`` is decoded, checked
+    and parsed on a worker thread behind ``limiter``, so megabytes of JSON never hold the
+    event loop; a small one costs less than the trip to a thread and is done here. (413 past
+    MAX_CONTENT_LENGTH comes from Quart.)
+    """
     data: bytes = await request.get_data(cache=False, as_text=False)
-    return decode_json(data)
+    if len(data) <= INLINE_BODY_BYTES:
+        return _decode_and_parse(data, parse)
+    return await trio.to_thread.run_sync(_decode_and_parse, data, parse, limiter=limiter)
+
+
+def _decode_and_parse(
+    data: bytes, parse: Callable[[dict[str, Any]], T]
+) -> tuple[dict[str, Any], T]:
+    body = decode_json(data)
+    return body, parse(body)
+
+
+def _nothing(body: dict[str, Any]) -> None:
+    return None
+
+
+def chat_parts(
+    body: Mapping[str, Any],
+) -> tuple[tuple[ChatMessage, ...], tuple[Mapping[str, Any], ...] | None]:
+    """A chat request's messages and tools (both as long as the body allows)."""
+    return chat_messages(body), tool_list(body)

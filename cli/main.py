@@ -186,6 +186,14 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         metavar="BYTES",
         help="largest request body accepted; larger ones get 413 (default: %(default)s)",
     )
+    serve.add_argument(
+        "--cpu-workers",
+        type=integer(1),
+        default=None,
+        metavar="N",
+        help="worker threads for request-sized CPU work: chat templates, tokenizing, large "
+        "JSON bodies; more requests wait for one (default: the CPU count, at most 4)",
+    )
 
 
 def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -203,7 +211,7 @@ def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         type=number(0),
         default=None,
         metavar="T",
-        help=f"0 is greedy (default: {defaults.temperature})",
+        help=f"0 (or anything below 1e-5) is greedy (default: {defaults.temperature})",
     )
     sampling.add_argument(
         "--top-k",

@@ -104,7 +104,7 @@ def _flag_or_env(
 
 def runner_options(args: argparse.Namespace) -> dict[str, Any]:
     """``actors.config.RunnerConfig`` fields from the command line."""
-    return {
+    options = {
         "model": args.model,
         "models_dir": getattr(args, "models_dir", None),
         "execution": getattr(args, "execution", "auto"),
@@ -116,6 +116,9 @@ def runner_options(args: argparse.Namespace) -> dict[str, Any]:
         "cache_gb": args.cache_gb,
         "grace": args.grace,
     }
+    if getattr(args, "cpu_workers", None) is not None:
+        options["cpu_workers"] = args.cpu_workers
+    return options
 
 
 async def serve(

@@ -73,6 +73,7 @@ class FakeRunner:
     vanish_at: int | None = None  # the channel just ends (the tree stopped) before this token
     admission: trio.Event | None = None  # when set: generate() waits on it, as if queued
     waiting: int = 0
+    cpu_limiter: trio.CapacityLimiter = attrs.field(factory=lambda: trio.CapacityLimiter(2))
 
     # ---- RunnerClient ----
 
@@ -100,12 +101,14 @@ class FakeRunner:
         self._ready()
         return INFO
 
-    def tokenize(self, text: str) -> list[int]:
+    async def tokenize(self, text: str) -> list[int]:
         self._ready()
+        await trio.lowlevel.checkpoint()
         return [len(word) for word in text.split()]
 
-    def detokenize(self, tokens: list[int]) -> str:
+    async def detokenize(self, tokens: list[int]) -> str:
         self._ready()
+        await trio.lowlevel.checkpoint()
         if any(t < 0 for t in tokens):
             raise OptionsError("token ids must be >= 0")
         return " ".join(f"<{t}>" for t in tokens)

@@ -297,8 +297,8 @@ async def test_sigterm_drains_then_stops() -> None:
 async def test_tokenize_and_info_need_a_ready_model() -> None:
     engine = ScriptedEngine()
     async with open_test_runner(engine, load=scripted_load(engine, TOK)) as client:
-        assert client.runner.tokenize("Hello") == _ids("Hello")
-        assert client.runner.detokenize(_ids("Hello")) == "Hello"
+        assert await client.runner.tokenize("Hello") == _ids("Hello")
+        assert await client.runner.detokenize(_ids("Hello")) == "Hello"
         assert client.runner.model_info().context_length == 256
 
 

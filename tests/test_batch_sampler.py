@@ -263,6 +263,29 @@ def test_a_tiny_temperature_is_greedy_without_nan() -> None:
         assert _tokens(s.sample(raw, [0, 1, 2])) == [0, 2, 1]
 
 
+def test_a_temperature_below_greedy_temperature_is_the_argmax() -> None:
+    # Two logits one float32 step apart: divided by 5e-6 they differ by 0.02 nats, so a
+    # sampled row picks either about half the time; a greedy one always takes the first.
+    near = float(np.nextafter(np.float32(1.0), np.float32(0.0)))
+    raw = mx.array([[1.0, near] + [-10.0] * (V - 2)] * 2)
+    s = BatchSampler(vocab_size=V, context_length=64)
+    s.add(0, SamplingOptions(seed=1, temperature=5e-6, **PLAIN), [])
+    s.add(1, SamplingOptions(seed=2, temperature=1e-46, **PLAIN), [])  # 0 in float32
+    picks = [_tokens(s.sample(raw, [0, 1])) for _ in range(40)]
+    assert picks == [[0, 0]] * 40
+
+
+def test_a_penalty_window_past_the_context_is_the_context() -> None:
+    prompt = [int(t) for t in np.random.default_rng(0).integers(0, V, 200)]
+    s = BatchSampler(vocab_size=V, context_length=100, max_rewind=2)
+    for row, window in enumerate([10**6, -1]):
+        opts = SamplingOptions(temperature=0.0, repeat_penalty=100.0, repeat_last_n=window)
+        s.add(row, opts, prompt)
+    assert s._history.shape[1] == 100 + 2  # not a ring of a million columns per row
+    raw = mx.array(np.stack([_logits(0, 0)] * 2))
+    assert np.array_equal(np.array(s.penalized(raw, [0])), np.array(s.penalized(raw, [1])))
+
+
 def test_rewind_restores_draw_counters_and_windows() -> None:
     s = BatchSampler(vocab_size=V, context_length=64, max_rewind=2)
     opts = SamplingOptions(seed=3, temperature=1.5, top_k=0, repeat_penalty=3.0, repeat_last_n=4)

@@ -180,7 +180,7 @@ async def test_serve_with_a_folder_uses_its_chat_template_jinja(jinja_folder: Pa
         )
         with await runner.submit(request) as generation:
             last = (await read_to_end(generation))[-1]
-        assert last.prompt_eval_count == len(runner.tokenize(prompt))
+        assert last.prompt_eval_count == len(await runner.tokenize(prompt))
 
 
 # ---- generation_config.json's EOS ids end generation ----

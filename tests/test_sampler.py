@@ -262,11 +262,36 @@ def test_logprobs_are_log_softmax_of_raw_logits() -> None:
         ({"seed": "42"}, "seed"),
         ({"repeat_penalty": [1.1]}, "repeat_penalty"),
         ({"min_p": False}, "min_p"),
+        ({"repeat_penalty": 0.009}, r"repeat_penalty must be >= 0\.01"),
+        ({"repeat_penalty": -1.0}, "repeat_penalty"),
+        ({"top_p": 1e-12}, "top_p"),
+        ({"typical_p": 1e-300}, "typical_p"),
+        ({"temperature": 1e39}, "'temperature' is out of range"),  # float32 infinity
+        ({"repeat_penalty": 1e39}, "'repeat_penalty' is out of range"),
     ],
 )
 def test_invalid_options_raise_clear_errors(options: dict[str, object], message: str) -> None:
     with pytest.raises(OptionsError, match=message):
         options_from_dict(options)
+
+
+@pytest.mark.parametrize("name", ["temperature", "top_p", "min_p", "typical_p", "repeat_penalty",
+                                  "presence_penalty", "frequency_penalty"])  # fmt: skip
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_every_float_option_refuses_nan_and_infinities(name: str, value: float) -> None:
+    with pytest.raises(OptionsError, match=name):
+        options_from_dict({name: value})
+    direct: dict[str, Any] = {name: value}  # built directly, as `mlxrunner run` does
+    with pytest.raises(OptionsError, match=name):
+        SamplingOptions(**direct)
+
+
+def test_a_temperature_below_1e_5_is_greedy() -> None:
+    assert SamplingOptions(temperature=0.0).greedy
+    assert SamplingOptions(temperature=9.9e-6).greedy
+    assert not SamplingOptions(temperature=1e-5).greedy
+    floors = SamplingOptions(repeat_penalty=0.01, top_p=1e-9, typical_p=1e-9)  # the lowest
+    assert floors.repeat_penalty == 0.01
 
 
 def test_from_dict_ignores_other_options_and_maps_negative_seed() -> None:

@@ -5,7 +5,7 @@ counter and window bookkeeping as host records, and its penalty window as a ring
 the device. ``sample`` builds one lazy graph for all rows and reads nothing back; the engine's
 one host sync per step materializes it. The order of operations is the per-sequence
 ``Sampler``'s (Ollama's): penalties over the last ``repeat_last_n`` tokens (prompt included) ->
-temperature 0 is greedy argmax -> top_k -> softmax(logits / temperature) -> typical_p -> top_p
+temperature < 1e-5 is greedy -> top_k -> softmax(logits / temperature) -> typical_p -> top_p
 -> min_p -> draw.
 
 Rows are grouped by the work they need, so a batch pays only for what its rows ask: greedy rows
@@ -79,12 +79,15 @@ class BatchSampler:
             raise ValueError(f"row {row} is in use")
         o = options
         window = self.context_length if o.repeat_last_n == -1 else o.repeat_last_n
+        # No sequence is longer than the context, and a ring past it would only take memory
+        # (repeat_last_n 2**31 - 1 asked for 8 GiB a row).
+        window = min(window, self.context_length)
         penalize = window > 0 and (
             o.repeat_penalty != 1.0 or o.presence_penalty != 0.0 or o.frequency_penalty != 0.0
         )
         ring = window + self.max_rewind if penalize else 0
         self._reserve(row + 1, ring)
-        if o.temperature == 0.0:
+        if o.greedy:
             path = _GREEDY
         elif 0 < o.top_k < self.vocab_size:
             path = _TOP_K
@@ -164,7 +167,7 @@ class BatchSampler:
             logits: ``[R, V]`` raw logits (any float dtype); row i belongs to slot ``rows[i]``.
             rows: the slots sampled, each once.
 
-        Applies each row's penalties (its own window), greedy where temperature == 0, else its
+        Applies each row's penalties (its own window), greedy below 1e-5 temperature, else its
         own top_k/typical_p/top_p/min_p/temperature and a draw that depends only on (the row's
         seed, its draw counter, token id). Advances the draw counter of every sampled row.
         Builds no host sync.

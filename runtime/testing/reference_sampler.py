@@ -4,9 +4,9 @@ The engine samples with ``runtime.engine.batch_sampler.BatchSampler``; this plai
 what its tests (and ``bench/sampler.py``) compare it against, option by option.
 
 Order of operations (Ollama's, with llama.cpp's typical sampling added): penalties on the raw
-logits over the last ``repeat_last_n`` tokens (the prompt's included) -> temperature 0 means
-greedy argmax -> top_k -> softmax(logits / temperature) -> typical_p -> top_p -> min_p ->
-categorical draw. A seeded sampler derives the key of draw *n* from (seed, n) alone, so a
+logits over the last ``repeat_last_n`` tokens (the prompt's included) -> a temperature below
+1e-5 means greedy argmax -> top_k -> softmax(logits / temperature) -> typical_p -> top_p ->
+min_p -> categorical draw. A seeded sampler derives the key of draw *n* from (seed, n) alone, so a
 sequence's samples never depend on what else shares the batch.
 """
 
@@ -50,7 +50,8 @@ class Sampler:
         self.options = options
         self.vocab_size = vocab_size
         o = options
-        self._window = context_length if o.repeat_last_n == -1 else o.repeat_last_n
+        window = context_length if o.repeat_last_n == -1 else o.repeat_last_n
+        self._window = min(window, context_length)  # no sequence is longer than its context
         self._penalize = self._window > 0 and (
             o.repeat_penalty != 1.0 or o.presence_penalty != 0.0 or o.frequency_penalty != 0.0
         )
@@ -61,7 +62,7 @@ class Sampler:
 
     @property
     def greedy(self) -> bool:
-        return self.options.temperature == 0.0
+        return self.options.greedy
 
     def accept(self, token: int | mx.array) -> None:
         """Add a produced token to the penalty window."""

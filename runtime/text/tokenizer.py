@@ -75,6 +75,12 @@ class Tokenizer:
         self.vocab_size = max(
             tokenizer.get_vocab_size(with_added_tokens=True), max(added, default=-1) + 1
         )
+        # No token stands for more characters than its vocabulary entry has (byte-level
+        # entries spell one byte per character), so text longer than n times this cannot
+        # fit in n tokens: requests are refused on that before they are tokenized.
+        self.max_token_chars = max(
+            (len(t) for t in tokenizer.get_vocab(with_added_tokens=True)), default=1
+        )
         self.bos_id = bos_id
         self.eos_ids = eos_ids
         self.add_bos = add_bos
