@@ -22,7 +22,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from runtime.engine.kvcache import KVCache, SequenceCache
-from runtime.models import fused
+from runtime.models.fused import rope as fused_rope
 
 
 @attrs.frozen
@@ -62,7 +62,7 @@ class Rope(nn.Module):
             raise ValueError(f"unsupported rope scaling {kind!r}")
 
     def __call__(self, x: mx.array, offset: int | mx.array) -> mx.array:
-        return fused.rope(
+        return fused_rope(
             x,
             offset,
             dims=self.dims,
