@@ -1,7 +1,8 @@
 """The quart-trio application and the hypercorn server that runs it in the actor tree.
 
-``create_app`` wires the three route families (native, Ollama, OpenAI), ``/metrics``, the
-request guard and the error mapping around one ``RunnerClient``. The app starts no tasks of
+``create_app`` wires the three route families (native, Ollama, OpenAI), ``/metrics``,
+``/openapi.json`` (built from the routes' declarations, ``api/openapi.py``), the request guard
+and the error mapping around one ``RunnerClient``. The app starts no tasks of
 its own: a generation's work runs in the tree, and a route only reads its handle.
 
 The guard runs before every route, in this order (the decisions are ``api/guard.py``'s): the
@@ -20,11 +21,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
-from quart import Response, g, request
+from quart import Response, g, jsonify, request
 from quart_trio import QuartTrio
 
 from actors.messages import RunnerClient
@@ -32,6 +34,7 @@ from api import errors, native, ollama, openai
 from api.context import ApiConfig, ApiContext
 from api.guard import bearer_token_matches, body_refusal, method_label
 from api.metrics import CONTENT_TYPE, Metrics
+from api.openapi import TEXT, document, endpoint
 
 __all__ = ["ApiConfig", "create_app", "serve_http"]
 
@@ -39,7 +42,7 @@ _PUBLIC_PATHS = frozenset({"/health"})  # probes work without the key
 
 
 def create_app(client: RunnerClient, config: ApiConfig) -> QuartTrio:
-    app = QuartTrio(__name__)
+    app = QuartTrio(__name__, static_folder=None)  # no static files: no /static route
     # Quart's 60 s default would cut long generations mid-stream (without the final chunk).
     app.config["RESPONSE_TIMEOUT"] = None
     app.config["MAX_CONTENT_LENGTH"] = config.max_body
@@ -53,8 +56,14 @@ def create_app(client: RunnerClient, config: ApiConfig) -> QuartTrio:
     app.register_blueprint(openai.blueprint(ctx))
 
     @app.get("/metrics")
+    @endpoint("Prometheus metrics", media=(TEXT,))
     async def metrics() -> Response:
         return Response(ctx.metrics.render(), content_type=CONTENT_TYPE)
+
+    @app.get("/openapi.json")
+    @endpoint("This document: every route and its request schema")
+    async def openapi_document() -> Response:
+        return jsonify(openapi_of(app))
 
     guard = config.guard
 
@@ -96,6 +105,18 @@ def create_app(client: RunnerClient, config: ApiConfig) -> QuartTrio:
         return response
 
     return app
+
+
+def openapi_of(app: QuartTrio) -> dict[str, Any]:
+    """The app's OpenAPI document (built once: the routes are fixed once the app serves)."""
+    doc: dict[str, Any] | None = app.extensions.get("mlxrunner.openapi")
+    if doc is None:
+        config = context_of(app).config
+        doc = document(
+            app, version=config.version, api_key=bool(config.api_key), public_paths=_PUBLIC_PATHS
+        )
+        app.extensions["mlxrunner.openapi"] = doc
+    return doc
 
 
 def context_of(app: QuartTrio) -> ApiContext:

@@ -12,10 +12,10 @@ admitted) ends instead with ``done: true``, ``done_reason: 2``, the counters and
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
-from quart import Blueprint, Response, jsonify, request
+from quart import Blueprint, Response, jsonify
 
 from actors.messages import (
     Chunk,
@@ -25,6 +25,7 @@ from actors.messages import (
     GenerationError,
     Logprob,
 )
+from api import fields
 from api.context import ApiContext
 from api.errors import (
     RETRY_AFTER_LOADING,
@@ -32,21 +33,46 @@ from api.errors import (
     bad_request,
     stream_error_payload,
 )
+from api.fields import LOGPROBS, MODEL, OPTIONS, TOP_LOGPROBS, DeclaredBody
 from api.generation import GenerationReader, StreamBody, open_generation
+from api.openapi import GENERATION, JSON, LOADING, NDJSON, UNKNOWN_MODEL, endpoint
 from api.replies import json_reply, whole_reply_size
-from api.schemas import (
-    INT32_MAX,
-    generation_options,
-    get_bool,
-    get_int,
-    get_object,
-    get_token_ids,
-    get_top_logprobs,
-    parse_json,
-    read_json,
-)
+from api.schemas import INT32_MAX, generation_options, get_str, get_token_ids
 
-NDJSON = "application/x-ndjson"
+STREAM = fields.boolean("stream", True)
+
+
+def _text_or_tokens(body: Mapping[str, Any], key: str) -> str | list[int]:
+    value = body.get(key)
+    tokens = get_token_ids(body, key) if isinstance(value, list) else None
+    if tokens is not None:
+        return tokens
+    if not isinstance(value, str):
+        raise bad_request(f"'{key}' must be a string or a list of token ids")
+    return value
+
+
+PROMPT = fields.field(
+    "prompt",
+    {"oneOf": [{"type": "string"}, fields.TOKEN_IDS_SCHEMA]},
+    _text_or_tokens,
+    required=True,
+)
+MAX_TOKENS = fields.integer("max_tokens", hi=INT32_MAX, description="options.num_predict")
+COMPLETION = fields.body(PROMPT, MAX_TOKENS, OPTIONS, STREAM, LOGPROBS, TOP_LOGPROBS)
+# /tokenize takes its text under the first of these keys present.
+_TEXT_KEYS = ("content", "text", "prompt")
+TOKENIZE = fields.body(MODEL, *(fields.string(key) for key in _TEXT_KEYS))
+TOKENS = fields.token_ids("tokens", required=True)
+DETOKENIZE = fields.body(MODEL, TOKENS)
+HEALTH_SCHEMA = {
+    "type": "object",
+    "required": ["status"],
+    "properties": {
+        "status": {"enum": ["ok", "loading", "shutting_down"]},
+        "progress": {"type": "number", "minimum": 0, "maximum": 1},
+    },
+}
 
 
 def logprobs_json(logprobs: tuple[Logprob, ...]) -> list[dict[str, Any]]:
@@ -100,24 +126,15 @@ def ndjson_response(generation: GenerationReader, pieces: AsyncIterator[bytes]) 
     return response
 
 
-def _detokenize_ids(body: dict[str, Any]) -> list[int] | None:
-    return get_token_ids(body, "tokens")
-
-
-def _parse_completion(body: dict[str, Any]) -> GenerateRequest:
-    prompt = body.get("prompt")
-    tokens = get_token_ids(body, "prompt") if isinstance(prompt, list) else None
-    if tokens is None and not isinstance(prompt, str):
-        raise bad_request("'prompt' must be a string or a list of token ids")
-    max_tokens = get_int(body, "max_tokens", hi=INT32_MAX)
-    options = generation_options(get_object(body, "options"), num_predict=max_tokens)
-    logprobs = get_bool(body, "logprobs", False)
+def _parse_completion(body: DeclaredBody) -> GenerateRequest:
+    prompt = PROMPT.read(body)
+    options = generation_options(OPTIONS.read(body), num_predict=MAX_TOKENS.read(body))
     return GenerateRequest(
-        prompt=prompt if tokens is None else None,
-        tokens=tuple(tokens) if tokens is not None else None,
+        prompt=prompt if isinstance(prompt, str) else None,
+        tokens=None if isinstance(prompt, str) else tuple(prompt),
         options=options,
-        logprobs=logprobs,
-        top_logprobs=get_top_logprobs(body),
+        logprobs=LOGPROBS.read(body),
+        top_logprobs=TOP_LOGPROBS.read(body),
     )
 
 
@@ -125,9 +142,15 @@ def blueprint(ctx: ApiContext) -> Blueprint:
     bp = Blueprint("native", __name__)
 
     @bp.post("/completion")
-    async def completion() -> Response:
-        body, req = await parse_json(request, ctx.client.cpu_limiter, _parse_completion)
-        stream = get_bool(body, "stream", True)
+    @endpoint(
+        "Generate from a prompt: NDJSON chunks, or one JSON object when not streaming",
+        body=COMPLETION,
+        parse=_parse_completion,
+        media=(NDJSON, JSON),
+        errors=GENERATION,
+    )
+    async def completion(body: DeclaredBody, req: GenerateRequest) -> Response:
+        stream = STREAM.read(body)
         generation = await open_generation(ctx, req)
         if stream:
 
@@ -154,6 +177,11 @@ def blueprint(ctx: ApiContext) -> Blueprint:
         )
 
     @bp.get("/health")
+    @endpoint(
+        "Readiness: ok, loading (with progress) or shutting down",
+        errors=LOADING,
+        error_schema=HEALTH_SCHEMA,
+    )
     async def health() -> Response:
         h = ctx.client.health()
         if ctx.draining or h.status == "shutting_down":
@@ -169,21 +197,27 @@ def blueprint(ctx: ApiContext) -> Blueprint:
         return response
 
     @bp.post("/tokenize")
-    async def tokenize() -> Response:
-        body = await read_json(request, ctx.client.cpu_limiter)
-        text = next((body[k] for k in ("content", "text", "prompt") if k in body), None)
-        if not isinstance(text, str):
+    @endpoint("Token ids of a text", body=TOKENIZE, errors=LOADING + UNKNOWN_MODEL)
+    async def tokenize(body: DeclaredBody) -> Response:
+        key = next((k for k in _TEXT_KEYS if k in body), "content")
+        text = get_str(body, key)
+        if text is None:
             raise bad_request("'content' must be a string")
-        ctx.resolve_model(body.get("model") if isinstance(body.get("model"), str) else None)
+        ctx.resolve_model(MODEL.read(body))
         tokens = await ctx.client.tokenize(text)
         return await json_reply(lambda: {"tokens": tokens}, len(tokens), ctx.client.cpu_limiter)
 
     @bp.post("/detokenize")
-    async def detokenize() -> Response:
-        body, tokens = await parse_json(request, ctx.client.cpu_limiter, _detokenize_ids)
+    @endpoint(
+        "The text of token ids",
+        body=DETOKENIZE,
+        parse=TOKENS.read,
+        errors=LOADING + UNKNOWN_MODEL,
+    )
+    async def detokenize(body: DeclaredBody, tokens: list[int] | None) -> Response:
         if tokens is None:
             raise bad_request("'tokens' must be a list of integers")
-        ctx.resolve_model(body.get("model") if isinstance(body.get("model"), str) else None)
+        ctx.resolve_model(MODEL.read(body))
         content = await ctx.client.detokenize(tokens)
         size = len(content) // 1024
         return await json_reply(lambda: {"content": content}, size, ctx.client.cpu_limiter)

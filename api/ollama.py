@@ -10,28 +10,28 @@ client raises as ``ResponseError``; without streaming the same is an HTTP error.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
-from quart import Blueprint, Response, jsonify, request
+from quart import Blueprint, Response, jsonify
 
-from actors.messages import Chunk, DoneReason, GenerateRequest, GenerationError, ModelInfo
+from actors.messages import (
+    ChatMessage,
+    Chunk,
+    DoneReason,
+    GenerateRequest,
+    GenerationError,
+    ModelInfo,
+)
+from api import fields
 from api.context import ApiContext
 from api.errors import bad_request, stream_error_payload
+from api.fields import LOGPROBS, MODEL, OPTIONS, TOP_LOGPROBS, DeclaredBody
 from api.generation import open_generation
-from api.native import ndjson_line, ndjson_response, stats_json
+from api.native import STREAM, ndjson_line, ndjson_response, stats_json
+from api.openapi import GENERATION, JSON, LOADING, NDJSON, TEXT, UNKNOWN_MODEL, endpoint
 from api.replies import json_reply, whole_reply_size
-from api.schemas import (
-    chat_parts,
-    generation_options,
-    get_bool,
-    get_object,
-    get_str,
-    get_top_logprobs,
-    parse_json,
-    read_json,
-    reject_format,
-)
+from api.schemas import generation_options, reject_format
 
 # A cut generation never gets a done line: its stream ends with an error line instead.
 DONE_REASONS = {DoneReason.STOP: "stop", DoneReason.LENGTH: "length"}
@@ -70,12 +70,38 @@ def _digest(info: ModelInfo) -> str:
     return info.digest.removeprefix("sha256:")
 
 
-def _common(body: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+# Accepted so that clients sending their defaults work; any other value is refused (400).
+FORMAT = fields.raw("format", {"enum": [None, ""]}, description="structured output: unsupported")
+THINK = fields.raw("think", {"enum": [None, False, ""]}, description="thinking: unsupported")
+_EMPTY_STRING = {"type": ["string", "null"], "maxLength": 0}
+SUFFIX = fields.field("suffix", _EMPTY_STRING, fields.string("suffix").reader)
+TEMPLATE = fields.field("template", _EMPTY_STRING, fields.string("template").reader)
+IMAGES = fields.raw("images", {"type": ["array", "null"], "maxItems": 0})
+PROMPT = fields.string("prompt", description="empty (and no system): load the model")
+SYSTEM = fields.string("system")
+RAW = fields.boolean("raw", False, description="the prompt as is, without the chat template")
+MESSAGES = fields.messages()
+_SHARED = (MODEL, FORMAT, THINK, OPTIONS, STREAM, LOGPROBS, TOP_LOGPROBS)
+GENERATE = fields.body(PROMPT, SYSTEM, SUFFIX, TEMPLATE, IMAGES, RAW, *_SHARED)
+CHAT = fields.body(MESSAGES, fields.TOOLS, *_SHARED)
+NAME = fields.string("name", description="an older name of 'model'")
+SHOW = fields.body(MODEL, NAME)
+
+
+ChatParts = tuple[tuple[ChatMessage, ...], tuple[Mapping[str, Any], ...] | None]
+
+
+def _chat_parts(body: DeclaredBody) -> ChatParts:
+    """The messages and tools (as long as the body allows: on the decoding thread)."""
+    return MESSAGES.read(body), fields.TOOLS.read(body)
+
+
+def _common(body: DeclaredBody) -> tuple[DeclaredBody, bool]:
     """Validate what /api/generate and /api/chat share; (options, stream)."""
     reject_format(body)
-    if body.get("think") not in (None, False, ""):
+    if THINK.read(body) not in (None, False, ""):
         raise bad_request("this model does not support thinking")
-    return get_object(body, "options"), get_bool(body, "stream", True)
+    return OPTIONS.read(body), STREAM.read(body)
 
 
 # The route-specific part of each line: {"response": text} or {"message": {...}}.
@@ -148,19 +174,24 @@ def blueprint(ctx: ApiContext) -> Blueprint:
     bp = Blueprint("ollama", __name__)
 
     @bp.post("/api/generate")
-    async def generate() -> Response:
-        body = await read_json(request, ctx.client.cpu_limiter)
-        name = ctx.resolve_model(get_str(body, "model"))
+    @endpoint(
+        "Ollama: generate from a prompt (NDJSON stream by default)",
+        body=GENERATE,
+        media=(NDJSON, JSON),
+        errors=GENERATION,
+    )
+    async def generate(body: DeclaredBody) -> Response:
+        name = ctx.resolve_model(MODEL.read(body))
         options, stream = _common(body)
-        prompt = get_str(body, "prompt", "") or ""
-        system = get_str(body, "system")
-        if get_str(body, "suffix"):
+        prompt = PROMPT.read(body) or ""
+        system = SYSTEM.read(body)
+        if SUFFIX.read(body):
             raise bad_request("'suffix' (fill-in-the-middle) is not supported by this model")
-        if get_str(body, "template"):
+        if TEMPLATE.read(body):
             raise bad_request("a custom 'template' is not supported; use 'raw' instead")
-        if body.get("images"):
+        if IMAGES.read(body):
             raise bad_request("this model does not support image input")
-        raw = get_bool(body, "raw", False)
+        raw = RAW.read(body)
         if not prompt and not system:
             ctx.check_admitting()
             return _load_reply(name, _response_text)
@@ -169,16 +200,23 @@ def blueprint(ctx: ApiContext) -> Blueprint:
             system=None if raw else system,
             template=not raw,
             options=generation_options(options),
-            logprobs=get_bool(body, "logprobs", False),
-            top_logprobs=get_top_logprobs(body),
+            logprobs=LOGPROBS.read(body),
+            top_logprobs=TOP_LOGPROBS.read(body),
         )
         return await _respond(ctx, req, name, stream, _response_text)
 
     @bp.post("/api/chat")
-    async def chat() -> Response:
-        body, (messages, tools) = await parse_json(request, ctx.client.cpu_limiter, chat_parts)
-        name = ctx.resolve_model(get_str(body, "model"))
+    @endpoint(
+        "Ollama: the assistant's next message (NDJSON stream by default)",
+        body=CHAT,
+        parse=_chat_parts,
+        media=(NDJSON, JSON),
+        errors=GENERATION,
+    )
+    async def chat(body: DeclaredBody, parts: ChatParts) -> Response:
+        name = ctx.resolve_model(MODEL.read(body))
         options, stream = _common(body)
+        messages, tools = parts
         if not messages:
             ctx.check_admitting()
             return _load_reply(name, _assistant_message)
@@ -186,8 +224,8 @@ def blueprint(ctx: ApiContext) -> Blueprint:
             messages=messages,
             tools=tools,
             options=generation_options(options),
-            logprobs=get_bool(body, "logprobs", False),
-            top_logprobs=get_top_logprobs(body),
+            logprobs=LOGPROBS.read(body),
+            top_logprobs=TOP_LOGPROBS.read(body),
         )
         return await _respond(ctx, req, name, stream, _assistant_message)
 
@@ -202,14 +240,15 @@ def blueprint(ctx: ApiContext) -> Blueprint:
         }
 
     @bp.get("/api/tags")
+    @endpoint("Ollama: the models this server serves (one)", errors=LOADING)
     async def tags() -> Response:
         info = ctx.model_info()
         return jsonify({"models": [model_entry(info, ctx.served_name())]})
 
     @bp.post("/api/show")
-    async def show() -> Response:
-        body = await read_json(request, ctx.client.cpu_limiter)
-        requested = get_str(body, "model") or get_str(body, "name")
+    @endpoint("Ollama: a model's details", body=SHOW, errors=LOADING + UNKNOWN_MODEL)
+    async def show(body: DeclaredBody) -> Response:
+        requested = MODEL.read(body) or NAME.read(body)
         if not requested:
             raise bad_request("'model' is required")
         name = ctx.resolve_model(requested)
@@ -233,6 +272,7 @@ def blueprint(ctx: ApiContext) -> Blueprint:
         )
 
     @bp.get("/api/ps")
+    @endpoint("Ollama: the loaded models (none while loading)")
     async def ps() -> Response:
         if ctx.client.health().status != "ok":
             return jsonify({"models": []})
@@ -249,10 +289,12 @@ def blueprint(ctx: ApiContext) -> Blueprint:
         return jsonify({"models": [entry]})
 
     @bp.get("/api/version")
+    @endpoint("Ollama: the server's version")
     async def version() -> Response:
         return jsonify({"version": ctx.config.version})
 
     @bp.route("/", methods=["GET", "HEAD"])
+    @endpoint("Ollama's liveness text", media=(TEXT,))
     async def root() -> Response:
         return Response("mlxrunner is running", content_type="text/plain")
 

@@ -14,12 +14,13 @@ from __future__ import annotations
 import json
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
-from quart import Blueprint, Response, jsonify, request
+from quart import Blueprint, Response, jsonify
 
 from actors.messages import (
+    ChatMessage,
     Chunk,
     DoneReason,
     GenerateRequest,
@@ -28,23 +29,14 @@ from actors.messages import (
     Logprob,
     UnavailableError,
 )
+from api import fields
 from api.context import ApiContext
 from api.errors import bad_request, openai_stream_error
+from api.fields import LOGPROBS, MODEL, TOOLS, TOP_LOGPROBS, DeclaredBody, Field
 from api.generation import GenerationReader, StreamBody, open_generation
+from api.openapi import GENERATION, JSON, LOADING, SSE, UNKNOWN_MODEL, endpoint
 from api.replies import json_reply, whole_reply_size
-from api.schemas import (
-    INT32_MAX,
-    chat_parts,
-    generation_options,
-    get_bool,
-    get_float,
-    get_int,
-    get_object,
-    get_stop,
-    get_str,
-    get_token_ids,
-    parse_json,
-)
+from api.schemas import INT32_MAX, generation_options, get_bool, get_token_ids
 from runtime.engine.options import MIN_TOP_P
 
 # A cut generation has no finish reason: its stream ends with an error event instead.
@@ -60,29 +52,113 @@ def _sse(obj: dict[str, Any] | str) -> bytes:
     return f"data: {data}\n\n".encode()
 
 
-def _options(body: dict[str, Any], max_tokens_keys: tuple[str, ...]) -> GenerationOptions:
-    """``GenerationOptions`` from OpenAI's names; the first of ``max_tokens_keys`` given wins."""
-    if get_int(body, "n", 1) != 1:
+N = fields.field(
+    "n",
+    {"type": ["integer", "null"], "minimum": 1, "maximum": 1},
+    fields.integer("n", 1).reader,
+    description="one choice per request",
+)
+TEMPERATURE = fields.number("temperature", 1.0, lo=0.0, hi=2.0)
+TOP_P = fields.number("top_p", 1.0, lo=0.0, hi=1.0)
+PRESENCE_PENALTY = fields.number("presence_penalty", 0.0, lo=-2.0, hi=2.0)
+FREQUENCY_PENALTY = fields.number("frequency_penalty", 0.0, lo=-2.0, hi=2.0)
+# Passed on to Ollama's options, which check them.
+SEED = fields.raw("seed", fields.OPTIONS_SCHEMA["properties"]["seed"])
+EXTRAS = tuple(fields.raw(key, fields.OPTIONS_SCHEMA["properties"][key]) for key in _OLLAMA_EXTRAS)
+MAX_TOKENS = fields.integer("max_tokens", lo=1, hi=INT32_MAX)
+MAX_COMPLETION_TOKENS = fields.integer("max_completion_tokens", lo=1, hi=INT32_MAX)
+RESPONSE_FORMAT = fields.obj(
+    "response_format", {"type": fields.raw("type", {"enum": ["text", None]})}
+)
+STOP = fields.stop()
+STREAM = fields.boolean("stream", False, description="server-sent events")
+STREAM_OPTIONS = fields.obj(
+    "stream_options", {"include_usage": fields.boolean("include_usage", False)}
+)
+_SHARED: tuple[Field[Any], ...] = (
+    MODEL,
+    N,
+    TEMPERATURE,
+    TOP_P,
+    PRESENCE_PENALTY,
+    FREQUENCY_PENALTY,
+    SEED,
+    *EXTRAS,
+    STOP,
+    RESPONSE_FORMAT,
+    STREAM,
+    STREAM_OPTIONS,
+    MAX_TOKENS,
+)
+MESSAGES = fields.messages(required=True)
+CHAT = fields.body(MESSAGES, TOOLS, LOGPROBS, TOP_LOGPROBS, MAX_COMPLETION_TOKENS, *_SHARED)
+ChatParts = tuple[tuple[ChatMessage, ...], tuple[Mapping[str, Any], ...] | None]
+Prompt = tuple[str | None, tuple[int, ...] | None]
+
+
+def _chat_parts(body: DeclaredBody) -> ChatParts:
+    """The messages and tools (as long as the body allows: on the decoding thread)."""
+    return MESSAGES.read(body), TOOLS.read(body)
+
+
+def _completion_prompt(body: Mapping[str, Any], key: str) -> Prompt:
+    prompt = body.get(key)
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
+        prompt = prompt[0]  # a batch of one
+    if isinstance(prompt, str):
+        return prompt, None
+    if isinstance(prompt, list):
+        tokens = get_token_ids({key: prompt}, key)
+        if tokens:
+            return None, tuple(tokens)
+    raise bad_request("'prompt' must be a string, a list of one string, or a list of token ids")
+
+
+_TOKENS = {**fields.TOKEN_IDS_SCHEMA, "minItems": 1}
+PROMPT = fields.field(
+    "prompt",
+    {
+        "oneOf": [
+            {"type": "string"},
+            {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 1},
+            _TOKENS,
+            {"type": "array", "items": _TOKENS, "minItems": 1, "maxItems": 1},
+        ]
+    },
+    _completion_prompt,
+    required=True,
+)
+ECHO = fields.field("echo", {"enum": [False, None]}, fields.boolean("echo", False).reader)
+SUFFIX = fields.field(
+    "suffix", {"type": ["string", "null"], "maxLength": 0}, fields.string("suffix").reader
+)
+TEXT_LOGPROBS = fields.integer("logprobs", lo=0, hi=5, description="how many top logprobs")
+COMPLETIONS = fields.body(PROMPT, ECHO, SUFFIX, TEXT_LOGPROBS, *_SHARED)
+
+
+def _options(body: DeclaredBody, max_tokens: tuple[Field[int | None], ...]) -> GenerationOptions:
+    """``GenerationOptions`` from OpenAI's names; the first of ``max_tokens`` given wins."""
+    if N.read(body) != 1:
         raise bad_request("'n' must be 1: one choice per request")
     options: dict[str, Any] = {
-        "temperature": get_float(body, "temperature", 1.0, lo=0.0, hi=2.0),
-        "top_p": get_float(body, "top_p", 1.0, lo=0.0, hi=1.0),
-        "presence_penalty": get_float(body, "presence_penalty", 0.0, lo=-2.0, hi=2.0),
-        "frequency_penalty": get_float(body, "frequency_penalty", 0.0, lo=-2.0, hi=2.0),
-        "seed": body.get("seed"),
+        "temperature": TEMPERATURE.read(body),
+        "top_p": TOP_P.read(body),
+        "presence_penalty": PRESENCE_PENALTY.read(body),
+        "frequency_penalty": FREQUENCY_PENALTY.read(body),
+        "seed": SEED.read(body),
     }
     # OpenAI's 0 (or anything that small) is "only the likeliest token": Ollama's range
     # excludes 0, and MIN_TOP_P already keeps just that one.
     options["top_p"] = max(options["top_p"], MIN_TOP_P)
-    for key in _OLLAMA_EXTRAS:  # Ollama's compatibility layer accepts these too
-        if key in body:
-            options[key] = body[key]
-    limits = (get_int(body, key, lo=1, hi=INT32_MAX) for key in max_tokens_keys)
-    max_tokens = next((n for n in limits if n is not None), None)
-    fmt = get_object(body, "response_format").get("type")
+    for extra in EXTRAS:  # Ollama's compatibility layer accepts these too
+        if extra.name in body:
+            options[extra.name] = extra.read(body)
+    limits = (f.read(body) for f in max_tokens)
+    num_predict = next((n for n in limits if n is not None), None)
+    fmt = RESPONSE_FORMAT.read(body).get("type")
     if fmt not in (None, "text"):
         raise bad_request("'response_format' other than text is not supported by this server")
-    return generation_options(options, num_predict=max_tokens, stop=get_stop(body))
+    return generation_options(options, num_predict=num_predict, stop=STOP.read(body))
 
 
 def _usage(chunk: Chunk) -> dict[str, int]:
@@ -176,10 +252,10 @@ class _Shape:
 
 
 async def _respond(
-    ctx: ApiContext, req: GenerateRequest, shape: _Shape, body: dict[str, Any]
+    ctx: ApiContext, req: GenerateRequest, shape: _Shape, body: DeclaredBody
 ) -> Response:
-    stream = get_bool(body, "stream", False)
-    include_usage = stream and get_bool(get_object(body, "stream_options"), "include_usage", False)
+    stream = STREAM.read(body)
+    include_usage = stream and get_bool(STREAM_OPTIONS.read(body), "include_usage", False)
     generation = await open_generation(ctx, req)
     if stream:
         return _sse_response(generation, _stream(generation, shape, include_usage))
@@ -231,13 +307,20 @@ def blueprint(ctx: ApiContext) -> Blueprint:
     bp = Blueprint("openai", __name__)
 
     @bp.post("/v1/chat/completions")
-    async def chat_completions() -> Response:
-        body, (messages, tools) = await parse_json(request, ctx.client.cpu_limiter, chat_parts)
-        name = ctx.resolve_model(get_str(body, "model"))
+    @endpoint(
+        "OpenAI: a chat completion (server-sent events when streaming)",
+        body=CHAT,
+        parse=_chat_parts,
+        media=(JSON, SSE),
+        errors=GENERATION,
+    )
+    async def chat_completions(body: DeclaredBody, parts: ChatParts) -> Response:
+        name = ctx.resolve_model(MODEL.read(body))
+        messages, tools = parts
         if not messages:
             raise bad_request("'messages' must be a non-empty list")
-        logprobs = get_bool(body, "logprobs", False)
-        top = get_int(body, "top_logprobs", 0, lo=0, hi=20) or 0
+        logprobs = LOGPROBS.read(body)
+        top = TOP_LOGPROBS.read(body)
         if top and not logprobs:
             raise bad_request("'top_logprobs' requires 'logprobs': true")
         req = GenerateRequest(
@@ -245,26 +328,32 @@ def blueprint(ctx: ApiContext) -> Blueprint:
             tools=tools,
             logprobs=logprobs,
             top_logprobs=top,
-            options=_options(body, ("max_completion_tokens", "max_tokens")),
+            options=_options(body, (MAX_COMPLETION_TOKENS, MAX_TOKENS)),
         )
         return await _respond(ctx, req, _Shape(chat=True, name=name, logprobs=logprobs), body)
 
     @bp.post("/v1/completions")
-    async def completions() -> Response:
-        limiter = ctx.client.cpu_limiter
-        body, (prompt, tokens) = await parse_json(request, limiter, _completion_prompt)
-        name = ctx.resolve_model(get_str(body, "model"))
-        if get_bool(body, "echo", False):
+    @endpoint(
+        "OpenAI: a text completion (server-sent events when streaming)",
+        body=COMPLETIONS,
+        parse=PROMPT.read,
+        media=(JSON, SSE),
+        errors=GENERATION,
+    )
+    async def completions(body: DeclaredBody, prompt_or_tokens: Prompt) -> Response:
+        name = ctx.resolve_model(MODEL.read(body))
+        prompt, tokens = prompt_or_tokens
+        if ECHO.read(body):
             raise bad_request("'echo' is not supported by this server")
-        if get_str(body, "suffix"):
+        if SUFFIX.read(body):
             raise bad_request("'suffix' is not supported by this server")
-        top = get_int(body, "logprobs", None, lo=0, hi=5)
+        top = TEXT_LOGPROBS.read(body)
         req = GenerateRequest(
             prompt=prompt,
             tokens=tokens,
             logprobs=top is not None,
             top_logprobs=top or 0,
-            options=_options(body, ("max_tokens",)),
+            options=_options(body, (MAX_TOKENS,)),
         )
         return await _respond(
             ctx, req, _Shape(chat=False, name=name, logprobs=top is not None), body
@@ -278,24 +367,13 @@ def blueprint(ctx: ApiContext) -> Blueprint:
         return {"id": name, "object": "model", "created": created, "owned_by": "mlxrunner"}
 
     @bp.get("/v1/models")
+    @endpoint("OpenAI: the models this server serves (one)", errors=LOADING)
     async def models() -> Response:
         return jsonify({"object": "list", "data": [model_object(ctx.served_name())]})
 
     @bp.get("/v1/models/<path:model>")
+    @endpoint("OpenAI: one model", errors=UNKNOWN_MODEL + LOADING)
     async def model(model: str) -> Response:
         return jsonify(model_object(ctx.resolve_model(model)))
 
     return bp
-
-
-def _completion_prompt(body: dict[str, Any]) -> tuple[str | None, tuple[int, ...] | None]:
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
-        prompt = prompt[0]  # a batch of one
-    if isinstance(prompt, str):
-        return prompt, None
-    if isinstance(prompt, list):
-        tokens = get_token_ids({"prompt": prompt}, "prompt")
-        if tokens:
-            return None, tuple(tokens)
-    raise bad_request("'prompt' must be a string, a list of one string, or a list of token ids")

@@ -29,7 +29,7 @@ T = TypeVar("T")
 # (and the request's validation) small.
 MAX_STOP_STRINGS = 16
 MAX_STOP_LENGTH = 256  # characters
-_ROLES = {"system", "user", "assistant", "tool"}
+ROLES = {"system", "user", "assistant", "tool"}
 
 
 def decode_json(data: bytes) -> dict[str, Any]:
@@ -244,8 +244,8 @@ def chat_messages(body: Mapping[str, Any], key: str = "messages") -> tuple[ChatM
         role = raw.get("role")
         if role == "developer":  # OpenAI's newer name for the system role
             role = "system"
-        if not isinstance(role, str) or role not in _ROLES:
-            raise bad_request(f"{where}: 'role' must be one of {sorted(_ROLES)}")
+        if not isinstance(role, str) or role not in ROLES:
+            raise bad_request(f"{where}: 'role' must be one of {sorted(ROLES)}")
         if raw.get("images"):
             raise bad_request(f"{where}: this model does not support image input")
         extra = {
