@@ -31,6 +31,7 @@ from quart_trio import QuartTrio
 
 from actors.messages import RunnerClient
 from api import errors, native, ollama, openai
+from api.connection import HTTPConnection
 from api.context import ApiConfig, ApiContext
 from api.guard import bearer_token_matches, body_refusal, method_label
 from api.metrics import CONTENT_TYPE, Metrics
@@ -43,6 +44,7 @@ _PUBLIC_PATHS = frozenset({"/health"})  # probes work without the key
 
 def create_app(client: RunnerClient, config: ApiConfig) -> QuartTrio:
     app = QuartTrio(__name__, static_folder=None)  # no static files: no /static route
+    app.asgi_http_class = HTTPConnection
     # Quart's 60 s default would cut long generations mid-stream (without the final chunk).
     app.config["RESPONSE_TIMEOUT"] = None
     app.config["MAX_CONTENT_LENGTH"] = config.max_body
