@@ -1,83 +1,70 @@
-"""Nothing a client sends may produce a 500: random bodies against every POST route."""
+"""Nothing a client sends may produce a 500, and every answer is what /openapi.json says.
+
+Every route is fuzzed from the document the server publishes (``tests/fuzzing.py``:
+schemathesis, a fixed seed, no shrinking) against the real tree over a tiny real model,
+served on a local port from a thread of its own. Afterwards the server is healthy and idle.
+Bytes that are not JSON at all are fuzzed here too: the document cannot describe them.
+"""
 
 from __future__ import annotations
 
-import json
-from typing import Any
+import os
+from collections.abc import Iterator
 
-from hypothesis import HealthCheck, given, settings
+import pytest
+import requests
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from api.app import ApiConfig, create_app
-from tests.api_fakes import FakeRunner
-
-POST_ROUTES = (
-    "/completion",
-    "/tokenize",
-    "/detokenize",
-    "/api/generate",
-    "/api/chat",
-    "/api/show",
-    "/v1/completions",
-    "/v1/chat/completions",
-)
-KEYS = (
-    "model", "prompt", "messages", "options", "stream", "max_tokens", "logprobs", "top_logprobs",
-    "temperature", "top_p", "n", "stop", "seed", "stream_options", "tools", "format", "raw",
-    "system", "images", "think", "suffix", "template", "tokens", "content", "response_format",
-    "presence_penalty", "frequency_penalty", "max_completion_tokens", "echo", "top_k", "num_ctx",
-    "name",
-)  # fmt: skip
-OPTION_KEYS = (
-    "temperature", "top_k", "top_p", "min_p", "typical_p", "repeat_penalty", "repeat_last_n",
-    "presence_penalty", "frequency_penalty", "seed", "num_predict", "stop", "num_ctx", "mirostat",
-)  # fmt: skip
-
-scalars = (
-    st.none()
-    | st.booleans()
-    | st.integers(min_value=-(2**70), max_value=2**70)
-    | st.floats(allow_nan=False, allow_infinity=False)
-    | st.text(max_size=8)
-    | st.sampled_from(["fake", "fake:latest", "user", "assistant", "system", "text"])
-)
-json_values = st.recursive(
-    scalars,
-    lambda inner: (
-        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4)
-    ),
-    max_leaves=12,
-)
-messages = st.lists(
-    st.fixed_dictionaries(
-        {"role": st.sampled_from(["user", "system", "assistant", "tool", "x"])},
-        optional={"content": json_values, "images": json_values, "tool_calls": json_values},
-    ),
-    max_size=3,
-)
-bodies = st.dictionaries(
-    st.sampled_from(KEYS),
-    json_values | messages | st.dictionaries(st.sampled_from(OPTION_KEYS), json_values, max_size=5),
-    max_size=8,
+from tests.api_fakes import FakeRunner, serve_app
+from tests.fuzzing import FuzzReport, fuzz
+from tests.live_server import (
+    MODEL_NAME,
+    Live,
+    ServerThread,
+    drained,
+    make_model,
+    open_live_server,
 )
 
+FAST_EXAMPLES = 5  # per route and mode: ~100 cases, a few seconds
+SOAK_EXAMPLES = int(os.environ.get("MLXRUNNER_SOAK_EXAMPLES", "200"))
 
-@settings(
-    max_examples=100,
-    deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
-@given(route=st.sampled_from(POST_ROUTES), body=bodies | json_values)
-async def test_no_body_produces_a_server_error(route: str, body: Any) -> None:
-    app = create_app(FakeRunner(), ApiConfig(model_name="fake", max_body=1 << 16))
-    async with app.test_app() as test_app:
-        response = await test_app.test_client().post(
-            route, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
-        )
-        data = await response.get_data(as_text=False)
-    assert response.status_code < 500, data
-    if response.status_code >= 400:
-        assert isinstance(json.loads(data)["error"], str)
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
+    folder = make_model(tmp_path_factory.mktemp("fuzz") / "tiny")
+    # A small context keeps every generation short.
+    with ServerThread(lambda: open_live_server(folder, context_length=64)) as server:
+        yield server
+
+
+def documented_operations(url: str) -> set[str]:
+    doc = requests.get(f"{url}/openapi.json", timeout=10).json()
+    return {f"{method.upper()} {path}" for path, item in doc["paths"].items() for method in item}
+
+
+def assert_fuzzed_cleanly(live: Live, report: FuzzReport) -> None:
+    print(report.summary())
+    assert report.failures == [], "\n\n".join(report.failures[:5])
+    assert report.server_errors == 0
+    # schemathesis leaves out the document's own route (it read it to begin with).
+    assert set(report.cases) == documented_operations(live.url) - {"GET /openapi.json"}
+    assert report.statuses[200] > 0  # some cases got past validation to the runner
+    health = requests.get(f"{live.url}/health", timeout=10)
+    assert (health.status_code, health.json()) == (200, {"status": "ok"})
+    assert drained(live.statistics)
+
+
+def test_every_route_answers_as_documented(live: Live) -> None:
+    assert_fuzzed_cleanly(live, fuzz(live.url, examples=FAST_EXAMPLES, model=MODEL_NAME))
+
+
+@pytest.mark.soak
+def test_fuzz_soak(live: Live) -> None:
+    seed = int(os.environ.get("MLXRUNNER_SOAK_SEED", "1"))
+    assert_fuzzed_cleanly(live, fuzz(live.url, examples=SOAK_EXAMPLES, model=MODEL_NAME, seed=seed))
 
 
 @settings(max_examples=40, deadline=None)
@@ -89,3 +76,17 @@ async def test_no_raw_bytes_produce_a_server_error(raw: bytes) -> None:
             "/api/chat", data=raw, headers={"Content-Type": "application/json"}
         )
     assert response.status_code < 500
+
+
+class BrokenTokenizer(FakeRunner):
+    def tokenize(self, text: str) -> list[int]:
+        raise RuntimeError("a bug")
+
+
+def test_the_fuzzer_reports_what_breaks_the_document() -> None:
+    app = create_app(BrokenTokenizer(), ApiConfig(model_name="fake"))
+    with ServerThread(lambda: serve_app(app)) as (host, port):
+        report = fuzz(f"http://{host}:{port}", examples=5, model="fake", only={"POST /tokenize"})
+    assert set(report.cases) == {"POST /tokenize"}
+    assert report.server_errors > 0
+    assert any("Server error" in failure for failure in report.failures), report.failures
