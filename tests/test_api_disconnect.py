@@ -12,6 +12,7 @@ import trio.testing
 
 from api.app import ApiConfig, context_of, create_app
 from tests.api_fakes import FakeRunner, raw_request, serve_app
+from tests.live_server import open_descriptors
 from tests.waits import read_until, wait_until
 
 
@@ -105,3 +106,23 @@ async def test_disconnect_while_queued_never_starts_the_generation() -> None:
         await trio.testing.wait_all_tasks_blocked()
         assert fake.requests == []
         assert fake.generated == 0
+
+
+async def test_a_connection_close_client_gets_eof_and_its_socket_is_freed() -> None:
+    # The server used to send the whole answer and then keep the socket open: the client
+    # waited for an EOF that never came (HTTP/1.0, or "Connection: close").
+    app = create_app(FakeRunner(), ApiConfig(model_name="fake"))
+    async with serve_app(app) as (host, port):
+        before = open_descriptors()
+        for request in (
+            b"GET /api/version HTTP/1.0\r\n\r\n",
+            b"GET /api/version HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            b"POST /completion HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+            b'Content-Length: 15\r\n\r\n{"prompt":"hi"}',
+        ):
+            stream = await trio.open_tcp_stream(host, port)
+            await stream.send_all(request)
+            received = await read_until(stream, lambda _: False, eof_ok=True)  # until EOF
+            await stream.aclose()
+            assert received.startswith((b"HTTP/1.1 200", b"HTTP/1.0 200")), received
+        await wait_until(lambda: open_descriptors() == before, "server sockets closed")
