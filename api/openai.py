@@ -52,12 +52,7 @@ def _sse(obj: dict[str, Any] | str) -> bytes:
     return f"data: {data}\n\n".encode()
 
 
-N = fields.field(
-    "n",
-    {"type": ["integer", "null"], "minimum": 1, "maximum": 1},
-    fields.integer("n", 1).reader,
-    description="one choice per request",
-)
+N = fields.integer("n", 1, lo=1, hi=1, description="one choice per request")
 TEMPERATURE = fields.number("temperature", 1.0, lo=0.0, hi=2.0)
 TOP_P = fields.number("top_p", 1.0, lo=0.0, hi=1.0)
 PRESENCE_PENALTY = fields.number("presence_penalty", 0.0, lo=-2.0, hi=2.0)
@@ -138,8 +133,7 @@ COMPLETIONS = fields.body(PROMPT, ECHO, SUFFIX, TEXT_LOGPROBS, *_SHARED)
 
 def _options(body: DeclaredBody, max_tokens: tuple[Field[int | None], ...]) -> GenerationOptions:
     """``GenerationOptions`` from OpenAI's names; the first of ``max_tokens`` given wins."""
-    if N.read(body) != 1:
-        raise bad_request("'n' must be 1: one choice per request")
+    N.read(body)  # only 1: one choice per request
     options: dict[str, Any] = {
         "temperature": TEMPERATURE.read(body),
         "top_p": TOP_P.read(body),
