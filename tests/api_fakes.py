@@ -252,25 +252,78 @@ def slow_engine(delay: float, context_length: int = 100_000) -> Any:
     return SlowEngine(lambda r: [r.prompt[-1]] * r.max_tokens, context_length=context_length)
 
 
+class PacedEngine:
+    """A real engine that sleeps ``delay`` s before each step, so a test can keep streams
+    open across a signal (the tiny model alone finishes in milliseconds)."""
+
+    def __init__(self, inner: Any, delay: float) -> None:
+        self.inner = inner
+        self.delay = delay
+
+    @property
+    def context_length(self) -> int:
+        return int(self.inner.context_length)
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        return int(self.inner.kv_bytes_per_token)
+
+    def add(self, request: Any) -> None:
+        self.inner.add(request)
+
+    def remove(self, seq_id: int, *, save_as: int | None = None) -> int:
+        return int(self.inner.remove(seq_id, save_as=save_as))
+
+    def drop_prefix(self, entry_id: int) -> None:
+        self.inner.drop_prefix(entry_id)
+
+    def has_work(self) -> bool:
+        return bool(self.inner.has_work())
+
+    def step(self) -> Any:
+        import time
+
+        time.sleep(self.delay)
+        return self.inner.step()
+
+    def statistics(self) -> Any:
+        return self.inner.statistics()
+
+    def close(self) -> None:
+        self.inner.close()
+
+
 def _serve_scripted_main() -> None:
-    """``python -m tests.api_fakes [--delay S] [serve flags]``: ``mlxrunner serve``'s code over
-    the actor tree with a scripted engine (each step sleeps ``delay`` on the engine thread)."""
+    """``python -m tests.api_fakes [--delay S] [--model FOLDER] [serve flags]``: ``mlxrunner
+    serve``'s code over the actor tree with a scripted engine, or with ``--model`` the real
+    engine over a model folder; either sleeps ``delay`` s per step on the engine thread."""
     import logging
     import sys
 
+    from actors.config import RunnerConfig
+    from actors.loading import model_loader
     from actors.testing import scripted_load, tiny_tokenizer
     from cli.main import build_parser
-    from cli.serve import serve
+    from cli.serve import runner_options, serve
 
     argv = sys.argv[1:]
     delay = 0.01
     if argv[:1] == ["--delay"]:
         delay, argv = float(argv[1]), argv[2:]
+    load: Callable[[Callable[[float], None]], Any]
+    if "--model" in argv:
+        args = build_parser().parse_args(["serve", "--port", "0", *argv])
+        real = model_loader(RunnerConfig(**runner_options(args)))
 
-    engine = slow_engine(delay)
-    args = build_parser().parse_args(["serve", "--model", "fake", "--port", "0", *argv])
+        def load(progress: Callable[[float], None]) -> Any:
+            loaded = real(progress)
+            return attrs.evolve(loaded, engine=PacedEngine(loaded.engine, delay))
+
+    else:
+        args = build_parser().parse_args(["serve", "--model", "fake", "--port", "0", *argv])
+        load = scripted_load(slow_engine(delay), tiny_tokenizer())
     logging.basicConfig(level=logging.INFO)
-    trio.run(functools.partial(serve, args, load=scripted_load(engine, tiny_tokenizer())))
+    trio.run(functools.partial(serve, args, load=load))
 
 
 if __name__ == "__main__":

@@ -31,6 +31,8 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
+from tests.live_server import MODEL_NAME, Live, drained
+
 CHECKS = [
     not_a_server_error,
     status_code_conformance,
@@ -129,3 +131,21 @@ def _fuzz_operation(
             report.failures.append(f"{operation.label}: {failure}")
 
     run()
+
+
+def fuzz_and_check(live: Live, *, examples: int, seed: int = 0) -> FuzzReport:
+    """``fuzz`` the live server, then check the report and the server (``AssertionError``):
+    every documented operation fuzzed, no failure, some cases admitted, and afterwards a
+    healthy, idle server."""
+    report = fuzz(live.url, examples=examples, model=MODEL_NAME, seed=seed)
+    assert report.failures == [], "\n\n".join(report.failures[:5])
+    assert report.server_errors == 0
+    doc = requests.get(f"{live.url}/openapi.json", timeout=REQUEST_LIMIT).json()
+    documented = {f"{m.upper()} {path}" for path, item in doc["paths"].items() for m in item}
+    # schemathesis leaves out the document's own route (it read it to begin with).
+    assert set(report.cases) == documented - {"GET /openapi.json"}
+    assert report.statuses[200] > 0  # some cases got past validation to the runner
+    health = requests.get(f"{live.url}/health", timeout=REQUEST_LIMIT)
+    assert (health.status_code, health.json()) == (200, {"status": "ok"})
+    assert drained(live.statistics)
+    return report

@@ -9,7 +9,7 @@ variant bursts a tiny real model with no hold: each answer is a success or a ref
 from __future__ import annotations
 
 import functools
-import json
+import os
 import threading
 from pathlib import Path
 from typing import Any
@@ -21,13 +21,13 @@ from actors.testing import ScriptedEngine, open_test_runner, tiny_tokenizer
 from api.app import ApiConfig, create_app
 from tests.api_fakes import serve_app
 from tests.live_server import MODEL_NAME, drained, make_model, open_live_server
-from tests.storm import ROUTES, Planned, request_bytes
+from tests.traffic import burst, check_complete, every_kind, exchange
 from tests.waits import wait_until
 
 PARALLEL = 2
 QUEUE = 2
 BURST = 12
-LIMIT = 30  # seconds: a hang guard for every request
+SOAK_BURST = int(os.environ.get("MLXRUNNER_SOAK_BURST", "300"))
 
 
 class HeldEngine(ScriptedEngine):
@@ -44,47 +44,9 @@ class HeldEngine(ScriptedEngine):
         return super().step()
 
 
-def planned(index: int, tokens: int = 3) -> Planned:
-    return Planned(ROUTES[index % len(ROUTES)], index % 2 == 0, False, tokens, "complete", 0, False)
-
-
-async def exchange(host: str, port: int, p: Planned, index: int) -> bytes:
-    """Send one request and read the whole answer (the server closes: ``Connection: close``)."""
-    stream = await trio.open_tcp_stream(host, port)
-    await stream.send_all(request_bytes(host, port, p.route, p.body(index)))
-    received = b""
-    with trio.fail_after(LIMIT):
-        while data := await stream.receive_some(65536):
-            received += data
-    await stream.aclose()
-    return received
-
-
-def head_and_body(received: bytes) -> tuple[int, dict[str, str], bytes]:
-    head, _, body = received.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    headers = dict(line.lower().split(": ", 1) for line in lines[1:])
-    return int(lines[0].split()[1]), headers, body
-
-
-def assert_refused(received: bytes) -> None:
-    status, headers, body = head_and_body(received)
-    assert status == 429, received[:300]
-    assert int(headers["retry-after"]) >= 1
-    assert isinstance(json.loads(body)["error"], str)
-
-
-def assert_completed(p: Planned, received: bytes) -> None:
-    status, _, body = head_and_body(received)
-    assert status == 200, received[:300]
-    final = b"data: [DONE]" if p.route.startswith("/v1/") and p.stream else b'"done":true'
-    if p.route.startswith("/v1/") and not p.stream:
-        final = b'"finish_reason":"length"'
-    assert final in body, body[-300:]
-
-
 async def test_a_burst_beyond_capacity_is_refused_at_once_and_the_admitted_complete() -> None:
     engine = HeldEngine()
+    admitted_asks = every_kind(PARALLEL + QUEUE, tokens=3)
     async with open_test_runner(
         engine, tokenizer=tiny_tokenizer(), parallel=PARALLEL, max_queue=QUEUE
     ) as harness:
@@ -93,7 +55,7 @@ async def test_a_burst_beyond_capacity_is_refused_at_once_and_the_admitted_compl
             admitted: dict[int, bytes] = {}
 
             async def admit(index: int) -> None:
-                admitted[index] = await exchange(host, port, planned(index), index)
+                admitted[index] = await exchange(host, port, admitted_asks[index], index)
 
             def placed(n: int) -> bool:
                 s = harness.statistics()
@@ -106,24 +68,16 @@ async def test_a_burst_beyond_capacity_is_refused_at_once_and_the_admitted_compl
                 nursery.start_soon(admit, index)
                 await wait_until(functools.partial(placed, index + 1), f"request {index} placed")
 
-            refused: dict[int, bytes] = {}
-
-            async def burst(index: int) -> None:
-                refused[index] = await exchange(host, port, planned(index), index)
-
-            async with trio.open_nursery() as bursting:
-                for index in range(PARALLEL + QUEUE, PARALLEL + QUEUE + BURST):
-                    bursting.start_soon(burst, index)
+            statuses, problems = await burst(host, port, every_kind(BURST, tokens=3))
             # Every refusal came while the engine held: nothing admitted could have finished.
             assert not engine.release.is_set()
-            assert len(refused) == BURST
-            for received in refused.values():
-                assert_refused(received)
-            assert harness.statistics().active_sequences == PARALLEL
+            assert statuses == {429: BURST}
+            assert problems == []
+            assert placed(PARALLEL + QUEUE)
             engine.release.set()
         assert sorted(admitted) == list(range(PARALLEL + QUEUE))
         for index, received in admitted.items():
-            assert_completed(planned(index), received)
+            assert check_complete(admitted_asks[index], received) is None
         await wait_until(lambda: drained(harness.statistics), "drained")
         assert len(engine.added) == PARALLEL + QUEUE  # no refused request reached the engine
 
@@ -135,23 +89,10 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.soak
 async def test_overload_soak_every_answer_is_a_success_or_a_refusal(folder: Path) -> None:
-    statuses: dict[int, int] = {}
     async with open_live_server(folder, parallel=PARALLEL, max_queue=QUEUE) as live:
-
-        async def one(index: int) -> None:
-            p = planned(index, tokens=8)
-            received = await exchange(live.host, live.port, p, index)
-            status = head_and_body(received)[0]
-            statuses[status] = statuses.get(status, 0) + 1
-            if status == 429:
-                assert_refused(received)
-            else:
-                assert_completed(p, received)
-
-        async with trio.open_nursery() as nursery:
-            for index in range(300):
-                nursery.start_soon(one, index)
-        print(f"overload soak: statuses {statuses}")
+        statuses, problems = await burst(live.host, live.port, every_kind(SOAK_BURST, tokens=8))
+        print(f"overload soak: statuses {dict(statuses)}")
+        assert problems == []
         assert set(statuses) <= {200, 429}
-        assert statuses.get(200, 0) >= PARALLEL + QUEUE
+        assert statuses[200] >= PARALLEL + QUEUE
         await wait_until(lambda: drained(live.statistics), "drained")
