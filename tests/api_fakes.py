@@ -277,6 +277,12 @@ class PacedEngine:
     def drop_prefix(self, entry_id: int) -> None:
         self.inner.drop_prefix(entry_id)
 
+    def set_paused(self, seq_id: int, paused: bool) -> None:
+        self.inner.set_paused(seq_id, paused)
+
+    def abort_step(self) -> Any:
+        return self.inner.abort_step()
+
     def has_work(self) -> bool:
         return bool(self.inner.has_work())
 

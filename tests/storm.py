@@ -139,7 +139,9 @@ async def storm(live: Live, *, requests: int, seed: int, concurrency: int = 16) 
 
 async def exchange_get(live: Live, path: str) -> bytes:
     stream = await trio.open_tcp_stream(live.host, live.port)
-    await stream.send_all(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+    await stream.send_all(
+        f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode()
+    )
     received = await _receive(stream, None)
     await stream.aclose()
     return received

@@ -116,8 +116,9 @@ async def test_a_connection_close_client_gets_eof_and_its_socket_is_freed() -> N
         before = open_descriptors()
         for request in (
             b"GET /api/version HTTP/1.0\r\n\r\n",
-            b"GET /api/version HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
-            b"POST /completion HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+            b"GET /api/version HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
+            b"POST /completion HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+            b"Content-Type: application/json\r\n"
             b'Content-Length: 15\r\n\r\n{"prompt":"hi"}',
         ):
             stream = await trio.open_tcp_stream(host, port)
