@@ -18,13 +18,13 @@ from typing import Any, Generic, TypeVar
 import attrs
 
 from actors.messages import ChatMessage
+from api import schemas
 from api.schemas import (
     INT32_MAX,
     MAX_STOP_LENGTH,
     MAX_STOP_STRINGS,
     MAX_TOP_LOGPROBS,
     ROLES,
-    chat_messages,
     get_bool,
     get_float,
     get_int,
@@ -219,7 +219,8 @@ def messages(name: str = "messages", *, required: bool = False) -> Field[tuple[C
         schema["minItems"] = 1
     else:
         schema["type"] = ["array", "null"]
-    return Field(name, schema, lambda body, key: chat_messages(body, key), required)
+    # Looked up on the module at each call, as the schemas' own callers do (tests wrap it).
+    return Field(name, schema, lambda body, key: schemas.chat_messages(body, key), required)
 
 
 def tools(name: str = "tools") -> Field[tuple[Mapping[str, Any], ...] | None]:

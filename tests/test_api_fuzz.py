@@ -59,7 +59,7 @@ async def test_no_raw_bytes_produce_a_server_error(raw: bytes) -> None:
 
 
 class BrokenTokenizer(FakeRunner):
-    def tokenize(self, text: str) -> list[int]:
+    async def tokenize(self, text: str) -> list[int]:
         raise RuntimeError("a bug")
 
 
