@@ -57,6 +57,8 @@ def _run_job(
 
 def test_the_queue_is_bounded_and_a_withdrawn_request_frees_its_slot_at_once() -> None:
     policy = _policy(max_queue=2, parallel=1)
+    policy.enqueue(_req(9, [1]), "running")
+    assert [r.seq_id for r in _run_job(policy).admits] == [9]  # the one slot is taken
     policy.enqueue(_req(1, [1]), "a")
     policy.enqueue(_req(2, [1]), "b")
     with pytest.raises(QueueFull):
@@ -64,6 +66,20 @@ def test_the_queue_is_bounded_and_a_withdrawn_request_frees_its_slot_at_once() -
     assert policy.withdraw(2) == "b"
     policy.enqueue(_req(3, [1]), "c")  # the slot is free before any job ran
     assert policy.queued == 2
+
+
+def test_a_burst_into_an_idle_server_fills_the_free_slots_and_the_queue() -> None:
+    """Before the next job admits anything, the requests it will admit wait in the queue
+    too: they do not count against ``max_queue``."""
+    policy = _policy(max_queue=2, parallel=3)
+    for i in range(5):  # 3 free slots + 2 queue places
+        policy.enqueue(_req(i, [1]), str(i))
+    with pytest.raises(QueueFull):
+        policy.enqueue(_req(5, [1]), "5")
+    assert [r.seq_id for r in _run_job(policy).admits] == [0, 1, 2]
+    assert policy.queued == 2
+    with pytest.raises(QueueFull):  # now every slot runs: only the queue's places count
+        policy.enqueue(_req(6, [1]), "6")
 
 
 def test_admission_is_first_come_first_served_up_to_parallel() -> None:

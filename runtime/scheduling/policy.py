@@ -139,7 +139,10 @@ class SchedulerPolicy(Generic[P]):
                 f"the whole cache budget ({self.config.cache_bytes / 2**20:.0f} MiB); "
                 "ask for fewer tokens (num_predict / max_tokens) or raise --cache-gb"
             )
-        if len(self._queue) >= self.config.max_queue:
+        # Requests the next job will admit wait here too: a burst into an idle server may fill
+        # every free running slot and then ``max_queue`` more, and only the rest is refused.
+        free_slots = max(0, self.config.parallel - len(self._running))
+        if len(self._queue) >= self.config.max_queue + free_slots:
             raise QueueFull
         self._queue.append((request, payload))
 
