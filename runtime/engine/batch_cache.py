@@ -245,7 +245,9 @@ class BatchLayout:
                     mask=self.mask if self.mask is not None else self.length_mask(),
                 )
             if decode_only:
-                return merge_heads(out)  # [rows, 1, H * D]
+                # [rows, H, 1, D] -> [rows, 1, H * D]: the transpose in ``merge_heads`` moves
+                # an axis of size 1, so a reshape is the same order, and a view when contiguous.
+                return out.reshape(out.shape[0], 1, -1)
             outputs.append(out.transpose(2, 1, 0, 3))  # back to [1, H, rows, D]
         for q, row, stop in chunks:
             k = k_all[row : row + 1, :, :stop]
