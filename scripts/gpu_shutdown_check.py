@@ -65,8 +65,12 @@ class _Stream(threading.Thread):
         body = {"prompt": PROMPT, "options": {"num_predict": self.num_predict}}
         conn = http.client.HTTPConnection(HOST, self.port, timeout=EXIT_LIMIT_S)
         try:
-            conn.request("POST", "/completion", json.dumps(body))
+            headers = {"Content-Type": "application/json"}
+            conn.request("POST", "/completion", json.dumps(body), headers)
             response = conn.getresponse()
+            if response.status != 200:
+                self.outcome = f"refused ({response.status})"
+                return
             for line in response:
                 if not line.strip():
                     continue
