@@ -5,7 +5,8 @@ emits what the newest tokens added. Decoding a window rather than single tokens 
 decoder's context-dependent rules right: SentencePiece strips the space of the *first* token
 it decodes, and byte-level BPE may spell one character over several tokens. Text that ends in
 U+FFFD, or that no longer starts with what was already emitted, is held back until the
-character completes; ``finish`` flushes what is left. Seeding the window with the last prompt
+character completes; ``finish`` flushes what is left, except a character the generation
+ended in the middle of: that is dropped, as Ollama does, never sent as U+FFFD. Seeding the window with the last prompt
 tokens gives the first generated token its leading space.
 
 After each emission the window shrinks to the shortest tail of tokens that decodes cleanly
@@ -13,10 +14,12 @@ on its own, so each step decodes a handful of tokens whatever the length of the 
 run of tokens that never completes a character (a model emitting stray bytes) is released
 after ``MAX_HOLD`` tokens, so the window stays bounded then too.
 
-The concatenation of the pieces equals ``decode(all ids)`` for byte-level decoders (lossy
+The concatenation of the pieces equals ``decode(all ids)``, less that incomplete end, for byte-level decoders (lossy
 UTF-8 is local) and for SentencePiece byte fallback whenever each run of byte tokens is valid
 UTF-8, as ``encode`` produces. Byte fallback renders a run that turns invalid later as
 U+FFFD *from its start*; text already streamed from such a run cannot be taken back.
+Through ``decode`` a U+FFFD the model spelled in full cannot be told from an unfinished
+character, so one at the very end of a generation is dropped too.
 """
 
 from __future__ import annotations
@@ -72,7 +75,8 @@ class StreamingDetokenizer:
         return piece
 
     def finish(self) -> str:
-        """The text still held back (possibly an incomplete character), at the end."""
+        """The text still held back at the end, less the incomplete character it may end in
+        (the bytes of a character the generation stopped inside: never sent as U+FFFD)."""
         if not self._held:
             return ""
         text = self._decode(self._ids)
@@ -81,7 +85,7 @@ class StreamingDetokenizer:
         else:
             piece = self._decode(self._ids[len(self._ids) - self._held :])
         self._ids, self._prefix, self._held = [], "", 0
-        return piece
+        return piece.rstrip(REPLACEMENT)
 
     @property
     def window(self) -> int:
