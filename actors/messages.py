@@ -115,6 +115,9 @@ class GenerateRequest:
 
     ``prompt`` is raw text unless ``template`` is True (then it is wrapped as one user message
     with the model's chat template). ``messages`` always go through the chat template.
+    ``think`` reaches the template as ``enable_thinking`` (``None``: the template's default);
+    with ``separate_thinking`` a thinking model's ``<think>`` block goes to ``Chunk.thinking``
+    instead of the content (routes that have no field for it leave it in the content).
     """
 
     prompt: str | None = None
@@ -126,6 +129,8 @@ class GenerateRequest:
     options: GenerationOptions = attrs.field(factory=GenerationOptions)
     logprobs: bool = False
     top_logprobs: int = 0
+    think: bool | None = None
+    separate_thinking: bool = False
 
 
 # ---- responses ----
@@ -144,6 +149,7 @@ class Chunk:
     """One piece of a streamed generation. The last chunk has ``done=True`` and the totals."""
 
     content: str = ""
+    thinking: str = ""  # a thinking model's reasoning (``GenerateRequest.separate_thinking``)
     tokens: tuple[int, ...] = ()
     logprobs: tuple[Logprob, ...] = ()
     done: bool = False

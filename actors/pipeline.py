@@ -36,6 +36,7 @@ from actors.scheduler import Dropped, EngineFailed, Reply
 from runtime.engine.protocol import FinishReason, TokenEvent
 from runtime.errors import OptionsError, PromptError, PromptTooLongError
 from runtime.text.detokenizer import REPLACEMENT
+from runtime.text.thinking import ThinkingSplitter, prompt_opens_thinking, supports_thinking
 
 if TYPE_CHECKING:
     from runtime.text.tokenizer import Tokenizer
@@ -48,6 +49,8 @@ class Prepared:
     prompt: tuple[int, ...]
     max_tokens: int
     context_length: int
+    thinking: bool = False  # split the <think> block out of the content
+    opens_thinking: bool = False  # the prompt ends inside <think>: the reply starts in it
 
 
 DEFAULT_CONTEXT = 4096
@@ -81,6 +84,9 @@ def prepare(request: GenerateRequest, tokenizer: Tokenizer, model_context: int) 
     given = [x is not None for x in (request.prompt, request.messages, request.tokens)]
     if sum(given) != 1:
         raise OptionsError("give exactly one of prompt, messages or tokens")
+    thinking = opens_thinking = False
+    if request.think and not supports_thinking(tokenizer.chat_template):
+        raise OptionsError("this model does not support thinking")
     if request.tokens is not None:
         ids = list(request.tokens)
         if any(not 0 <= t < tokenizer.vocab_size for t in ids):
@@ -94,7 +100,14 @@ def prepare(request: GenerateRequest, tokenizer: Tokenizer, model_context: int) 
         if messages or request.messages is not None:
             if request.system is not None and not any(m["role"] == "system" for m in messages):
                 messages.insert(0, {"role": "system", "content": request.system})
-            text = tokenizer.apply_chat_template(messages, tools=request.tools)
+            think = {} if request.think is None else {"enable_thinking": request.think}
+            text = tokenizer.apply_chat_template(messages, tools=request.tools, **think)
+            thinking = (
+                request.separate_thinking
+                and request.think is not False
+                and supports_thinking(tokenizer.chat_template)
+            )
+            opens_thinking = thinking and prompt_opens_thinking(text)
         else:
             text = (request.system or "") + (request.prompt or "")
         check_text_fits(len(text), context, tokenizer)
@@ -108,7 +121,13 @@ def prepare(request: GenerateRequest, tokenizer: Tokenizer, model_context: int) 
     room = context - len(ids)
     wanted = options.num_predict
     max_tokens = room if wanted < 0 else min(wanted, room)
-    return Prepared(prompt=tuple(ids), max_tokens=max_tokens, context_length=context)
+    return Prepared(
+        prompt=tuple(ids),
+        max_tokens=max_tokens,
+        context_length=context,
+        thinking=thinking,
+        opens_thinking=opens_thinking,
+    )
 
 
 class StopMatcher:
@@ -206,6 +225,7 @@ async def _stream(
 ) -> None:
     detok = tokenizer.detokenizer(prepared.prompt[-4:])
     stops = StopMatcher(request.options.stop)
+    splitter = ThinkingSplitter(inside=prepared.opens_thinking) if prepared.thinking else None
     eos = tokenizer.eos_ids
     first_token_ns: int | None = None
     eval_count = 0
@@ -215,23 +235,35 @@ async def _stream(
     pending_ids: list[int] = []
     pending_lps: list[Logprob] = []
     pending_text: list[str] = []
+    pending_thinking: list[str] = []
     reported = 0  # leading tokens of ``pending_ids`` already reported taken
 
-    async def emit(text: str) -> None:
+    def split(text: str) -> tuple[str, str]:
+        """(thinking, content) of newly detokenized text; stop strings see only the content."""
+        if splitter is None:
+            return "", text
+        return splitter.feed(text)
+
+    async def emit(text: str, thought: str = "") -> None:
         """Send the text so far; while the reader lags and more events wait, hold it for one
         chunk with them (a chunk per token per stream costs the HTTP layer a socket write
         each: at 64 streams that capped throughput, bench/gpu_http.py)."""
         nonlocal pending_ids, pending_lps, reported
         if text:
             pending_text.append(text)
-        if not pending_text:
+        if thought:
+            pending_thinking.append(thought)
+        if not pending_text and not pending_thinking:
             # Held for a stop string or a partial character, not for the reader: not unread
             # (or a sequence could pause waiting for a reader that waits for it).
             on_taken(len(pending_ids) - reported)
             reported = len(pending_ids)
             return
         chunk = Chunk(
-            content="".join(pending_text), tokens=tuple(pending_ids), logprobs=tuple(pending_lps)
+            content="".join(pending_text),
+            thinking="".join(pending_thinking),
+            tokens=tuple(pending_ids),
+            logprobs=tuple(pending_lps),
         )
         try:
             chunks.send_nowait(chunk)
@@ -242,6 +274,7 @@ async def _stream(
         on_taken(len(chunk.tokens) - reported)
         reported = 0
         pending_text.clear()
+        pending_thinking.clear()
         pending_ids, pending_lps = [], []
 
     async for item in replies:
@@ -263,8 +296,9 @@ async def _stream(
         lp = _logprob(tokenizer, item)
         if lp is not None:
             pending_lps.append(lp)
-        text, hit_stop = stops.feed(detok.add(item.token))
-        await emit(text)
+        thought, text = split(detok.add(item.token))
+        text, hit_stop = stops.feed(text)
+        await emit(text, thought)
         if hit_stop:
             reason = DoneReason.STOP
             break
@@ -275,12 +309,17 @@ async def _stream(
         cut = Dropped("the generation was cancelled")  # its channel closed without a marker
     if cut is None and not hit_stop:
         # Text held for a stop string that never completed, or a last partial character.
-        text, hit_stop = stops.feed(detok.finish())
-        await emit(text if hit_stop else text + stops.flush())
+        thought, text = split(detok.finish())
+        if splitter is not None:
+            more_thought, more_text = splitter.finish()
+            thought, text = thought + more_thought, text + more_text
+        text, hit_stop = stops.feed(text)
+        await emit(text if hit_stop else text + stops.flush(), thought)
     now = time.monotonic_ns()
     first = first_token_ns or now
     final = Chunk(
         content="".join(pending_text),  # text held back for a lagging reader, if any
+        thinking="".join(pending_thinking),
         tokens=tuple(pending_ids),
         logprobs=tuple(pending_lps),
         done=True,
@@ -296,7 +335,7 @@ async def _stream(
         return
     # Cut short: the text so far goes out as usual (held stop-string prefixes excepted), then
     # an error that no reader can mistake for a finished generation.
-    if final.content or final.tokens:
+    if final.content or final.thinking or final.tokens:
         await chunks.send(attrs.evolve(final, done=False, done_reason=None))
     what = (
         f"the generation was cut short after {eval_count} tokens"
@@ -305,5 +344,5 @@ async def _stream(
     )
     message = f"{cut.reason}: {what}"
     await chunks.send(
-        GenerationCut(message, attrs.evolve(final, content="", tokens=(), logprobs=()))
+        GenerationCut(message, attrs.evolve(final, content="", thinking="", tokens=(), logprobs=()))
     )

@@ -89,12 +89,14 @@ class GenerationReader:
         tokens and logprobs, and the totals of the last chunk. A cut or failed generation
         raises (the route answers 503 or 500, never the partial text as a success)."""
         content: list[str] = []
+        thinking: list[str] = []
         tokens: list[int] = []
         logprobs: list[Logprob] = []
         last = Chunk(done=True)
         try:
             async for chunk in self:
                 content.append(chunk.content)
+                thinking.append(chunk.thinking)
                 tokens.extend(chunk.tokens)
                 logprobs.extend(chunk.logprobs)
                 last = chunk
@@ -103,6 +105,7 @@ class GenerationReader:
         return attrs.evolve(
             last,
             content="".join(content),
+            thinking="".join(thinking),
             tokens=tuple(tokens),
             logprobs=tuple(logprobs),
             done=True,

@@ -32,6 +32,7 @@ from api.native import STREAM, ndjson_line, ndjson_response, stats_json
 from api.openapi import GENERATION, JSON, LOADING, NDJSON, TEXT, UNKNOWN_MODEL, endpoint
 from api.replies import json_reply, whole_reply_size
 from api.schemas import generation_options, reject_format
+from runtime.text.thinking import supports_thinking
 
 # A cut generation never gets a done line: its stream ends with an error line instead.
 DONE_REASONS = {DoneReason.STOP: "stop", DoneReason.LENGTH: "length"}
@@ -72,7 +73,12 @@ def _digest(info: ModelInfo) -> str:
 
 # Accepted so that clients sending their defaults work; any other value is refused (400).
 FORMAT = fields.raw("format", {"enum": [None, ""]}, description="structured output: unsupported")
-THINK = fields.raw("think", {"enum": [None, False, ""]}, description="thinking: unsupported")
+THINK = fields.raw(
+    "think",
+    {"enum": [None, True, False, "", "low", "medium", "high"]},
+    description="thinking models: think first (true, or a level) or not (false); "
+    "null: the model's default. The thinking comes back apart from the content",
+)
 _EMPTY_STRING = {"type": ["string", "null"], "maxLength": 0}
 SUFFIX = fields.field("suffix", _EMPTY_STRING, fields.string("suffix").reader)
 TEMPLATE = fields.field("template", _EMPTY_STRING, fields.string("template").reader)
@@ -99,19 +105,33 @@ def _chat_parts(body: DeclaredBody) -> ChatParts:
 def _common(body: DeclaredBody) -> tuple[DeclaredBody, bool]:
     """Validate what /api/generate and /api/chat share; (options, stream)."""
     reject_format(body)
-    if THINK.read(body) not in (None, False, ""):
-        raise bad_request("this model does not support thinking")
     return OPTIONS.read(body), STREAM.read(body)
 
 
-# The route-specific part of each line: {"response": text} or {"message": {...}}.
-Render = Callable[[str], dict[str, Any]]
+def _think(ctx: ApiContext, body: DeclaredBody) -> bool | None:
+    """The request's ``think`` (a level counts as true); 400 when the model cannot think."""
+    think = THINK.read(body)
+    if think in (None, ""):
+        return None
+    if think is not False and not supports_thinking(ctx.model_info().chat_template):
+        raise bad_request("this model does not support thinking")
+    return think is not False
+
+
+# The route-specific part of each line: {"response": text} or {"message": {...}}, given the
+# content and the thinking.
+Render = Callable[[str, str], dict[str, Any]]
 
 
 def _line(
-    name: str, render: Render, content: str, chunk: Chunk, logprobs: list[dict[str, Any]] | None
+    name: str, render: Render, chunk: Chunk, logprobs: list[dict[str, Any]] | None
 ) -> dict[str, Any]:
-    out = {"model": name, "created_at": now_rfc3339(), **render(content), "done": chunk.done}
+    out = {
+        "model": name,
+        "created_at": now_rfc3339(),
+        **render(chunk.content, chunk.thinking),
+        "done": chunk.done,
+    }
     if logprobs is not None:
         out["logprobs"] = logprobs
     if chunk.done:
@@ -130,9 +150,9 @@ async def _respond(
         async def pieces() -> AsyncIterator[bytes]:
             try:
                 async for chunk in generation:
-                    if chunk.content or chunk.done or chunk.logprobs:
+                    if chunk.content or chunk.thinking or chunk.done or chunk.logprobs:
                         lps = _logprobs(chunk) if req.logprobs else None
-                        yield ndjson_line(_line(name, render, chunk.content, chunk, lps))
+                        yield ndjson_line(_line(name, render, chunk, lps))
             except GenerationError as exc:  # failed, or cut short: Ollama's error line
                 yield ndjson_line(stream_error_payload(exc, generation.request_id))
             finally:
@@ -144,7 +164,7 @@ async def _respond(
 
     def reply() -> dict[str, Any]:
         lps = _logprobs(whole) if req.logprobs else None
-        return _line(name, render, whole.content, whole, lps)
+        return _line(name, render, whole, lps)
 
     return await json_reply(reply, whole_reply_size(whole), ctx.client.cpu_limiter)
 
@@ -155,19 +175,23 @@ def _load_reply(name: str, render: Render) -> Response:
         {
             "model": name,
             "created_at": now_rfc3339(),
-            **render(""),
+            **render("", ""),
             "done": True,
             "done_reason": "load",
         }
     )
 
 
-def _response_text(content: str) -> dict[str, Any]:
-    return {"response": content}
+def _response_text(content: str, thinking: str) -> dict[str, Any]:
+    # Ollama leaves "thinking" out when there is none.
+    return {"response": content, **({"thinking": thinking} if thinking else {})}
 
 
-def _assistant_message(content: str) -> dict[str, Any]:
-    return {"message": {"role": "assistant", "content": content}}
+def _assistant_message(content: str, thinking: str) -> dict[str, Any]:
+    message = {"role": "assistant", "content": content}
+    if thinking:
+        message["thinking"] = thinking
+    return {"message": message}
 
 
 def blueprint(ctx: ApiContext) -> Blueprint:
@@ -183,6 +207,7 @@ def blueprint(ctx: ApiContext) -> Blueprint:
     async def generate(body: DeclaredBody) -> Response:
         name = ctx.resolve_model(MODEL.read(body))
         options, stream = _common(body)
+        think = _think(ctx, body)
         prompt = PROMPT.read(body) or ""
         system = SYSTEM.read(body)
         if SUFFIX.read(body):
@@ -202,6 +227,8 @@ def blueprint(ctx: ApiContext) -> Blueprint:
             options=generation_options(options),
             logprobs=LOGPROBS.read(body),
             top_logprobs=TOP_LOGPROBS.read(body),
+            think=think,
+            separate_thinking=True,
         )
         return await _respond(ctx, req, name, stream, _response_text)
 
@@ -216,6 +243,7 @@ def blueprint(ctx: ApiContext) -> Blueprint:
     async def chat(body: DeclaredBody, parts: ChatParts) -> Response:
         name = ctx.resolve_model(MODEL.read(body))
         options, stream = _common(body)
+        think = _think(ctx, body)
         messages, tools = parts
         if not messages:
             ctx.check_admitting()
@@ -226,6 +254,8 @@ def blueprint(ctx: ApiContext) -> Blueprint:
             options=generation_options(options),
             logprobs=LOGPROBS.read(body),
             top_logprobs=TOP_LOGPROBS.read(body),
+            think=think,
+            separate_thinking=True,
         )
         return await _respond(ctx, req, name, stream, _assistant_message)
 
@@ -266,7 +296,9 @@ def blueprint(ctx: ApiContext) -> Blueprint:
                     "general.parameter_count": info.parameters,
                     f"{arch}.context_length": info.context_length,
                 },
-                "capabilities": ["completion"] + (["tools"] if info.chat_template else []),
+                "capabilities": ["completion"]
+                + (["tools"] if info.chat_template else [])
+                + (["thinking"] if supports_thinking(info.chat_template) else []),
                 "modified_at": _rfc3339(info.modified_at),
             }
         )

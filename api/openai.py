@@ -229,7 +229,13 @@ class _Shape:
         return out
 
     def choice(
-        self, text: str, logprobs: list[Logprob], finish: str | None, *, delta: bool
+        self,
+        text: str,
+        logprobs: list[Logprob],
+        finish: str | None,
+        *,
+        delta: bool,
+        thinking: str = "",
     ) -> dict[str, Any]:
         body: dict[str, Any] = {"index": 0}
         if self.chat:
@@ -238,6 +244,8 @@ class _Shape:
                 body[key] = {"role": "assistant", "content": text}
             else:  # the role was named by the first delta of the stream
                 body[key] = {"content": text} if text else {}
+            if thinking:  # a thinking model's <think> block, as vLLM and DeepSeek name it
+                body[key]["reasoning_content"] = thinking
         else:
             body["text"] = text
         body["logprobs"] = self.logprobs_json(logprobs)
@@ -256,7 +264,13 @@ async def _respond(
     whole = await generation.collect()
 
     def reply() -> dict[str, Any]:
-        choice = shape.choice(whole.content, list(whole.logprobs), _finish(whole), delta=False)
+        choice = shape.choice(
+            whole.content,
+            list(whole.logprobs),
+            _finish(whole),
+            delta=False,
+            thinking=whole.thinking,
+        )
         return {**shape.envelope(shape.object, [choice]), "usage": _usage(whole)}
 
     return await json_reply(reply, whole_reply_size(whole), ctx.client.cpu_limiter)
@@ -272,8 +286,10 @@ async def _stream(
             first.update({"logprobs": None, "finish_reason": None})
             yield _sse({**shape.envelope(shape.chunk_object, [first]), **usage_field})
         async for chunk in generation:
-            if chunk.content or chunk.logprobs:
-                choice = shape.choice(chunk.content, list(chunk.logprobs), None, delta=True)
+            if chunk.content or chunk.thinking or chunk.logprobs:
+                choice = shape.choice(
+                    chunk.content, list(chunk.logprobs), None, delta=True, thinking=chunk.thinking
+                )
                 yield _sse({**shape.envelope(shape.chunk_object, [choice]), **usage_field})
             if chunk.done:
                 choice = shape.choice("", [], _finish(chunk), delta=True)
@@ -323,6 +339,7 @@ def blueprint(ctx: ApiContext) -> Blueprint:
             logprobs=logprobs,
             top_logprobs=top,
             options=_options(body, (MAX_COMPLETION_TOKENS, MAX_TOKENS)),
+            separate_thinking=True,
         )
         return await _respond(ctx, req, _Shape(chat=True, name=name, logprobs=logprobs), body)
 

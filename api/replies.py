@@ -37,7 +37,7 @@ def whole_reply_size(whole: Chunk) -> int:
     kilobyte (text encodes at C speed, the logprobs' dictionaries do not)."""
     logprobs = whole.logprobs
     per_token = 1 + len(logprobs[0].top) if logprobs else 0
-    return len(logprobs) * per_token + len(whole.content) // 1024
+    return len(logprobs) * per_token + (len(whole.content) + len(whole.thinking)) // 1024
 
 
 def _encode(make: Callable[[], dict[str, Any]]) -> bytes:
