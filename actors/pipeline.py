@@ -36,7 +36,12 @@ from actors.scheduler import Dropped, EngineFailed, Reply
 from runtime.engine.protocol import FinishReason, TokenEvent
 from runtime.errors import OptionsError, PromptError, PromptTooLongError
 from runtime.text.detokenizer import REPLACEMENT
-from runtime.text.thinking import ThinkingSplitter, prompt_opens_thinking, supports_thinking
+from runtime.text.thinking import (
+    ThinkingSplitter,
+    prompt_opens_thinking,
+    supports_thinking,
+    template_message,
+)
 
 if TYPE_CHECKING:
     from runtime.text.tokenizer import Tokenizer
@@ -94,7 +99,10 @@ def prepare(request: GenerateRequest, tokenizer: Tokenizer, model_context: int) 
     else:
         messages: list[dict[str, object]] = []
         if request.messages is not None:
-            messages = [{**m.extra, "role": m.role, "content": m.content} for m in request.messages]
+            messages = [
+                template_message({**m.extra, "role": m.role, "content": m.content})
+                for m in request.messages
+            ]
         elif request.template:
             messages = [{"role": "user", "content": request.prompt or ""}]
         if messages or request.messages is not None:

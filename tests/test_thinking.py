@@ -1,4 +1,5 @@
-"""Splitting a thinking model's ``<think>`` block from its content, cut anywhere."""
+"""Splitting a thinking model's ``<think>`` block from its content, cut anywhere; thinking in the
+chat history."""
 
 from __future__ import annotations
 
@@ -6,7 +7,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from actors.messages import ChatMessage, GenerateRequest
+from actors.pipeline import prepare
+from runtime.testing.tokenizers import tokenizer_config, train_tokenizer
 from runtime.text.thinking import ThinkingSplitter, prompt_opens_thinking, supports_thinking
+from runtime.text.tokenizer import Tokenizer
 
 CASES = [
     # (generated text, opened by the prompt, thinking, content)
@@ -63,3 +68,19 @@ def test_capability_and_open_prompt() -> None:
     assert not supports_thinking(None)
     assert prompt_opens_thinking("<|im_start|>assistant\n<think>\n")
     assert not prompt_opens_thinking("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+
+
+def test_an_earlier_replys_thinking_reaches_the_template_as_reasoning_content() -> None:
+    tok = Tokenizer.from_parts(
+        train_tokenizer(),
+        tokenizer_config(
+            chat_template="{% for m in messages %}[{{ m.reasoning_content }}]{% endfor %}"
+        ),
+    )
+    history = (
+        ChatMessage(role="user", content="hi"),
+        ChatMessage(role="assistant", content="Hello", extra={"thinking": "greet back"}),
+        ChatMessage(role="user", content="bye"),
+    )
+    prepared = prepare(GenerateRequest(messages=history), tok, 256)
+    assert tok.decode(list(prepared.prompt)) == "[][greet back][]"

@@ -22,6 +22,15 @@ def supports_thinking(template: str | None) -> bool:
     return template is not None and ("enable_thinking" in template or OPEN in template)
 
 
+def template_message(message: dict[str, object]) -> dict[str, object]:
+    """A chat message as thinking templates read it: Ollama's clients send an earlier reply's
+    reasoning back as ``thinking``, Qwen3's template reads ``reasoning_content``."""
+    thinking = message.get("thinking")
+    if isinstance(thinking, str) and "reasoning_content" not in message:
+        return {**message, "reasoning_content": thinking}
+    return message
+
+
 def prompt_opens_thinking(prompt: str) -> bool:
     """Whether the rendered prompt ends inside a ``<think>`` block the template opened."""
     return prompt.rstrip().endswith(OPEN)
