@@ -42,6 +42,7 @@ def model_loader(config: RunnerConfig) -> LoadFn:
             digest=loaded.digest,
             modified_at=loaded.modified_at,
             family=loaded.model_type,
+            embedding_length=int(loaded.model.args.hidden_size),
         )
         return Loaded(engine=engine, tokenizer=loaded.tokenizer, info=info)
 

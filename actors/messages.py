@@ -133,6 +133,25 @@ class GenerateRequest:
     separate_thinking: bool = False
 
 
+@attrs.frozen(kw_only=True)
+class EmbedRequest:
+    """Embeddings of ``inputs`` (texts, or token ids as given). ``truncate``: an input longer
+    than the context is cut to it (else refused); ``normalize``: unit L2 norm; ``dimensions``:
+    keep the first that many values (then normalised, when asked)."""
+
+    inputs: tuple[str | tuple[int, ...], ...]
+    truncate: bool = True
+    normalize: bool = True
+    dimensions: int | None = None
+
+
+@attrs.frozen(kw_only=True)
+class Embeddings:
+    vectors: list[list[float]]
+    prompt_tokens: int
+    total_duration: int  # ns, from admission
+
+
 # ---- responses ----
 
 
@@ -253,6 +272,7 @@ class ModelInfo:
     digest: str
     modified_at: float  # unix time
     family: str = ""
+    embedding_length: int = 0  # the size of the model's hidden states (its embeddings)
 
 
 class RunnerClient(Protocol):
@@ -279,6 +299,15 @@ class RunnerClient(Protocol):
     async def detokenize(self, tokens: list[int]) -> str:
         """On a worker thread. Raises ``UnavailableError`` while loading, ``OptionsError``
         for unknown ids."""
+
+    async def embed(self, request: EmbedRequest) -> Embeddings:
+        """The embeddings of ``request``'s inputs, computed by the loaded model.
+
+        Errors: ``PromptError``/``OptionsError`` (400: an input too long without truncation,
+        too many inputs, a bad token id or dimension), ``PromptTooLongError`` (413: too many
+        tokens in all), ``QueueFullError`` (429), ``UnavailableError`` and
+        ``OverloadedError`` (503), ``GenerationError`` (500: the engine failed).
+        """
 
     async def submit(self, request: GenerateRequest) -> Generation:
         """Admit ``request``; return the handle of its generation (see ``Generation``).

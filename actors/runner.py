@@ -23,9 +23,12 @@ import attrs
 import trio
 
 from actors import pipeline
+from actors.embedding import prepare_inputs
 from actors.messages import (
     Chunk,
     DoneReason,
+    Embeddings,
+    EmbedRequest,
     GenerateRequest,
     Generation,
     GenerationItem,
@@ -168,6 +171,40 @@ class Runner:
         ready = self._require()
         return await trio.to_thread.run_sync(
             ready.tokenizer.decode, tokens, limiter=self.cpu_limiter
+        )
+
+    async def embed(self, request: EmbedRequest) -> Embeddings:
+        """Tokenize ``request``'s inputs on a worker thread, then have the scheduler compute
+        them between generation steps. See ``RunnerClient.embed`` for the errors."""
+        ready = self._require()
+        if self._open + self._preparing >= self.max_open:
+            raise OverloadedError(f"too many generations are open ({self.max_open})")
+        self._preparing += 1  # counted as open work until its vectors are back
+        try:
+            inputs = await trio.to_thread.run_sync(
+                prepare_inputs,
+                request,
+                ready.tokenizer,
+                ready.info.context_length,
+                ready.info.embedding_length,
+                limiter=self.cpu_limiter,
+            )
+            ready = self._require()
+            submitted = time.monotonic_ns()
+            try:
+                vectors = await ready.scheduler.embed(
+                    inputs, normalize=request.normalize, dimensions=request.dimensions
+                )
+            except trio.WouldBlock:
+                raise QueueFullError(
+                    f"the embedding queue is full ({ready.scheduler.config.max_queue} waiting)"
+                ) from None
+        finally:
+            self._preparing -= 1
+        return Embeddings(
+            vectors=vectors,
+            prompt_tokens=sum(len(t) for t in inputs),
+            total_duration=time.monotonic_ns() - submitted,
         )
 
     async def submit(self, request: GenerateRequest) -> Generation:

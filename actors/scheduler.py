@@ -23,6 +23,10 @@ out, after which the prefix cache is emptied too), and the others go on; an admi
 engine fails only fails that request. A fault that keeps repeating
 (``runtime.scheduling.faults.FaultRule``) is logged in one line and raised as
 ``EngineFaultError``, which takes the tree down.
+
+Embeddings (``embed``) queue apart from generations (``runtime.scheduling.embeddings``): each
+engine job computes at most one chunk of them before its steps, and while more chunks wait a
+job runs one step only, so generations and embeddings interleave, a step and a chunk at a time.
 """
 
 from __future__ import annotations
@@ -37,9 +41,10 @@ from typing import TYPE_CHECKING
 import attrs
 import trio
 
-from actors.messages import EngineFaultError, GenerationError, OutOfMemoryError
+from actors.messages import EngineFaultError, GenerationError, OutOfMemoryError, UnavailableError
 from runtime.engine.protocol import EngineStats, SequenceRequest, StepAbort, TokenEvent
 from runtime.errors import RuntimeInputError
+from runtime.scheduling.embeddings import EmbedChunk, EmbeddingQueue, EmbeddingQueueFull
 from runtime.scheduling.faults import FaultRule, FaultTracker, is_out_of_memory
 from runtime.scheduling.policy import Job, PolicyConfig, QueueFull, SchedulerPolicy
 
@@ -129,6 +134,29 @@ class Counters:
     engine_faults: int = 0  # failed steps and failed admissions (not input errors)
 
 
+@attrs.define(eq=False)
+class EmbeddingWork:
+    """One embedding request: its token inputs and, once done, a vector per input."""
+
+    inputs: tuple[tuple[int, ...], ...]
+    normalize: bool
+    dimensions: int | None
+    vectors: list[list[float]] = attrs.field(init=False)
+    done: trio.Event = attrs.field(init=False, factory=trio.Event)
+    error: BaseException | None = None
+
+    def __attrs_post_init__(self) -> None:
+        self.vectors = [[] for _ in self.inputs]
+
+    def fail(self, error: BaseException) -> None:
+        if not self.done.is_set():
+            self.error = error
+            self.done.set()
+
+
+Embedded = list[list[float]] | Exception | None
+
+
 @attrs.frozen
 class _StepFailure:
     error: Exception
@@ -144,6 +172,7 @@ class _Outcome:
     busy: bool  # the engine has more to compute
     steps: int  # steps that succeeded (the events of all but the last were delivered)
     failure: _StepFailure | None  # the step that ended the job by raising
+    embedded: Embedded = None  # the embedding chunk's vectors, or why it failed
 
 
 class Scheduler:
@@ -172,6 +201,8 @@ class Scheduler:
         self.counters = Counters()
         self.steps = 0
         self._faults = FaultTracker(config.faults)
+        self._embeddings = EmbeddingQueue[EmbeddingWork](max_requests=config.max_queue)
+        self._embedding: EmbeddingWork | None = None  # the one whose chunk the engine runs
 
     # ---- used by pipelines (all non-blocking) ----
 
@@ -194,6 +225,44 @@ class Scheduler:
         self.counters.requests += 1
         self._wake()
 
+    async def embed(
+        self,
+        inputs: tuple[tuple[int, ...], ...],
+        *,
+        normalize: bool,
+        dimensions: int | None = None,
+    ) -> list[list[float]]:
+        """One vector per input, computed on the engine thread between generation steps.
+
+        ``trio.WouldBlock`` when ``max_queue`` embedding requests wait already; the engine's
+        input errors as they are; other failures as ``GenerationError``; ``UnavailableError``
+        when the server stops first. A caller cancelled leaves at once (its chunks waiting
+        are dropped).
+        """
+        work = EmbeddingWork(inputs=inputs, normalize=normalize, dimensions=dimensions)
+        try:
+            self._embeddings.push(work, [len(t) for t in inputs])
+        except EmbeddingQueueFull:
+            raise trio.WouldBlock from None
+        self._wake()
+        try:
+            await work.done.wait()
+        finally:
+            self._embeddings.withdraw(work)
+        if work.error is not None:
+            raise work.error
+        return work.vectors
+
+    @property
+    def queued_embeddings(self) -> int:
+        return len(self._embeddings)
+
+    def _fail_embeddings(self, error: BaseException) -> None:
+        for work in self._embeddings.withdraw_all():
+            work.fail(error)
+        if self._embedding is not None:
+            self._embedding.fail(error)
+
     def cancel(self, seq_id: int) -> None:
         """The requester left: free its queue slot now, or drop its sequence before the next
         step."""
@@ -215,6 +284,7 @@ class Scheduler:
         """Admit nothing more: every queued request ends now, never admitted."""
         for sub in self._policy.withdraw_queued():
             self._end(sub, Dropped(reason, admitted=False))
+        self._fail_embeddings(UnavailableError(reason, state="shutting_down"))
 
     def cancel_all(self, reason: str) -> None:
         """End every queued and running sequence now (their requesters get ``Dropped``)."""
@@ -274,6 +344,7 @@ class Scheduler:
             failure = exc if isinstance(exc, Exception) else RuntimeError("scheduler stopped")
             for sub in self._policy.withdraw_all():
                 self._end(sub, EngineFailed(failure))
+            self._fail_embeddings(GenerationError("the server failed: internal error"))
             raise
 
     async def _remove_withdrawn(self) -> None:
@@ -298,13 +369,20 @@ class Scheduler:
             job = self._policy.next_job(trio.current_time())
             for request in job.admits:
                 self.counters.prompt_tokens += len(request.prompt)
-            if not job and not busy:
+            chunk = self._embeddings.pop()
+            if not job and not busy and chunk is None:
                 self._wakeup = trio.Event()
                 deadline = self._policy.next_deadline()
                 with trio.move_on_at(math.inf if deadline is None else deadline):
                     await self._wakeup.wait()
                 continue
-            outcome = await self._thread.run(self._job, job, token, interrupt=self._interrupt)
+            self._embedding = chunk.key if chunk is not None else None
+            # While embedding chunks wait, a job runs one step: they interleave.
+            limit = 1 if len(self._embeddings) else STEPS_PER_JOB
+            outcome = await self._thread.run(
+                self._job, job, token, chunk, limit, interrupt=self._interrupt
+            )
+            self._embedding = None
             self.steps += 1
             self.engine_stats, busy = outcome.stats, outcome.busy
             rejected = {seq_id: error for seq_id, error in outcome.rejected}
@@ -318,14 +396,23 @@ class Scheduler:
             self._job_done.set()
             self._job_done = trio.Event()
             self._route(outcome.events)
+            if chunk is not None:
+                self._embedded(chunk, outcome.embedded)
             self._judge(outcome)
             await trio.lowlevel.checkpoint()
 
-    def _job(self, job: Job, token: trio.lowlevel.TrioToken) -> _Outcome:
-        """One engine-thread job: leave (saving prefixes), drop entries, join, pause, then step.
+    def _job(
+        self,
+        job: Job,
+        token: trio.lowlevel.TrioToken,
+        chunk: EmbedChunk[EmbeddingWork] | None,
+        limit: int,
+    ) -> _Outcome:
+        """One engine-thread job: leave (saving prefixes), drop entries, join, pause, compute
+        an embedding chunk, then step.
 
         While nothing asks for a new job (a submission, a departure, a finish: ``_interrupt``)
-        it keeps stepping, up to ``STEPS_PER_JOB``, and posts each step's events to the loop
+        it keeps stepping, up to ``limit`` steps, and posts each step's events to the loop
         without waiting for it: a round trip through the loop per step left the device idle
         while the loop wrote 64 streams' responses (py-spy, GPU, 64 streams). A departure
         still takes effect after at most one more step.
@@ -344,12 +431,23 @@ class Scheduler:
                 engine.add(request)
             except Exception as exc:  # e.g. PromptError: this request fails, no other
                 rejected.append((request.seq_id, exc))
+        embedded: Embedded = None
+        if chunk is not None:
+            work = chunk.key
+            try:
+                embedded = engine.embed(
+                    [work.inputs[i] for i in chunk.indices],
+                    normalize=work.normalize,
+                    dimensions=work.dimensions,
+                )
+            except Exception as exc:  # this request fails (``_embedded``), no other
+                embedded = exc
         events: list[TokenEvent] = []
         steps = 0
         failure = None
         try:
             while engine.has_work() and (
-                steps == 0 or (steps < STEPS_PER_JOB and not self._interrupt.is_set())
+                steps == 0 or (steps < limit and not self._interrupt.is_set())
             ):
                 if steps:
                     stats = engine.statistics()
@@ -367,7 +465,29 @@ class Scheduler:
             busy=engine.has_work(),
             steps=steps,
             failure=failure,
+            embedded=embedded,
         )
+
+    def _embedded(self, chunk: EmbedChunk[EmbeddingWork], result: Embedded) -> None:
+        """Hand a chunk's vectors to its request (done after its last chunk), or its error."""
+        work = chunk.key
+        if isinstance(result, Exception):
+            self._embeddings.withdraw(work)
+            if isinstance(result, ValueError | RuntimeInputError):
+                work.fail(result)
+                return
+            log.error("the engine failed to compute embeddings", exc_info=result)
+            if is_out_of_memory(result):
+                self._policy.evict_all()
+                work.fail(OutOfMemoryError("embedding failed: the server ran out of memory"))
+            else:
+                work.fail(GenerationError("embedding failed: internal error"))
+            self._count_fault(result)
+            return
+        for i, vector in zip(chunk.indices, result or (), strict=True):
+            work.vectors[i] = vector
+        if chunk.last and not work.done.is_set():
+            work.done.set()
 
     def _judge(self, outcome: _Outcome) -> None:
         """Hold a job's faults against ``FaultRule``, in the order they happened: admissions,

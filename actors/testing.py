@@ -9,6 +9,7 @@ is ready; its ``HarnessClient`` submits requests as the HTTP layer does.
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -28,6 +29,7 @@ from runtime.engine.protocol import (
     StepAbort,
     TokenEvent,
 )
+from runtime.errors import PromptTooLongError
 
 Script = Callable[[SequenceRequest], Sequence[int]]
 
@@ -79,6 +81,7 @@ class ScriptedEngine:
         self.steps = 0
         self.gate: threading.Event | None = None  # when set, each step waits for it
         self.closed = False
+        self.embedded: list[tuple[tuple[tuple[int, ...], ...], int]] = []
 
     @property
     def context_length(self) -> int:
@@ -133,6 +136,28 @@ class ScriptedEngine:
                 for s in self.seqs.values()
             ),
         )
+
+    def embed(
+        self,
+        inputs: Sequence[Sequence[int]],
+        *,
+        normalize: bool,
+        dimensions: int | None = None,
+    ) -> list[list[float]]:
+        """Scripted vectors: ``[len, sum, first]`` of each input (normalised if asked);
+        ``embedded`` records each call's inputs and the steps run before it."""
+        self._record()
+        self.embedded.append((tuple(tuple(t) for t in inputs), self.steps))
+        out = []
+        for tokens in inputs:
+            if len(tokens) > self._context:
+                raise PromptTooLongError("input longer than the context")
+            vector = [float(len(tokens)), float(sum(tokens)), float(tokens[0])][:dimensions]
+            if normalize:
+                norm = math.sqrt(sum(x * x for x in vector)) or 1.0
+                vector = [x / norm for x in vector]
+            out.append(vector)
+        return out
 
     def step(self) -> list[TokenEvent]:
         self._record()
@@ -191,6 +216,7 @@ def fake_info(name: str = "fake", context_length: int = 256) -> ModelInfo:
         digest="sha256:" + "0" * 64,
         modified_at=0.0,
         family="llama",
+        embedding_length=3,  # ScriptedEngine.embed's vectors
     )
 
 

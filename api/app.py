@@ -1,6 +1,7 @@
 """The quart-trio application and the hypercorn server that runs it in the actor tree.
 
-``create_app`` wires the three route families (native, Ollama, OpenAI), ``/metrics``,
+``create_app`` wires the three route families (native, Ollama, OpenAI) and the embedding
+routes (``api/embeddings.py``), ``/metrics``,
 ``/openapi.json`` (built from the routes' declarations, ``api/openapi.py``), the request guard
 and the error mapping around one ``RunnerClient``. The app starts no tasks of
 its own: a generation's work runs in the tree, and a route only reads its handle.
@@ -30,7 +31,7 @@ from quart import Response, g, jsonify, request
 from quart_trio import QuartTrio
 
 from actors.messages import RunnerClient
-from api import errors, native, ollama, openai
+from api import embeddings, errors, native, ollama, openai
 from api.connection import HTTPConnection
 from api.context import ApiConfig, ApiContext
 from api.guard import bearer_token_matches, body_refusal, method_label
@@ -56,6 +57,7 @@ def create_app(client: RunnerClient, config: ApiConfig) -> QuartTrio:
     app.register_blueprint(native.blueprint(ctx))
     app.register_blueprint(ollama.blueprint(ctx))
     app.register_blueprint(openai.blueprint(ctx))
+    app.register_blueprint(embeddings.blueprint(ctx))
 
     @app.get("/metrics")
     @endpoint("Prometheus metrics", media=(TEXT,))

@@ -21,6 +21,8 @@ import trio
 from actors.messages import (
     Chunk,
     DoneReason,
+    Embeddings,
+    EmbedRequest,
     GenerateRequest,
     Generation,
     GenerationCut,
@@ -112,6 +114,12 @@ class FakeRunner:
         if any(t < 0 for t in tokens):
             raise OptionsError("token ids must be >= 0")
         return " ".join(f"<{t}>" for t in tokens)
+
+    async def embed(self, request: EmbedRequest) -> Embeddings:
+        self._ready()
+        await trio.lowlevel.checkpoint()
+        vectors = [[float(len(item)), 1.0] for item in request.inputs]
+        return Embeddings(vectors=vectors, prompt_tokens=len(vectors), total_duration=1)
 
     async def submit(self, request: GenerateRequest) -> Generation:
         self._ready()
@@ -294,6 +302,9 @@ class PacedEngine:
 
     def statistics(self) -> Any:
         return self.inner.statistics()
+
+    def embed(self, inputs: Any, *, normalize: bool, dimensions: int | None = None) -> Any:
+        return self.inner.embed(inputs, normalize=normalize, dimensions=dimensions)
 
     def close(self) -> None:
         self.inner.close()

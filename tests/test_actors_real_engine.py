@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import io
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -60,6 +60,12 @@ class RecordingEngine:
 
     def set_paused(self, seq_id: int, paused: bool) -> None:
         self.inner.set_paused(seq_id, paused)
+
+    def embed(
+        self, inputs: Sequence[Sequence[int]], *, normalize: bool, dimensions: int | None = None
+    ) -> list[list[float]]:
+        self.threads.add(threading.get_ident())
+        return self.inner.embed(inputs, normalize=normalize, dimensions=dimensions)
 
     def close(self) -> None:
         self.threads.add(threading.get_ident())

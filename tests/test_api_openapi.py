@@ -33,6 +33,9 @@ BASE_BODIES: dict[str, dict[str, Any]] = {
     # top_logprobs needs logprobs
     "/v1/chat/completions": {"messages": [{"role": "user", "content": "hi"}], "logprobs": True},
     "/v1/completions": {"prompt": "hi"},
+    "/api/embed": {"input": "hi"},
+    "/api/embeddings": {"prompt": "hi"},
+    "/v1/embeddings": {"model": "fake", "input": "hi"},
 }
 
 
@@ -143,6 +146,7 @@ async def test_every_documented_bound_is_the_bound_the_route_enforces(
     assert len(bounds) > 20
     assert {path for path, *_ in bounds} == set(BASE_BODIES) - {
         "/api/show",
+        "/api/embeddings",
         "/tokenize",
         "/detokenize",
     }

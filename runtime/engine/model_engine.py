@@ -30,6 +30,7 @@ import mlx.core as mx
 
 from runtime.engine.batch_cache import STEP, BatchKVCache, BatchLayout, PrefillChunk, round_up
 from runtime.engine.batch_sampler import BatchSampler, batch_logprobs
+from runtime.engine.embedding import embed_tokens
 from runtime.engine.protocol import (
     EngineStats,
     FinishReason,
@@ -221,6 +222,30 @@ class ModelEngine:
             prefix_bytes=prefix_bytes,
             capacity_rows=len(self._rows),
             capacity_positions=self._positions,
+        )
+
+    # ---- embeddings ----
+
+    def embed(
+        self,
+        inputs: Sequence[Sequence[int]],
+        *,
+        normalize: bool,
+        dimensions: int | None = None,
+    ) -> list[list[float]]:
+        """``Engine.embed``: one packed forward of its own; the batch cache is not touched."""
+        for tokens in inputs:
+            if len(tokens) > self._context:
+                raise PromptTooLongError(
+                    f"input length ({len(tokens)} tokens) exceeds the context length "
+                    f"({self._context} tokens)"
+                )
+        return embed_tokens(
+            self.model,
+            inputs,
+            vocab_size=self._vocab,
+            normalize=normalize,
+            dimensions=dimensions,
         )
 
     # ---- the step ----

@@ -2,7 +2,8 @@
 
 An ``Engine`` is driven from one thread only (the engine thread); it is synchronous and knows
 nothing of Trio. The scheduler adds sequences, calls ``step`` in a loop and removes sequences
-that finished or whose requester is gone, and pauses sequences whose reader lags. One ``step`` advances every active sequence together:
+that finished or whose requester is gone, and pauses sequences whose reader lags; between
+steps it may also run a chunk of embeddings (``embed``). One ``step`` advances every active sequence together:
 a prefill chunk for sequences still reading their prompt (bounded by a per-step token budget),
 one decode token for the others. Sequences join and leave between steps. An engine may pipeline:
 the events a step returns can belong to the forward pass dispatched by the step before. When
@@ -16,6 +17,7 @@ scripted fake with the same behaviour for actor tests.
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from typing import Protocol
 
 import attrs
@@ -131,6 +133,17 @@ class Engine(Protocol):
         any pipelined work. What the step did not touch stays usable unless it may depend on
         what failed (a failed evaluation can spoil every array it reached): then it is
         dropped too. Returns every sequence and prefix entry dropped."""
+
+    def embed(
+        self,
+        inputs: Sequence[Sequence[int]],
+        *,
+        normalize: bool,
+        dimensions: int | None = None,
+    ) -> list[list[float]]:
+        """One pooled float32 vector per input (``runtime.engine.embedding``), computed apart
+        from the sequences: their cache rows and the prefix cache are not touched. Raises
+        ``PromptError`` for an input the model cannot take."""
 
     def statistics(self) -> EngineStats: ...
 

@@ -11,7 +11,7 @@ inside the step instead, in the model's forward pass, for engine-level tests.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from runtime.engine.protocol import Engine, EngineStats, SequenceRequest, StepAbort, TokenEvent
@@ -106,6 +106,11 @@ class FaultInjectingEngine:
 
     def statistics(self) -> EngineStats:
         return self.inner.statistics()
+
+    def embed(
+        self, inputs: Sequence[Sequence[int]], *, normalize: bool, dimensions: int | None = None
+    ) -> list[list[float]]:
+        return self.inner.embed(inputs, normalize=normalize, dimensions=dimensions)
 
     def close(self) -> None:
         self.inner.close()
