@@ -6,7 +6,7 @@ from __future__ import annotations
 import base64
 import math
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,7 @@ def expected(loaded: LoadedModel, text: str, *, normalize: bool = True) -> list[
     return embed_tokens(loaded.model, [tokens], vocab_size=vocab, normalize=normalize)[0]
 
 
-def norm(vector: list[float]) -> float:
+def norm(vector: Sequence[float]) -> float:
     return math.sqrt(sum(x * x for x in vector))
 
 
