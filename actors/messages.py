@@ -107,6 +107,8 @@ class GenerationOptions:
     num_predict: int = -1  # -1: until EOS or the context is full
     stop: tuple[str, ...] = ()
     num_ctx: int | None = None  # None: the model's context length
+    # OpenAI's logit_bias: (token id, value) pairs added to the raw logits of every step.
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
 
 @attrs.frozen(kw_only=True)

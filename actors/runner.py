@@ -209,6 +209,7 @@ class Runner:
                 max_tokens=prepared.max_tokens,
                 logprobs=request.logprobs or request.top_logprobs > 0,
                 top_logprobs=request.top_logprobs,
+                logit_bias=request.options.logit_bias,
             ),
             reply=reply_send,
         )

@@ -17,6 +17,7 @@ import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
+import attrs
 from quart import Blueprint, Response, jsonify
 
 from actors.messages import (
@@ -34,6 +35,7 @@ from api.context import ApiContext
 from api.errors import bad_request, openai_stream_error
 from api.fields import LOGPROBS, MODEL, TOOLS, TOP_LOGPROBS, DeclaredBody, Field
 from api.generation import GenerationReader, StreamBody, open_generation
+from api.openai_features import BEST_OF, ECHO, LOGIT_BIAS, SUFFIX, check_unsupported, echo_text
 from api.openapi import GENERATION, JSON, LOADING, SSE, UNKNOWN_MODEL, endpoint
 from api.replies import json_reply, whole_reply_size
 from api.schemas import INT32_MAX, generation_options, get_bool, get_token_ids
@@ -84,6 +86,7 @@ _SHARED: tuple[Field[Any], ...] = (
     STREAM,
     STREAM_OPTIONS,
     MAX_TOKENS,
+    LOGIT_BIAS,
 )
 MESSAGES = fields.messages(required=True)
 CHAT = fields.body(MESSAGES, TOOLS, LOGPROBS, TOP_LOGPROBS, MAX_COMPLETION_TOKENS, *_SHARED)
@@ -123,12 +126,8 @@ PROMPT = fields.field(
     _completion_prompt,
     required=True,
 )
-ECHO = fields.field("echo", {"enum": [False, None]}, fields.boolean("echo", False).reader)
-SUFFIX = fields.field(
-    "suffix", {"type": ["string", "null"], "maxLength": 0}, fields.string("suffix").reader
-)
 TEXT_LOGPROBS = fields.integer("logprobs", lo=0, hi=5, description="how many top logprobs")
-COMPLETIONS = fields.body(PROMPT, ECHO, SUFFIX, TEXT_LOGPROBS, *_SHARED)
+COMPLETIONS = fields.body(PROMPT, ECHO, SUFFIX, BEST_OF, TEXT_LOGPROBS, *_SHARED)
 
 
 def _options(body: DeclaredBody, max_tokens: tuple[Field[int | None], ...]) -> GenerationOptions:
@@ -152,7 +151,8 @@ def _options(body: DeclaredBody, max_tokens: tuple[Field[int | None], ...]) -> G
     fmt = RESPONSE_FORMAT.read(body).get("type")
     if fmt not in (None, "text"):
         raise bad_request("'response_format' other than text is not supported by this server")
-    return generation_options(options, num_predict=num_predict, stop=STOP.read(body))
+    generation = generation_options(options, num_predict=num_predict, stop=STOP.read(body))
+    return attrs.evolve(generation, logit_bias=LOGIT_BIAS.read(body))
 
 
 def _usage(chunk: Chunk) -> dict[str, int]:
@@ -199,7 +199,7 @@ def _text_logprobs(logprobs: list[Logprob], offset: int) -> dict[str, Any]:
 class _Shape:
     """How one endpoint renders choices: chat (message/delta) or text completion."""
 
-    def __init__(self, *, chat: bool, name: str, logprobs: bool) -> None:
+    def __init__(self, *, chat: bool, name: str, logprobs: bool, echo: str = "") -> None:
         self.chat = chat
         self.object = "chat.completion" if chat else "text_completion"
         self.chunk_object = "chat.completion.chunk" if chat else "text_completion"
@@ -208,6 +208,7 @@ class _Shape:
         self.name = name
         self.logprobs = logprobs
         self.text_offset = 0
+        self.echo = echo  # completions' echo: put before the first text rendered
 
     def envelope(self, object_name: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
         return {
@@ -247,7 +248,7 @@ class _Shape:
             if thinking:  # a thinking model's <think> block, as vLLM and DeepSeek name it
                 body[key]["reasoning_content"] = thinking
         else:
-            body["text"] = text
+            body["text"], self.echo = self.echo + text, ""
         body["logprobs"] = self.logprobs_json(logprobs)
         body["finish_reason"] = finish
         return body
@@ -354,11 +355,9 @@ def blueprint(ctx: ApiContext) -> Blueprint:
     async def completions(body: DeclaredBody, prompt_or_tokens: Prompt) -> Response:
         name = ctx.resolve_model(MODEL.read(body))
         prompt, tokens = prompt_or_tokens
-        if ECHO.read(body):
-            raise bad_request("'echo' is not supported by this server")
-        if SUFFIX.read(body):
-            raise bad_request("'suffix' is not supported by this server")
+        check_unsupported(body, 1)
         top = TEXT_LOGPROBS.read(body)
+        echo = echo_text(body, prompt, top is not None)
         req = GenerateRequest(
             prompt=prompt,
             tokens=tokens,
@@ -367,7 +366,7 @@ def blueprint(ctx: ApiContext) -> Blueprint:
             options=_options(body, (MAX_TOKENS,)),
         )
         return await _respond(
-            ctx, req, _Shape(chat=False, name=name, logprobs=top is not None), body
+            ctx, req, _Shape(chat=False, name=name, logprobs=top is not None, echo=echo), body
         )
 
     def model_object(name: str) -> dict[str, Any]:

@@ -11,7 +11,7 @@ import pytest
 from runtime.engine.model_engine import ModelEngine
 from runtime.engine.options import SamplingOptions
 from runtime.engine.protocol import FinishReason, PrefixReuse, SequenceRequest, TokenEvent
-from runtime.errors import PromptError
+from runtime.errors import OptionsError, PromptError
 from runtime.models.loader import LoadedModel, load_model
 from runtime.testing.models import make_tiny_folder
 
@@ -301,3 +301,43 @@ def test_warm_up_runs_every_kind_of_step_and_leaves_the_engine_empty(
     # and the engine still serves afterwards
     engine.add(_request(0, PROMPTS[0], max_tokens=4))
     assert _tokens(_run(engine)[0]) == _reference_greedy(loaded, PROMPTS[0], 4)
+
+
+@pytest.mark.parametrize("sampling", [GREEDY, SEEDED])
+def test_logit_bias_forces_and_bans_tokens_batched_as_solo(
+    loaded: LoadedModel, sampling: SamplingOptions
+) -> None:
+    engine = ModelEngine(loaded)
+    engine.add(_request(0, PROMPTS[0], sampling=sampling, max_tokens=6))
+    plain = _tokens(_run(engine)[0])
+    banned = tuple((t, -100.0) for t in set(plain))
+    forced = ((42, 100.0),)
+    solo = []
+    for i, bias in enumerate((banned, forced)):
+        engine = ModelEngine(loaded)
+        engine.add(_request(i, PROMPTS[i], sampling=sampling, max_tokens=6, logit_bias=bias))
+        solo.append(_tokens(_run(engine)[i]))
+    assert not set(solo[0]) & set(plain)
+    assert solo[1] == [42] * 6
+    # Batched beside an unbiased row, each row gets its own bias only.
+    engine = ModelEngine(loaded)
+    engine.add(_request(0, PROMPTS[0], sampling=sampling, max_tokens=6, logit_bias=banned))
+    engine.add(_request(1, PROMPTS[1], sampling=sampling, max_tokens=6, logit_bias=forced))
+    engine.add(_request(2, PROMPTS[0], sampling=sampling, max_tokens=6))
+    out = _run(engine)
+    assert [_tokens(out[i]) for i in range(3)] == [*solo, plain]
+
+
+def test_logprobs_are_those_of_the_biased_logits(loaded: LoadedModel) -> None:
+    engine = ModelEngine(loaded)
+    engine.add(_request(0, PROMPTS[0], max_tokens=2, logprobs=True, logit_bias=((42, 100.0),)))
+    events = [e for e in _run(engine)[0] if e.token is not None]
+    assert [e.token for e in events] == [42, 42]
+    assert all(e.logprob is not None and e.logprob.logprob > -1e-3 for e in events)
+
+
+def test_logit_bias_ids_outside_the_vocabulary_are_refused(loaded: LoadedModel) -> None:
+    engine = ModelEngine(loaded)
+    with pytest.raises(OptionsError, match="logit_bias"):
+        engine.add(_request(0, PROMPTS[0], logit_bias=((10**6, 1.0),)))
+    assert not engine.has_work()

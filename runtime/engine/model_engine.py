@@ -38,7 +38,7 @@ from runtime.engine.protocol import (
     TokenEvent,
     TokenLogprob,
 )
-from runtime.errors import PromptError, PromptTooLongError
+from runtime.errors import OptionsError, PromptError, PromptTooLongError
 
 if TYPE_CHECKING:
     from runtime.models.loader import LoadedModel
@@ -146,6 +146,11 @@ class ModelEngine:
         bad = [t for t in request.prompt if not 0 <= t < self._vocab]
         if bad:
             raise PromptError(f"token id {bad[0]} is outside the vocabulary (0..{self._vocab - 1})")
+        bad = [t for t, _ in request.logit_bias if not 0 <= t < self._vocab]
+        if bad:
+            raise OptionsError(
+                f"logit_bias token id {bad[0]} is outside the vocabulary (0..{self._vocab - 1})"
+            )
         index = next((i for i, r in enumerate(self._rows) if r is None), len(self._rows))
         if index == len(self._rows):
             self._rows.append(None)
@@ -161,7 +166,7 @@ class ModelEngine:
                 self._cache.copy_in(index, prefix, n)
                 row.length = n
                 del row.pending[:n]
-        self._sampler.add(index, request.sampling, request.prompt)
+        self._sampler.add(index, request.sampling, request.prompt, request.logit_bias)
         self._rows[index] = row
         self._by_id[request.seq_id] = row
 
@@ -307,7 +312,7 @@ class ModelEngine:
                 (r.request.top_logprobs for r in sampled_rows if r.request.logprobs), default=-1
             )
             if top >= 0:
-                lp = batch_logprobs(logits, tokens, top)
+                lp = batch_logprobs(self._sampler.biased(logits, indices), tokens, top)
         self._evaluating = True
         mx.async_eval(tokens, *(lp or ()), *self._cache.arrays)
         return _Forward(rows=tuple(sampled_rows), tokens=tokens, prefilled=prefilled, logprobs=lp)

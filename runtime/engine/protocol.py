@@ -38,7 +38,11 @@ class PrefixReuse:
 
 @attrs.frozen(kw_only=True)
 class SequenceRequest:
-    """A sequence to generate. ``max_tokens`` is already clamped to the context."""
+    """A sequence to generate. ``max_tokens`` is already clamped to the context.
+
+    ``logit_bias`` (token id, value) pairs are added to the raw logits before sampling; the
+    logprobs reported are those of the biased logits (before penalties), as OpenAI's are.
+    """
 
     seq_id: int
     prompt: tuple[int, ...]
@@ -46,6 +50,7 @@ class SequenceRequest:
     max_tokens: int
     logprobs: bool = False
     top_logprobs: int = 0
+    logit_bias: tuple[tuple[int, float], ...] = ()
     reuse: PrefixReuse | None = None
 
 
