@@ -292,3 +292,8 @@ class RunnerClient(Protocol):
 
         Cancellation: cancelled before it returns, nothing was admitted.
         """
+
+    async def submit_choices(self, request: GenerateRequest, n: int) -> list[Generation]:
+        """``n`` generations of ``request`` (OpenAI's choices), admitted all or none, as
+        ``submit`` admits one. The prompt is computed once and shared. With a seed, choice
+        ``i`` draws with seed + i."""

@@ -184,14 +184,15 @@ class Scheduler:
         # One event per prefill chunk and per token, plus the end marker: never full.
         return trio.open_memory_channel[Reply](max_tokens + 2 * 1024 + 4)
 
-    def submit_nowait(self, submission: Submission) -> None:
-        """Queue a sequence; ``trio.WouldBlock`` when the queue is full, ``CacheBudgetError``
-        when it could never fit in the KV-cache budget."""
+    def submit_nowait(self, *submissions: Submission) -> None:
+        """Queue sequences, all or none (the choices of one request); ``trio.WouldBlock``
+        when the queue is full, ``CacheBudgetError`` when one could never fit in the KV-cache
+        budget."""
         try:
-            self._policy.enqueue(submission.request, submission)
+            self._policy.enqueue_all([(s.request, s) for s in submissions])
         except QueueFull:
             raise trio.WouldBlock from None
-        self.counters.requests += 1
+        self.counters.requests += len(submissions)
         self._wake()
 
     def cancel(self, seq_id: int) -> None:

@@ -16,6 +16,7 @@ error record at the end of a stream. Nothing cut is ever rendered as finished.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Protocol
 
 import attrs
 import trio
@@ -137,6 +138,10 @@ class GenerationReader:
         self._generation.close()
 
 
+class Closable(Protocol):
+    def close(self) -> None: ...
+
+
 class StreamBody:
     """A response body over rendered pieces that closes its generation however it ends.
 
@@ -145,7 +150,7 @@ class StreamBody:
     sequence even if the body was never iterated.
     """
 
-    def __init__(self, reader: GenerationReader, pieces: AsyncIterator[bytes]) -> None:
+    def __init__(self, reader: Closable, pieces: AsyncIterator[bytes]) -> None:
         self._reader = reader
         self._pieces = pieces
 

@@ -89,3 +89,72 @@ def test_unsupported_completion_options_are_400(client, extra: dict[str, Any]) -
 def test_best_of_equal_to_n_is_accepted(client) -> None:
     reply = client.completions.create(prompt="hi", best_of=1, **GREEDY)
     assert len(reply.choices) == 1
+
+
+SAMPLED: dict[str, Any] = {"model": MODEL_NAME, "temperature": 1.0, "max_tokens": 6, "seed": 5}
+
+
+def test_n_choices_are_distinct_reproducible_and_counted_once_for_the_prompt(client) -> None:
+    reply = client.completions.create(prompt="once upon", n=3, logprobs=0, **SAMPLED)
+    assert [c.index for c in reply.choices] == [0, 1, 2]
+    texts = [c.text for c in reply.choices]
+    assert len(set(texts)) == 3
+    assert all(c.finish_reason in ("stop", "length") for c in reply.choices)
+    again = client.completions.create(prompt="once upon", n=3, logprobs=0, **SAMPLED)
+    assert [c.text for c in again.choices] == texts
+    # Choice i draws with seed + i.
+    for i in (0, 2):
+        one = client.completions.create(
+            prompt="once upon", logprobs=0, **{**SAMPLED, "seed": 5 + i}
+        )
+        assert one.choices[0].text == texts[i]
+        assert reply.usage is not None
+        assert one.usage is not None
+        assert reply.usage.prompt_tokens == one.usage.prompt_tokens
+    assert reply.usage is not None
+    counts = [len(c.logprobs.tokens or []) for c in reply.choices if c.logprobs is not None]
+    assert reply.usage.completion_tokens == sum(counts)
+
+
+def test_n_choices_stream_tagged_with_their_index(client) -> None:
+    messages = [{"role": "user", "content": "hi"}]
+    whole = client.chat.completions.create(messages=messages, n=2, **SAMPLED)
+    parts = list(
+        client.chat.completions.create(
+            messages=messages,
+            n=2,
+            stream=True,
+            stream_options={"include_usage": True},
+            **SAMPLED,
+        )
+    )
+    text = {0: "", 1: ""}
+    finish = {}
+    for part in parts:
+        for choice in part.choices:
+            text[choice.index] += choice.delta.content or ""
+            if choice.finish_reason is not None:
+                finish[choice.index] = choice.finish_reason
+    assert text == {c.index: c.message.content for c in whole.choices}
+    assert text[0] != text[1]
+    assert set(finish) == {0, 1}
+    assert parts[-1].usage is not None
+    assert whole.usage is not None
+    assert parts[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_n_with_echo_and_logit_bias_apply_to_every_choice(client) -> None:
+    reply = client.completions.create(
+        prompt="once upon", n=2, echo=True, logit_bias={"42": 100}, **SAMPLED
+    )
+    texts = [c.text for c in reply.choices]
+    assert texts[0] == texts[1]
+    assert texts[0].startswith("once upon")
+
+
+def test_n_past_the_bound_and_best_of_other_than_n_are_400(client) -> None:
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(prompt="hi", n=17, **GREEDY)
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(prompt="hi", n=2, best_of=3, **GREEDY)
+    assert len(client.completions.create(prompt="hi", n=2, best_of=2, **GREEDY).choices) == 2

@@ -353,7 +353,7 @@ async def test_ollama_logprobs_and_raw(client, fake) -> None:
         ("/api/chat", {"model": "fake", "messages": [{"role": "user"}], "think": True}),
         ("/api/chat", {"model": "fake", "messages": "hi"}),
         ("/v1/chat/completions", {"model": "fake", "messages": []}),
-        ("/v1/chat/completions", {"model": "fake", "messages": [{"role": "user"}], "n": 2}),
+        ("/v1/chat/completions", {"model": "fake", "messages": [{"role": "user"}], "n": 17}),
         (
             "/v1/chat/completions",
             {
