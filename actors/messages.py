@@ -233,6 +233,9 @@ class Statistics:
     cancelled_total: int = 0
     prompt_tokens_total: int = 0
     generated_tokens_total: int = 0
+    # Prompt positions the engine computed: less than prompt_tokens_total by what the prefix
+    # cache and the choices of one request (OpenAI's n) shared.
+    prefilled_tokens_total: int = 0
     cache_hits_total: int = 0
     cache_lookups_total: int = 0
     cache_reused_tokens_total: int = 0

@@ -145,6 +145,7 @@ class Runner:
             requests_total=c.requests,
             cancelled_total=c.cancelled,
             prompt_tokens_total=c.prompt_tokens,
+            prefilled_tokens_total=c.prefilled_tokens,
             generated_tokens_total=c.generated_tokens,
             cache_hits_total=p.hits,
             cache_lookups_total=p.lookups,

@@ -125,6 +125,7 @@ class Counters:
     requests: int = 0
     cancelled: int = 0
     prompt_tokens: int = 0
+    prefilled_tokens: int = 0  # prompt positions the engine computed (not copied or reused)
     generated_tokens: int = 0
     engine_faults: int = 0  # failed steps and failed admissions (not input errors)
 
@@ -427,6 +428,7 @@ class Scheduler:
                 self._interrupt.set()  # its reader lags: the next job pauses it
             if event.token is not None:
                 self.counters.generated_tokens += 1
+            self.counters.prefilled_tokens += event.prefilled
             try:
                 sub.reply.send_nowait(event)
             except (trio.BrokenResourceError, trio.ClosedResourceError):

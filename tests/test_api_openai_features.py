@@ -158,3 +158,18 @@ def test_n_past_the_bound_and_best_of_other_than_n_are_400(client) -> None:
     with pytest.raises(openai.BadRequestError):
         client.completions.create(prompt="hi", n=2, best_of=3, **GREEDY)
     assert len(client.completions.create(prompt="hi", n=2, best_of=2, **GREEDY).choices) == 2
+
+
+def test_n_choices_compute_the_prompt_once(live: Live, client) -> None:
+    # A prompt no other test sends: the prefix cache has (almost) none of it.
+    prompt = " ".join(f"w{i}x" for i in range(60))
+    before = live.statistics()
+    reply = client.completions.create(prompt=prompt, n=4, **SAMPLED)
+    after = live.statistics()
+    assert reply.usage is not None
+    prompt_tokens = reply.usage.prompt_tokens
+    assert prompt_tokens > 40
+    assert after.prompt_tokens_total - before.prompt_tokens_total == 4 * prompt_tokens
+    computed = after.prefilled_tokens_total - before.prefilled_tokens_total
+    assert computed <= prompt_tokens + 3  # each other choice computes only the last position
+    assert computed > prompt_tokens // 2
