@@ -42,7 +42,10 @@ async def open_choices(ctx: ApiContext, request: GenerateRequest, n: int) -> Cho
     generations = await ctx.client.submit_choices(request, n)
     rid = request_id()
     return Choices(
-        tuple(GenerationReader(ctx.metrics, g, started_at, request_id=rid) for g in generations)
+        tuple(
+            GenerationReader(ctx.metrics, g, started_at, request_id=rid, counts_prompt=i == 0)
+            for i, g in enumerate(generations)
+        )
     )
 
 

@@ -54,8 +54,16 @@ class GenerationReader:
     """
 
     def __init__(
-        self, metrics: Metrics, generation: Generation, started_at: float, *, request_id: str
+        self,
+        metrics: Metrics,
+        generation: Generation,
+        started_at: float,
+        *,
+        request_id: str,
+        counts_prompt: bool = True,
     ) -> None:
+        # False for the other choices of one request (OpenAI's n): their prompt is the first's.
+        self._counts_prompt = counts_prompt
         self.request_id = request_id
         self._metrics = metrics
         self._generation = generation
@@ -79,7 +87,8 @@ class GenerationReader:
             self._finished = True
             if isinstance(item, GenerationCut):
                 self._metrics.cancellations.inc()
-                self._metrics.prompt_tokens.inc(item.final.prompt_eval_count)
+                if self._counts_prompt:
+                    self._metrics.prompt_tokens.inc(item.final.prompt_eval_count)
             self._generation.close()
             raise item
         self._observe(item)
@@ -127,7 +136,8 @@ class GenerationReader:
             m.generated_tokens.inc(len(chunk.tokens))
         if chunk.done:
             self._finished = True
-            m.prompt_tokens.inc(chunk.prompt_eval_count)
+            if self._counts_prompt:
+                m.prompt_tokens.inc(chunk.prompt_eval_count)
             self._generation.close()
 
     def close(self) -> None:

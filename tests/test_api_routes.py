@@ -130,6 +130,16 @@ async def test_tokenize_and_detokenize(client) -> None:
     assert response.status_code == 400
 
 
+async def test_the_choices_of_one_request_count_its_prompt_once(client) -> None:
+    body = {"model": "fake", "prompt": "hi", "n": 3}
+    reply = await (await client.post("/v1/completions", json=body)).get_json()
+    assert [c["index"] for c in reply["choices"]] == [0, 1, 2]
+    assert reply["usage"] == {"prompt_tokens": 5, "completion_tokens": 9, "total_tokens": 14}
+    text = (await (await client.get("/metrics")).get_data()).decode()
+    assert "mlxrunner_prompt_tokens_total 5.0" in text
+    assert "mlxrunner_generated_tokens_total 9.0" in text
+
+
 async def test_metrics_exposes_counters_histograms_and_runner_state(client) -> None:
     await client.post("/completion", json={"prompt": "hi"})
     await client.post("/completion", data=b"{", headers={"Content-Type": "application/json"})
