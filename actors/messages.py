@@ -107,6 +107,8 @@ class GenerationOptions:
     num_predict: int = -1  # -1: until EOS or the context is full
     stop: tuple[str, ...] = ()
     num_ctx: int | None = None  # None: the model's context length
+    # OpenAI's logit_bias: (token id, value) pairs added to the raw logits of every step.
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
 
 @attrs.frozen(kw_only=True)
@@ -250,6 +252,9 @@ class Statistics:
     cancelled_total: int = 0
     prompt_tokens_total: int = 0
     generated_tokens_total: int = 0
+    # Prompt positions the engine computed: less than prompt_tokens_total by what the prefix
+    # cache and the choices of one request (OpenAI's n) shared.
+    prefilled_tokens_total: int = 0
     cache_hits_total: int = 0
     cache_lookups_total: int = 0
     cache_reused_tokens_total: int = 0
@@ -319,3 +324,8 @@ class RunnerClient(Protocol):
 
         Cancellation: cancelled before it returns, nothing was admitted.
         """
+
+    async def submit_choices(self, request: GenerateRequest, n: int) -> list[Generation]:
+        """``n`` generations of ``request`` (OpenAI's choices), admitted all or none, as
+        ``submit`` admits one. The prompt is computed once and shared. With a seed, choice
+        ``i`` draws with seed + i."""

@@ -86,6 +86,8 @@ def prepare(request: GenerateRequest, tokenizer: Tokenizer, model_context: int) 
         context = min(options.num_ctx, model_context)
     if request.top_logprobs < 0 or request.top_logprobs > 20:
         raise OptionsError("top_logprobs must be in 0..20")
+    if any(not 0 <= t < tokenizer.vocab_size for t, _ in options.logit_bias):
+        raise OptionsError(f"logit_bias token ids must be in 0..{tokenizer.vocab_size - 1}")
     given = [x is not None for x in (request.prompt, request.messages, request.tokens)]
     if sum(given) != 1:
         raise OptionsError("give exactly one of prompt, messages or tokens")

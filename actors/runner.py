@@ -43,7 +43,7 @@ from actors.scheduler import Submission
 from runtime.engine.protocol import SequenceRequest
 
 if TYPE_CHECKING:
-    from actors.scheduler import Scheduler
+    from actors.scheduler import Reply, Scheduler
     from runtime.text.tokenizer import Tokenizer
 
 
@@ -148,6 +148,7 @@ class Runner:
             requests_total=c.requests,
             cancelled_total=c.cancelled,
             prompt_tokens_total=c.prompt_tokens,
+            prefilled_tokens_total=c.prefilled_tokens,
             generated_tokens_total=c.generated_tokens,
             cache_hits_total=p.hits,
             cache_lookups_total=p.lookups,
@@ -214,8 +215,16 @@ class Runner:
         be long), then the sequence is queued with the scheduler and its pipeline task starts
         in the pipelines nursery. See ``RunnerClient.submit`` for the errors.
         """
+        (generation,) = await self.submit_choices(request, 1)
+        return generation
+
+    async def submit_choices(self, request: GenerateRequest, n: int) -> list[Generation]:
+        """``RunnerClient.submit_choices``: the prompt is prepared once; the sequences after
+        the first share its computed prompt (``SequenceRequest.share_prompt_of``)."""
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
         ready = self._require()
-        if self._open + self._preparing >= self.max_open:
+        if self._open + self._preparing + n > self.max_open:
             raise OverloadedError(f"too many generations are open ({self.max_open})")
         self._preparing += 1
         try:
@@ -234,27 +243,60 @@ class Runner:
             raise UnavailableError("the server is shutting down", state="shutting_down")
         submitted = time.monotonic_ns()
         if prepared.max_tokens == 0:
-            return _finished(prepared, submitted)
+            return [_finished(prepared, submitted) for _ in range(n)]
         scheduler = ready.scheduler
-        seq_id = scheduler.next_id()
-        reply_send, replies = scheduler.reply_channel(prepared.max_tokens)
-        submission = Submission(
-            request=SequenceRequest(
-                seq_id=seq_id,
-                prompt=prepared.prompt,
-                sampling=request.options.sampling,
-                max_tokens=prepared.max_tokens,
-                logprobs=request.logprobs or request.top_logprobs > 0,
-                top_logprobs=request.top_logprobs,
-            ),
-            reply=reply_send,
-        )
+        sampling = request.options.sampling
+        submissions: list[Submission] = []
+        replies: list[trio.MemoryReceiveChannel[Reply]] = []
+        for i in range(n):
+            seq_id = scheduler.next_id()
+            reply_send, reply_receive = scheduler.reply_channel(prepared.max_tokens)
+            replies.append(reply_receive)
+            seed = sampling.seed
+            submissions.append(
+                Submission(
+                    request=SequenceRequest(
+                        seq_id=seq_id,
+                        prompt=prepared.prompt,
+                        # Choice i draws with seed + i: distinct, and reproducible.
+                        sampling=sampling
+                        if seed is None or i == 0
+                        else attrs.evolve(sampling, seed=seed + i),
+                        max_tokens=prepared.max_tokens,
+                        logprobs=request.logprobs or request.top_logprobs > 0,
+                        top_logprobs=request.top_logprobs,
+                        logit_bias=request.options.logit_bias,
+                        share_prompt_of=submissions[0].request.seq_id if i else None,
+                    ),
+                    reply=reply_send,
+                )
+            )
         try:
-            scheduler.submit_nowait(submission)
+            scheduler.submit_nowait(*submissions)
         except trio.WouldBlock:
             raise QueueFullError(
                 f"the request queue is full ({scheduler.config.max_queue} waiting)"
             ) from None
+        return [
+            self._start_pipeline(
+                nursery, ready.tokenizer, scheduler, prepared, request, sub, replies[i], submitted
+            )
+            for i, sub in enumerate(submissions)
+        ]
+
+    def _start_pipeline(
+        self,
+        nursery: trio.Nursery,
+        tokenizer: Tokenizer,
+        scheduler: Scheduler,
+        prepared: pipeline.Prepared,
+        request: GenerateRequest,
+        submission: Submission,
+        replies: trio.MemoryReceiveChannel[Reply],
+        submitted: int,
+    ) -> Generation:
+        """The pipeline of one queued sequence, and its handle."""
+        seq_id = submission.request.seq_id
         # Unbuffered: the pipeline paces with its reader, and while it lives the reader has
         # not taken the last item yet (what ``wait_idle`` waits for).
         send, receive = trio.open_memory_channel[GenerationItem](0)
@@ -265,7 +307,7 @@ class Runner:
             pipeline.run,
             prepared,
             request,
-            ready.tokenizer,
+            tokenizer,
             replies,
             send,
             submitted_ns=submitted,

@@ -130,6 +130,7 @@ class Counters:
     requests: int = 0
     cancelled: int = 0
     prompt_tokens: int = 0
+    prefilled_tokens: int = 0  # prompt positions the engine computed (not copied or reused)
     generated_tokens: int = 0
     engine_faults: int = 0  # failed steps and failed admissions (not input errors)
 
@@ -215,14 +216,15 @@ class Scheduler:
         # One event per prefill chunk and per token, plus the end marker: never full.
         return trio.open_memory_channel[Reply](max_tokens + 2 * 1024 + 4)
 
-    def submit_nowait(self, submission: Submission) -> None:
-        """Queue a sequence; ``trio.WouldBlock`` when the queue is full, ``CacheBudgetError``
-        when it could never fit in the KV-cache budget."""
+    def submit_nowait(self, *submissions: Submission) -> None:
+        """Queue sequences, all or none (the choices of one request); ``trio.WouldBlock``
+        when the queue is full, ``CacheBudgetError`` when one could never fit in the KV-cache
+        budget."""
         try:
-            self._policy.enqueue(submission.request, submission)
+            self._policy.enqueue_all([(s.request, s) for s in submissions])
         except QueueFull:
             raise trio.WouldBlock from None
-        self.counters.requests += 1
+        self.counters.requests += len(submissions)
         self._wake()
 
     async def embed(
@@ -546,6 +548,7 @@ class Scheduler:
                 self._interrupt.set()  # its reader lags: the next job pauses it
             if event.token is not None:
                 self.counters.generated_tokens += 1
+            self.counters.prefilled_tokens += event.prefilled
             try:
                 sub.reply.send_nowait(event)
             except (trio.BrokenResourceError, trio.ClosedResourceError):

@@ -16,6 +16,7 @@ error record at the end of a stream. Nothing cut is ever rendered as finished.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Protocol
 
 import attrs
 import trio
@@ -53,8 +54,16 @@ class GenerationReader:
     """
 
     def __init__(
-        self, metrics: Metrics, generation: Generation, started_at: float, *, request_id: str
+        self,
+        metrics: Metrics,
+        generation: Generation,
+        started_at: float,
+        *,
+        request_id: str,
+        counts_prompt: bool = True,
     ) -> None:
+        # False for the other choices of one request (OpenAI's n): their prompt is the first's.
+        self._counts_prompt = counts_prompt
         self.request_id = request_id
         self._metrics = metrics
         self._generation = generation
@@ -78,7 +87,8 @@ class GenerationReader:
             self._finished = True
             if isinstance(item, GenerationCut):
                 self._metrics.cancellations.inc()
-                self._metrics.prompt_tokens.inc(item.final.prompt_eval_count)
+                if self._counts_prompt:
+                    self._metrics.prompt_tokens.inc(item.final.prompt_eval_count)
             self._generation.close()
             raise item
         self._observe(item)
@@ -126,7 +136,8 @@ class GenerationReader:
             m.generated_tokens.inc(len(chunk.tokens))
         if chunk.done:
             self._finished = True
-            m.prompt_tokens.inc(chunk.prompt_eval_count)
+            if self._counts_prompt:
+                m.prompt_tokens.inc(chunk.prompt_eval_count)
             self._generation.close()
 
     def close(self) -> None:
@@ -137,6 +148,10 @@ class GenerationReader:
         self._generation.close()
 
 
+class Closable(Protocol):
+    def close(self) -> None: ...
+
+
 class StreamBody:
     """A response body over rendered pieces that closes its generation however it ends.
 
@@ -145,7 +160,7 @@ class StreamBody:
     sequence even if the body was never iterated.
     """
 
-    def __init__(self, reader: GenerationReader, pieces: AsyncIterator[bytes]) -> None:
+    def __init__(self, reader: Closable, pieces: AsyncIterator[bytes]) -> None:
         self._reader = reader
         self._pieces = pieces
 

@@ -17,6 +17,7 @@ import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
+import attrs
 from quart import Blueprint, Response, jsonify
 
 from actors.messages import (
@@ -30,10 +31,12 @@ from actors.messages import (
     UnavailableError,
 )
 from api import fields
+from api.choices import MAX_CHOICES, Choices, collect, interleave, open_choices, usage
 from api.context import ApiContext
 from api.errors import bad_request, openai_stream_error
 from api.fields import LOGPROBS, MODEL, TOOLS, TOP_LOGPROBS, DeclaredBody, Field
-from api.generation import GenerationReader, StreamBody, open_generation
+from api.generation import StreamBody
+from api.openai_features import BEST_OF, ECHO, LOGIT_BIAS, SUFFIX, check_unsupported, echo_text
 from api.openapi import GENERATION, JSON, LOADING, SSE, UNKNOWN_MODEL, endpoint
 from api.replies import json_reply, whole_reply_size
 from api.schemas import INT32_MAX, generation_options, get_bool, get_token_ids
@@ -52,7 +55,9 @@ def _sse(obj: dict[str, Any] | str) -> bytes:
     return f"data: {data}\n\n".encode()
 
 
-N = fields.integer("n", 1, lo=1, hi=1, description="one choice per request")
+N = fields.integer(
+    "n", 1, lo=1, hi=MAX_CHOICES, description="choices: one computed prompt; seed + i for choice i"
+)
 TEMPERATURE = fields.number("temperature", 1.0, lo=0.0, hi=2.0)
 TOP_P = fields.number("top_p", 1.0, lo=0.0, hi=1.0)
 PRESENCE_PENALTY = fields.number("presence_penalty", 0.0, lo=-2.0, hi=2.0)
@@ -84,6 +89,7 @@ _SHARED: tuple[Field[Any], ...] = (
     STREAM,
     STREAM_OPTIONS,
     MAX_TOKENS,
+    LOGIT_BIAS,
 )
 MESSAGES = fields.messages(required=True)
 CHAT = fields.body(MESSAGES, TOOLS, LOGPROBS, TOP_LOGPROBS, MAX_COMPLETION_TOKENS, *_SHARED)
@@ -123,17 +129,12 @@ PROMPT = fields.field(
     _completion_prompt,
     required=True,
 )
-ECHO = fields.field("echo", {"enum": [False, None]}, fields.boolean("echo", False).reader)
-SUFFIX = fields.field(
-    "suffix", {"type": ["string", "null"], "maxLength": 0}, fields.string("suffix").reader
-)
 TEXT_LOGPROBS = fields.integer("logprobs", lo=0, hi=5, description="how many top logprobs")
-COMPLETIONS = fields.body(PROMPT, ECHO, SUFFIX, TEXT_LOGPROBS, *_SHARED)
+COMPLETIONS = fields.body(PROMPT, ECHO, SUFFIX, BEST_OF, TEXT_LOGPROBS, *_SHARED)
 
 
 def _options(body: DeclaredBody, max_tokens: tuple[Field[int | None], ...]) -> GenerationOptions:
     """``GenerationOptions`` from OpenAI's names; the first of ``max_tokens`` given wins."""
-    N.read(body)  # only 1: one choice per request
     options: dict[str, Any] = {
         "temperature": TEMPERATURE.read(body),
         "top_p": TOP_P.read(body),
@@ -152,15 +153,8 @@ def _options(body: DeclaredBody, max_tokens: tuple[Field[int | None], ...]) -> G
     fmt = RESPONSE_FORMAT.read(body).get("type")
     if fmt not in (None, "text"):
         raise bad_request("'response_format' other than text is not supported by this server")
-    return generation_options(options, num_predict=num_predict, stop=STOP.read(body))
-
-
-def _usage(chunk: Chunk) -> dict[str, int]:
-    return {
-        "prompt_tokens": chunk.prompt_eval_count,
-        "completion_tokens": chunk.eval_count,
-        "total_tokens": chunk.prompt_eval_count + chunk.eval_count,
-    }
+    generation = generation_options(options, num_predict=num_predict, stop=STOP.read(body))
+    return attrs.evolve(generation, logit_bias=LOGIT_BIAS.read(body))
 
 
 def _finish(chunk: Chunk) -> str:
@@ -199,7 +193,7 @@ def _text_logprobs(logprobs: list[Logprob], offset: int) -> dict[str, Any]:
 class _Shape:
     """How one endpoint renders choices: chat (message/delta) or text completion."""
 
-    def __init__(self, *, chat: bool, name: str, logprobs: bool) -> None:
+    def __init__(self, *, chat: bool, name: str, logprobs: bool, echo: str = "") -> None:
         self.chat = chat
         self.object = "chat.completion" if chat else "text_completion"
         self.chunk_object = "chat.completion.chunk" if chat else "text_completion"
@@ -207,7 +201,9 @@ class _Shape:
         self.created = int(time.time())
         self.name = name
         self.logprobs = logprobs
-        self.text_offset = 0
+        self.text_offset: dict[int, int] = {}  # per choice
+        self.echo = echo  # completions' echo: put before each choice's first text
+        self.echoed: set[int] = set()
 
     def envelope(self, object_name: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
         return {
@@ -219,17 +215,18 @@ class _Shape:
             "choices": choices,
         }
 
-    def logprobs_json(self, logprobs: list[Logprob]) -> dict[str, Any] | None:
+    def logprobs_json(self, logprobs: list[Logprob], index: int) -> dict[str, Any] | None:
         if not self.logprobs:
             return None
         if self.chat:
             return _chat_logprobs(logprobs)
-        out = _text_logprobs(logprobs, self.text_offset)
-        self.text_offset += sum(len(lp.token) for lp in logprobs)
-        return out
+        offset = self.text_offset.get(index, 0)
+        self.text_offset[index] = offset + sum(len(lp.token) for lp in logprobs)
+        return _text_logprobs(logprobs, offset)
 
     def choice(
         self,
+        index: int,
         text: str,
         logprobs: list[Logprob],
         finish: str | None,
@@ -237,7 +234,7 @@ class _Shape:
         delta: bool,
         thinking: str = "",
     ) -> dict[str, Any]:
-        body: dict[str, Any] = {"index": 0}
+        body: dict[str, Any] = {"index": index}
         if self.chat:
             key = "delta" if delta else "message"
             if not delta:
@@ -247,8 +244,10 @@ class _Shape:
             if thinking:  # a thinking model's <think> block, as vLLM and DeepSeek name it
                 body[key]["reasoning_content"] = thinking
         else:
-            body["text"] = text
-        body["logprobs"] = self.logprobs_json(logprobs)
+            echo = "" if index in self.echoed else self.echo
+            self.echoed.add(index)
+            body["text"] = echo + text
+        body["logprobs"] = self.logprobs_json(logprobs, index)
         body["finish_reason"] = finish
         return body
 
@@ -258,55 +257,61 @@ async def _respond(
 ) -> Response:
     stream = STREAM.read(body)
     include_usage = stream and get_bool(STREAM_OPTIONS.read(body), "include_usage", False)
-    generation = await open_generation(ctx, req)
+    choices = await open_choices(ctx, req, N.read(body) or 1)
     if stream:
-        return _sse_response(generation, _stream(generation, shape, include_usage))
-    whole = await generation.collect()
+        return _sse_response(choices, _stream(choices, shape, include_usage))
+    wholes = await collect(choices)
 
     def reply() -> dict[str, Any]:
-        choice = shape.choice(
-            whole.content,
-            list(whole.logprobs),
-            _finish(whole),
-            delta=False,
-            thinking=whole.thinking,
-        )
-        return {**shape.envelope(shape.object, [choice]), "usage": _usage(whole)}
+        rendered = [
+            shape.choice(
+                i, w.content, list(w.logprobs), _finish(w), delta=False, thinking=w.thinking
+            )
+            for i, w in enumerate(wholes)
+        ]
+        return {**shape.envelope(shape.object, rendered), "usage": usage(wholes)}
 
-    return await json_reply(reply, whole_reply_size(whole), ctx.client.cpu_limiter)
+    size = sum(whole_reply_size(w) for w in wholes)
+    return await json_reply(reply, size, ctx.client.cpu_limiter)
 
 
-async def _stream(
-    generation: GenerationReader, shape: _Shape, include_usage: bool
-) -> AsyncIterator[bytes]:
+async def _stream(choices: Choices, shape: _Shape, include_usage: bool) -> AsyncIterator[bytes]:
     usage_field: dict[str, Any] = {"usage": None} if include_usage else {}
+    finals: list[Chunk] = []
     try:
-        if shape.chat:  # the first delta names the role, as OpenAI's does
-            first = {"index": 0, "delta": {"role": "assistant", "content": ""}}
-            first.update({"logprobs": None, "finish_reason": None})
-            yield _sse({**shape.envelope(shape.chunk_object, [first]), **usage_field})
-        async for chunk in generation:
+        if shape.chat:  # the first delta of each choice names the role, as OpenAI's does
+            for i in range(len(choices.readers)):
+                first = {"index": i, "delta": {"role": "assistant", "content": ""}}
+                first.update({"logprobs": None, "finish_reason": None})
+                yield _sse({**shape.envelope(shape.chunk_object, [first]), **usage_field})
+        async for i, chunk in interleave(choices):
             if chunk.content or chunk.thinking or chunk.logprobs:
                 choice = shape.choice(
-                    chunk.content, list(chunk.logprobs), None, delta=True, thinking=chunk.thinking
+                    i,
+                    chunk.content,
+                    list(chunk.logprobs),
+                    None,
+                    delta=True,
+                    thinking=chunk.thinking,
                 )
                 yield _sse({**shape.envelope(shape.chunk_object, [choice]), **usage_field})
             if chunk.done:
-                choice = shape.choice("", [], _finish(chunk), delta=True)
+                finals.append(chunk)
+                choice = shape.choice(i, "", [], _finish(chunk), delta=True)
                 if not shape.chat:
                     choice["logprobs"] = None
                 yield _sse({**shape.envelope(shape.chunk_object, [choice]), **usage_field})
-                if include_usage:
-                    yield _sse({**shape.envelope(shape.chunk_object, []), "usage": _usage(chunk)})
+        if include_usage:
+            yield _sse({**shape.envelope(shape.chunk_object, []), "usage": usage(finals)})
         yield _sse("[DONE]")
     except GenerationError as exc:
-        yield _sse(openai_stream_error(exc, generation.request_id))
+        yield _sse(openai_stream_error(exc, choices.request_id))
     finally:
-        generation.close()
+        choices.close()
 
 
-def _sse_response(generation: GenerationReader, pieces: AsyncIterator[bytes]) -> Response:
-    response = Response(StreamBody(generation, pieces), mimetype="text/event-stream")
+def _sse_response(choices: Choices, pieces: AsyncIterator[bytes]) -> Response:
+    response = Response(StreamBody(choices, pieces), mimetype="text/event-stream")
     response.timeout = None
     response.headers["Cache-Control"] = "no-cache"
     response.headers["X-Accel-Buffering"] = "no"
@@ -354,11 +359,9 @@ def blueprint(ctx: ApiContext) -> Blueprint:
     async def completions(body: DeclaredBody, prompt_or_tokens: Prompt) -> Response:
         name = ctx.resolve_model(MODEL.read(body))
         prompt, tokens = prompt_or_tokens
-        if ECHO.read(body):
-            raise bad_request("'echo' is not supported by this server")
-        if SUFFIX.read(body):
-            raise bad_request("'suffix' is not supported by this server")
+        check_unsupported(body, N.read(body) or 1)
         top = TEXT_LOGPROBS.read(body)
+        echo = echo_text(body, prompt, top is not None)
         req = GenerateRequest(
             prompt=prompt,
             tokens=tokens,
@@ -367,7 +370,7 @@ def blueprint(ctx: ApiContext) -> Blueprint:
             options=_options(body, (MAX_TOKENS,)),
         )
         return await _respond(
-            ctx, req, _Shape(chat=False, name=name, logprobs=top is not None), body
+            ctx, req, _Shape(chat=False, name=name, logprobs=top is not None, echo=echo), body
         )
 
     def model_object(name: str) -> dict[str, Any]:

@@ -136,6 +136,9 @@ class FakeRunner:
         chunks = _ScriptedChunks(self, request)
         return Generation(chunks, chunks.close)
 
+    async def submit_choices(self, request: GenerateRequest, n: int) -> list[Generation]:
+        return [await self.submit(request) for _ in range(n)]
+
 
 class _ScriptedChunks(trio.abc.ReceiveChannel[GenerationItem]):
     """One fake generation's channel: each ``receive`` makes the next item."""

@@ -130,6 +130,16 @@ async def test_tokenize_and_detokenize(client) -> None:
     assert response.status_code == 400
 
 
+async def test_the_choices_of_one_request_count_its_prompt_once(client) -> None:
+    body = {"model": "fake", "prompt": "hi", "n": 3}
+    reply = await (await client.post("/v1/completions", json=body)).get_json()
+    assert [c["index"] for c in reply["choices"]] == [0, 1, 2]
+    assert reply["usage"] == {"prompt_tokens": 5, "completion_tokens": 9, "total_tokens": 14}
+    text = (await (await client.get("/metrics")).get_data()).decode()
+    assert "mlxrunner_prompt_tokens_total 5.0" in text
+    assert "mlxrunner_generated_tokens_total 9.0" in text
+
+
 async def test_metrics_exposes_counters_histograms_and_runner_state(client) -> None:
     await client.post("/completion", json={"prompt": "hi"})
     await client.post("/completion", data=b"{", headers={"Content-Type": "application/json"})
@@ -353,7 +363,7 @@ async def test_ollama_logprobs_and_raw(client, fake) -> None:
         ("/api/chat", {"model": "fake", "messages": [{"role": "user"}], "think": True}),
         ("/api/chat", {"model": "fake", "messages": "hi"}),
         ("/v1/chat/completions", {"model": "fake", "messages": []}),
-        ("/v1/chat/completions", {"model": "fake", "messages": [{"role": "user"}], "n": 2}),
+        ("/v1/chat/completions", {"model": "fake", "messages": [{"role": "user"}], "n": 17}),
         (
             "/v1/chat/completions",
             {
@@ -370,7 +380,11 @@ async def test_ollama_logprobs_and_raw(client, fake) -> None:
             "/v1/chat/completions",
             {"model": "fake", "messages": [{"role": "user"}], "top_logprobs": 2},
         ),
-        ("/v1/completions", {"model": "fake", "prompt": "x", "echo": True}),
+        ("/v1/completions", {"model": "fake", "prompt": "x", "echo": True, "logprobs": 1}),
+        ("/v1/completions", {"model": "fake", "prompt": "x", "best_of": 2}),
+        ("/v1/completions", {"model": "fake", "prompt": "x", "suffix": "y"}),
+        ("/v1/completions", {"model": "fake", "prompt": "x", "logit_bias": {"1": 101}}),
+        ("/v1/chat/completions", {"model": "fake", "messages": [], "logit_bias": {"a": 1}}),
         ("/v1/completions", {"model": "fake", "prompt": "x", "max_tokens": 0}),
         ("/v1/completions", {"model": "fake", "prompt": ["a", "b"]}),
         ("/v1/completions", {"model": "fake", "prompt": "x", "logprobs": 6}),

@@ -127,7 +127,8 @@ async def test_a_second_signal_ends_open_streams_with_an_error_record_and_exits_
         body = {"model": "fake", "messages": [{"role": "user", "content": "x"}], "stream": True}
         sse = await raw_request("127.0.0.1", port, "POST", "/v1/chat/completions", body)
         await read_until(native, b'"done":false', eof_ok=True)
-        await read_until(sse, b'"content":"', eof_ok=True)
+        # A content delta, not the role delta that may come first: the stream is running.
+        await read_until(sse, b'"delta":{"content":"', eof_ok=True)
         process.send_signal(signal.SIGTERM)
         while b"shutting_down" not in await get("/health", port):
             await trio.sleep(0.01)

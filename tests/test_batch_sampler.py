@@ -368,3 +368,22 @@ def test_batch_logprobs_match_the_per_row_logprobs(top: int) -> None:
         by_id = dict(full.top)
         assert len(set(_tokens(ids[r]))) == ids.shape[1]
         assert np.allclose([by_id[t] for t in _tokens(ids[r])], np.array(values[r]), atol=1e-5)
+
+
+def test_logit_bias_applies_per_row_to_greedy_and_sampled_rows() -> None:
+    s = BatchSampler(vocab_size=V, context_length=64)
+    s.add(0, SamplingOptions(temperature=0.0, repeat_penalty=1.0), [1], [(5, 100.0)])
+    s.add(1, SamplingOptions(seed=3, **PLAIN), [1], [(7, 100.0), (7, 0.5)])
+    s.add(2, SamplingOptions(temperature=0.0, repeat_penalty=1.0), [1])
+    logits = np.stack([_logits(i, 0) for i in range(3)])
+    assert _tokens(s.sample(mx.array(logits), [0, 1, 2])) == [5, 7, int(np.argmax(logits[2]))]
+    biased = np.array(s.biased(mx.array(logits), [0, 1, 2]))
+    assert biased[1, 7] == pytest.approx(logits[1, 7] + 100.5)  # repeated ids add up
+    np.testing.assert_array_equal(biased[2], logits[2])
+    # A banned argmax is never picked; a reused slot forgets the old bias.
+    s.remove(0)
+    s.add(0, SamplingOptions(temperature=0.0, repeat_penalty=1.0), [1], [(5, -100.0)])
+    logits[0, 5] = 50.0
+    assert _tokens(s.sample(mx.array(logits[:1]), [0]))[0] != 5
+    with pytest.raises(ValueError, match="logit_bias"):
+        s.add(3, SamplingOptions(), [1], [(V, 1.0)])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import attrs
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ import pytest
 from runtime.engine.model_engine import ModelEngine
 from runtime.engine.options import SamplingOptions
 from runtime.engine.protocol import FinishReason, PrefixReuse, SequenceRequest, TokenEvent
-from runtime.errors import PromptError
+from runtime.errors import OptionsError, PromptError
 from runtime.models.loader import LoadedModel, load_model
 from runtime.testing.models import make_tiny_folder
 
@@ -301,3 +302,87 @@ def test_warm_up_runs_every_kind_of_step_and_leaves_the_engine_empty(
     # and the engine still serves afterwards
     engine.add(_request(0, PROMPTS[0], max_tokens=4))
     assert _tokens(_run(engine)[0]) == _reference_greedy(loaded, PROMPTS[0], 4)
+
+
+@pytest.mark.parametrize("sampling", [GREEDY, SEEDED])
+def test_logit_bias_forces_and_bans_tokens_batched_as_solo(
+    loaded: LoadedModel, sampling: SamplingOptions
+) -> None:
+    engine = ModelEngine(loaded)
+    engine.add(_request(0, PROMPTS[0], sampling=sampling, max_tokens=6))
+    plain = _tokens(_run(engine)[0])
+    banned = tuple((t, -100.0) for t in set(plain))
+    forced = ((42, 100.0),)
+    solo = []
+    for i, bias in enumerate((banned, forced)):
+        engine = ModelEngine(loaded)
+        engine.add(_request(i, PROMPTS[i], sampling=sampling, max_tokens=6, logit_bias=bias))
+        solo.append(_tokens(_run(engine)[i]))
+    assert not set(solo[0]) & set(plain)
+    assert solo[1] == [42] * 6
+    # Batched beside an unbiased row, each row gets its own bias only.
+    engine = ModelEngine(loaded)
+    engine.add(_request(0, PROMPTS[0], sampling=sampling, max_tokens=6, logit_bias=banned))
+    engine.add(_request(1, PROMPTS[1], sampling=sampling, max_tokens=6, logit_bias=forced))
+    engine.add(_request(2, PROMPTS[0], sampling=sampling, max_tokens=6))
+    out = _run(engine)
+    assert [_tokens(out[i]) for i in range(3)] == [*solo, plain]
+
+
+def test_logprobs_are_those_of_the_biased_logits(loaded: LoadedModel) -> None:
+    engine = ModelEngine(loaded)
+    engine.add(_request(0, PROMPTS[0], max_tokens=2, logprobs=True, logit_bias=((42, 100.0),)))
+    events = [e for e in _run(engine)[0] if e.token is not None]
+    assert [e.token for e in events] == [42, 42]
+    assert all(e.logprob is not None and e.logprob.logprob > -1e-3 for e in events)
+
+
+def test_logit_bias_ids_outside_the_vocabulary_are_refused(loaded: LoadedModel) -> None:
+    engine = ModelEngine(loaded)
+    with pytest.raises(OptionsError, match="logit_bias"):
+        engine.add(_request(0, PROMPTS[0], logit_bias=((10**6, 1.0),)))
+    assert not engine.has_work()
+
+
+def _prefilled(events: list[TokenEvent]) -> int:
+    return sum(e.prefilled for e in events)
+
+
+@pytest.mark.parametrize("late", [False, True])
+def test_a_sibling_copies_the_computed_prompt_and_computes_only_its_last_token(
+    loaded: LoadedModel, late: bool
+) -> None:
+    prompt = PROMPTS[2]  # 41 tokens: three chunks of 16
+    seeded = [attrs.evolve(SEEDED, seed=s) for s in (1, 2)]
+    solo = []
+    for i, sampling in enumerate(seeded):
+        engine = ModelEngine(loaded, prefill_chunk=16)
+        engine.add(_request(i, prompt, sampling=sampling, max_tokens=6))
+        solo.append(_tokens(_run(engine)[i]))
+    engine = ModelEngine(loaded, prefill_chunk=16)
+    engine.add(_request(0, prompt, sampling=seeded[0], max_tokens=6))
+    out: dict[int, list[TokenEvent]] = {}
+    if late:  # the sibling joins while the first is half way through its prompt
+        for ev in engine.step():
+            out.setdefault(ev.seq_id, []).append(ev)
+    engine.add(_request(1, prompt, sampling=seeded[1], max_tokens=6, share_prompt_of=0))
+    while engine.has_work():
+        for ev in engine.step():
+            out.setdefault(ev.seq_id, []).append(ev)
+            if ev.finish is not None:
+                engine.remove(ev.seq_id)
+    assert [_tokens(out[i]) for i in range(2)] == solo
+    assert _prefilled(out[0]) == len(prompt)
+    assert _prefilled(out[1]) == 1
+
+
+def test_a_sibling_whose_first_is_gone_computes_its_own_prompt(loaded: LoadedModel) -> None:
+    engine = ModelEngine(loaded, prefill_chunk=16)
+    engine.add(_request(0, PROMPTS[2], max_tokens=4))
+    engine.add(_request(1, PROMPTS[2], max_tokens=4, share_prompt_of=0))
+    engine.step()
+    engine.remove(0)  # cut before its prompt was computed
+    engine.add(_request(2, PROMPTS[0], max_tokens=4))  # may take its row
+    events = _run(engine)
+    assert _prefilled(events[1]) == len(PROMPTS[2])
+    assert _tokens(events[1]) == _reference_greedy(loaded, PROMPTS[2], 4)

@@ -82,6 +82,17 @@ def test_a_burst_into_an_idle_server_fills_the_free_slots_and_the_queue() -> Non
         policy.enqueue(_req(6, [1]), "6")
 
 
+def test_the_choices_of_one_request_are_queued_all_or_none() -> None:
+    policy = _policy(max_queue=2, parallel=2)
+    policy.enqueue(_req(0, [1]), "0")
+    with pytest.raises(QueueFull):  # 3 free places, 4 choices: none is queued
+        policy.enqueue_all([(_req(i, [1]), str(i)) for i in range(1, 5)])
+    assert policy.queued == 1
+    policy.enqueue_all([(_req(i, [1]), str(i)) for i in range(1, 4)])
+    assert policy.queued == 4
+    assert [r.seq_id for r in _run_job(policy).admits] == [0, 1]
+
+
 def test_admission_is_first_come_first_served_up_to_parallel() -> None:
     policy = _policy(parallel=2)
     for i in range(1, 5):

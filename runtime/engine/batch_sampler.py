@@ -4,8 +4,9 @@
 counter and window bookkeeping as host records, and its penalty window as a ring of token ids on
 the device. ``sample`` builds one lazy graph for all rows and reads nothing back; the engine's
 one host sync per step materializes it. The order of operations is the per-sequence
-``Sampler``'s (Ollama's): penalties over the last ``repeat_last_n`` tokens (prompt included) ->
-temperature < 1e-5 is greedy -> top_k -> softmax(logits / temperature) -> typical_p -> top_p
+``Sampler``'s (Ollama's): a row's logit bias (OpenAI's ``logit_bias``: a sparse map of token
+id -> value added to its raw logit) -> penalties over the last ``repeat_last_n`` tokens (prompt
+included) -> temperature < 1e-5 is greedy -> top_k -> softmax(logits / temperature) -> typical_p -> top_p
 -> min_p -> draw.
 
 Rows are grouped by the work they need, so a batch pays only for what its rows ask: greedy rows
@@ -70,13 +71,28 @@ class BatchSampler:
         self.max_rewind = max_rewind
         self._rows = np.zeros(0, dtype=_ROW)
         self._history = mx.zeros((0, 0), dtype=mx.int32)
+        # Each biased row's (token ids, values): host arrays, a handful of entries a row.
+        self._bias: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
-    def add(self, row: int, options: SamplingOptions, prompt: Sequence[int]) -> None:
-        """Row ``row`` (a small int slot index, reused after remove) starts a sequence."""
+    def add(
+        self,
+        row: int,
+        options: SamplingOptions,
+        prompt: Sequence[int],
+        logit_bias: Sequence[tuple[int, float]] = (),
+    ) -> None:
+        """Row ``row`` (a small int slot index, reused after remove) starts a sequence.
+
+        ``logit_bias`` is added to the row's raw logits of those token ids at every step
+        (ids must be in the vocabulary; a repeated id adds up).
+        """
         if row < 0:
             raise ValueError(f"row must be >= 0, got {row}")
         if row < self._rows.size and self._rows["active"][row]:
             raise ValueError(f"row {row} is in use")
+        bias_ids = np.asarray([t for t, _ in logit_bias], dtype=np.int32)
+        if bias_ids.size and (bias_ids.min() < 0 or bias_ids.max() >= self.vocab_size):
+            raise ValueError(f"logit_bias ids must be in 0..{self.vocab_size - 1}")
         o = options
         window = self.context_length if o.repeat_last_n == -1 else o.repeat_last_n
         # No sequence is longer than the context, and a ring past it would only take memory
@@ -115,6 +131,10 @@ class BatchSampler:
         record["written"] = record["high"] = len(recent)
         if recent:
             self._history[row, : len(recent)] = mx.array(recent, dtype=mx.int32)
+        self._bias.pop(row, None)
+        if bias_ids.size:
+            values = np.asarray([b for _, b in logit_bias], dtype=np.float32)
+            self._bias[row] = (bias_ids, values)
 
     @property
     def arrays(self) -> list[mx.array]:
@@ -125,6 +145,24 @@ class BatchSampler:
         """Row ``row`` is free for another sequence."""
         self._check_rows([row])
         self._rows["active"][row] = False
+        self._bias.pop(row, None)
+
+    def biased(self, logits: mx.array, rows: Sequence[int]) -> mx.array:
+        """Lazy ``[R, V]`` float32: raw logits plus each row's logit bias (none: unchanged)."""
+        idx = self._check_rows(rows)
+        logits = logits.astype(mx.float32)
+        biased = [(i, self._bias[int(row)]) for i, row in enumerate(idx) if int(row) in self._bias]
+        if not biased:
+            return logits
+        # One scatter-add over [R, widest bias]; padding adds 0 to token 0.
+        width = max(ids.size for _, (ids, _) in biased)
+        ids = np.zeros((len(idx), width), dtype=np.int32)
+        values = np.zeros((len(idx), width), dtype=np.float32)
+        for i, (row_ids, row_values) in biased:
+            ids[i, : row_ids.size] = row_ids
+            values[i, : row_values.size] = row_values
+        at = mx.arange(len(idx))[:, None]
+        return logits.at[at, mx.array(ids)].add(mx.array(values))
 
     def penalized(self, logits: mx.array, rows: Sequence[int]) -> mx.array:
         """Lazy ``[R, V]`` float32: raw logits with each row's penalties (its own window)."""
@@ -167,7 +205,7 @@ class BatchSampler:
             logits: ``[R, V]`` raw logits (any float dtype); row i belongs to slot ``rows[i]``.
             rows: the slots sampled, each once.
 
-        Applies each row's penalties (its own window), greedy below 1e-5 temperature, else its
+        Applies each row's logit bias and penalties (its own window), greedy below 1e-5 temperature, else its
         own top_k/typical_p/top_p/min_p/temperature and a draw that depends only on (the row's
         seed, its draw counter, token id). Advances the draw counter of every sampled row.
         Builds no host sync.
@@ -177,7 +215,7 @@ class BatchSampler:
             raise ValueError(f"logits of shape {logits.shape} for {len(idx)} rows")
         if len(idx) == 0:
             return mx.zeros((0,), dtype=mx.int32)
-        logits = self.penalized(logits, rows)
+        logits = self.penalized(self.biased(logits, rows), rows)
         record = self._rows[idx]
         keys = _draw_keys(record["seed"], record["draws"])
         self._rows["draws"][idx] += 1

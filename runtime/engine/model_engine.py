@@ -39,7 +39,7 @@ from runtime.engine.protocol import (
     TokenEvent,
     TokenLogprob,
 )
-from runtime.errors import PromptError, PromptTooLongError
+from runtime.errors import OptionsError, PromptError, PromptTooLongError
 
 if TYPE_CHECKING:
     from runtime.models.loader import LoadedModel
@@ -58,6 +58,7 @@ class _Row:
     last: int | None = None  # the last token read back
     finished: bool = False
     paused: bool = False  # its reader lags: fed nothing until unpaused
+    sharing: _Row | None = None  # the sibling whose computed prompt it waits to copy
 
     @property
     def prompt_len(self) -> int:
@@ -147,6 +148,11 @@ class ModelEngine:
         bad = [t for t in request.prompt if not 0 <= t < self._vocab]
         if bad:
             raise PromptError(f"token id {bad[0]} is outside the vocabulary (0..{self._vocab - 1})")
+        bad = [t for t, _ in request.logit_bias if not 0 <= t < self._vocab]
+        if bad:
+            raise OptionsError(
+                f"logit_bias token id {bad[0]} is outside the vocabulary (0..{self._vocab - 1})"
+            )
         index = next((i for i, r in enumerate(self._rows) if r is None), len(self._rows))
         if index == len(self._rows):
             self._rows.append(None)
@@ -162,7 +168,11 @@ class ModelEngine:
                 self._cache.copy_in(index, prefix, n)
                 row.length = n
                 del row.pending[:n]
-        self._sampler.add(index, request.sampling, request.prompt)
+        first = request.share_prompt_of
+        sibling = self._by_id.get(first) if first is not None else None
+        if sibling is not None and row.length == 0 and sibling.request.prompt == request.prompt:
+            row.sharing = sibling
+        self._sampler.add(index, request.sampling, request.prompt, request.logit_bias)
         self._rows[index] = row
         self._by_id[request.seq_id] = row
 
@@ -265,12 +275,37 @@ class ModelEngine:
     def _grow(self, positions: int) -> None:
         self._positions = max(self._positions, round_up(positions, STEP))
 
+    def _share_prompts(self, live: Sequence[_Row]) -> None:
+        """Rows waiting on a sibling whose prompt is now dispatched copy its positions but the
+        last (which they compute, to sample their own first token); a sibling gone or cut
+        before its prompt was computed leaves them to compute theirs."""
+        for row in live:
+            sibling = row.sharing
+            if sibling is None:
+                continue
+            present = self._by_id.get(sibling.request.seq_id) is sibling
+            if present and sibling.pending:
+                continue  # still computing
+            row.sharing = None
+            n = len(row.pending) - 1
+            if not present or sibling.length < n or n <= 0:
+                continue  # its row may hold another sequence now
+            prefix = self._cache.copy_out(sibling.index, n)
+            self._grow(n + 1)
+            for layer, (k, v) in enumerate(prefix):
+                self._cache.ensure(layer, len(self._rows), self._positions, k, v)
+            self._cache.copy_in(row.index, prefix, n)
+            row.length = n
+            del row.pending[:n]
+
     def _dispatch(self, previous: _Forward | None) -> _Forward | None:
         live = [r for r in self._rows if r is not None]
+        self._share_prompts(live)
         fed = [r for r in live if r.fed_next(self._context)]
         chunks: list[tuple[_Row, int]] = []
         budget = self.prefill_chunk
-        for row in sorted((r for r in live if r.pending), key=lambda r: r.request.seq_id):
+        waiting = (r for r in live if r.pending and r.sharing is None)
+        for row in sorted(waiting, key=lambda r: r.request.seq_id):
             if budget <= 0:
                 break
             n = min(len(row.pending), budget)
@@ -332,7 +367,7 @@ class ModelEngine:
                 (r.request.top_logprobs for r in sampled_rows if r.request.logprobs), default=-1
             )
             if top >= 0:
-                lp = batch_logprobs(logits, tokens, top)
+                lp = batch_logprobs(self._sampler.biased(logits, indices), tokens, top)
         self._evaluating = True
         mx.async_eval(tokens, *(lp or ()), *self._cache.arrays)
         return _Forward(rows=tuple(sampled_rows), tokens=tokens, prefilled=prefilled, logprobs=lp)

@@ -40,7 +40,16 @@ class PrefixReuse:
 
 @attrs.frozen(kw_only=True)
 class SequenceRequest:
-    """A sequence to generate. ``max_tokens`` is already clamped to the context."""
+    """A sequence to generate. ``max_tokens`` is already clamped to the context.
+
+    ``logit_bias`` (token id, value) pairs are added to the raw logits before sampling; the
+    logprobs reported are those of the biased logits (before penalties), as OpenAI's are.
+
+    ``share_prompt_of`` names a running sequence with the same prompt (a sibling choice of
+    OpenAI's ``n``): this one computes nothing of its prompt until that one's is computed, then
+    copies its positions but the last (see ``ModelEngine``); if the sibling is gone first, it
+    computes its prompt itself.
+    """
 
     seq_id: int
     prompt: tuple[int, ...]
@@ -48,7 +57,9 @@ class SequenceRequest:
     max_tokens: int
     logprobs: bool = False
     top_logprobs: int = 0
+    logit_bias: tuple[tuple[int, float], ...] = ()
     reuse: PrefixReuse | None = None
+    share_prompt_of: int | None = None
 
 
 @attrs.frozen(kw_only=True)

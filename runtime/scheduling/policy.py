@@ -131,20 +131,26 @@ class SchedulerPolicy(Generic[P]):
 
     def enqueue(self, request: SequenceRequest, payload: P) -> None:
         """Queue a request; ``QueueFull`` or ``CacheBudgetError`` if it cannot be."""
-        need = self._batch_bytes(1, worst_case_positions(request))
-        if need > self.config.cache_bytes:
-            raise CacheBudgetError(
-                f"the request needs up to {need / 2**20:.0f} MiB of KV cache "
-                f"({len(request.prompt)} prompt + {request.max_tokens} new tokens), more than "
-                f"the whole cache budget ({self.config.cache_bytes / 2**20:.0f} MiB); "
-                "ask for fewer tokens (num_predict / max_tokens) or raise --cache-gb"
-            )
+        self.enqueue_all([(request, payload)])
+
+    def enqueue_all(self, items: Sequence[tuple[SequenceRequest, P]]) -> None:
+        """Queue requests together (the choices of one request), all or none: each counts
+        against the queue. ``QueueFull`` or ``CacheBudgetError`` if they cannot all be."""
+        for request, _ in items:
+            need = self._batch_bytes(1, worst_case_positions(request))
+            if need > self.config.cache_bytes:
+                raise CacheBudgetError(
+                    f"the request needs up to {need / 2**20:.0f} MiB of KV cache "
+                    f"({len(request.prompt)} prompt + {request.max_tokens} new tokens), more "
+                    f"than the whole cache budget ({self.config.cache_bytes / 2**20:.0f} MiB); "
+                    "ask for fewer tokens (num_predict / max_tokens) or raise --cache-gb"
+                )
         # Requests the next job will admit wait here too: a burst into an idle server may fill
         # every free running slot and then ``max_queue`` more, and only the rest is refused.
         free_slots = max(0, self.config.parallel - len(self._running))
-        if len(self._queue) >= self.config.max_queue + free_slots:
+        if len(self._queue) + len(items) > self.config.max_queue + free_slots:
             raise QueueFull
-        self._queue.append((request, payload))
+        self._queue.extend(items)
 
     def withdraw(self, seq_id: int) -> P | None:
         """The requester left. A queued request frees its slot now (its payload is returned);
