@@ -203,12 +203,50 @@ _CONTENT_PART = {
     "required": ["type", "text"],
     "properties": {"type": {"const": "text"}, "text": {"type": "string"}},
 }
+_NULLABLE_STRING = {"type": ["string", "null"]}
+# An assistant's earlier call, passed back to the template: OpenAI's arguments are a JSON
+# string, Ollama's an object.
+_TOOL_CALL = {
+    "type": "object",
+    "properties": {
+        "id": {"type": "string"},
+        "type": {"const": "function"},
+        "function": {
+            "type": "object",
+            "required": ["name"],
+            "properties": {
+                "name": {"type": "string"},
+                "arguments": {"type": ["object", "string"]},
+            },
+        },
+    },
+}
 _MESSAGE = {
     "type": "object",
     "required": ["role"],
     "properties": {
         "role": {"enum": sorted({*ROLES, "developer"})},
         "content": {"type": ["string", "array", "null"], "items": _CONTENT_PART},
+        "tool_calls": {"type": ["array", "null"], "items": _TOOL_CALL},
+        "tool_call_id": {**_NULLABLE_STRING, "description": "OpenAI: the call a tool answers"},
+        "name": {**_NULLABLE_STRING, "description": "the function a tool message answers"},
+        "tool_name": {**_NULLABLE_STRING, "description": "Ollama's name for 'name'"},
+    },
+}
+# A tool the model may call, rendered by the chat template (its `tools` variable).
+_TOOL = {
+    "type": "object",
+    "properties": {
+        "type": {"const": "function"},
+        "function": {
+            "type": "object",
+            "required": ["name"],
+            "properties": {
+                "name": {"type": "string"},
+                "description": {"type": "string"},
+                "parameters": {"type": "object", "description": "a JSON schema"},
+            },
+        },
     },
 }
 
@@ -224,8 +262,13 @@ def messages(name: str = "messages", *, required: bool = False) -> Field[tuple[C
 
 
 def tools(name: str = "tools") -> Field[tuple[Mapping[str, Any], ...] | None]:
-    schema = {"type": ["array", "null"], "items": {"type": "object"}}
-    return Field(name, schema, lambda body, _key: tool_list(body))
+    schema = {"type": ["array", "null"], "items": _TOOL}
+    return Field(
+        name,
+        schema,
+        lambda body, _key: tool_list(body),
+        description="functions the model may call; its calls come back as tool_calls",
+    )
 
 
 # ---- Ollama's options object ----

@@ -32,6 +32,7 @@ from api.native import STREAM, ndjson_line, ndjson_response, stats_json
 from api.openapi import GENERATION, JSON, LOADING, NDJSON, TEXT, UNKNOWN_MODEL, endpoint
 from api.replies import json_reply, whole_reply_size
 from api.schemas import generation_options, reject_format
+from api.tool_replies import ToolCallStream, ollama_tool_calls
 from runtime.text.thinking import supports_thinking
 
 # A cut generation never gets a done line: its stream ends with an error line instead.
@@ -124,7 +125,11 @@ Render = Callable[[str, str], dict[str, Any]]
 
 
 def _line(
-    name: str, render: Render, chunk: Chunk, logprobs: list[dict[str, Any]] | None
+    name: str,
+    render: Render,
+    chunk: Chunk,
+    logprobs: list[dict[str, Any]] | None,
+    tool_calls: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     out = {
         "model": name,
@@ -132,6 +137,8 @@ def _line(
         **render(chunk.content, chunk.thinking),
         "done": chunk.done,
     }
+    if tool_calls:
+        out["message"]["tool_calls"] = tool_calls
     if logprobs is not None:
         out["logprobs"] = logprobs
     if chunk.done:
@@ -145,14 +152,18 @@ async def _respond(
 ) -> Response:
     """The NDJSON stream, or one object with the whole text and the final statistics."""
     generation = await open_generation(ctx, req)
+    tools = ToolCallStream(ctx, req)
     if stream:
 
         async def pieces() -> AsyncIterator[bytes]:
             try:
-                async for chunk in generation:
-                    if chunk.content or chunk.thinking or chunk.done or chunk.logprobs:
+                async for raw in generation:
+                    before = tools.count
+                    chunk, calls = tools.chunk(raw)
+                    if chunk.content or chunk.thinking or chunk.done or chunk.logprobs or calls:
                         lps = _logprobs(chunk) if req.logprobs else None
-                        yield ndjson_line(_line(name, render, chunk, lps))
+                        shaped = ollama_tool_calls(calls, before)
+                        yield ndjson_line(_line(name, render, chunk, lps, shaped))
             except GenerationError as exc:  # failed, or cut short: Ollama's error line
                 yield ndjson_line(stream_error_payload(exc, generation.request_id))
             finally:
@@ -160,11 +171,11 @@ async def _respond(
 
         return ndjson_response(generation, pieces())
 
-    whole = await generation.collect()
+    whole, calls = tools.whole(await generation.collect())
 
     def reply() -> dict[str, Any]:
         lps = _logprobs(whole) if req.logprobs else None
-        return _line(name, render, whole, lps)
+        return _line(name, render, whole, lps, ollama_tool_calls(calls, 0))
 
     return await json_reply(reply, whole_reply_size(whole), ctx.client.cpu_limiter)
 

@@ -40,6 +40,7 @@ from api.openai_features import BEST_OF, ECHO, LOGIT_BIAS, SUFFIX, check_unsuppo
 from api.openapi import GENERATION, JSON, LOADING, SSE, UNKNOWN_MODEL, endpoint
 from api.replies import json_reply, whole_reply_size
 from api.schemas import INT32_MAX, generation_options, get_bool, get_token_ids
+from api.tool_replies import ToolCallStream, openai_finish, openai_tool_calls
 from runtime.engine.options import MIN_TOP_P
 
 # A cut generation has no finish reason: its stream ends with an error event instead.
@@ -233,16 +234,19 @@ class _Shape:
         *,
         delta: bool,
         thinking: str = "",
+        tool_calls: list[dict[str, Any]] | None = None,
     ) -> dict[str, Any]:
         body: dict[str, Any] = {"index": index}
         if self.chat:
             key = "delta" if delta else "message"
-            if not delta:
-                body[key] = {"role": "assistant", "content": text}
+            if not delta:  # a reply of calls only has null content, as OpenAI's
+                body[key] = {"role": "assistant", "content": text or (None if tool_calls else "")}
             else:  # the role was named by the first delta of the stream
                 body[key] = {"content": text} if text else {}
             if thinking:  # a thinking model's <think> block, as vLLM and DeepSeek name it
                 body[key]["reasoning_content"] = thinking
+            if tool_calls:
+                body[key]["tool_calls"] = tool_calls
         else:
             echo = "" if index in self.echoed else self.echo
             self.echoed.add(index)
@@ -258,16 +262,24 @@ async def _respond(
     stream = STREAM.read(body)
     include_usage = stream and get_bool(STREAM_OPTIONS.read(body), "include_usage", False)
     choices = await open_choices(ctx, req, N.read(body) or 1)
+    tools = [ToolCallStream(ctx, req) for _ in choices.readers]  # each choice its own calls
     if stream:
-        return _sse_response(choices, _stream(choices, shape, include_usage))
-    wholes = await collect(choices)
+        return _sse_response(choices, _stream(choices, shape, include_usage, tools))
+    parsed = [t.whole(w) for t, w in zip(tools, await collect(choices), strict=True)]
+    wholes = [w for w, _ in parsed]
 
     def reply() -> dict[str, Any]:
         rendered = [
             shape.choice(
-                i, w.content, list(w.logprobs), _finish(w), delta=False, thinking=w.thinking
+                i,
+                w.content,
+                list(w.logprobs),
+                openai_finish(_finish(w), w, bool(calls)),
+                delta=False,
+                thinking=w.thinking,
+                tool_calls=openai_tool_calls(calls, 0, delta=False),
             )
-            for i, w in enumerate(wholes)
+            for i, (w, calls) in enumerate(parsed)
         ]
         return {**shape.envelope(shape.object, rendered), "usage": usage(wholes)}
 
@@ -275,7 +287,9 @@ async def _respond(
     return await json_reply(reply, size, ctx.client.cpu_limiter)
 
 
-async def _stream(choices: Choices, shape: _Shape, include_usage: bool) -> AsyncIterator[bytes]:
+async def _stream(
+    choices: Choices, shape: _Shape, include_usage: bool, tools: list[ToolCallStream]
+) -> AsyncIterator[bytes]:
     usage_field: dict[str, Any] = {"usage": None} if include_usage else {}
     finals: list[Chunk] = []
     try:
@@ -284,8 +298,10 @@ async def _stream(choices: Choices, shape: _Shape, include_usage: bool) -> Async
                 first = {"index": i, "delta": {"role": "assistant", "content": ""}}
                 first.update({"logprobs": None, "finish_reason": None})
                 yield _sse({**shape.envelope(shape.chunk_object, [first]), **usage_field})
-        async for i, chunk in interleave(choices):
-            if chunk.content or chunk.thinking or chunk.logprobs:
+        async for i, raw in interleave(choices):
+            before = tools[i].count
+            chunk, calls = tools[i].chunk(raw)
+            if chunk.content or chunk.thinking or chunk.logprobs or calls:
                 choice = shape.choice(
                     i,
                     chunk.content,
@@ -293,11 +309,13 @@ async def _stream(choices: Choices, shape: _Shape, include_usage: bool) -> Async
                     None,
                     delta=True,
                     thinking=chunk.thinking,
+                    tool_calls=openai_tool_calls(calls, before, delta=True),
                 )
                 yield _sse({**shape.envelope(shape.chunk_object, [choice]), **usage_field})
             if chunk.done:
                 finals.append(chunk)
-                choice = shape.choice(i, "", [], _finish(chunk), delta=True)
+                finish = openai_finish(_finish(chunk), chunk, tools[i].count > 0)
+                choice = shape.choice(i, "", [], finish, delta=True)
                 if not shape.chat:
                     choice["logprobs"] = None
                 yield _sse({**shape.envelope(shape.chunk_object, [choice]), **usage_field})

@@ -17,6 +17,7 @@ import trio
 from actors.messages import ChatMessage, GenerationOptions
 from api.errors import ApiError, bad_request
 from runtime.engine.options import SamplingOptions
+from runtime.text.tool_calls import template_fields
 
 _INT_OPTIONS = ("top_k", "repeat_last_n")
 # Ollama options with no meaning here (GPU layout, threads, mirostat...) are accepted and
@@ -252,7 +253,11 @@ def chat_messages(body: Mapping[str, Any], key: str = "messages") -> tuple[ChatM
             k: v for k, v in raw.items() if k not in ("role", "content", "images") and v is not None
         }
         messages.append(
-            ChatMessage(role=role, content=_content_text(raw.get("content"), where), extra=extra)
+            ChatMessage(
+                role=role,
+                content=_content_text(raw.get("content"), where),
+                extra=template_fields(role, extra),
+            )
         )
     return tuple(messages)
 

@@ -154,3 +154,14 @@ def test_openai_string_arguments_become_mappings_for_the_template() -> None:
         {"function": {"name": "h", "arguments": "not json"}},
     ]
     assert template_tool_calls("odd") == "odd"
+
+
+def test_tool_results_name_their_function_for_the_template() -> None:
+    from runtime.text.tool_calls import template_fields
+
+    assert template_fields("tool", {"tool_name": "f"}) == {"tool_name": "f", "name": "f"}
+    assert template_fields("tool", {"tool_call_id": "call_1", "name": "g"}) == {
+        "tool_call_id": "call_1",
+        "name": "g",
+    }
+    assert template_fields("user", {"tool_name": "f"}) == {"tool_name": "f"}

@@ -257,6 +257,18 @@ def parse_all(parser: ToolCallParser, text: str) -> Parsed:
     return Parsed(first.content + last.content, first.calls + last.calls)
 
 
+def template_fields(role: str, extra: Mapping[str, Any]) -> dict[str, Any]:
+    """A message's fields past role and content, as HF templates read them: ``tool_calls``
+    with mapping arguments, and a tool result's function ``name`` (Ollama calls it
+    ``tool_name``; OpenAI's ``tool_call_id`` passes as is)."""
+    out = dict(extra)
+    if "tool_calls" in out:
+        out["tool_calls"] = template_tool_calls(out["tool_calls"])
+    if role == "tool" and "name" not in out and isinstance(out.get("tool_name"), str):
+        out["name"] = out["tool_name"]
+    return out
+
+
 def template_tool_calls(calls: Any) -> Any:
     """An assistant message's ``tool_calls`` as HF templates expect them: each call's
     ``function.arguments`` a mapping (OpenAI sends a JSON string; one that is not a JSON
