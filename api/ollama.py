@@ -68,6 +68,10 @@ def details(info: ModelInfo) -> dict[str, Any]:
     }
 
 
+def _renders_tools(info: ModelInfo) -> bool:
+    return "tools" in (info.chat_template or "")
+
+
 def _digest(info: ModelInfo) -> str:
     return info.digest.removeprefix("sha256:")
 
@@ -307,8 +311,9 @@ def blueprint(ctx: ApiContext) -> Blueprint:
                     "general.parameter_count": info.parameters,
                     f"{arch}.context_length": info.context_length,
                 },
+                # As Ollama: "tools" when the template renders them.
                 "capabilities": ["completion"]
-                + (["tools"] if info.chat_template else [])
+                + (["tools"] if _renders_tools(info) else [])
                 + (["thinking"] if supports_thinking(info.chat_template) else []),
                 "modified_at": _rfc3339(info.modified_at),
             }

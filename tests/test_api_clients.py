@@ -78,6 +78,7 @@ async def test_ollama_list_show_ps_version(server) -> None:
     assert [m.model for m in listed.models] == ["fake:latest"]
     assert listed.models[0].details.quantization_level == "Q4_1"
     shown = await in_thread(lambda: client.show("fake"))
+    assert "tools" not in shown.capabilities  # its template does not render tools
     assert shown.details.family == "llama"
     assert shown.modelinfo["llama.context_length"] == 64
     running = await in_thread(client.ps)

@@ -293,3 +293,8 @@ async def test_ollama_calls_and_results_go_back_into_the_template(qwen: Served) 
     assert "<tool_response name=get_weather id=>-3C</tool_response>" in prompt
     assert reply.message.content == "Cold in Oslo."
     assert not reply.message.tool_calls
+
+
+async def test_ollama_show_lists_tools_when_the_template_renders_them(qwen: Served) -> None:
+    shown = await in_thread(lambda: qwen.ollama().show("fake"))
+    assert "tools" in shown.capabilities
