@@ -40,7 +40,13 @@ from api.openai_features import BEST_OF, ECHO, LOGIT_BIAS, SUFFIX, check_unsuppo
 from api.openapi import GENERATION, JSON, LOADING, SSE, UNKNOWN_MODEL, endpoint
 from api.replies import json_reply, whole_reply_size
 from api.schemas import INT32_MAX, generation_options, get_bool, get_token_ids
-from api.tool_replies import ToolCallStream, openai_finish, openai_tool_calls
+from api.tool_replies import (
+    TOOL_CHOICE,
+    ToolCallStream,
+    chosen_tools,
+    openai_finish,
+    openai_tool_calls,
+)
 from runtime.engine.options import MIN_TOP_P
 
 # A cut generation has no finish reason: its stream ends with an error event instead.
@@ -93,7 +99,9 @@ _SHARED: tuple[Field[Any], ...] = (
     LOGIT_BIAS,
 )
 MESSAGES = fields.messages(required=True)
-CHAT = fields.body(MESSAGES, TOOLS, LOGPROBS, TOP_LOGPROBS, MAX_COMPLETION_TOKENS, *_SHARED)
+CHAT = fields.body(
+    MESSAGES, TOOLS, TOOL_CHOICE, LOGPROBS, TOP_LOGPROBS, MAX_COMPLETION_TOKENS, *_SHARED
+)
 ChatParts = tuple[tuple[ChatMessage, ...], tuple[Mapping[str, Any], ...] | None]
 Prompt = tuple[str | None, tuple[int, ...] | None]
 
@@ -358,7 +366,7 @@ def blueprint(ctx: ApiContext) -> Blueprint:
             raise bad_request("'top_logprobs' requires 'logprobs': true")
         req = GenerateRequest(
             messages=messages,
-            tools=tools,
+            tools=chosen_tools(body, tools),
             logprobs=logprobs,
             top_logprobs=top,
             options=_options(body, (MAX_COMPLETION_TOKENS, MAX_TOKENS)),

@@ -10,13 +10,40 @@ from __future__ import annotations
 
 import json
 import secrets
+from collections.abc import Mapping
 from typing import Any
 
 import attrs
 
 from actors.messages import Chunk, DoneReason, GenerateRequest, UnavailableError
+from api import fields
 from api.context import ApiContext
+from api.errors import bad_request
 from runtime.text.tool_calls import Parsed, ToolCall, ToolCallParser, parse_all, parser_for
+
+Tools = tuple[Mapping[str, Any], ...] | None
+
+
+# OpenAI's tool_choice: "auto" (the default) and "none" (no tools reach the model). Forcing a
+# call ("required", a named function) needs constrained decoding, which this server lacks.
+TOOL_CHOICE = fields.raw(
+    "tool_choice",
+    {"enum": ["auto", "none", None]},
+    description="'auto' or 'none'; 'required' and named functions are refused (400)",
+)
+
+
+def chosen_tools(body: fields.DeclaredBody, tools: Tools) -> Tools:
+    """The tools a request offers the model, after ``tool_choice``."""
+    choice = TOOL_CHOICE.read(body)
+    if choice in (None, "auto"):
+        return tools
+    if choice == "none":
+        return None
+    raise bad_request(
+        f"'tool_choice' {json.dumps(choice)[:80]} is not supported: use 'auto' or 'none' "
+        "(a call cannot be forced)"
+    )
 
 
 def _parser(ctx: ApiContext, req: GenerateRequest) -> ToolCallParser | None:

@@ -298,3 +298,25 @@ async def test_ollama_calls_and_results_go_back_into_the_template(qwen: Served) 
 async def test_ollama_show_lists_tools_when_the_template_renders_them(qwen: Served) -> None:
     shown = await in_thread(lambda: qwen.ollama().show("fake"))
     assert "tools" in shown.capabilities
+
+
+async def test_openai_tool_choice_none_offers_no_tools_and_required_is_refused(
+    qwen: Served,
+) -> None:
+    qwen.output = f"<tool_call>{PARIS}</tool_call>"
+    client = qwen.openai()
+    reply = await in_thread(
+        lambda: client.chat.completions.create(
+            model="fake", messages=ASK, tools=[WEATHER_TOOL], tool_choice="none"
+        )
+    )
+    assert "get_weather" not in qwen.prompt()
+    assert reply.choices[0].message.tool_calls is None
+    assert reply.choices[0].message.content == qwen.output
+    with pytest.raises(openai.BadRequestError) as refused:
+        await in_thread(
+            lambda: client.chat.completions.create(
+                model="fake", messages=ASK, tools=[WEATHER_TOOL], tool_choice="required"
+            )
+        )
+    assert "tool_choice" in refused.value.response.text
