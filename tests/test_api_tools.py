@@ -320,3 +320,19 @@ async def test_openai_tool_choice_none_offers_no_tools_and_required_is_refused(
             )
         )
     assert "tool_choice" in refused.value.response.text
+
+
+@pytest.fixture
+async def qwen3() -> AsyncIterator[Served]:
+    async for served in serve(QWEN_TEMPLATE + "{# enable_thinking #}", "qwen3"):
+        yield served
+
+
+async def test_a_thinking_model_thinks_then_calls(qwen3: Served) -> None:
+    # Qwen3: the <think> block is split out first (the pipeline), the call from what remains.
+    qwen3.output = f"<think>Paris first.</think>\n\n<tool_call>\n{PARIS}\n</tool_call>"
+    client = qwen3.ollama()
+    reply = await in_thread(lambda: client.chat(model="fake", messages=ASK, tools=[WEATHER_TOOL]))
+    assert reply.message.thinking == "Paris first."
+    assert reply.message.content == ""
+    assert [c.function.name for c in reply.message.tool_calls] == ["get_weather"]
