@@ -336,3 +336,28 @@ async def test_a_thinking_model_thinks_then_calls(qwen3: Served) -> None:
     assert reply.message.thinking == "Paris first."
     assert reply.message.content == ""
     assert [c.function.name for c in reply.message.tool_calls] == ["get_weather"]
+
+
+async def test_each_of_n_choices_has_its_own_calls(qwen: Served) -> None:
+    qwen.output = TWO_CALLS
+    client = qwen.openai()
+    reply = await in_thread(
+        lambda: client.chat.completions.create(
+            model="fake", messages=ASK, tools=[WEATHER_TOOL], n=2
+        )
+    )
+    assert [c.finish_reason for c in reply.choices] == ["tool_calls", "tool_calls"]
+    assert [len(c.message.tool_calls) for c in reply.choices] == [2, 2]
+
+    def stream() -> list[Any]:
+        return list(
+            client.chat.completions.create(
+                model="fake", messages=ASK, tools=[WEATHER_TOOL], n=2, stream=True
+            )
+        )
+
+    events = await in_thread(stream)
+    for i in (0, 1):
+        deltas = [c.delta for e in events for c in e.choices if c.index == i]
+        assert [c.index for d in deltas for c in d.tool_calls or []] == [0, 1]
+        assert "".join(d.content or "" for d in deltas) == "Let me check."
