@@ -265,11 +265,16 @@ def slow_engine(delay: float, context_length: int = 100_000) -> Any:
 
 class PacedEngine:
     """A real engine that sleeps ``delay`` s before each step, so a test can keep streams
-    open across a signal (the tiny model alone finishes in milliseconds)."""
+    open across a signal (the tiny model alone finishes in milliseconds).
+
+    It never ends a sequence at an end-of-sequence token: the tiny model's random weights do
+    produce one now and then, and a stream that ends by itself, sooner or later than the
+    signal depending on timing, would make the tests' expected endings depend on timing."""
 
     def __init__(self, inner: Any, delay: float) -> None:
         self.inner = inner
         self.delay = delay
+        inner._eos = frozenset()  # a ModelEngine's end-of-sequence ids (test-only seam)
 
     @property
     def context_length(self) -> int:

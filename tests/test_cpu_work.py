@@ -143,7 +143,10 @@ async def test_no_more_than_cpu_workers_jobs_run_at_once(tree: Tree) -> None:
     waiting = 4 - CPU_WORKERS
 
     def parked() -> bool:
-        return tree.limiter.statistics().tasks_waiting == waiting and tree.tokenizer.inside > 0
+        # Both borrowers must be inside ``encode``: a thread that took a token may not have
+        # reached it yet.
+        stats = tree.limiter.statistics()
+        return stats.tasks_waiting == waiting and tree.tokenizer.inside == CPU_WORKERS
 
     await wait_until(parked, f"{CPU_WORKERS} jobs running, {waiting} waiting for the limiter")
     assert tree.tokenizer.inside == tree.limiter.statistics().borrowed_tokens == CPU_WORKERS
