@@ -80,6 +80,7 @@ class ScriptedEngine:
         self._stepping: list[int] = []  # the sequences the last step advanced
         self.steps = 0
         self.gate: threading.Event | None = None  # when set, each step waits for it
+        self.at_gate = threading.Event()  # set once a step is waiting on the gate
         self.closed = False
         self.embedded: list[tuple[tuple[tuple[int, ...], ...], int]] = []
 
@@ -162,6 +163,7 @@ class ScriptedEngine:
     def step(self) -> list[TokenEvent]:
         self._record()
         if self.gate is not None:
+            self.at_gate.set()
             self.gate.wait()
         self.steps += 1
         self._stepping = [sid for sid, seq in self.seqs.items() if not seq.finished]

@@ -243,7 +243,8 @@ async def test_the_withdrawn_set_is_empty_after_a_drain() -> None:
                 for i in range(4):  # two running, two queued
                     nursery.start_soon(read, await runner.submit(_request(f"p{i}", 50_000)))
                 await wait_until(lambda: client.statistics().queued_requests == 2)
-                engine.gate = threading.Event()  # the engine is stuck in a step
+                engine.gate = threading.Event()  # the engine gets stuck in its next step
+                await wait_until(engine.at_gate.is_set)  # and is: no removal job can run
                 nursery.start_soon(drain, runner, 0.0)
                 await wait_until(lambda: len(cuts) == 4)  # every reader was told at once
                 await trio.testing.wait_all_tasks_blocked()
