@@ -35,6 +35,7 @@ from actors.messages import (
     UnavailableError,
 )
 from runtime.errors import OptionsError
+from runtime.testing.engine_wrapper import DelegatingEngine
 
 CUT_MESSAGE = "the server is shutting down: the generation was cut short after 2 tokens"
 
@@ -263,7 +264,7 @@ def slow_engine(delay: float, context_length: int = 100_000) -> Any:
     return SlowEngine(lambda r: [r.prompt[-1]] * r.max_tokens, context_length=context_length)
 
 
-class PacedEngine:
+class PacedEngine(DelegatingEngine):
     """A real engine that sleeps ``delay`` s before each step, so a test can keep streams
     open across a signal (the tiny model alone finishes in milliseconds).
 
@@ -272,50 +273,15 @@ class PacedEngine:
     signal depending on timing, would make the tests' expected endings depend on timing."""
 
     def __init__(self, inner: Any, delay: float) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.delay = delay
         inner._eos = frozenset()  # a ModelEngine's end-of-sequence ids (test-only seam)
-
-    @property
-    def context_length(self) -> int:
-        return int(self.inner.context_length)
-
-    @property
-    def kv_bytes_per_token(self) -> int:
-        return int(self.inner.kv_bytes_per_token)
-
-    def add(self, request: Any) -> None:
-        self.inner.add(request)
-
-    def remove(self, seq_id: int, *, save_as: int | None = None) -> int:
-        return int(self.inner.remove(seq_id, save_as=save_as))
-
-    def drop_prefix(self, entry_id: int) -> None:
-        self.inner.drop_prefix(entry_id)
-
-    def set_paused(self, seq_id: int, paused: bool) -> None:
-        self.inner.set_paused(seq_id, paused)
-
-    def abort_step(self) -> Any:
-        return self.inner.abort_step()
-
-    def has_work(self) -> bool:
-        return bool(self.inner.has_work())
 
     def step(self) -> Any:
         import time
 
         time.sleep(self.delay)
         return self.inner.step()
-
-    def statistics(self) -> Any:
-        return self.inner.statistics()
-
-    def embed(self, inputs: Any, *, normalize: bool, dimensions: int | None = None) -> Any:
-        return self.inner.embed(inputs, normalize=normalize, dimensions=dimensions)
-
-    def close(self) -> None:
-        self.inner.close()
 
 
 def _serve_scripted_main() -> None:

@@ -24,6 +24,7 @@ from runtime.engine.model_engine import ModelEngine
 from runtime.engine.options import SamplingOptions
 from runtime.engine.protocol import EngineStats, SequenceRequest, StepAbort, TokenEvent
 from runtime.models.loader import load_model
+from runtime.testing.engine_wrapper import DelegatingEngine
 from runtime.testing.models import make_tiny_folder
 
 PROMPT = (5, 17, 99, 3, 250, 41, 7)
@@ -35,31 +36,18 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_folder(tmp_path_factory.mktemp("tiny") / "m", "llama")
 
 
-class RecordingEngine:
+class RecordingEngine(DelegatingEngine):
     """``ModelEngine`` plus a record of the threads it ran on and the batches it stepped."""
 
     def __init__(self, inner: ModelEngine, threads: set[int]) -> None:
-        self.inner = inner
+        super().__init__(inner)
+        self.inner: ModelEngine = inner
         self.threads = threads
         self.removed: list[int] = []
         # (seq_id, whether it was still reading its prompt, active sequences before removal)
         self.removals: list[tuple[int, bool, int]] = []
         self.largest_batch = 0
         self.steps = 0
-
-    @property
-    def context_length(self) -> int:
-        return self.inner.context_length
-
-    @property
-    def kv_bytes_per_token(self) -> int:
-        return self.inner.kv_bytes_per_token
-
-    def drop_prefix(self, entry_id: int) -> None:
-        self.inner.drop_prefix(entry_id)
-
-    def set_paused(self, seq_id: int, paused: bool) -> None:
-        self.inner.set_paused(seq_id, paused)
 
     def embed(
         self, inputs: Sequence[Sequence[int]], *, normalize: bool, dimensions: int | None = None

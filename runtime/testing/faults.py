@@ -11,10 +11,11 @@ inside the step instead, in the model's forward pass, for engine-level tests.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from runtime.engine.protocol import Engine, EngineStats, SequenceRequest, StepAbort, TokenEvent
+from runtime.engine.protocol import Engine, SequenceRequest, StepAbort, TokenEvent
+from runtime.testing.engine_wrapper import DelegatingEngine
 
 if TYPE_CHECKING:
     import mlx.core as mx
@@ -45,7 +46,7 @@ def engine_bug() -> RuntimeError:
     return RuntimeError("injected engine fault")
 
 
-class FaultInjectingEngine:
+class FaultInjectingEngine(DelegatingEngine):
     """An ``Engine`` that delegates to ``inner`` and makes the steps ``plan`` names raise.
 
     ``gate``: when set to an event, each step waits for it first (on the engine thread), so a
@@ -54,7 +55,7 @@ class FaultInjectingEngine:
     """
 
     def __init__(self, inner: Engine, plan: FaultPlan) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.plan = plan
         self.gate: threading.Event | None = None
         self.admission: Callable[[SequenceRequest], BaseException | None] = lambda request: None
@@ -62,31 +63,11 @@ class FaultInjectingEngine:
         self.failed_steps: list[int] = []
         self.aborts: list[StepAbort] = []
 
-    @property
-    def context_length(self) -> int:
-        return self.inner.context_length
-
-    @property
-    def kv_bytes_per_token(self) -> int:
-        return self.inner.kv_bytes_per_token
-
     def add(self, request: SequenceRequest) -> None:
         fault = self.admission(request)
         if fault is not None:
             raise fault
         self.inner.add(request)
-
-    def remove(self, seq_id: int, *, save_as: int | None = None) -> int:
-        return self.inner.remove(seq_id, save_as=save_as)
-
-    def drop_prefix(self, entry_id: int) -> None:
-        self.inner.drop_prefix(entry_id)
-
-    def set_paused(self, seq_id: int, paused: bool) -> None:
-        self.inner.set_paused(seq_id, paused)
-
-    def has_work(self) -> bool:
-        return self.inner.has_work()
 
     def step(self) -> list[TokenEvent]:
         if self.gate is not None:
@@ -103,17 +84,6 @@ class FaultInjectingEngine:
         abort = self.inner.abort_step()
         self.aborts.append(abort)
         return abort
-
-    def statistics(self) -> EngineStats:
-        return self.inner.statistics()
-
-    def embed(
-        self, inputs: Sequence[Sequence[int]], *, normalize: bool, dimensions: int | None = None
-    ) -> list[list[float]]:
-        return self.inner.embed(inputs, normalize=normalize, dimensions=dimensions)
-
-    def close(self) -> None:
-        self.inner.close()
 
 
 class FaultyModel:
