@@ -36,9 +36,9 @@ def test_env_forces_mlx_attention(monkeypatch: pytest.MonkeyPatch) -> None:
     ("rows", "kv_heads", "longest", "splits"),
     [
         (64, 8, 4000, 1),  # 512 blocks already fill the GPU
-        (16, 8, 200, 3),  # 128 blocks: split in 3 (3 * 64 <= 200)
-        (16, 8, 100, 1),  # too short to split
-        (1, 8, 4096, 33),  # one row, long: 33 slices of 124 positions
+        (16, 8, 800, 3),  # 128 blocks: split in 3 (3 * 256 <= 800)
+        (16, 8, 200, 1),  # too short to be worth a second kernel
+        (1, 8, 4096, 16),  # one row, long: 16 slices of 256 positions
         (1, 8, 1, 1),
     ],
 )

@@ -130,6 +130,7 @@ class BatchLayout:
     kernel: bool = False  # decode rows attend with ``decode_attention`` (GPU), not MLX's
     mask: mx.array | None = None  # ``length_mask()`` when ragged and MLX's attention is used
     prefill: tuple[PrefillChunk, ...] = ()
+    _write_indices: dict[tuple[int, ...], mx.array] = attrs.field(factory=dict, init=False)
 
     @classmethod
     def build(
@@ -185,6 +186,16 @@ class BatchLayout:
         visible = mx.arange(self.span)[None, :] <= self.offsets[:, None]
         return visible.reshape(self.rows, 1, 1, self.span)
 
+    def _write_index(self, like: mx.array) -> mx.array:
+        """Each decode row's write position, broadcast to ``like`` (built once per step and
+        shape: every layer scatters at the same positions)."""
+        index = self._write_indices.get(like.shape)
+        if index is None:
+            assert self.offsets is not None
+            at = self.offsets.reshape(self.rows, 1, 1, 1)
+            index = self._write_indices[like.shape] = mx.broadcast_to(at, like.shape)
+        return index
+
     def attend(
         self,
         queries: mx.array,
@@ -212,9 +223,8 @@ class BatchLayout:
                 v_dec = values[:, :, :rows].transpose(2, 1, 0, 3)
             q_dec = rope(q_dec, self.offsets)
             k_dec = rope(k_dec, self.offsets)
-            at = self.offsets.reshape(rows, 1, 1, 1)
-            k_all = mx.put_along_axis(k_all, mx.broadcast_to(at, k_dec.shape), k_dec, axis=2)
-            v_all = mx.put_along_axis(v_all, mx.broadcast_to(at, v_dec.shape), v_dec, axis=2)
+            k_all = mx.put_along_axis(k_all, self._write_index(k_dec), k_dec, axis=2)
+            v_all = mx.put_along_axis(v_all, self._write_index(v_dec), v_dec, axis=2)
         chunks = []
         for chunk in self.prefill:
             end = chunk.start + chunk.length

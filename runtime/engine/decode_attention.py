@@ -33,7 +33,11 @@ _Kernel = Callable[..., list[mx.array]]
 WARPS = 4  # warps per block; each walks every WARPS-th position of the block's slice
 UNROLL = 4  # positions a warp loads before it computes (memory-level parallelism)
 TARGET_BLOCKS = 264  # about two blocks per multiprocessor on an H100/H200 (132 SMs)
-MIN_SLICE = 64  # positions: below this a slice's fixed cost outweighs the parallelism
+# Positions per slice at least. A split costs a second kernel (the merge), and a custom
+# kernel call costs about 25 us of host time (MLX builds and hashes its source on every call,
+# ``bench/gpu_ops.py``): at 16 rows of 150 positions, splitting in two made the host-bound
+# decode step slower, not faster. Long rows still split.
+MIN_SLICE = 256
 
 _HEADER = """
 template <typename T, int E>

@@ -22,6 +22,7 @@ admitted request may start from one (``SequenceRequest.reuse``).
 from __future__ import annotations
 
 import gc
+import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -40,6 +41,7 @@ from runtime.engine.protocol import (
     TokenLogprob,
 )
 from runtime.errors import OptionsError, PromptError, PromptTooLongError
+from runtime.models.projections import fuse_projections
 
 if TYPE_CHECKING:
     from runtime.models.loader import LoadedModel
@@ -100,6 +102,8 @@ class ModelEngine:
             raise ValueError("prefill_chunk must be >= 1")
         self.loaded = loaded
         self.model = loaded.model
+        if os.environ.get("MLXRUNNER_FUSED_PROJECTIONS", "1") != "0":
+            fuse_projections(self.model)  # fewer matmuls per layer (the GPU step is host-bound)
         self.tokenizer = loaded.tokenizer
         self.prefill_chunk = prefill_chunk
         self._context = min(context_length or loaded.context_length, loaded.context_length)

@@ -31,6 +31,7 @@ from runtime.blas import loaded_blas
 from runtime.errors import ModelLoadError
 from runtime.formats.safetensors import TensorSet
 from runtime.models.checkpoint import check_weights, instantiate, quantization_label
+from runtime.models.quantized_linear import adopt_quantized_linears
 from runtime.models.source import open_checkpoint
 from runtime.progress import Progress
 
@@ -197,6 +198,7 @@ def _build(
                 {"group_size": quant[p][1], "bits": quant[p][0]} if p in quant else False
             ),
         )
+        adopt_quantized_linears(model)
     if mx.default_device() == mx.cpu:
         # Float32 on CPU: half-precision matmuls and scales are far slower there.
         for key, array in list(weights.items()):

@@ -22,6 +22,7 @@ from runtime.models.common import (
     swiglu,
 )
 from runtime.models.fused import RMSNorm
+from runtime.models.projections import gate_up, qkv
 
 
 @attrs.frozen(kw_only=True)
@@ -76,9 +77,10 @@ class Attention(nn.Module):
         )
 
     def __call__(self, x: mx.array, layout: Layout) -> mx.array:
-        q = split_heads(self.q_proj(x), self.n_heads)
-        k = split_heads(self.k_proj(x), self.n_kv_heads)
-        v = split_heads(self.v_proj(x), self.n_kv_heads)
+        q, k, v = qkv(self, x)
+        q = split_heads(q, self.n_heads)
+        k = split_heads(k, self.n_kv_heads)
+        v = split_heads(v, self.n_kv_heads)
         out = layout.attend(q, k, v, layer=self.layer, rope=self.rope, scale=self.scale)
         return self.o_proj(out)
 
@@ -92,7 +94,7 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(dim, hidden, bias=bias)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+        return self.down_proj(swiglu(*gate_up(self, x)))
 
 
 class TransformerBlock(nn.Module):

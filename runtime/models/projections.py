@@ -1,0 +1,123 @@
+"""Projections of one input fused into one matmul: Q/K/V, and the MLP's gate and up.
+
+On the GPU a decode step of 16 or more rows is bound by the host, not the device: MLX hands
+every matmul of more than one row to cuBLAS, and in CUDA-graph mode each such call is captured
+into a child graph, about 18 us of host time per matmul against about 5 us for an elementwise
+kernel (``bench/gpu_ops.py``). A llama layer has seven matmuls; fusing the projections that
+read the same input leaves four, one matmul for Q, K and V and one for gate and up, which
+read the same weights in the same order, so the device time does not change.
+
+``fuse_projections`` rewrites a loaded model in place, after its weights are loaded (the
+checkpoint names stay those of the separate projections). The models call ``qkv`` and
+``gate_up``, which work on either form, so a model that was never fused (mlx-lm parity tests,
+the embedding path before an engine exists) runs unchanged.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from runtime.models.quantized_linear import QuantizedLinear
+
+_QKV = ("q_proj", "k_proj", "v_proj")
+_GATE_UP = ("gate_proj", "up_proj")
+
+
+class FusedLinear(nn.Module):
+    """One ``Linear``/``QuantizedLinear`` whose output is the parts' outputs side by side."""
+
+    def __init__(self, parts: list[nn.Module]) -> None:
+        super().__init__()
+        self.proj = _concatenated(parts)
+        sizes = [_output_dims(p) for p in parts]
+        self._splits = [sum(sizes[: i + 1]) for i in range(len(sizes) - 1)]
+
+    def __call__(self, x: mx.array) -> list[mx.array]:
+        # Slices along the last axis are views; what reads them next (reshape, RoPE, SwiGLU)
+        # copies only where it must.
+        parts: list[mx.array] = mx.split(self.proj(x), self._splits, axis=-1)
+        return parts
+
+
+def qkv(attention: nn.Module, x: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+    """The query, key and value projections of ``x``, fused or not."""
+    if "qkv_proj" in attention:
+        q, k, v = attention["qkv_proj"](x)
+        return q, k, v
+    return attention["q_proj"](x), attention["k_proj"](x), attention["v_proj"](x)
+
+
+def gate_up(mlp: nn.Module, x: mx.array) -> tuple[mx.array, mx.array]:
+    """The MLP's gate and up projections of ``x``, fused or not."""
+    if "gate_up_proj" in mlp:
+        gate, up = mlp["gate_up_proj"](x)
+        return gate, up
+    return mlp["gate_proj"](x), mlp["up_proj"](x)
+
+
+def fuse_projections(model: nn.Module) -> int:
+    """Fuse every layer's Q/K/V and gate/up projections in place; returns how many were fused.
+
+    A group is left alone when its parts differ in kind (a quantized next to a dense one,
+    different bits or group sizes, bias on one only): the model then runs it unfused.
+    """
+    fused = 0
+    for _, module in model.named_modules():
+        for names, target in ((_QKV, "qkv_proj"), (_GATE_UP, "gate_up_proj")):
+            if not all(name in module for name in names):
+                continue
+            parts = [module[name] for name in names]
+            if not _compatible(parts):
+                continue
+            module[target] = FusedLinear(parts)
+            for name in names:
+                del module[name]
+            # One group at a time: the separate weights are freed as soon as the fused copy
+            # exists, so loading never holds two copies of the whole model.
+            mx.eval(module[target].parameters())
+            fused += 1
+    return fused
+
+
+def _kind(part: nn.Module) -> tuple[object, ...] | None:
+    if isinstance(part, nn.QuantizedLinear):
+        return ("q", part.group_size, part.bits, part.mode, "bias" in part, part.weight.dtype)
+    if isinstance(part, nn.Linear):
+        return ("d", "bias" in part, part.weight.dtype)
+    return None
+
+
+def _compatible(parts: list[nn.Module]) -> bool:
+    kinds = {_kind(p) for p in parts}
+    return len(kinds) == 1 and None not in kinds
+
+
+def _output_dims(part: nn.Module) -> int:
+    return int(part["weight"].shape[0])
+
+
+def _concatenated(parts: list[nn.Module]) -> nn.Module:
+    first = parts[0]
+    out_dims = sum(_output_dims(p) for p in parts)
+    has_bias = "bias" in first
+    names = ["weight", *(["scales", "biases"] if isinstance(first, nn.QuantizedLinear) else [])]
+    if has_bias:
+        names.append("bias")
+    if isinstance(first, nn.QuantizedLinear):
+        in_dims = first.scales.shape[-1] * first.group_size
+        joined: nn.Module = QuantizedLinear(
+            in_dims,
+            out_dims,
+            bias=has_bias,
+            group_size=first.group_size,
+            bits=first.bits,
+            mode=first.mode,
+        )
+    else:
+        joined = nn.Linear(first.weight.shape[1], out_dims, bias=has_bias)
+    for name in names:
+        joined[name] = mx.concatenate([p[name] for p in parts], axis=0)
+    if isinstance(first, nn.QuantizedLinear):
+        joined.freeze()  # as nn.quantize leaves quantized layers
+    return joined
