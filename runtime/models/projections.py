@@ -15,6 +15,8 @@ the embedding path before an engine exists) runs unchanged.
 
 from __future__ import annotations
 
+from typing import cast
+
 import mlx.core as mx
 import mlx.nn as nn
 
@@ -36,8 +38,7 @@ class FusedLinear(nn.Module):
     def __call__(self, x: mx.array) -> list[mx.array]:
         # Slices along the last axis are views; what reads them next (reshape, RoPE, SwiGLU)
         # copies only where it must.
-        parts: list[mx.array] = mx.split(self.proj(x), self._splits, axis=-1)
-        return parts
+        return cast(list[mx.array], mx.split(self.proj(x), self._splits, axis=-1))
 
 
 def qkv(attention: nn.Module, x: mx.array) -> tuple[mx.array, mx.array, mx.array]:
