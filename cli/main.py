@@ -10,11 +10,13 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
+from typing import NoReturn, cast
 
 from cli.numbers import integer, number
 from runtime.engine.options import SamplingOptions
 
 DEFAULT_MODEL = "smollm2:135m"
+DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 11435
 
 # command -> "module:function"; each function takes the parsed namespace and returns an exit code.
@@ -35,17 +37,45 @@ GGUF file."""
 
 EPILOG = f"""\
 examples:
-  mlxrunner serve                                   serve {DEFAULT_MODEL} on 127.0.0.1:{DEFAULT_PORT}
+  mlxrunner serve                                   serve {DEFAULT_MODEL} on {DEFAULT_HOST}:{DEFAULT_PORT}
   mlxrunner serve --model ./Qwen3-0.6B --port 8080  serve a model folder
-  mlxrunner run --temperature 0 "The capital of France is"
-  mlxrunner run --chat "Write a haiku about rivers"
+  mlxrunner run {DEFAULT_MODEL}                       chat with a model in the terminal
+  mlxrunner run {DEFAULT_MODEL} --temperature 0 "The capital of France is"
   mlxrunner import ./model.gguf mymodel:q4 --quantize q4
   mlxrunner list
 
 Models live in $MLXRUNNER_HOME/models (default ~/.mlxrunner/models), in Ollama's layout.
 Run `mlxrunner COMMAND --help` for a command's options."""
 
+RUN_DESCRIPTION = """\
+Load MODEL in this process (no server needed), then:
+- without PROMPT, on a terminal: chat. The conversation is kept between turns; Ctrl-C
+  stops an answer, /bye or Ctrl-D leaves, \"\"\" begins and ends a message of several
+  lines, and /? lists the commands (/set parameter, /set system, /clear, /show).
+- with PROMPT, or a prompt piped on stdin: stream one answer to stdout (load progress
+  and errors go to stderr) and exit. Ctrl-C stops it."""
+
 _FORMATTER = argparse.RawDescriptionHelpFormatter
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line and exit status 1, as every other error of the command."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(1, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        parsed, extras = super().parse_known_args(args, namespace)
+        # argparse fills a trailing nargs="*" positional when it meets the first positional
+        # word, so the PROMPT of `run MODEL --temperature 0 PROMPT` would be left over.
+        trailing = [a for a in self._actions if not a.option_strings and a.nargs == "*"]
+        if trailing and extras and all(e == "-" or not e.startswith("-") for e in extras):
+            dest = trailing[-1].dest
+            setattr(parsed, dest, [*(getattr(parsed, dest, None) or []), *extras])
+            extras = []
+        return parsed, extras
 
 
 def _add_store_arg(p: argparse.ArgumentParser) -> None:
@@ -57,14 +87,17 @@ def _add_store_arg(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--model",
-        default=DEFAULT_MODEL,
-        metavar="NAME|PATH",
-        help="a model in the store (name[:tag]), an HF/MLX model folder or a .gguf file "
-        "(default: %(default)s)",
-    )
+_MODEL_HELP = "a model in the store (name[:tag]), an HF/MLX model folder or a .gguf file"
+
+
+def _add_model_args(p: argparse.ArgumentParser, *, model_flag: bool = True) -> None:
+    if model_flag:
+        p.add_argument(
+            "--model",
+            default=DEFAULT_MODEL,
+            metavar="NAME|PATH",
+            help=f"{_MODEL_HELP} (default: %(default)s)",
+        )
     _add_store_arg(p)
     p.add_argument(
         "--execution",
@@ -109,7 +142,7 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     _add_model_args(serve)
     serve.add_argument(
         "--host",
-        default="127.0.0.1",
+        default=DEFAULT_HOST,
         help="address to listen on; on a loopback address, requests must name a local Host "
         "(see --allowed-hosts), elsewhere the server is exposed (default: %(default)s)",
     )
@@ -199,11 +232,24 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     run = sub.add_parser(
         "run",
-        help="generate text for one prompt, streamed to stdout",
-        description="Load a model and stream one generation for PROMPT to stdout (load "
-        "progress and errors go to stderr). Ctrl-C stops the generation.",
+        help="chat with a model, or answer one prompt",
+        description=RUN_DESCRIPTION,
+        epilog=f"""examples:
+  mlxrunner run {DEFAULT_MODEL}
+  mlxrunner run {DEFAULT_MODEL} --temperature 0 "The capital of France is"
+  mlxrunner run {DEFAULT_MODEL} --chat "Write a haiku about rivers"
+  echo "Summarize: ..." | mlxrunner run ./Qwen3-0.6B --chat""",
+        formatter_class=_FORMATTER,
     )
-    _add_model_args(run)
+    run.add_argument("model", metavar="MODEL", help=_MODEL_HELP)
+    run.add_argument(
+        "prompt",
+        nargs="*",
+        metavar="PROMPT",
+        help="the prompt (several words are joined with spaces); '-' or none with stdin "
+        "piped reads it from stdin; none on a terminal opens a chat",
+    )
+    _add_model_args(run, model_flag=False)
     defaults = SamplingOptions()
     sampling = run.add_argument_group("sampling")
     sampling.add_argument(
@@ -264,9 +310,9 @@ def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     run.add_argument(
         "--chat",
         action="store_true",
-        help="send PROMPT as a user message through the model's chat template",
+        help="send PROMPT as a user message through the model's chat template (a chat "
+        "session always does)",
     )
-    run.add_argument("prompt", metavar="PROMPT", help="the prompt text; '-' reads it from stdin")
 
 
 def _add_store_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -321,10 +367,14 @@ def _add_store_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="mlxrunner", description=DESCRIPTION, epilog=EPILOG, formatter_class=_FORMATTER
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # The subcommands' parsers are _Parser too (argparse makes them of the parent's class).
+    sub = cast(
+        "argparse._SubParsersAction[argparse.ArgumentParser]",
+        parser.add_subparsers(dest="command", required=True, metavar="COMMAND"),
+    )
     _add_serve(sub)
     _add_run(sub)
     _add_store_commands(sub)
@@ -332,7 +382,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    if not (sys.argv[1:] if argv is None else argv):
+        parser.print_help()
+        return 0
+    args = parser.parse_args(argv)
     module_name, func_name = _HANDLERS[args.command].split(":")
     handler = getattr(importlib.import_module(module_name), func_name)
     code: int = handler(args)

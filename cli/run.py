@@ -1,11 +1,15 @@
-"""``mlxrunner run``: one generation streamed to stdout through the actor tree.
+"""``mlxrunner run``: one generation, or a chat, streamed to stdout through the actor tree.
 
 The same actors as ``serve`` (loader, scheduler, pipeline, engine thread), with this command
-as the only client. Text goes to stdout as it is produced; the load progress and errors go to
-stderr; a prompt of ``-`` is read from stdin. Ctrl-C (or SIGTERM) leaves the generation, which
-frees its sequence, ends the line and exits 130; a second signal while the tree is still
-closing (a load cannot be interrupted mid-tensor) exits at once. A closed stdout (``| head``)
-exits 141, a bad flag 2, a model or request error 1 with one line on stderr.
+as the only client. With a prompt (or a prompt piped on stdin, or ``-``), text goes to stdout
+as it is produced and the load progress and errors go to stderr; Ctrl-C (or SIGTERM) leaves
+the generation, which frees its sequence, ends the line and exits 130; a second signal while
+the tree is still closing (a load cannot be interrupted mid-tensor) exits at once. A closed
+stdout (``| head``) exits 141, a bad flag, a model or a request error 1 with one line on
+stderr.
+
+Without a prompt on a terminal it opens a chat (``cli.chat``): once the model is loaded, Ctrl-C
+stops the current answer only, and the session ends with ``/bye`` or Ctrl-D (exit 0).
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ import attrs
 import trio
 
 from actors.messages import GenerateRequest, GenerationError, GenerationOptions, RunnerClient
+from cli.chat import ChatLoop, LineSource, TerminalInput
+from cli.chat_session import ChatSession
 from runtime.engine.options import SamplingOptions
 from runtime.errors import OptionsError, RuntimeInputError, exception_leaves
 from runtime.progress import ProgressBar
@@ -33,7 +39,7 @@ from runtime.progress import ProgressBar
 if TYPE_CHECKING:
     from actors.config import LoadFn
 
-EXIT_USAGE = 2
+EXIT_ERROR = 1
 EXIT_INTERRUPTED = 128 + signal.SIGINT  # what a shell reports for a Ctrl-C'd command
 EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE  # `mlxrunner run ... | head`
 
@@ -41,8 +47,7 @@ EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE  # `mlxrunner run ... | head`
 _PROGRESS_PERIOD = 0.1
 
 
-def build_request(args: argparse.Namespace) -> GenerateRequest:
-    """The request the flags describe; raises ``OptionsError`` for out-of-range values."""
+def _sampling_flags(args: argparse.Namespace) -> dict[str, Any]:
     given = {
         "temperature": args.temperature,
         "top_k": args.top_k,
@@ -51,11 +56,33 @@ def build_request(args: argparse.Namespace) -> GenerateRequest:
         "repeat_penalty": args.repeat_penalty,
         "seed": args.seed,
     }
-    sampling = SamplingOptions.from_dict({k: v for k, v in given.items() if v is not None})
+    return {k: v for k, v in given.items() if v is not None}
+
+
+def wants_chat(args: argparse.Namespace, stdin: TextIO) -> bool:
+    """No prompt given and someone at the terminal: open a chat rather than read stdin."""
+    return not args.prompt and stdin.isatty()
+
+
+def build_session(args: argparse.Namespace) -> ChatSession:
+    """The chat the flags set up; raises ``OptionsError`` for out-of-range values."""
+    parameters = _sampling_flags(args)
+    if args.num_predict is not None:
+        parameters["num_predict"] = args.num_predict
+    if args.stop:
+        parameters["stop"] = list(args.stop)
+    return ChatSession(parameters=parameters)
+
+
+def build_request(args: argparse.Namespace) -> GenerateRequest:
+    """The one request the flags describe (the prompt: the words given, or stdin when there are
+    none or they are ``-``); raises ``OptionsError`` for out-of-range values."""
+    sampling = SamplingOptions.from_dict(_sampling_flags(args))
     num_predict = -1 if args.num_predict is None else args.num_predict
     if num_predict < -1:
         raise OptionsError("--num-predict must be >= 0, or -1 for no limit")
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    words = list(args.prompt or ())
+    prompt = sys.stdin.read() if words in ([], ["-"]) else " ".join(words)
     return GenerateRequest(
         prompt=prompt,
         template=bool(args.chat),
@@ -92,6 +119,7 @@ class _LoadProgress:
 class _Outcome:
     interrupted: bool = False
     broken_pipe: bool = False
+    chat: ChatLoop | None = None  # once a chat runs, Ctrl-C is its to handle
 
 
 async def _wait_until_loaded(
@@ -142,7 +170,10 @@ async def _stream(
 async def _watch_signals(
     signals: AsyncIterator[int], work: trio.CancelScope, outcome: _Outcome, err: TextIO
 ) -> None:
-    async for _ in signals:
+    async for signum in signals:
+        if signum == signal.SIGINT and outcome.chat is not None:
+            outcome.chat.interrupt()
+            continue
         if not outcome.interrupted:
             outcome.interrupted = True
             work.cancel()
@@ -156,15 +187,17 @@ async def _watch_signals(
 
 async def run(
     args: argparse.Namespace,
-    request: GenerateRequest,
+    job: GenerateRequest | ChatSession,
     *,
     load: LoadFn | None = None,
     out: TextIO | None = None,
     err: TextIO | None = None,
+    source: LineSource | None = None,
 ) -> int:
-    """Open the tree, stream one generation to ``out``, return the exit code.
+    """Open the tree, stream one generation (or hold a chat) to ``out``, return the exit code.
 
-    ``load`` replaces the real model load (``actors.loading.model_loader``) in tests.
+    ``load`` replaces the real model load (``actors.loading.model_loader``) in tests, and
+    ``source`` the terminal a chat reads its lines from.
     """
     from actors.tree import open_runner
 
@@ -177,7 +210,11 @@ async def run(
                 nursery.start_soon(_watch_signals, signals, work, outcome, err)
                 async with open_runner(load=load, **runner_options(args)) as client:
                     await _wait_until_loaded(client, f"loading {args.model}", err, outcome)
-                    await _stream(client, request, out, outcome)
+                    if isinstance(job, ChatSession):
+                        outcome.chat = ChatLoop(client, job, source or TerminalInput(), out)
+                        await outcome.chat.run()
+                    else:
+                        await _stream(client, job, out, outcome)
             nursery.cancel_scope.cancel()
     if outcome.broken_pipe:
         return EXIT_BROKEN_PIPE
@@ -187,26 +224,26 @@ async def run(
 def main(args: argparse.Namespace) -> int:
     import runtime  # noqa: F401  (maps the optimized BLAS before anything imports MLX)
 
-    try:
-        request = build_request(args)  # bad flags fail before a model is loaded
+    try:  # bad flags fail before a model is loaded
+        job = build_session(args) if wants_chat(args, sys.stdin) else build_request(args)
     except OptionsError as exc:
         print(f"mlxrunner run: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return EXIT_ERROR
     if isinstance(sys.stdout, io.TextIOWrapper):
         # A model may produce text the terminal's encoding cannot show; never crash on it.
         sys.stdout.reconfigure(errors="replace")
     try:
-        code = trio.run(functools.partial(run, args, request))
+        code = trio.run(functools.partial(run, args, job))
     except KeyboardInterrupt:  # before or after the signal receiver is in place
         code = EXIT_INTERRUPTED
     except Exception as exc:
         problems = exception_leaves(exc)
-        if all(isinstance(p, RuntimeInputError) for p in problems):
+        if all(isinstance(p, RuntimeInputError | GenerationError) for p in problems):
             for message in dict.fromkeys(str(p) for p in problems):
                 print(f"mlxrunner run: {message}", file=sys.stderr)
         else:
             traceback.print_exception(exc)  # a bug: show all of it
-        code = 1
+        code = EXIT_ERROR
     _exit(code)
 
 

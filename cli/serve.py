@@ -6,7 +6,7 @@ generations go on for ``--grace`` seconds, cuts the rest, then fires
 ``runner.shutdown_trigger``; hypercorn then stops accepting and gives responses a short flush
 before it closes them. A second signal cuts every open generation at once and stops the same
 way (a third stops without the flush). Cut work ends with 503 or a stream's error record.
-Either way the process exits 0; a bad flag (or an unreadable ``--api-key-file``) exits 2; a
+Either way the process exits 0; a bad flag, an unreadable ``--api-key-file``, a
 model that cannot be loaded or a port that cannot be bound exits 1 with one line on stderr,
 and so does an engine that keeps failing (``EngineFaultError``: the scheduler logged that line).
 
@@ -46,7 +46,7 @@ ENV_ORIGINS = "MLXRUNNER_ORIGINS"
 
 
 class SettingError(Exception):
-    """A setting that cannot be used (an unreadable key file); the command exits 2."""
+    """A setting that cannot be used (an unreadable key file); the command exits 1."""
 
 
 def served_name(model: str) -> str:
@@ -160,7 +160,7 @@ def main(args: argparse.Namespace, *, load: Any = None) -> int:
         config = api_config(args)
     except SettingError as exc:
         print(f"mlxrunner serve: {exc}", file=sys.stderr)
-        return 2
+        return 1
     if not config.guard.check_host and not config.api_key:
         log.warning("listening on %s, beyond this machine, without an API key", args.host)
     try:

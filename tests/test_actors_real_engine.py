@@ -206,7 +206,7 @@ async def test_a_reader_that_lags_pauses_its_sequence_without_changing_its_token
 
 async def test_run_command_loads_a_model_folder(folder: Path) -> None:
     args = build_parser().parse_args(
-        ["run", "--model", str(folder), "--temperature", "0", "--num-predict", "5", "Hello"]
+        ["run", str(folder), "--temperature", "0", "--num-predict", "5", "Hello"]
     )
     out, err = io.StringIO(), io.StringIO()
     code = await run_command.run(args, run_command.build_request(args), out=out, err=err)

@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _args(*argv: str) -> argparse.Namespace:
-    return build_parser().parse_args(["run", *argv])
+    return build_parser().parse_args(["run", "fake", *argv])
 
 
 def _spell(text: str) -> Callable[[SequenceRequest], list[int]]:
@@ -170,12 +170,12 @@ async def test_a_reader_that_leaves_stops_the_generation() -> None:
         (["--ctx", "0"], "argument --ctx: must be >= 1"),
     ],
 )
-def test_bad_flags_exit_2_before_loading(
+def test_bad_flags_exit_1_before_loading(
     flags: list[str], message: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     with pytest.raises(SystemExit) as exit_info:
         _args(*flags, "Hi")
-    assert exit_info.value.code == run_command.EXIT_USAGE
+    assert exit_info.value.code == run_command.EXIT_ERROR
     assert message in capsys.readouterr().err
 
 
@@ -204,7 +204,6 @@ def test_cli_reports_a_missing_model_in_one_line(tmp_path: Path) -> None:
             "run",
             "--models-dir",
             str(tmp_path),
-            "--model",
             str(missing),
             "Hi",
         ],
@@ -242,7 +241,7 @@ if kind == "endless":
     actors.loading.model_loader = lambda config: scripted_load(engine, tiny_tokenizer())
 else:
     actors.loading.model_loader = lambda config: stuck_load
-sys.exit(main(["run", *sys.argv[2:]]))
+sys.exit(main(["run", "fake", *sys.argv[2:]]))
 """
 
 

@@ -158,13 +158,13 @@ def test_serve_command_line_errors_exit_nonzero_with_one_line(tmp_path, capsys) 
 
     with pytest.raises(SystemExit) as exit_info:
         serve("--parallel", "0")
-    assert exit_info.value.code == 2
+    assert exit_info.value.code == 1
     assert "--parallel" in capsys.readouterr().err
-    assert serve("--api-key-file", str(tmp_path / "missing")) == 2
+    assert serve("--api-key-file", str(tmp_path / "missing")) == 1
     assert "--api-key-file" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
         serve("--max-open", "0")
-    assert exit_info.value.code == 2
+    assert exit_info.value.code == 1
     assert "--max-open" in capsys.readouterr().err
     assert serve("--models-dir", str(tmp_path), "--model", "nosuch:model") == 1
     err = capsys.readouterr().err

@@ -139,14 +139,14 @@ def _args(command: str, *argv: str) -> argparse.Namespace:
 
 
 async def test_run_with_a_folder_uses_its_chat_template_jinja(jinja_folder: Path) -> None:
-    args = _args("run", "--model", str(jinja_folder), "--chat", "which template?")
+    args = _args("run", str(jinja_folder), "--chat", "which template?")
     with pytest.RaisesGroup(
         pytest.RaisesExc(TemplateError, match="jinja was used"), flatten_subgroups=True
     ):
         await run_command.run(
             args, run_command.build_request(args), out=io.StringIO(), err=io.StringIO()
         )
-    args = _args("run", "--model", str(jinja_folder), "--chat", "--num-predict", "2", "hello")
+    args = _args("run", str(jinja_folder), "--chat", "--num-predict", "2", "hello")
     out = io.StringIO()
     code = await run_command.run(args, run_command.build_request(args), out=out, err=io.StringIO())
     assert code == 0

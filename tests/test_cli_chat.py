@@ -1,0 +1,215 @@
+"""The interactive ``mlxrunner run`` over the actor tree, with lines from a list instead of a
+terminal: turns and their history, Ctrl-C during an answer and at the prompt, refused turns,
+the prefix cache on a real tiny model, and piped stdin still answering once."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from actors.testing import ScriptedEngine, scripted_load, tiny_tokenizer
+from actors.tree import open_runner
+from cli import run as run_command
+from cli.chat import LEAVE_HINT, ChatLoop
+from cli.chat_session import ChatSession
+from cli.main import build_parser
+from runtime.engine.protocol import SequenceRequest
+from runtime.testing.models import make_tiny_folder
+
+TOK = tiny_tokenizer()
+
+
+class Lines:
+    """What the user types, one line per prompt; then Ctrl-D."""
+
+    def __init__(self, *lines: str) -> None:
+        self.lines = list(lines)
+        self.prompts: list[str] = []
+
+    def read_line(self, prompt: str) -> str | None:
+        self.prompts.append(prompt)
+        return self.lines.pop(0) if self.lines else None
+
+
+def _args(*argv: str) -> argparse.Namespace:
+    return build_parser().parse_args(["run", "fake", *argv])
+
+
+def _templated(*turns: tuple[str, str]) -> tuple[int, ...]:
+    text = TOK.apply_chat_template([{"role": role, "content": c} for role, c in turns])
+    return tuple(TOK.encode(text))
+
+
+def _prompt_text(request: SequenceRequest) -> str:
+    return str(TOK.decode(list(request.prompt)))
+
+
+async def _chat(
+    engine: ScriptedEngine, source: Any, *argv: str, out: io.StringIO | None = None
+) -> tuple[int, str]:
+    args = _args(*argv)
+    out = out if out is not None else io.StringIO()
+    code = await run_command.run(
+        args,
+        run_command.build_session(args),
+        load=scripted_load(engine, TOK),
+        out=out,
+        err=io.StringIO(),
+        source=source,
+    )
+    return code, out.getvalue()
+
+
+def _answer(text: str) -> Any:
+    return lambda request: TOK.encode(text)
+
+
+async def test_turns_keep_the_conversation_and_ctrl_d_leaves() -> None:
+    engine = ScriptedEngine(_answer(" Paris"))
+    source = Lines("The capital of France?", "And of Italy?")
+    code, out = await _chat(engine, source)
+    assert code == 0
+    assert out == " Paris\n\n Paris\n\n\n"  # each answer, a blank line; Ctrl-D's line end
+    assert engine.last_request.prompt == _templated(
+        ("user", "The capital of France?"),
+        ("assistant", " Paris"),
+        ("user", "And of Italy?"),
+    )
+    assert source.prompts == [">>> "] * 3
+
+
+async def test_flags_and_set_parameter_reach_the_requests() -> None:
+    engine = ScriptedEngine(_answer(" one two three four"))
+    source = Lines("Hi", "/set parameter num_predict 1", "Hi")
+    code, out = await _chat(engine, source, "--num-predict", "2", "--temperature", "0")
+    assert code == 0
+    first, second = TOK.encode(" one two three four")[:2], TOK.encode(" one two three four")[:1]
+    assert out.startswith(TOK.decode(first) + "\n\nSet parameter 'num_predict' to '1'\n")
+    assert out.endswith(TOK.decode(second) + "\n\n\n")
+    assert engine.last_request.max_tokens == 1
+    assert engine.last_request.sampling.temperature == 0.0
+
+
+def _endless_unless_asked_twice(request: SequenceRequest) -> list[int]:
+    if "second" in _prompt_text(request):
+        return TOK.encode(" ok")
+    return TOK.encode("a") * request.max_tokens
+
+
+class _CtrlCOnFirstAnswer(io.StringIO):
+    """A terminal whose user presses Ctrl-C as soon as the first answer's text appears."""
+
+    def write(self, s: str) -> int:
+        if s == "a" and not self.getvalue():
+            os.kill(os.getpid(), signal.SIGINT)
+        return super().write(s)
+
+
+async def test_ctrl_c_stops_the_answer_not_the_session() -> None:
+    engine = ScriptedEngine(_endless_unless_asked_twice, context_length=100_000)
+    source = Lines("first", "second")
+    code, out = await _chat(engine, source, out=_CtrlCOnFirstAnswer())
+    assert code == 0
+    answer, rest = out.split("\n\n", 1)
+    assert set(answer) == {"a"}
+    assert rest == " ok\n\n\n"
+    assert engine.steps < 100_000 // 2  # the first answer stopped, not run to the context's end
+    # The stopped turn is forgotten: the second request starts the conversation anew.
+    assert engine.last_request.prompt == _templated(("user", "second"))
+
+
+class _Typist:
+    """At the second prompt the user presses Ctrl-C, waits for the hint, then types /bye."""
+
+    def __init__(self) -> None:
+        self.hint_shown = threading.Event()
+        self.calls = 0
+
+    def read_line(self, prompt: str) -> str | None:
+        self.calls += 1
+        if self.calls == 1:
+            return "Hi"
+        os.kill(os.getpid(), signal.SIGINT)
+        assert self.hint_shown.wait(60), "no hint after Ctrl-C"  # hang guard
+        return "/bye"
+
+
+class _Screen(io.StringIO):
+    def __init__(self, typist: _Typist) -> None:
+        super().__init__()
+        self.typist = typist
+
+    def write(self, s: str) -> int:
+        if LEAVE_HINT in s:
+            self.typist.hint_shown.set()
+        return super().write(s)
+
+
+async def test_ctrl_c_at_the_prompt_says_how_to_leave() -> None:
+    typist = _Typist()
+    code, out = await _chat(ScriptedEngine(_answer(" hello")), typist, out=_Screen(typist))
+    assert code == 0
+    assert out == f" hello\n\n\n{LEAVE_HINT}\n>>> "
+
+
+async def test_a_refused_turn_is_one_line_and_the_session_goes_on() -> None:
+    engine = ScriptedEngine(_answer(" fine"), context_length=64)
+    source = Lines("word " * 200, "/show info", "short")
+    code, out = await _chat(engine, source)
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0].startswith("Error: ")
+    assert "Model" in lines[1]
+    assert "fake" in out
+    assert out.endswith(" fine\n\n\n")
+    assert engine.last_request.prompt == _templated(("user", "short"))
+
+
+async def test_bye_leaves_without_asking() -> None:
+    engine = ScriptedEngine(_answer(" x"))
+    code, out = await _chat(engine, Lines("/bye", "never read"))
+    assert (code, out) == (0, "")
+    assert engine.added == []
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_folder(tmp_path_factory.mktemp("tiny") / "m", "llama")
+
+
+async def test_later_turns_reuse_the_prefix_cache(tiny_folder: Path) -> None:
+    args = build_parser().parse_args(["run", str(tiny_folder), "--prefill-chunk", "8"])
+    session = ChatSession(parameters={"temperature": 0, "num_predict": 6})
+    source = Lines("Hello there, how are you today?", "Tell me more.", "And then?")
+    async with open_runner(**run_command.runner_options(args)) as client:
+        await client.wait_ready()
+        await ChatLoop(client, session, source, io.StringIO()).run()
+        stats = client.statistics()
+    assert len(session.history) == 6
+    assert stats.cache_hits_total >= 2  # turns 2 and 3 found the conversation computed
+    assert stats.cache_reused_tokens_total > 0
+    assert stats.prefilled_tokens_total < stats.prompt_tokens_total
+
+
+def test_piped_stdin_answers_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hi from a pipe"))
+    args = _args()
+    assert not run_command.wants_chat(args, sys.stdin)
+    assert run_command.build_request(args).prompt == "Hi from a pipe"
+
+
+def test_a_terminal_without_a_prompt_chats() -> None:
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    assert run_command.wants_chat(_args(), Terminal())
+    assert not run_command.wants_chat(_args("a", "prompt"), Terminal())
