@@ -27,6 +27,7 @@ _HANDLERS = {
     "list": "cli.store:list_main",
     "show": "cli.store:show_main",
     "rm": "cli.store:rm_main",
+    "ps": "cli.ps:main",
 }
 
 
@@ -39,10 +40,11 @@ EPILOG = f"""\
 examples:
   mlxrunner serve                                   serve {DEFAULT_MODEL} on {DEFAULT_HOST}:{DEFAULT_PORT}
   mlxrunner serve --model ./Qwen3-0.6B --port 8080  serve a model folder
-  mlxrunner run {DEFAULT_MODEL}                       chat with a model in the terminal
+  mlxrunner run {DEFAULT_MODEL}                        chat with a model in the terminal
   mlxrunner run {DEFAULT_MODEL} --temperature 0 "The capital of France is"
   mlxrunner import ./model.gguf mymodel:q4 --quantize q4
   mlxrunner list
+  mlxrunner ps                                      what the running server has loaded
 
 Models live in $MLXRUNNER_HOME/models (default ~/.mlxrunner/models), in Ollama's layout.
 Run `mlxrunner COMMAND --help` for a command's options."""
@@ -62,7 +64,7 @@ class _Parser(argparse.ArgumentParser):
     """Usage errors as one line and exit status 1, as every other error of the command."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(1, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+        self.exit(1, f"Error: {message} (see '{self.prog} --help')\n")
 
     def parse_known_args(  # type: ignore[override]
         self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
@@ -245,6 +247,7 @@ def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     run.add_argument(
         "prompt",
         nargs="*",
+        default=[],  # else argparse counts it as required when MODEL is missing
         metavar="PROMPT",
         help="the prompt (several words are joined with spaces); '-' or none with stdin "
         "piped reads it from stdin; none on a terminal opens a chat",
@@ -366,6 +369,25 @@ def _add_store_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     _add_store_arg(rm)
 
 
+def _add_ps(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    ps = sub.add_parser(
+        "ps",
+        help="show what a running server has loaded",
+        description="Ask a running `mlxrunner serve` which model it has loaded (Ollama's "
+        "/api/ps) and print its name, id, size and context length. Sends $MLXRUNNER_API_KEY "
+        "when the server wants a key.",
+    )
+    ps.add_argument(
+        "--host", default=DEFAULT_HOST, help="the server's address (default: %(default)s)"
+    )
+    ps.add_argument(
+        "--port",
+        type=integer(1, 65535),
+        default=DEFAULT_PORT,
+        help="the server's port (default: %(default)s)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="mlxrunner", description=DESCRIPTION, epilog=EPILOG, formatter_class=_FORMATTER
@@ -373,11 +395,12 @@ def build_parser() -> argparse.ArgumentParser:
     # The subcommands' parsers are _Parser too (argparse makes them of the parent's class).
     sub = cast(
         "argparse._SubParsersAction[argparse.ArgumentParser]",
-        parser.add_subparsers(dest="command", required=True, metavar="COMMAND"),
+        parser.add_subparsers(title="commands", dest="command", required=True, metavar="COMMAND"),
     )
     _add_serve(sub)
     _add_run(sub)
     _add_store_commands(sub)
+    _add_ps(sub)
     return parser
 
 

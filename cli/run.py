@@ -227,7 +227,7 @@ def main(args: argparse.Namespace) -> int:
     try:  # bad flags fail before a model is loaded
         job = build_session(args) if wants_chat(args, sys.stdin) else build_request(args)
     except OptionsError as exc:
-        print(f"mlxrunner run: {exc}", file=sys.stderr)
+        print(f"Error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     if isinstance(sys.stdout, io.TextIOWrapper):
         # A model may produce text the terminal's encoding cannot show; never crash on it.
@@ -240,7 +240,7 @@ def main(args: argparse.Namespace) -> int:
         problems = exception_leaves(exc)
         if all(isinstance(p, RuntimeInputError | GenerationError) for p in problems):
             for message in dict.fromkeys(str(p) for p in problems):
-                print(f"mlxrunner run: {message}", file=sys.stderr)
+                print(f"Error: {message}", file=sys.stderr)
         else:
             traceback.print_exception(exc)  # a bug: show all of it
         code = EXIT_ERROR

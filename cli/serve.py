@@ -159,7 +159,7 @@ def main(args: argparse.Namespace, *, load: Any = None) -> int:
     try:
         config = api_config(args)
     except SettingError as exc:
-        print(f"mlxrunner serve: {exc}", file=sys.stderr)
+        print(f"Error: {exc}", file=sys.stderr)
         return 1
     if not config.guard.check_host and not config.api_key:
         log.warning("listening on %s, beyond this machine, without an API key", args.host)
@@ -173,7 +173,7 @@ def main(args: argparse.Namespace, *, load: Any = None) -> int:
         if not all(isinstance(p, OSError | RuntimeInputError) for p in problems):
             raise
         for p in problems:
-            print(f"mlxrunner serve: {p}", file=sys.stderr)
+            print(f"Error: {p}", file=sys.stderr)
         return 1
     from actors.tree import engine_thread_alive
 

@@ -84,7 +84,7 @@ def _ago(timestamp: float, now: float) -> str:
     return "just now"
 
 
-def _table(rows: Sequence[Sequence[str]]) -> str:
+def table(rows: Sequence[Sequence[str]]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join(
         "    ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
@@ -106,7 +106,7 @@ def list_main(args: argparse.Namespace) -> int:
                     _ago(entry.modified_at, now),
                 )
             )
-        print(_table(rows))
+        print(table(rows))
         return 0
 
     return _guarded(run)

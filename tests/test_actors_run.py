@@ -215,7 +215,7 @@ def test_cli_reports_a_missing_model_in_one_line(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert result.stdout == ""
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("mlxrunner run: ")
+    assert last.startswith("Error: ")
     assert "Traceback" not in result.stderr
 
 
@@ -301,7 +301,7 @@ def test_a_prompt_error_is_one_line_and_exit_1() -> None:
     out, err = child.communicate(timeout=60)
     assert child.returncode == 1
     assert out == ""
-    assert err.strip().splitlines()[-1].startswith("mlxrunner run: empty prompt")
+    assert err.strip().splitlines()[-1].startswith("Error: empty prompt")
     assert "Traceback" not in err
 
 

@@ -7,7 +7,10 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import pty
+import select
 import signal
+import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -213,3 +216,88 @@ def test_a_terminal_without_a_prompt_chats() -> None:
 
     assert run_command.wants_chat(_args(), Terminal())
     assert not run_command.wants_chat(_args("a", "prompt"), Terminal())
+
+
+# The real command line in a child whose terminal is a pseudo-terminal, with the model load
+# replaced: the first question gets an endless answer, the one that says "second" a short one.
+_TERMINAL_CHILD = """
+import os, sys
+# Opening the pty makes it this new session's terminal: Ctrl-C typed there is SIGINT here.
+os.close(os.open(os.ttyname(0), os.O_RDWR))
+import runtime
+import actors.loading
+from actors.testing import ScriptedEngine, scripted_load, tiny_tokenizer
+from cli.main import main
+
+tok = tiny_tokenizer()
+
+def script(request):
+    if "second" in tok.decode(list(request.prompt)):
+        return tok.encode(" done")
+    return tok.encode("a") * request.max_tokens
+
+engine = ScriptedEngine(script, context_length=1_000_000)
+actors.loading.model_loader = lambda config: scripted_load(engine, tok)
+sys.exit(main(["run", "fake"]))
+"""
+
+
+class _Terminal:
+    """The other side of the child's pseudo-terminal: what it shows, and what the user types."""
+
+    def __init__(self, master: int) -> None:
+        self.master = master
+        self.screen = ""
+        self.seen = 0  # what a previous wait has already matched
+
+    def type(self, keys: bytes) -> None:
+        os.write(self.master, keys)
+
+    def wait_for(self, text: str) -> str:
+        """Read until ``text`` appears after what was already matched; returns what came."""
+        while (found := self.screen.find(text, self.seen)) < 0:
+            ready, _, _ = select.select([self.master], [], [], 60)
+            assert ready, f"hang guard: no {text!r} in {self.screen[-300:]!r}"
+            try:
+                data = os.read(self.master, 65536)
+            except OSError:  # EIO: the child has closed the terminal
+                data = b""
+            assert data, f"the child left before showing {text!r}: {self.screen[-300:]!r}"
+            self.screen += data.decode(errors="replace")
+        start, self.seen = self.seen, found + len(text)
+        return self.screen[start : self.seen]
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_in_a_terminal_ctrl_c_stops_the_answer_and_ctrl_d_leaves() -> None:
+    master, slave = pty.openpty()
+    child = subprocess.Popen(
+        [sys.executable, "-c", _TERMINAL_CHILD],
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "TERM": "dumb"},
+        start_new_session=True,
+    )
+    os.close(slave)
+    terminal = _Terminal(master)
+    try:
+        terminal.wait_for(">>> ")
+        terminal.type(b"first\r")
+        terminal.wait_for("aaaa")  # the endless answer is streaming
+        terminal.type(b"\x03")  # Ctrl-C
+        terminal.wait_for(">>> ")  # the answer stopped; the session goes on
+        terminal.type(b"second\r")
+        assert " done" in terminal.wait_for(">>> ")
+        terminal.type(b"\x03")  # Ctrl-C at the prompt
+        terminal.wait_for(LEAVE_HINT)
+        terminal.type(b"\x04")  # Ctrl-D
+        assert child.wait(timeout=60) == 0
+    finally:
+        child.kill()
+        child.wait()
+        os.close(master)
+    assert "Traceback" not in terminal.screen

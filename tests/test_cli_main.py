@@ -14,7 +14,7 @@ import pytest
 from cli.main import build_parser, main
 from runtime.engine.options import SamplingOptions
 
-COMMANDS = ("serve", "run", "import", "list", "show", "rm")
+COMMANDS = ("serve", "run", "import", "list", "show", "rm", "ps")
 
 
 def _help(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
@@ -120,7 +120,8 @@ def test_number_flags_refuse_nan_and_inf_with_one_line(
         assert exit_info.value.code == 1
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1
-        assert err[-1].startswith(f"mlxrunner {command}: error: argument {flag}: must be")
+        assert err[-1].startswith(f"Error: argument {flag}: must be")
+        assert err[-1].endswith(f"(see 'mlxrunner {command} --help')")
         assert repr(value) in err[-1]
 
 

@@ -79,7 +79,7 @@ def test_a_damaged_model_at_start_is_one_line_and_exit_1(
             p.wait()
     for case, (_, stderr) in results.items():
         expected = cases[case][1]
-        errors = [line for line in stderr.splitlines() if line.startswith("mlxrunner serve: ")]
+        errors = [line for line in stderr.splitlines() if line.startswith("Error: ")]
         assert running[case].returncode == 1, (case, stderr)
         assert len(errors) == 1, (case, stderr)
         assert expected in errors[0], (case, stderr)
