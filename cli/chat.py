@@ -15,7 +15,9 @@ the engine fails is one line on the output, and the session goes on.
 from __future__ import annotations
 
 import contextlib
-from typing import Protocol, TextIO
+import sys
+import termios
+from typing import Any, Protocol, TextIO
 
 import trio
 
@@ -32,17 +34,31 @@ class LineSource(Protocol):
 
 
 class TerminalInput:
-    """Lines typed at the terminal, with line editing and history where ``readline`` exists."""
+    """Lines typed at the terminal, with line editing and history where ``readline`` exists.
+
+    ``restore`` puts back the terminal settings found at the start: a session stopped while a
+    line is being read (SIGTERM) would otherwise leave the shell in readline's raw mode.
+    """
 
     def __init__(self) -> None:
         with contextlib.suppress(ImportError):
             import readline  # noqa: F401  (importing it is what gives input() its editing)
+        self._fd = sys.stdin.fileno()
+        try:
+            self._saved: list[Any] | None = termios.tcgetattr(self._fd)
+        except termios.error:  # not a terminal after all
+            self._saved = None
 
     def read_line(self, prompt: str) -> str | None:
         try:
             return input(prompt)
         except EOFError:
             return None
+
+    def restore(self) -> None:
+        if self._saved is not None:
+            with contextlib.suppress(termios.error):
+                termios.tcsetattr(self._fd, termios.TCSADRAIN, self._saved)
 
 
 class ChatLoop:

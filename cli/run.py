@@ -185,6 +185,24 @@ async def _watch_signals(
         os._exit(EXIT_INTERRUPTED)
 
 
+async def _chat(
+    client: RunnerClient,
+    session: ChatSession,
+    source: LineSource | None,
+    out: TextIO,
+    outcome: _Outcome,
+) -> None:
+    terminal = None
+    if source is None:
+        source = terminal = TerminalInput()
+    outcome.chat = ChatLoop(client, session, source, out)
+    try:
+        await outcome.chat.run()
+    finally:
+        if terminal is not None:
+            terminal.restore()
+
+
 async def run(
     args: argparse.Namespace,
     job: GenerateRequest | ChatSession,
@@ -211,8 +229,7 @@ async def run(
                 async with open_runner(load=load, **runner_options(args)) as client:
                     await _wait_until_loaded(client, f"loading {args.model}", err, outcome)
                     if isinstance(job, ChatSession):
-                        outcome.chat = ChatLoop(client, job, source or TerminalInput(), out)
-                        await outcome.chat.run()
+                        await _chat(client, job, source, out, outcome)
                     else:
                         await _stream(client, job, out, outcome)
             nursery.cancel_scope.cancel()

@@ -12,6 +12,7 @@ import select
 import signal
 import subprocess
 import sys
+import termios
 import threading
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from cli.chat import LEAVE_HINT, ChatLoop
 from cli.chat_session import ChatSession
 from cli.main import build_parser
 from runtime.engine.protocol import SequenceRequest
+from runtime.testing.faults import FaultInjectingEngine, at_steps, engine_bug
 from runtime.testing.models import make_tiny_folder
 
 TOK = tiny_tokenizer()
@@ -176,6 +178,27 @@ async def test_a_refused_turn_is_one_line_and_the_session_goes_on() -> None:
     assert engine.last_request.prompt == _templated(("user", "short"))
 
 
+async def test_an_engine_fault_ends_the_answer_with_one_line_and_the_session_goes_on() -> None:
+    inner = ScriptedEngine(_answer(" one two three four five"))
+    engine = FaultInjectingEngine(inner, at_steps({3: engine_bug}))
+    args = _args()
+    out = io.StringIO()
+    code = await run_command.run(
+        args,
+        run_command.build_session(args),
+        load=scripted_load(engine, TOK),
+        out=out,
+        err=io.StringIO(),
+        source=Lines("first", "second"),
+    )
+    assert code == 0
+    first, second = out.getvalue().split("\n\n", 1)
+    assert first.splitlines()[-1].startswith("Error: ")
+    assert second == " one two three four five\n\n\n"
+    # The failed turn is forgotten.
+    assert inner.last_request.prompt == _templated(("user", "second"))
+
+
 async def test_bye_leaves_without_asking() -> None:
     engine = ScriptedEngine(_answer(" x"))
     code, out = await _chat(engine, Lines("/bye", "never read"))
@@ -301,3 +324,29 @@ def test_in_a_terminal_ctrl_c_stops_the_answer_and_ctrl_d_leaves() -> None:
         child.wait()
         os.close(master)
     assert "Traceback" not in terminal.screen
+
+
+def test_a_chat_stopped_while_reading_gives_the_terminal_back() -> None:
+    master, slave = pty.openpty()
+    child = subprocess.Popen(
+        [sys.executable, "-c", _TERMINAL_CHILD],
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "TERM": "dumb"},
+        start_new_session=True,
+    )
+    try:
+        terminal = _Terminal(master)
+        terminal.wait_for(">>> ")  # readline has the terminal in its own (raw) mode now
+        child.send_signal(signal.SIGTERM)
+        assert child.wait(timeout=60) == run_command.EXIT_INTERRUPTED
+        lflags = termios.tcgetattr(slave)[3]
+    finally:
+        child.kill()
+        child.wait()
+        os.close(master)
+        os.close(slave)
+    assert lflags & termios.ICANON
+    assert lflags & termios.ECHO
