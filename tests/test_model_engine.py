@@ -386,3 +386,23 @@ def test_a_sibling_whose_first_is_gone_computes_its_own_prompt(loaded: LoadedMod
     events = _run(engine)
     assert _prefilled(events[1]) == len(PROMPTS[2])
     assert _tokens(events[1]) == _reference_greedy(loaded, PROMPTS[2], 4)
+
+
+def test_an_engine_with_fused_projections_gives_the_same_tokens(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Fusion is the default on CUDA only; force it here (it rewrites the model, so a copy).
+    fused = load_model(make_tiny_folder(tmp_path / "m", "llama"))
+    plain = load_model(tmp_path / "m")
+    monkeypatch.setenv("MLXRUNNER_FUSED_PROJECTIONS", "1")
+    engine = ModelEngine(fused)
+    assert "qkv_proj" in fused.model.model.layers[0].self_attn
+    for i, prompt in enumerate(PROMPTS):
+        engine.add(_request(i, prompt, max_tokens=10))
+    got = {i: _tokens(events) for i, events in _run(engine).items()}
+    monkeypatch.setenv("MLXRUNNER_FUSED_PROJECTIONS", "0")
+    reference = ModelEngine(plain)
+    assert "q_proj" in plain.model.model.layers[0].self_attn
+    for i, prompt in enumerate(PROMPTS):
+        reference.add(_request(i, prompt, max_tokens=10))
+    assert got == {i: _tokens(events) for i, events in _run(reference).items()}

@@ -91,7 +91,7 @@ def test_quantized_linear_reshapes_and_pads_without_changing_outputs(
         np.array(ours["weight"]), np.array(layer["weight"])
     )
     # Off CUDA the layer is MLX's; force the CUDA form so the reshape and padding run here.
-    monkeypatch.setattr(quantized_linear, "_on_cuda", lambda: True)
+    monkeypatch.setattr(quantized_linear, "on_cuda", lambda: True)
     got = ours(x)
     assert got.shape == expected.shape
     np.testing.assert_allclose(np.array(got), expected, rtol=1e-5, atol=1e-5)
@@ -100,11 +100,11 @@ def test_quantized_linear_reshapes_and_pads_without_changing_outputs(
 def test_reshaping_applies_only_where_mlx_would_take_its_slow_path(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(quantized_linear, "_on_cuda", lambda: True)
+    monkeypatch.setattr(quantized_linear, "on_cuda", lambda: True)
     reshaped = quantized_linear._reshaped
     assert not reshaped(mx.zeros((1, 1, 64)))  # one row: MLX's matrix-vector kernel
     assert reshaped(mx.zeros((16, 1, 64)))  # one token per sequence: flattened
     assert reshaped(mx.zeros((4, 64)))  # few rows: padded to the tiled kernel's 8
     assert not reshaped(mx.zeros((16, 64)))  # already what the tiled kernel takes
-    monkeypatch.setattr(quantized_linear, "_on_cuda", lambda: False)
+    monkeypatch.setattr(quantized_linear, "on_cuda", lambda: False)
     assert not reshaped(mx.zeros((16, 1, 64)))

@@ -22,7 +22,6 @@ admitted request may start from one (``SequenceRequest.reuse``).
 from __future__ import annotations
 
 import gc
-import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -41,7 +40,7 @@ from runtime.engine.protocol import (
     TokenLogprob,
 )
 from runtime.errors import OptionsError, PromptError, PromptTooLongError
-from runtime.models.projections import fuse_projections
+from runtime.models.projections import fuse_projections, projections_fused
 
 if TYPE_CHECKING:
     from runtime.models.loader import LoadedModel
@@ -102,7 +101,7 @@ class ModelEngine:
             raise ValueError("prefill_chunk must be >= 1")
         self.loaded = loaded
         self.model = loaded.model
-        if os.environ.get("MLXRUNNER_FUSED_PROJECTIONS", "1") != "0":
+        if projections_fused():
             fuse_projections(self.model)  # fewer matmuls per layer (the GPU step is host-bound)
         self.tokenizer = loaded.tokenizer
         self.prefill_chunk = prefill_chunk

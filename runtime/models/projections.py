@@ -15,12 +15,13 @@ the embedding path before an engine exists) runs unchanged.
 
 from __future__ import annotations
 
+import os
 from typing import cast
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from runtime.models.quantized_linear import QuantizedLinear
+from runtime.models.quantized_linear import QuantizedLinear, on_cuda
 
 _QKV = ("q_proj", "k_proj", "v_proj")
 _GATE_UP = ("gate_proj", "up_proj")
@@ -55,6 +56,16 @@ def gate_up(mlp: nn.Module, x: mx.array) -> tuple[mx.array, mx.array]:
         gate, up = mlp["gate_up_proj"](x)
         return gate, up
     return mlp["gate_proj"](x), mlp["up_proj"](x)
+
+
+def projections_fused() -> bool:
+    """Whether engines fuse their model's projections: on CUDA, where it was measured to pay;
+    ``MLXRUNNER_FUSED_PROJECTIONS=1`` or ``0`` decides elsewhere too (the CPU A/B was within
+    the noise of a shared 2-core machine, so the CPU keeps the separate layers for now)."""
+    choice = os.environ.get("MLXRUNNER_FUSED_PROJECTIONS", "auto")
+    if choice in ("0", "1"):
+        return choice == "1"
+    return on_cuda()
 
 
 def fuse_projections(model: nn.Module) -> int:

@@ -32,13 +32,14 @@ def _cuda() -> bool:
     return bool(cuda is not None and cuda.is_available())
 
 
-def _on_cuda() -> bool:
+def on_cuda() -> bool:
+    """Whether arrays are computed by MLX's CUDA backend here."""
     return _cuda() and mx.default_device() == mx.gpu
 
 
 def _reshaped(x: mx.array) -> bool:
     """Whether ``x`` needs the 2-D, padded form: CUDA, several rows, not already that form."""
-    if not _on_cuda():
+    if not on_cuda():
         return False
     rows = math.prod(x.shape[:-1])
     return rows > 1 and (x.ndim != 2 or rows < TILE_ROWS)
