@@ -19,6 +19,11 @@ class ModelNotFoundError(ModelLoadError):
     """No model of that name or path exists."""
 
 
+class PullError(RuntimeInputError):
+    """A pull from a registry or the Hugging Face hub failed: the message says which model,
+    which blob and why (and whether running the pull again resumes it)."""
+
+
 class OptionsError(RuntimeInputError, ValueError):
     """A sampling or generation option is out of range or of the wrong type."""
 

@@ -150,8 +150,9 @@ def test_missing_blob_names_blob_and_model(store: Store) -> None:
     ("media_type", "message"),
     [
         ("application/vnd.example.mystery", r"'tiny:1'.*unknown media type.*mystery"),
-        # A GGUF layer (what Ollama's own models are) says how to import it instead.
-        ("application/vnd.ollama.image.model", r"GGUF model.*mlxrunner import"),
+        ("application/vnd.ollama.image.adapter", r"'tiny:1'.*LoRA adapter \(not supported\)"),
+        # A GGUF layer (what Ollama's registry models are) is a whole model by itself.
+        ("application/vnd.ollama.image.model", r"'tiny:1'.*GGUF model layer beside safetensors"),
     ],
 )
 def test_a_layer_of_another_kind_is_refused_with_what_to_do(

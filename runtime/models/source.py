@@ -10,7 +10,8 @@ A source is, in this order:
   other file is an error;
 - text that looks like a path (starts with ``/``, ``.`` or ``~``, or ends in ``.gguf``) but
   names nothing: ``ModelNotFoundError``;
-- anything else: a model name in the store (``name[:tag]``), every blob's digest checked.
+- anything else: a model name in the store (``name[:tag]``), every blob's digest checked; a
+  stored GGUF model (as pulled from Ollama's registry) is read as a GGUF file.
 
 Whatever the kind, the tensors then go through ``runtime.models.checkpoint.check_checkpoint``.
 """
@@ -57,7 +58,12 @@ def open_checkpoint(
         raise ModelLoadError(f"{path}: not a model folder or a GGUF file")
     if looks_like_path(text):
         raise ModelNotFoundError(f"{text}: no such model folder or .gguf file")
-    files = (store or Store.default()).resolve(text)
+    store = store or Store.default()
+    gguf = store.gguf_blob(text)
+    if gguf is not None:
+        short, digest, blob = gguf
+        return _gguf_checkpoint(blob, progress, name=short, digest=digest)
+    files = store.resolve(text)
     return check_checkpoint(
         files, _read_safetensors(files, progress), where=f"model {files.name!r}"
     )
@@ -93,18 +99,21 @@ def _read_safetensors(files: ModelFiles, progress: ProgressCallback | None) -> T
     return read_tensors(files.weight_files, on_file=on_file)
 
 
-def _gguf_checkpoint(path: Path, progress: ProgressCallback | None) -> Checkpoint:
+def _gguf_checkpoint(
+    path: Path, progress: ProgressCallback | None, *, name: str = "", digest: str = ""
+) -> Checkpoint:
     from runtime.formats.gguf import read_gguf  # numpy decoders: only for GGUF sources
 
     contents = read_gguf(path)
     stat = path.stat()
     files = ModelFiles(
-        name=str(path),
+        name=name or str(path),
         config=contents.config,
         tokenizer_json=contents.tokenizer_json,
         tokenizer_config=dict(contents.tokenizer_config),
         generation_config=None,
         weight_files=(path,),
+        digest=digest,
         size_bytes=stat.st_size,
         modified_at=stat.st_mtime,
     )
@@ -125,4 +134,4 @@ def _gguf_checkpoint(path: Path, progress: ProgressCallback | None) -> Checkpoin
         origins=dict.fromkeys(contents.weights, str(path)),
         quant={},
     )
-    return check_checkpoint(files, tensors, where=str(path))
+    return check_checkpoint(files, tensors, where=f"model {name!r}" if name else str(path))

@@ -161,6 +161,21 @@ class Store:
                 f"is not valid JSON ({exc})"
             ) from exc
 
+    def gguf_blob(self, name: str, *, verify: bool = True) -> tuple[str, str, Path] | None:
+        """(short name, manifest digest, GGUF path) when ``name`` is a GGUF model (as pulled
+        from Ollama's registry), its used blobs checked as ``resolve`` checks them; ``None``
+        for a safetensors model."""
+        parsed, manifest, _ = self.read_manifest(name)
+        layer = manifest.gguf_layer()
+        if layer is None:
+            return None
+        known = VerifiedBlobs(self.root) if verify else None
+        for used in manifest.used_layers():
+            self.check_blob(parsed.short, used, verify=verify, known=known)
+        if known is not None:
+            known.save()
+        return parsed.short, manifest.digest, self.blob_path(layer.digest)
+
     def resolve(self, name: str, *, verify: bool = True) -> ModelFiles:
         """The files of ``name``, every used blob's digest checked (``ModelLoadError`` if not;
         with ``verify``, a blob is hashed once and again only when its file changes)."""
@@ -308,8 +323,13 @@ class Store:
     def add_bytes(self, data: bytes) -> tuple[Layer, bool]:
         return self.write_blob(lambda f: f.write(data))
 
-    def commit_manifest(self, name: ModelName, manifest: Manifest) -> Path:
-        """Write the manifest atomically, after checking under the lock that its blobs exist."""
+    def commit_manifest(
+        self, name: ModelName, manifest: Manifest, raw: bytes | None = None
+    ) -> Path:
+        """Write the manifest atomically, after checking under the lock that its blobs exist.
+
+        ``raw``: the bytes to write instead of ``manifest.to_bytes()`` (a pulled manifest is
+        kept as the registry sent it, so its digest stays the registry's)."""
         path = self.manifest_path(name)
         with self.lock():
             for digest in sorted(manifest.digests()):
@@ -323,7 +343,7 @@ class Store:
             os.close(fd)
             try:
                 with _open_for_write(Path(temp)) as f:
-                    f.write(manifest.to_bytes())
+                    f.write(manifest.to_bytes() if raw is None else raw)
                     f.flush()
                     _fsync(f.fileno())
                 os.replace(temp, path)

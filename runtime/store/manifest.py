@@ -2,8 +2,10 @@
 
 A manifest (``manifests/<host>/<namespace>/<name>/<tag>``) is a Docker v2 image manifest: a
 config blob plus layers, each ``{mediaType, digest, size[, name]}``. This module knows which
-media types a text model uses, which Ollama layers may be present and ignored, and which mean
-"a model we cannot run"; everything else is rejected so a store we misread never loads.
+media types a text model uses (safetensors tensor and JSON layers as Ollama's MLX models have
+them, or one GGUF layer as Ollama's registry models have it), which Ollama layers may be
+present and ignored, and which mean "a model we cannot run"; everything else is rejected so a
+store we misread never loads.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ MANIFEST_MEDIA_TYPE = "application/vnd.docker.distribution.manifest.v2+json"
 CONFIG_MEDIA_TYPE = "application/vnd.docker.container.image.v1+json"
 TENSOR_MEDIA_TYPE = "application/vnd.ollama.image.tensor"
 JSON_MEDIA_TYPE = "application/vnd.ollama.image.json"
+GGUF_MEDIA_TYPE = "application/vnd.ollama.image.model"  # a whole GGUF file (Ollama's registry)
 
 # Present in Ollama manifests, not needed to run the model (Ollama's MLX runner skips them too).
 IGNORED_MEDIA_TYPES = frozenset(
@@ -29,8 +32,6 @@ IGNORED_MEDIA_TYPES = frozenset(
 )
 # Known, but a different kind of model than the safetensors ones this store serves.
 UNSUPPORTED_MEDIA_TYPES = {
-    "application/vnd.ollama.image.model": "a GGUF model; import its blob file with "
-    "`mlxrunner import BLOB_PATH NAME` to serve it",
     "application/vnd.ollama.image.projector": "a vision projector (not supported)",
     "application/vnd.ollama.image.adapter": "a LoRA adapter (not supported)",
 }
@@ -79,6 +80,10 @@ class Manifest:
                 seen.add(layer.digest)
                 out.append(layer)
         return out
+
+    def gguf_layer(self) -> Layer | None:
+        """The GGUF file of a model pulled from Ollama's registry (``None`` for safetensors)."""
+        return next((x for x in self.layers if x.media_type == GGUF_MEDIA_TYPE), None)
 
     def json_layer(self, file_name: str) -> Layer | None:
         for layer in self.layers:
@@ -132,9 +137,15 @@ def parse_manifest(data: bytes, where: str) -> Manifest:
             raise ModelLoadError(
                 f"{where}: layer {layer.digest} is {UNSUPPORTED_MEDIA_TYPES[kind]}"
             )
-        if kind not in (TENSOR_MEDIA_TYPE, JSON_MEDIA_TYPE) and kind not in IGNORED_MEDIA_TYPES:
+        known = (TENSOR_MEDIA_TYPE, JSON_MEDIA_TYPE, GGUF_MEDIA_TYPE)
+        if kind not in known and kind not in IGNORED_MEDIA_TYPES:
             raise ModelLoadError(f"{where}: layer {layer.digest} has unknown media type {kind!r}")
         if kind == JSON_MEDIA_TYPE and not layer.name:
             raise ModelLoadError(f"{where}: JSON layer {layer.digest} has no file name")
+    gguf = [layer for layer in layers if layer.media_type == GGUF_MEDIA_TYPE]
+    if len(gguf) > 1:
+        raise ModelLoadError(f"{where}: more than one GGUF model layer")
+    if gguf and any(layer.media_type == TENSOR_MEDIA_TYPE for layer in layers):
+        raise ModelLoadError(f"{where}: a GGUF model layer beside safetensors tensor layers")
     digest = "sha256:" + hashlib.sha256(data).hexdigest()
     return Manifest(config=config, layers=layers, digest=digest)
