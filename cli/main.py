@@ -24,6 +24,7 @@ _HANDLERS = {
     "serve": "cli.serve:main",
     "run": "cli.run:main",
     "import": "cli.store:import_main",
+    "pull": "cli.pull:main",
     "list": "cli.store:list_main",
     "show": "cli.store:show_main",
     "rm": "cli.store:rm_main",
@@ -42,6 +43,8 @@ examples:
   mlxrunner serve --model ./Qwen3-0.6B --port 8080  serve a model folder
   mlxrunner run {DEFAULT_MODEL}                        chat with a model in the terminal
   mlxrunner run {DEFAULT_MODEL} --temperature 0 "The capital of France is"
+  mlxrunner pull smollm2:135m
+  mlxrunner pull hf.co/mlx-community/Qwen3-0.6B-4bit
   mlxrunner import ./model.gguf mymodel:q4 --quantize q4
   mlxrunner list
   mlxrunner ps                                      what the running server has loaded
@@ -388,6 +391,28 @@ def _add_ps(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
 
 
+def _add_pull(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    pull = sub.add_parser(
+        "pull",
+        help="download a model from Ollama's registry or the Hugging Face hub",
+        description="Download NAME[:TAG] from Ollama's registry (registry.ollama.ai) into the "
+        "store, or hf.co/ORG/REPO[:REVISION] (a safetensors/MLX model folder) from the Hugging "
+        "Face hub through its cache, then import it. An interrupted pull resumes where it "
+        "stopped; every blob's sha256 is checked.",
+    )
+    pull.add_argument(
+        "name", metavar="NAME[:TAG]", help="e.g. smollm2:135m, or hf.co/ORG/REPO[:REVISION]"
+    )
+    pull.add_argument(
+        "--registry",
+        default=None,
+        metavar="URL",
+        help="where to reach registry.ollama.ai's models instead, e.g. http://127.0.0.1:8080 "
+        "(default: $MLXRUNNER_REGISTRY, else https://registry.ollama.ai)",
+    )
+    _add_store_arg(pull)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="mlxrunner", description=DESCRIPTION, epilog=EPILOG, formatter_class=_FORMATTER
@@ -401,6 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run(sub)
     _add_store_commands(sub)
     _add_ps(sub)
+    _add_pull(sub)
     return parser
 
 
