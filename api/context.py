@@ -19,6 +19,10 @@ class ApiConfig:
     guard: GuardPolicy = attrs.field(factory=GuardPolicy)  # Host and Origin rules (api/guard.py)
     max_body: int = 8 * 1024 * 1024
     version: str = "0.1.0"
+    # /api/pull writes into this store (None: the default one); off unless allowed, so an
+    # app built for a test never downloads (``mlxrunner serve`` allows it).
+    models_dir: str | None = None
+    allow_pull: bool = False
 
 
 @attrs.define(kw_only=True)

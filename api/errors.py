@@ -38,6 +38,7 @@ from runtime.errors import (
     OptionsError,
     PromptError,
     PromptTooLongError,
+    PullError,
     RuntimeInputError,
 )
 
@@ -94,6 +95,8 @@ def status_of(exc: BaseException) -> tuple[int, str, dict[str, str]]:
             return 400, str(exc), {}
         case ModelLoadError():
             return 503, str(exc), {"Retry-After": str(RETRY_AFTER_LOADING)}
+        case PullError():  # the registry or the hub failed, or sent what cannot be stored
+            return 502, str(exc), {}
         case RuntimeInputError():
             return 400, str(exc), {}
         case NotFound():
@@ -117,8 +120,9 @@ def status_of(exc: BaseException) -> tuple[int, str, dict[str, str]]:
 
 
 def is_unexpected(status: int) -> bool:
-    """A server error whose cause the client is not told (503 says loading or stopping)."""
-    return status >= 500 and status != 503
+    """A server error whose cause the client is not told (503 says loading or stopping, 502
+    what the registry did)."""
+    return status >= 500 and status not in (502, 503)
 
 
 def new_request_id() -> str:

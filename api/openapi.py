@@ -50,6 +50,7 @@ _REASONS = {
     415: "a body that is not JSON by its content type",
     429: "the request queue is full",
     500: "the generation failed after it was admitted (details in the log, by request id)",
+    502: "the registry or the hub failed, or sent a model this store cannot hold",
     503: "loading, or shutting down",
 }
 ERROR_SCHEMA = {

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 import runtime  # noqa: F401  (side effect: optimized BLAS before mlx.core)
+
+# No test reaches the internet: a pull without a registry of its own meets a closed port, and
+# the Hugging Face hub is read from its cache only (set before huggingface_hub is imported).
+os.environ["MLXRUNNER_REGISTRY"] = "http://127.0.0.1:9"
+os.environ["HF_HUB_OFFLINE"] = "1"
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,8 @@
 It runs in a thread (``http.server``), serves what the test put in it, follows the protocol
 the way registry.ollama.ai does (a blob request is redirected to a "CDN" path, ``Range``
 answered with 206), and records every request. Faults are set per blob: ``cut`` closes the
-connection after that many bytes for the next N requests, ``corrupt`` serves other bytes.
+connection after that many bytes for the next N requests, ``corrupt`` serves other bytes,
+``gates`` stalls after that many bytes until the test opens the gate.
 """
 
 from __future__ import annotations
@@ -33,11 +34,18 @@ class Cut:
 
 
 @attrs.define
+class Gate:
+    after: int  # bytes sent before the server waits
+    open: threading.Event = attrs.field(factory=threading.Event)
+
+
+@attrs.define
 class Registry:
     manifests: dict[str, tuple[bytes, str]] = attrs.field(factory=dict)  # path -> body, type
     blobs: dict[str, bytes] = attrs.field(factory=dict)
     cut: dict[str, Cut] = attrs.field(factory=dict)
     corrupt: set[str] = attrs.field(factory=set)
+    gates: dict[str, Gate] = attrs.field(factory=dict)  # a blob stalls until the gate opens
     requests: list[tuple[str, str | None]] = attrs.field(factory=list)  # (path, Range)
     url: str = ""
 
@@ -147,6 +155,12 @@ def _handler(registry: Registry) -> type[BaseHTTPRequestHandler]:
                 self.close_connection = True
                 self.connection.shutdown(2)  # the client sees the connection end early
                 return
+            gate = registry.gates.get(digest)
+            if gate is not None:
+                self.wfile.write(part[: gate.after])
+                self.wfile.flush()
+                gate.open.wait(timeout=30)
+                part = part[gate.after :]
             self.wfile.write(part)
 
     return Handler

@@ -315,3 +315,26 @@ def test_hf_pull_from_an_offline_cache_imports_the_folder(
     assert ours.name == "hf.co/Org/Tiny:latest"
     with pytest.raises(PullError, match="not in the Hugging Face cache"):
         list(pull_model("hf.co/Org/Other", store=store))
+
+
+def test_two_pulls_of_one_blob_download_it_once(
+    tmp_path: Path, registry: Registry, gguf: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(registry_module, "CHUNK", 1024)
+    monkeypatch.setattr(registry_module, "LOCK_POLL_S", 0.0)
+    registry.add_model("tiny", "latest", gguf)
+    digest = _gguf_digest(gguf)
+    store = Store(tmp_path / "models")
+    first = pull_model("tiny", store=store, registry_url=registry.url)
+    second = pull_model("tiny", store=store, registry_url=registry.url)
+    for line in first:
+        if line.digest == digest and line.completed >= 2048:
+            break
+    waiting = [line for line, _ in zip(second, range(20), strict=False) if line.digest == digest]
+    # The second pull waits on the first one's download and shows how far it is.
+    assert waiting[-1].completed == 2048
+    assert [line.status for line in first][-1] == "success"
+    assert [line.status for line in second][-1] == "success"
+    assert registry.blob_requests(digest) == [None]
+    assert store.blob_path(digest).read_bytes() == gguf
+    assert _leftovers(store) == []

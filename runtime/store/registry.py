@@ -9,8 +9,8 @@ replaces it for the default host, which is how the tests serve a registry on loc
 
 A blob downloads into ``blobs/.pull-sha256-<hex>`` (a name of its own: the store's stale-temp
 sweep leaves it alone, so a download stopped yesterday resumes today). The file is locked
-(``flock``) while one puller writes it; a second pull of the same blob waits, then finds it
-done. A download that resumes asks for ``Range: bytes=<size>-``; a server that answers the
+(``flock``) while one puller writes it; a second pull of the same blob waits (reporting the
+first one's progress), then finds it done. A download that resumes asks for ``Range: bytes=<size>-``; a server that answers the
 whole blob (200) starts it over. The bytes are hashed as they arrive (the part already on
 disk first), and only a file whose size and sha256 match the manifest is renamed to
 ``blobs/sha256-<hex>``; a mismatch deletes the download, since its bytes can never become
@@ -30,6 +30,7 @@ import hashlib
 import http.client
 import json
 import os
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Generator
@@ -45,6 +46,7 @@ ENV_REGISTRY = "MLXRUNNER_REGISTRY"
 PARTIAL_PREFIX = ".pull-"
 CHUNK = 1 << 20
 TIMEOUT_S = 30.0  # per socket operation: a stalled server fails a step, never hangs it
+LOCK_POLL_S = 0.1  # how often a pull waiting for another one's blob looks again
 ATTEMPTS = 3  # a blob's download is retried from where it stopped this many times in all
 _USER_AGENT = "mlxrunner/0.1 (+ollama registry protocol)"
 # Kinds of manifests a registry may send that are not one model (multi-platform lists).
@@ -135,6 +137,18 @@ def partial_path(store: Store, digest: str) -> Path:
     return store.blobs / (PARTIAL_PREFIX + digest.replace(":", "-"))
 
 
+def _locked(f: BinaryIO) -> Generator[int, None, None]:
+    """Take the partial file's lock; while another pull holds it, yield its progress (so a
+    caller can stop waiting between two looks)."""
+    while True:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            yield os.fstat(f.fileno()).st_size
+            time.sleep(LOCK_POLL_S)
+
+
 def _hash_existing(f: BinaryIO, size: int) -> hashlib._Hash:
     h = hashlib.sha256()
     f.seek(0)
@@ -167,7 +181,7 @@ def download_blob(
     store.blobs.mkdir(parents=True, exist_ok=True)
     partial = partial_path(store, digest)
     with partial.open("a+b") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)  # a concurrent pull of the same blob waits here
+        yield from _locked(f)
         if final.exists() and final.stat().st_size == layer.size:
             with contextlib.suppress(OSError):  # the other puller finished it
                 if os.stat(partial).st_ino == os.fstat(f.fileno()).st_ino:
@@ -204,6 +218,7 @@ def download_blob(
                                 partial, model, digest, "is longer than the manifest says"
                             )
                         f.write(chunk)
+                        f.flush()  # on disk for a resume after a kill, and for a waiting pull
                         h.update(chunk)
                         done += len(chunk)
                         yield done
