@@ -145,7 +145,7 @@ def hf_repo(name: str) -> tuple[str, str | None, str]:
 
 def _pull_hf(name: str, *, store: Store) -> Generator[PullProgress, None, None]:
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (
+    from huggingface_hub.utils import (
         HfHubHTTPError,
         LocalEntryNotFoundError,
         RepositoryNotFoundError,
