@@ -4,7 +4,7 @@ It runs in a thread (``http.server``), serves what the test put in it, follows t
 the way registry.ollama.ai does (a blob request is redirected to a "CDN" path, ``Range``
 answered with 206), and records every request. Faults are set per blob: ``cut`` closes the
 connection after that many bytes for the next N requests, ``corrupt`` serves other bytes,
-``gates`` stalls after that many bytes until the test opens the gate.
+``gates`` stalls after that many bytes until the test opens the gate, ``fail`` answers 503.
 """
 
 from __future__ import annotations
@@ -46,6 +46,8 @@ class Registry:
     cut: dict[str, Cut] = attrs.field(factory=dict)
     corrupt: set[str] = attrs.field(factory=set)
     gates: dict[str, Gate] = attrs.field(factory=dict)  # a blob stalls until the gate opens
+    fail: dict[str, int] = attrs.field(factory=dict)  # blob -> requests answered 503 first
+    ignore_range: bool = False  # answer every blob request with the whole blob (200)
     requests: list[tuple[str, str | None]] = attrs.field(factory=list)  # (path, Range)
     url: str = ""
 
@@ -133,11 +135,15 @@ def _handler(registry: Registry) -> type[BaseHTTPRequestHandler]:
                 self._not_found("MANIFEST_UNKNOWN")
 
         def _blob(self, digest: str) -> None:
+            if registry.fail.get(digest, 0) > 0:
+                registry.fail[digest] -= 1
+                self._send(503, b'{"errors":[{"code":"UNAVAILABLE","message":"try later"}]}')
+                return
             data = registry.blobs[digest]
             if digest in registry.corrupt:
                 data = bytes(b ^ 0xFF for b in data[:8]) + data[8:]
             start = 0
-            rng = self.headers.get("Range")
+            rng = None if registry.ignore_range else self.headers.get("Range")
             if rng:
                 start = int(rng.removeprefix("bytes=").split("-")[0])
             part = data[start:]

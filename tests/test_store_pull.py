@@ -120,7 +120,10 @@ def test_an_interrupted_pull_resumes_at_the_next_pull(
     digest = _gguf_digest(gguf)
     registry.cut[digest] = Cut(after=4096, times=2)
     store = Store(tmp_path / "models")
-    with pytest.raises(PullError, match=rf"{digest} was cut 2 times.*run the pull again to resume"):
+    with pytest.raises(
+        PullError,
+        match=rf"{digest} failed 2 times \(last: connection closed after 8192 bytes\); 8192 of \d+ bytes are kept: run the pull again to resume",
+    ):
         _pull("tiny", store, registry, attempts=2)
     assert not store.manifest_path(ModelName.parse("tiny")).exists()  # nothing half-pulled
     partial = registry_module.partial_path(store, digest)
@@ -338,3 +341,31 @@ def test_two_pulls_of_one_blob_download_it_once(
     assert registry.blob_requests(digest) == [None]
     assert store.blob_path(digest).read_bytes() == gguf
     assert _leftovers(store) == []
+
+
+def test_a_server_that_ignores_range_is_read_from_the_start(
+    tmp_path: Path, registry: Registry, gguf: bytes
+) -> None:
+    registry.add_model("tiny", "latest", gguf)
+    digest = _gguf_digest(gguf)
+    registry.cut[digest] = Cut(after=3000, times=1)
+    registry.ignore_range = True
+    store = Store(tmp_path / "models")
+    _pull("tiny", store, registry)
+    assert registry.blob_requests(digest) == [None, "bytes=3000-"]
+    assert store.blob_path(digest).read_bytes() == gguf
+
+
+def test_a_registry_in_trouble_is_retried_then_named(
+    tmp_path: Path, registry: Registry, gguf: bytes
+) -> None:
+    registry.add_model("tiny", "latest", gguf)
+    digest = _gguf_digest(gguf)
+    registry.fail[digest] = 2
+    store = Store(tmp_path / "models")
+    _pull("tiny", store, registry)  # two 503s, then the blob
+    assert store.blob_path(digest).read_bytes() == gguf
+    registry.add_model("other", "latest", gguf + b"\0" * 32)
+    registry.fail[_gguf_digest(gguf + b"\0" * 32)] = 5
+    with pytest.raises(PullError, match=r"failed 3 times \(last: HTTP 503\)"):
+        _pull("other", store, registry)

@@ -11,10 +11,11 @@ A blob downloads into ``blobs/.pull-sha256-<hex>`` (a name of its own: the store
 sweep leaves it alone, so a download stopped yesterday resumes today). The file is locked
 (``flock``) while one puller writes it; a second pull of the same blob waits (reporting the
 first one's progress), then finds it done. A download that resumes asks for ``Range: bytes=<size>-``; a server that answers the
-whole blob (200) starts it over. The bytes are hashed as they arrive (the part already on
+whole blob (200, or a range that starts elsewhere) starts it over. The bytes are hashed as they arrive (the part already on
 disk first), and only a file whose size and sha256 match the manifest is renamed to
 ``blobs/sha256-<hex>``; a mismatch deletes the download, since its bytes can never become
-that blob. A cut connection keeps what arrived and is retried from there a few times.
+that blob. A cut connection (or a 5xx) keeps what arrived and is retried from there a few
+times.
 
 Everything here is synchronous. ``download_blob`` is a generator: it yields the bytes done
 after each chunk, so a caller can show progress and stop between chunks (closing the
@@ -201,14 +202,14 @@ def download_blob(
         while done < layer.size:
             if len(failures) >= attempts:
                 raise PullError(
-                    f"pulling {model}: the download of blob {digest} was cut {len(failures)} "
-                    f"times ({failures[-1]}); {done} of {layer.size} bytes are kept: run the "
+                    f"pulling {model}: the download of blob {digest} failed {len(failures)} "
+                    f"times (last: {failures[-1]}); {done} of {layer.size} bytes are kept: run the "
                     "pull again to resume"
                 )
             headers = {"Range": f"bytes={done}-"} if done else {}
             try:
                 with _open(url, headers=headers, timeout=timeout) as response:
-                    if done and response.status != 206:  # the whole blob: start over
+                    if done and not _resumes_at(response, done):  # the whole blob: start over
                         f.seek(0)
                         f.truncate(0)
                         done, h = 0, hashlib.sha256()
@@ -229,6 +230,9 @@ def download_blob(
                     done, h = 0, hashlib.sha256()
                     failures.append("range not satisfiable")
                     continue
+                if exc.code >= 500:  # the registry's or the CDN's trouble: try again
+                    failures.append(f"HTTP {exc.code}")
+                    continue
                 raise _http_failure(model, f"blob {digest}", exc) from None
             except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
                 f.flush()
@@ -242,6 +246,14 @@ def download_blob(
         os.fsync(f.fileno())
         os.replace(partial, final)
         fsync_dir(store.blobs)
+
+
+def _resumes_at(response: http.client.HTTPResponse, offset: int) -> bool:
+    """Whether a ranged response continues at ``offset`` (a 206 from there)."""
+    if response.status != 206:
+        return False
+    content_range = response.headers.get("Content-Range", "")
+    return content_range.startswith(f"bytes {offset}-")
 
 
 def _mismatch(partial: Path, model: str, digest: str, what: str) -> PullError:
