@@ -95,12 +95,14 @@ class ProgressBar:
         if self.tty:
             filled = int(fraction * self.width)
             bar = "#" * filled + "." * (self.width - filled)
-            self.stream.write(f"\r{self.label} {p.phase:<6} [{bar}] {self._detail(p)}\x1b[K")
+            phase = f" {p.phase:<6}" if p.phase else ""  # a pull's blob has no phases
+            self.stream.write(f"\r{self.label}{phase} [{bar}] {self._detail(p)}\x1b[K")
             self._open_line = not finished
             if finished:
                 self.stream.write("\n")
         else:
-            self.stream.write(f"{self.label}: {p.phase} {self._detail(p)}\n")
+            phase = f" {p.phase}" if p.phase else ""
+            self.stream.write(f"{self.label}:{phase} {self._detail(p)}\n")
         self.stream.flush()
 
     def close(self) -> None:

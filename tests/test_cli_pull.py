@@ -37,7 +37,7 @@ def test_pull_prints_progress_and_the_model_is_listed(
     assert err[0] == "pulling manifest"
     assert err[-3:] == ["verifying sha256 digest", "writing manifest", "success"]
     # Not a terminal: plain lines, the last one at 100 %.
-    assert any(line.startswith(f"pulling {digest[:12]}:") and "100%" in line for line in err)
+    assert f"pulling {digest[:12]}: 100% {len(gguf) / 1000:.1f} KB/{len(gguf) / 1000:.1f} KB" in err
     assert main(["list", "--models-dir", d]) == 0
     assert "tiny:latest" in capsys.readouterr().out
 
