@@ -119,7 +119,9 @@ def test_resolve_returns_verified_files(store: Store) -> None:
 
 
 def test_unknown_name_is_not_found(store: Store) -> None:
-    with pytest.raises(ModelNotFoundError, match=r"'nope:latest' not found"):
+    with pytest.raises(
+        ModelNotFoundError, match=r"'nope:latest' not found.*mlxrunner pull nope:latest"
+    ):
         store.resolve("nope")
 
 

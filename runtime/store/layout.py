@@ -114,7 +114,8 @@ class Store:
         except FileNotFoundError:
             raise ModelNotFoundError(
                 f"model {parsed.short!r} not found in {self.root} "
-                "(import it with `mlxrunner import SRC NAME`)"
+                f"(pull it with `mlxrunner pull {parsed.short}`, or import it with "
+                "`mlxrunner import SRC NAME`)"
             ) from None
         except OSError as exc:
             raise ModelLoadError(f"model {parsed.short!r}: cannot read {path} ({exc})") from exc
