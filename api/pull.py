@@ -1,7 +1,7 @@
 """Ollama's ``/api/pull``: download a model into the server's store, progress streamed.
 
 The body is Ollama's: ``model`` (or the older ``name``), ``stream`` (default true) and
-``insecure`` (accepted, unused: the registry's scheme comes from its URL). Streamed, each line
+``insecure`` (a registry on another host than the default one is reached over HTTP). Streamed, each line
 is one ``PullProgress`` (``status``, and ``digest``/``total``/``completed`` while a blob
 downloads), ending with ``{"status": "success"}``, or with ``{"error": "..."}`` when the pull
 fails after the header, as Ollama's client expects. Without streaming the reply is
@@ -35,7 +35,9 @@ from runtime.store.layout import Store
 from runtime.store.pull import PullProgress, pull_model
 
 NAME = fields.string("name", description="an older name of 'model'")
-INSECURE = fields.boolean("insecure", False, description="accepted for Ollama's clients; unused")
+INSECURE = fields.boolean(
+    "insecure", False, description="reach a registry other than the default one over HTTP"
+)
 PULL = fields.body(MODEL, NAME, INSECURE, STREAM)
 _ERRORS = (403, 404, 502, 503)  # 403: pulling is not allowed on this server
 
@@ -82,11 +84,11 @@ def blueprint(ctx: ApiContext) -> Blueprint:
         name = MODEL.read(body) or NAME.read(body)
         if not name:
             raise bad_request("'model' is required")
-        INSECURE.read(body)
         if not ctx.config.allow_pull:
             raise ApiError(403, "pulling models is not allowed on this server")
         ctx.check_admitting()
-        steps = PullSteps(pull_model(name, store=Store.at(ctx.config.models_dir)))
+        store = Store.at(ctx.config.models_dir)
+        steps = PullSteps(pull_model(name, store=store, insecure=INSECURE.read(body)))
         try:
             # Before the header: the name, and for a registry model its manifest (the step
             # after "pulling manifest"), so that those errors get their HTTP status.

@@ -410,6 +410,11 @@ def _add_pull(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="where to reach registry.ollama.ai's models instead, e.g. http://127.0.0.1:8080 "
         "(default: $MLXRUNNER_REGISTRY, else https://registry.ollama.ai)",
     )
+    pull.add_argument(
+        "--insecure",
+        action="store_true",
+        help="reach a registry named in NAME (host/namespace/name:tag) over plain HTTP",
+    )
     _add_store_arg(pull)
 
 

@@ -23,7 +23,9 @@ def main(args: argparse.Namespace) -> int:
     bars: dict[str, ProgressBar] = {}
 
     def run() -> int:
-        pulling = pull_model(args.name, store=store, registry_url=args.registry)
+        pulling = pull_model(
+            args.name, store=store, registry_url=args.registry, insecure=args.insecure
+        )
         try:
             for line in pulling:
                 if not line.digest:

@@ -154,3 +154,16 @@ def test_serve_allows_pulls_into_its_store() -> None:
     config = api_config(build_parser().parse_args(["serve", "--models-dir", "/m"]), {})
     assert config.allow_pull is True
     assert config.models_dir == "/m"
+
+
+async def test_insecure_reaches_a_registry_of_ones_own(
+    server: str, registry: Registry, gguf: bytes, tmp_path: Path
+) -> None:
+    registry.add_model("tiny", "v1", gguf, namespace="team")
+    name = f"{registry.url.removeprefix('http://')}/team/tiny:v1"
+    client = ollama.Client(host=server)
+    with pytest.raises(ollama.ResponseError) as caught:  # https to a plain HTTP server
+        await in_thread(lambda: client.pull(name))
+    assert caught.value.status_code == 502
+    assert (await in_thread(lambda: client.pull(name, insecure=True))).status == "success"
+    assert Store(tmp_path / "models").gguf_blob(name) is not None

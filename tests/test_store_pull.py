@@ -369,3 +369,14 @@ def test_a_registry_in_trouble_is_retried_then_named(
     registry.fail[_gguf_digest(gguf + b"\0" * 32)] = 5
     with pytest.raises(PullError, match=r"failed 3 times \(last: HTTP 503\)"):
         _pull("other", store, registry)
+
+
+def test_a_registry_on_another_host_is_reached_over_http_when_insecure(
+    tmp_path: Path, registry: Registry, gguf: bytes
+) -> None:
+    registry.add_model("tiny", "v1", gguf, namespace="team")
+    host = registry.url.removeprefix("http://")
+    store = Store(tmp_path / "models")
+    list(pull_model(f"{host}/team/tiny:v1", store=store, insecure=True))
+    assert (store.manifests / host / "team" / "tiny" / "v1").exists()
+    load_model(f"{host}/team/tiny:v1", store=store)

@@ -62,6 +62,7 @@ def pull_model(
     *,
     store: Store,
     registry_url: str | None = None,
+    insecure: bool = False,
     timeout: float = registry.TIMEOUT_S,
     attempts: int = registry.ATTEMPTS,
 ) -> Generator[PullProgress, None, None]:
@@ -75,9 +76,9 @@ def pull_model(
     if is_hf_name(name):
         yield from _pull_hf(name, store=store)
     else:
-        yield from _pull_registry(
-            ModelName.parse(name), store, registry_url, timeout=timeout, attempts=attempts
-        )
+        parsed = ModelName.parse(name)
+        base = registry.registry_base(parsed, registry_url, insecure=insecure)
+        yield from _pull_registry(parsed, store, base, timeout=timeout, attempts=attempts)
 
 
 def _usable(store: Store, model: str, layer: Layer, known: VerifiedBlobs) -> bool:
@@ -94,11 +95,11 @@ def _usable(store: Store, model: str, layer: Layer, known: VerifiedBlobs) -> boo
 
 
 def _pull_registry(
-    name: ModelName, store: Store, registry_url: str | None, *, timeout: float, attempts: int
+    name: ModelName, store: Store, base: str, *, timeout: float, attempts: int
 ) -> Generator[PullProgress, None, None]:
     model = name.short
     yield PullProgress(status="pulling manifest")
-    raw = registry.fetch_manifest(name, registry=registry_url, timeout=timeout)
+    raw = registry.fetch_manifest(name, base, timeout=timeout)
     try:
         manifest = parse_manifest(raw, f"pulling {model}")
     except ModelLoadError as exc:  # a kind of model this store cannot hold: say so as a pull
@@ -115,7 +116,7 @@ def _pull_registry(
             yield attrs.evolve(line, completed=layer.size)
             continue
         for done in registry.download_blob(
-            name, layer, store=store, registry=registry_url, timeout=timeout, attempts=attempts
+            name, layer, store=store, base=base, timeout=timeout, attempts=attempts
         ):
             yield attrs.evolve(line, completed=done)
     known.save()

@@ -3,7 +3,8 @@
 A model ``host/namespace/name:tag`` lives at ``<base>/v2/<namespace>/<name>/manifests/<tag>``
 (a Docker v2 image manifest, ``runtime.store.manifest``) and each of its blobs at
 ``<base>/v2/<namespace>/<name>/blobs/<digest>``, usually answered with a redirect to a CDN
-(followed; the ``Range`` header goes along). ``<base>`` is ``https://<host>``, except that
+(followed; the ``Range`` header goes along). ``<base>`` is ``https://<host>`` (``http://``
+when pulling with ``insecure``), except that
 ``$MLXRUNNER_REGISTRY`` (or the ``registry`` argument: a URL such as ``http://127.0.0.1:8080``)
 replaces it for the default host, which is how the tests serve a registry on localhost.
 
@@ -57,13 +58,14 @@ _LIST_KINDS = (
 )
 
 
-def registry_base(name: ModelName, registry: str | None = None) -> str:
-    """The URL the name's host is reached at (see the module doc)."""
+def registry_base(name: ModelName, registry: str | None = None, *, insecure: bool = False) -> str:
+    """The URL the name's host is reached at (see the module doc); ``insecure`` reaches
+    another host than the default one over plain HTTP (a registry of one's own)."""
     if name.host == DEFAULT_HOST:
         override = registry or os.environ.get(ENV_REGISTRY)
         if override:
             return override.rstrip("/")
-    return f"https://{name.host}"
+    return f"{'http' if insecure else 'https'}://{name.host}"
 
 
 def _open(url: str, *, headers: dict[str, str], timeout: float) -> http.client.HTTPResponse:
@@ -92,16 +94,13 @@ def _unreachable(model: str, base: str, exc: BaseException) -> PullError:
     return PullError(f"pulling {model}: cannot reach the registry at {base} ({reason})")
 
 
-def fetch_manifest(
-    name: ModelName, *, registry: str | None = None, timeout: float = TIMEOUT_S
-) -> bytes:
-    """The manifest's bytes as the registry sent them.
+def fetch_manifest(name: ModelName, base: str, *, timeout: float = TIMEOUT_S) -> bytes:
+    """The manifest's bytes as the registry at ``base`` (``registry_base``) sent them.
 
     Errors: ``ModelNotFoundError`` for a model or tag the registry does not have (404),
     ``PullError`` for any other refusal, an unreachable registry, or a manifest that is not a
     single Docker v2 image manifest (what an Ollama model is).
     """
-    base = registry_base(name, registry)
     url = f"{base}/v2/{name.namespace}/{name.name}/manifests/{name.tag}"
     model = name.short
     try:
@@ -165,7 +164,7 @@ def download_blob(
     layer: Layer,
     *,
     store: Store,
-    registry: str | None = None,
+    base: str,
     timeout: float = TIMEOUT_S,
     attempts: int = ATTEMPTS,
 ) -> Generator[int, None, None]:
@@ -196,7 +195,6 @@ def download_blob(
         h = _hash_existing(f, done)
         f.seek(done)
         yield done
-        base = registry_base(name, registry)
         url = f"{base}/v2/{name.namespace}/{name.name}/blobs/{digest}"
         failures: list[str] = []
         while done < layer.size:
