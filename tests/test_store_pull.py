@@ -8,10 +8,12 @@ match its digest; a cut download resumes with ``Range`` where it stopped.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import mlx.core as mx
 import numpy as np
@@ -380,3 +382,64 @@ def test_a_registry_on_another_host_is_reached_over_http_when_insecure(
     list(pull_model(f"{host}/team/tiny:v1", store=store, insecure=True))
     assert (store.manifests / host / "team" / "tiny" / "v1").exists()
     load_model(f"{host}/team/tiny:v1", store=store)
+
+
+class _FullDisk:
+    """A partial file whose disk fills up after ``room`` bytes."""
+
+    def __init__(self, f: Any, room: int) -> None:
+        self._f, self._room = f, room
+
+    def write(self, data: bytes) -> int:
+        if self._f.tell() + len(data) > self._room:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return int(self._f.write(data))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._f, name)
+
+    def __enter__(self) -> _FullDisk:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._f.close()
+
+
+def test_a_full_disk_stops_the_pull_and_keeps_the_part(
+    tmp_path: Path, registry: Registry, gguf: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(registry_module, "CHUNK", 1024)
+    opened = registry_module._open_partial
+    monkeypatch.setattr(registry_module, "_open_partial", lambda p: _FullDisk(opened(p), 4096))
+    registry.add_model("tiny", "latest", gguf)
+    digest = _gguf_digest(gguf)
+    store = Store(tmp_path / "models")
+    with pytest.raises(PullError, match=r"no space left on the disk.*4096 of \d+ bytes .* kept"):
+        _pull("tiny", store, registry)
+    assert len(registry.blob_requests(digest)) == 1  # not retried: a full disk stays full
+    monkeypatch.setattr(registry_module, "_open_partial", opened)
+    _pull("tiny", store, registry)
+    assert registry.blob_requests(digest)[-1] == "bytes=4096-"
+
+
+def test_a_pull_waiting_on_one_that_fails_starts_a_new_download(
+    tmp_path: Path, registry: Registry, gguf: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(registry_module, "CHUNK", 1024)
+    monkeypatch.setattr(registry_module, "LOCK_POLL_S", 0.0)
+    registry.add_model("tiny", "latest", gguf)
+    digest = _gguf_digest(gguf)
+    registry.corrupt.add(digest)
+    store = Store(tmp_path / "models")
+    first = pull_model("tiny", store=store, registry_url=registry.url)
+    second = pull_model("tiny", store=store, registry_url=registry.url)
+    for line in first:
+        if line.digest == digest and line.completed >= 2048:
+            break
+    for _, _ in zip(second, range(10), strict=False):
+        pass  # waiting on the first one's lock
+    registry.corrupt.clear()
+    with pytest.raises(PullError, match="does not match the manifest"):
+        list(first)
+    assert [line.status for line in second][-1] == "success"
+    assert store.blob_path(digest).read_bytes() == gguf

@@ -27,6 +27,7 @@ has a timeout, so no step blocks for longer than that.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import http.client
@@ -137,16 +138,32 @@ def partial_path(store: Store, digest: str) -> Path:
     return store.blobs / (PARTIAL_PREFIX + digest.replace(":", "-"))
 
 
-def _locked(f: BinaryIO) -> Generator[int, None, None]:
-    """Take the partial file's lock; while another pull holds it, yield its progress (so a
-    caller can stop waiting between two looks)."""
+def _open_partial(path: Path) -> BinaryIO:
+    """Open a partial download to append; one name for the tests to fill the disk at."""
+    return path.open("a+b")
+
+
+def _open_locked(partial: Path) -> Generator[int, None, BinaryIO]:
+    """The partial file, opened and locked; while another pull holds it, yield its progress
+    (a caller can stop waiting between two looks). The file returned is the one at the path:
+    one that the pull we waited for renamed (done) or deleted (a mismatch) is opened anew."""
     while True:
+        f = _open_partial(partial)
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return
-        except BlockingIOError:
-            yield os.fstat(f.fileno()).st_size
-            time.sleep(LOCK_POLL_S)
+            while True:
+                try:
+                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    yield os.fstat(f.fileno()).st_size
+                    time.sleep(LOCK_POLL_S)
+            with contextlib.suppress(FileNotFoundError):
+                if os.stat(partial).st_ino == os.fstat(f.fileno()).st_ino:
+                    return f
+        except BaseException:
+            f.close()
+            raise
+        f.close()
 
 
 def _hash_existing(f: BinaryIO, size: int) -> hashlib._Hash:
@@ -180,12 +197,10 @@ def download_blob(
         return
     store.blobs.mkdir(parents=True, exist_ok=True)
     partial = partial_path(store, digest)
-    with partial.open("a+b") as f:
-        yield from _locked(f)
+    f = yield from _open_locked(partial)
+    with f:
         if final.exists() and final.stat().st_size == layer.size:
-            with contextlib.suppress(OSError):  # the other puller finished it
-                if os.stat(partial).st_ino == os.fstat(f.fileno()).st_ino:
-                    partial.unlink()
+            partial.unlink()  # the pull we waited for finished it; this file is a new, empty one
             yield layer.size
             return
         done = os.fstat(f.fileno()).st_size
@@ -233,7 +248,12 @@ def download_blob(
                     continue
                 raise _http_failure(model, f"blob {digest}", exc) from None
             except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
-                f.flush()
+                if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise PullError(
+                        f"pulling {model}: no space left on the disk of {store.root} "
+                        f"({done} of {layer.size} bytes of blob {digest} are kept: free some "
+                        "space and run the pull again to resume)"
+                    ) from None
                 failures.append(str(getattr(exc, "reason", None) or exc) or type(exc).__name__)
                 continue
             if done < layer.size:
