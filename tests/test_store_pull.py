@@ -320,6 +320,12 @@ def test_hf_pull_from_an_offline_cache_imports_the_folder(
     assert ours.name == "hf.co/Org/Tiny:latest"
     with pytest.raises(PullError, match="not in the Hugging Face cache"):
         list(pull_model("hf.co/Org/Other", store=store))
+    gguf_only = tmp_path / "gguf-repo"
+    gguf_only.mkdir()
+    (gguf_only / "model-Q4_K_M.gguf").write_bytes(b"GGUF")
+    _fill_hf_cache(cache / "hub", "Org/Tiny-GGUF", gguf_only)
+    with pytest.raises(PullError, match=r"config\.json: missing.*safetensors/MLX model folder"):
+        list(pull_model("hf.co/Org/Tiny-GGUF", store=store))
 
 
 def test_two_pulls_of_one_blob_download_it_once(

@@ -71,7 +71,7 @@ def pull_model(
     Errors: ``ModelNotFoundError`` (no such model or tag), ``PullError`` (the registry or the
     hub failed, a blob did not match its digest, a manifest of an unsupported kind),
     ``InvalidNameError`` for a name that cannot be pulled; an HF folder that cannot be
-    imported raises the importer's ``ModelLoadError``.
+    imported is a ``PullError`` with the importer's reason.
     """
     if is_hf_name(name):
         yield from _pull_hf(name, store=store)
@@ -172,5 +172,13 @@ def _pull_hf(name: str, *, store: Store) -> Generator[PullProgress, None, None]:
     except (HfHubHTTPError, OSError) as exc:
         raise PullError(f"pulling {name}: the Hugging Face hub failed ({exc})") from None
     yield PullProgress(status=f"importing {repo} as {stored}")
-    import_model(folder, stored, store=store)
+    try:
+        import_model(folder, stored, store=store)
+    except ModelNotFoundError:
+        raise
+    except ModelLoadError as exc:  # what the hub sent is not a model this runner can import
+        raise PullError(
+            f"pulling {name}: {exc} (the hub's repository must be a safetensors/MLX model "
+            "folder of a supported architecture)"
+        ) from None
     yield PullProgress(status="success")
