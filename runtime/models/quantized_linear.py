@@ -39,10 +39,10 @@ def on_cuda() -> bool:
 
 def _reshaped(x: mx.array) -> bool:
     """Whether ``x`` needs the 2-D, padded form: CUDA, several rows, not already that form."""
-    if not on_cuda():
-        return False
     rows = math.prod(x.shape[:-1])
-    return rows > 1 and (x.ndim != 2 or rows < TILE_ROWS)
+    if rows == 1 or (x.ndim == 2 and rows >= TILE_ROWS):
+        return False  # checked first: this runs for every layer of every batch-1 step
+    return on_cuda()
 
 
 class QuantizedLinear(nn.QuantizedLinear):
