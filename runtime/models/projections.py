@@ -44,16 +44,18 @@ class FusedLinear(nn.Module):
 
 def qkv(attention: nn.Module, x: mx.array) -> tuple[mx.array, mx.array, mx.array]:
     """The query, key and value projections of ``x``, fused or not."""
-    if "qkv_proj" in attention:
-        q, k, v = attention["qkv_proj"](x)
+    fused = attention.get("qkv_proj")
+    if isinstance(fused, FusedLinear):  # (Phi-3's own ``qkv_proj`` is a plain checkpoint layer)
+        q, k, v = fused(x)
         return q, k, v
     return attention["q_proj"](x), attention["k_proj"](x), attention["v_proj"](x)
 
 
 def gate_up(mlp: nn.Module, x: mx.array) -> tuple[mx.array, mx.array]:
     """The MLP's gate and up projections of ``x``, fused or not."""
-    if "gate_up_proj" in mlp:
-        gate, up = mlp["gate_up_proj"](x)
+    fused = mlp.get("gate_up_proj")
+    if isinstance(fused, FusedLinear):
+        gate, up = fused(x)
         return gate, up
     return mlp["gate_proj"](x), mlp["up_proj"](x)
 
@@ -77,7 +79,7 @@ def fuse_projections(model: nn.Module) -> int:
     fused = 0
     for _, module in model.named_modules():
         for names, target in ((_QKV, "qkv_proj"), (_GATE_UP, "gate_up_proj")):
-            if not all(name in module for name in names):
+            if target in module or not all(name in module for name in names):
                 continue
             parts = [module[name] for name in names]
             if not _compatible(parts):
