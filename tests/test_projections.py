@@ -36,6 +36,8 @@ class _Layer(nn.Module):
 
 
 class _Model(nn.Module):
+    FUSABLE_PROJECTIONS = True
+
     def __init__(self, bias: bool = False) -> None:
         super().__init__()
         self.layers = [_Layer(bias), _Layer(bias)]
@@ -108,3 +110,12 @@ def test_reshaping_applies_only_where_mlx_would_take_its_slow_path(
     assert not reshaped(mx.zeros((16, 64)))  # already what the tiled kernel takes
     monkeypatch.setattr(quantized_linear, "on_cuda", lambda: False)
     assert not reshaped(mx.zeros((16, 1, 64)))
+
+
+def test_a_model_that_does_not_say_it_can_be_fused_is_left_alone() -> None:
+    class _Other(_Model):
+        FUSABLE_PROJECTIONS = False
+
+    model = _Other()
+    assert fuse_projections(model) == 0
+    assert "q_proj" in model.layers[0].self_attn

@@ -74,8 +74,12 @@ def fuse_projections(model: nn.Module) -> int:
     """Fuse every layer's Q/K/V and gate/up projections in place; returns how many were fused.
 
     A group is left alone when its parts differ in kind (a quantized next to a dense one,
-    different bits or group sizes, bias on one only): the model then runs it unfused.
+    different bits or group sizes, bias on one only): the model then runs it unfused. Only
+    a model whose layers call ``qkv`` and ``gate_up`` says so (``FUSABLE_PROJECTIONS``);
+    another one is left as it is.
     """
+    if not getattr(model, "FUSABLE_PROJECTIONS", False):
+        return 0
     fused = 0
     for _, module in model.named_modules():
         for names, target in ((_QKV, "qkv_proj"), (_GATE_UP, "gate_up_proj")):
