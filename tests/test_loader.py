@@ -3,6 +3,7 @@ quantized folders, load progress."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import mlx.core as mx
@@ -11,8 +12,14 @@ import pytest
 
 from runtime.errors import ModelLoadError
 from runtime.formats.safetensors import TensorSet, read_tensors
-from runtime.models.loader import build_model
-from runtime.testing.models import ollama_names, quantize_weights, random_weights, tiny_config
+from runtime.models.loader import build_model, load_model
+from runtime.testing.models import (
+    make_tiny_folder,
+    ollama_names,
+    quantize_weights,
+    random_weights,
+    tiny_config,
+)
 
 
 def _save(path: Path, weights: dict[str, mx.array], metadata: dict[str, str] | None = None) -> Path:
@@ -109,3 +116,17 @@ def test_load_progress_reports_bytes_and_tensors(tmp_path: Path) -> None:
     fractions = [p.fraction for p in seen]
     assert fractions == sorted(fractions)
     assert fractions[-1] == 1.0
+
+
+@pytest.mark.parametrize(
+    "value", ["abc", None, 1.5, [4096], -5, 0, True, float("nan"), float("inf")]
+)
+def test_a_config_with_a_bad_context_length_is_a_clear_load_error(
+    tmp_path: Path, value: object
+) -> None:
+    folder = make_tiny_folder(tmp_path / "m", "llama")
+    config = json.loads((folder / "config.json").read_text())
+    config["max_position_embeddings"] = value
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match="max_position_embeddings"):
+        load_model(folder)

@@ -144,7 +144,7 @@ def load_model(
         config=checkpoint.config,
         name=files.name,
         model_type=str(checkpoint.config.get("model_type")),
-        context_length=int(model.args.max_position_embeddings),
+        context_length=_context_length(model.args.max_position_embeddings, files.name),
         parameters=checkpoint.parameters,
         quantization=checkpoint.quantization,
         execution=chosen,
@@ -154,6 +154,21 @@ def load_model(
         load_seconds=time.perf_counter() - started,
         sampling_defaults=files.sampling_defaults,
     )
+
+
+def _context_length(value: object, name: str) -> int:
+    """config.json's ``max_position_embeddings`` as a context length, or a clear load error."""
+    whole = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+    if isinstance(value, bool) or not whole:
+        raise ModelLoadError(
+            f"{name}: invalid config.json (max_position_embeddings {value!r} is not a whole number)"
+        )
+    assert isinstance(value, int | float)
+    if value < 1:
+        raise ModelLoadError(
+            f"{name}: invalid config.json (max_position_embeddings {value!r} is not positive)"
+        )
+    return int(value)
 
 
 def build_model(
