@@ -35,7 +35,7 @@ from actors.messages import (
 from actors.scheduler import Dropped, EngineFailed, Reply
 from runtime.engine.protocol import FinishReason, TokenEvent
 from runtime.errors import OptionsError, PromptError, PromptTooLongError
-from runtime.text.detokenizer import REPLACEMENT
+from runtime.text.stops import StopMatcher
 from runtime.text.thinking import (
     ThinkingSplitter,
     prompt_opens_thinking,
@@ -138,41 +138,6 @@ def prepare(request: GenerateRequest, tokenizer: Tokenizer, model_context: int) 
         thinking=thinking,
         opens_thinking=opens_thinking,
     )
-
-
-class StopMatcher:
-    """Holds back text that could still turn into a stop string.
-
-    The generation ends at a stop string, so an unfinished character (U+FFFD) right before
-    it is dropped, as at any other end (``StreamingDetokenizer.finish``): U+FFFDs right before
-    a held stop prefix are held with it.
-    """
-
-    def __init__(self, stops: tuple[str, ...]) -> None:
-        self._stops = tuple(s for s in stops if s)
-        self._held = ""
-
-    def feed(self, text: str) -> tuple[str, bool]:
-        """Return (text safe to emit, whether a stop string was hit)."""
-        buf = self._held + text
-        hits = [i for i in (buf.find(s) for s in self._stops) if i >= 0]
-        if hits:
-            self._held = ""
-            return buf[: min(hits)].rstrip(REPLACEMENT), True
-        keep = 0
-        for stop in self._stops:
-            for n in range(min(len(stop) - 1, len(buf)), 0, -1):
-                if buf.endswith(stop[:n]):
-                    keep = max(keep, n)
-                    break
-        if keep:
-            keep = len(buf) - len(buf[: len(buf) - keep].rstrip(REPLACEMENT))
-        self._held = buf[len(buf) - keep :] if keep else ""
-        return buf[: len(buf) - keep], False
-
-    def flush(self) -> str:
-        held, self._held = self._held, ""
-        return held
 
 
 def _logprob(tokenizer: Tokenizer, event: TokenEvent) -> Logprob | None:

@@ -22,7 +22,6 @@ from actors.messages import (
     QueueFullError,
     UnavailableError,
 )
-from actors.pipeline import StopMatcher
 from actors.runner import Runner
 from actors.testing import (
     ScriptedEngine,
@@ -37,6 +36,7 @@ from actors.testing import (
 from actors.tree import drain
 from runtime.engine.protocol import SequenceRequest
 from runtime.errors import PromptError
+from runtime.text.stops import StopMatcher
 from tests.waits import wait_until
 
 TOK = tiny_tokenizer()
