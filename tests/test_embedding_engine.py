@@ -3,7 +3,10 @@ of different lengths equals one by one, normalisation, truncation, and chunk pla
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
+from typing import Any
 
 import mlx.core as mx
 import pytest
@@ -11,6 +14,7 @@ import pytest
 from runtime.engine.embedding import embed_tokens, plan_chunks
 from runtime.engine.model_engine import ModelEngine
 from runtime.errors import PromptError
+from runtime.formats.model_files import POOLING_KEY, folder_files
 from runtime.models.common import single_span
 from runtime.models.loader import LoadedModel, load_model
 from runtime.testing.models import make_tiny_folder
@@ -79,3 +83,64 @@ def test_chunks_hold_at_most_the_token_budget() -> None:
     assert plan_chunks([10, 1, 1], 4) == [range(0, 1), range(1, 3)]  # a long one alone
     assert plan_chunks([1, 1, 1], 100) == [range(0, 3)]
     assert plan_chunks([], 4) == []
+
+
+@pytest.mark.parametrize(
+    ("pooling", "pick"),
+    [("cls", lambda h: h[0]), ("last", lambda h: h[-1]), ("max", lambda h: mx.max(h, axis=0))],
+)
+def test_other_poolings_take_what_they_name(loaded: LoadedModel, pooling: str, pick: Any) -> None:
+    tokens = [5, 17, 42, 8]
+    model = loaded.model
+    inputs = mx.array(tokens, dtype=mx.int32)[None]
+    hidden = model.hidden(inputs, single_span(inputs, model.make_cache()))[0].astype(mx.float32)
+    (vector,) = embed_tokens(
+        model, [tokens, [1, 2]], vocab_size=512, normalize=False, pooling=pooling
+    )[:1]
+    assert vector == pytest.approx(pick(hidden).tolist(), abs=1e-5)
+    assert vector != pytest.approx(_direct(loaded, tokens), abs=1e-5)
+
+
+def _with_pooling_module(folder: Path, flags: dict[str, bool], path: str = "1_Pooling") -> None:
+    (folder / path).mkdir()
+    (folder / path / "config.json").write_text(
+        json.dumps({"word_embedding_dimension": 64, **flags})
+    )
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        ({"pooling_mode_lasttoken": True, "pooling_mode_mean_tokens": False}, "last"),
+        ({"pooling_mode_cls_token": True}, "cls"),
+        ({"pooling_mode_mean_tokens": True}, "mean"),
+        ({"pooling_mode_mean_tokens": True, "pooling_mode_max_tokens": True}, None),  # concat
+    ],
+)
+def test_a_sentence_transformers_folder_names_its_pooling(
+    tmp_path: Path, flags: dict[str, bool], expected: str | None
+) -> None:
+    folder = make_tiny_folder(tmp_path / "m", "llama")
+    _with_pooling_module(folder, flags)
+    assert folder_files(folder).config.get(POOLING_KEY) == expected
+
+
+def test_modules_json_says_where_the_pooling_module_is(tmp_path: Path) -> None:
+    folder = make_tiny_folder(tmp_path / "m", "llama")
+    _with_pooling_module(folder, {"pooling_mode_cls_token": True}, path="2_Pool")
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "2_Pool", "type": "sentence_transformers.models.Pooling"},
+    ]
+    (folder / "modules.json").write_text(json.dumps(modules))
+    assert folder_files(folder).config[POOLING_KEY] == "cls"
+
+
+def test_the_engine_pools_as_the_model_folder_says(tmp_path: Path) -> None:
+    folder = make_tiny_folder(tmp_path / "m", "llama")
+    _with_pooling_module(folder, {"pooling_mode_lasttoken": True})
+    loaded = load_model(folder)
+    tokens = [5, 17, 42, 8]
+    (vector,) = ModelEngine(loaded).embed([tokens], normalize=False)
+    (last,) = embed_tokens(loaded.model, [tokens], vocab_size=512, normalize=False, pooling="last")
+    assert vector == pytest.approx(last, abs=1e-6)

@@ -24,6 +24,7 @@ from tokenizers import Tokenizer
 from runtime.errors import ModelLoadError
 from runtime.formats.gguf import GGUFContents, read_gguf, write_folder
 from runtime.formats.gguf_file import read_header
+from runtime.formats.model_files import POOLING_KEY
 from runtime.models.loader import load_model
 from runtime.testing.models import random_weights, tiny_config
 from tests import gguf_writer as gw
@@ -670,3 +671,13 @@ def test_corrupt_header_bytes_give_model_load_error_or_a_model(tmp_path: Path, d
     else:
         return
     assert str(path) in message
+
+
+@pytest.mark.parametrize(
+    ("pooling_type", "expected"), [(1, "mean"), (2, "cls"), (3, "last"), (0, None)]
+)
+def test_a_gguf_pooling_type_reaches_the_config(
+    tmp_path: Path, pooling_type: int, expected: str | None
+) -> None:
+    path = _gguf(tmp_path, extra_metadata={"llama.pooling_type": pooling_type})
+    assert load_model(path).config.get(POOLING_KEY) == expected

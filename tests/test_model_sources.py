@@ -25,7 +25,7 @@ from runtime.engine.model_engine import ModelEngine
 from runtime.engine.options import SamplingOptions
 from runtime.engine.protocol import FinishReason, SequenceRequest
 from runtime.errors import ModelLoadError, ModelNotFoundError
-from runtime.formats.model_files import folder_files
+from runtime.formats.model_files import POOLING_KEY, folder_files
 from runtime.models.description import describe
 from runtime.models.loader import load_model
 from runtime.models.source import open_checkpoint
@@ -250,3 +250,12 @@ def test_import_load_and_show_agree(tmp_path: Path, kind: str, quantize: str | N
         direct = load_model(source)
         assert (direct.parameters, direct.quantization) == stored
         assert (describe(source).parameters, describe(source).quantization) == stored
+
+
+def test_a_folder_pooling_survives_the_import_into_the_store(tmp_path: Path) -> None:
+    folder = make_tiny_folder(tmp_path / "m")
+    (folder / "1_Pooling").mkdir()
+    (folder / "1_Pooling" / "config.json").write_text('{"pooling_mode_lasttoken": true}')
+    store = Store(tmp_path / "models")
+    import_model(folder, "t", store=store)
+    assert load_model("t", store=store).config[POOLING_KEY] == "last"

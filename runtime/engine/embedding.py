@@ -2,9 +2,13 @@
 
 ``embed_tokens`` runs several inputs in one packed forward (``SpanLayout``, a throwaway
 ``SequenceCache`` per input: the engine's batch KV cache and prefix entries are never touched),
-mean-pools each input's final hidden states (the final norm is applied inside ``hidden``) in
+pools each input's final hidden states (the final norm is applied inside ``hidden``) in
 float32, and optionally keeps the first ``dimensions`` values and L2-normalises. It runs on
-the engine thread only, like every MLX call.
+the engine thread only, like every MLX call. The pooling is the mean of the tokens unless the
+model's config says otherwise (``POOLING_KEY``, which ``runtime.formats`` fills from a
+sentence-transformers ``1_Pooling/config.json`` or a GGUF's ``pooling_type``): the first
+token (``cls``), the last one (``last``, as Qwen3-Embedding models are trained), or the
+maximum of each dimension (``max``).
 
 ``plan_chunks`` is the scheduling decision, plain code: the inputs of one request go to the
 engine in chunks of at most ``max_tokens`` tokens (an input longer than that is a chunk of its
@@ -20,6 +24,7 @@ import mlx.core as mx
 
 from runtime.engine.kvcache import SequenceCache
 from runtime.errors import PromptError
+from runtime.formats.model_files import POOLING_KEY, POOLINGS
 from runtime.models.common import Span, SpanLayout
 
 # Tokens one embedding job computes at most (more than one input only when they fit together).
@@ -50,9 +55,13 @@ def embed_tokens(
     vocab_size: int,
     normalize: bool,
     dimensions: int | None = None,
+    pooling: str = "mean",
 ) -> list[list[float]]:
-    """One vector per input: mean of its final hidden states (float32); with ``dimensions``
-    the first that many values; with ``normalize`` scaled to unit L2 norm."""
+    """One vector per input: its final hidden states pooled (float32, ``pooling`` one of
+    ``POOLINGS``); with ``dimensions`` the first that many values; with ``normalize`` scaled
+    to unit L2 norm."""
+    if pooling not in POOLINGS:
+        raise ValueError(f"unknown pooling {pooling!r}")
     if not inputs:
         return []
     for tokens in inputs:
@@ -68,7 +77,7 @@ def embed_tokens(
     packed = mx.array([t for tokens in inputs for t in tokens], dtype=mx.int32)[None]
     hidden = model.hidden(packed, SpanLayout(spans))[0].astype(mx.float32)
     pooled = mx.stack(
-        [mx.mean(hidden[span.start : span.start + span.length], axis=0) for span in spans]
+        [_pool(hidden[span.start : span.start + span.length], pooling) for span in spans]
     )
     if dimensions is not None:
         pooled = pooled[:, :dimensions]
@@ -77,3 +86,19 @@ def embed_tokens(
         pooled = pooled / mx.maximum(norms, 1e-12)
     out: list[list[float]] = pooled.tolist()  # type: ignore[assignment]
     return out
+
+
+def _pool(states: mx.array, pooling: str) -> mx.array:
+    if pooling == "cls":
+        return states[0]
+    if pooling == "last":
+        return states[-1]
+    if pooling == "max":
+        return mx.max(states, axis=0)
+    return mx.mean(states, axis=0)
+
+
+def config_pooling(config: dict[str, Any]) -> str:
+    """The pooling a model's config names (``POOLING_KEY``), else the mean."""
+    value = config.get(POOLING_KEY)
+    return value if value in POOLINGS else "mean"

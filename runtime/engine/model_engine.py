@@ -30,7 +30,7 @@ import mlx.core as mx
 
 from runtime.engine.batch_cache import STEP, BatchKVCache, BatchLayout, PrefillChunk, round_up
 from runtime.engine.batch_sampler import BatchSampler, batch_logprobs
-from runtime.engine.embedding import embed_tokens
+from runtime.engine.embedding import config_pooling, embed_tokens
 from runtime.engine.protocol import (
     EngineStats,
     FinishReason,
@@ -259,6 +259,7 @@ class ModelEngine:
             vocab_size=self._vocab,
             normalize=normalize,
             dimensions=dimensions,
+            pooling=config_pooling(self.loaded.config),
         )
 
     # ---- the step ----

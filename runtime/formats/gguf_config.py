@@ -16,8 +16,11 @@ import numpy as np
 
 from runtime.errors import ModelLoadError
 from runtime.formats.gguf_file import TensorInfo
+from runtime.formats.model_files import POOLING_KEY
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3")
+# llama.cpp's enum llama_pooling_type: 1 mean, 2 cls, 3 last (0 none, 4 rank: our default).
+_GGUF_POOLING = {1: "mean", 2: "cls", 3: "last"}
 
 
 def arch_config(
@@ -67,6 +70,9 @@ def arch_config(
         "vocab_size": embed.shape[0],
         "tie_word_embeddings": "output.weight" not in infos,
     }
+    pooling = _GGUF_POOLING.get(meta.get(f"{arch}.pooling_type"))  # type: ignore[arg-type]
+    if pooling is not None:
+        config[POOLING_KEY] = pooling
     if config["num_hidden_layers"] > len(infos):  # it sizes the loop over expected tensors
         raise ModelLoadError(
             f"{path}: metadata {arch}.block_count = {config['num_hidden_layers']} but the file "

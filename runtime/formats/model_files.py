@@ -35,6 +35,19 @@ _SAMPLING_KEYS = {
 }
 _INT_OPTIONS = frozenset({"top_k"})
 
+# config.json key naming how embeddings pool the final hidden states
+# (``runtime.engine.embedding``): folded into the config from a sentence-transformers folder's
+# Pooling module or a GGUF's ``pooling_type``, so the store keeps it with the config.
+POOLING_KEY = "embedding_pooling"
+POOLINGS = ("mean", "cls", "last", "max")
+# sentence-transformers' Pooling config flags -> ours (one flag set: the others concatenate).
+_ST_POOLING = {
+    "pooling_mode_mean_tokens": "mean",
+    "pooling_mode_cls_token": "cls",
+    "pooling_mode_lasttoken": "last",
+    "pooling_mode_max_tokens": "max",
+}
+
 
 @attrs.frozen(kw_only=True)
 class ModelFiles:
@@ -122,12 +135,35 @@ def _weight_files(folder: Path) -> tuple[Path, ...]:
     return files
 
 
+def _sentence_transformers_pooling(folder: Path) -> str | None:
+    """The pooling a sentence-transformers folder declares (``modules.json`` names its Pooling
+    module's folder, ``1_Pooling`` by convention), or None."""
+    where = "1_Pooling"
+    modules = folder / "modules.json"
+    if modules.is_file():
+        try:
+            listed = json.loads(modules.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ModelLoadError(f"{modules}: not valid JSON ({exc})") from exc
+        for module in listed if isinstance(listed, list) else []:
+            if isinstance(module, dict) and str(module.get("type", "")).endswith(".Pooling"):
+                where = str(module.get("path", where))
+    config = read_json_object(folder / where / "config.json", required=False)
+    if not config:
+        return None
+    chosen = [mode for flag, mode in _ST_POOLING.items() if config.get(flag) is True]
+    return chosen[0] if len(chosen) == 1 else None
+
+
 def folder_files(folder: Path) -> ModelFiles:
     """Describe an HF/MLX model folder (``config.json``, ``*.safetensors``, tokenizer files)."""
     if not folder.is_dir():
         raise ModelNotFoundError(f"{folder}: no such model folder")
     config = read_json_object(folder / "config.json", required=True)
     assert config is not None
+    pooling = _sentence_transformers_pooling(folder)
+    if pooling is not None:
+        config = {**config, POOLING_KEY: pooling}
     tok_path = folder / "tokenizer.json"
     if not tok_path.exists():
         raise ModelLoadError(f"{tok_path}: missing")
