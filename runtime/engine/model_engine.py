@@ -192,6 +192,9 @@ class ModelEngine:
         if save_as is not None and not row.pending and row.length > 0:
             self.drop_prefix(save_as)
             prefix = self._cache.copy_out(row.index, row.length)
+            # Computed now (queued behind the step in flight): a copy left lazy holds the
+            # whole batch buffer it reads from, long after the batch has grown or emptied.
+            mx.async_eval(*(a for pair in prefix for a in pair))
             self._prefixes[save_as] = (prefix, row.length)
             self._prefix_bytes += sum(k.nbytes + v.nbytes for k, v in prefix)
             kept = row.length
