@@ -43,6 +43,7 @@ def model_loader(config: RunnerConfig) -> LoadFn:
             modified_at=loaded.modified_at,
             family=loaded.model_type,
             embedding_length=int(loaded.model.args.hidden_size),
+            profile=loaded.profile,
         )
         return Loaded(engine=engine, tokenizer=loaded.tokenizer, info=info)
 

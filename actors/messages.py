@@ -18,6 +18,7 @@ import trio
 
 from runtime.engine.options import SamplingOptions
 from runtime.errors import RuntimeInputError
+from runtime.store.profile import ModelProfile
 
 
 class DoneReason(enum.IntEnum):
@@ -278,6 +279,8 @@ class ModelInfo:
     modified_at: float  # unix time
     family: str = ""
     embedding_length: int = 0  # the size of the model's hidden states (its embeddings)
+    # A stored model's defaults: system prompt, parameters, messages (``runtime.store.profile``).
+    profile: ModelProfile = attrs.field(factory=ModelProfile)
 
 
 class RunnerClient(Protocol):

@@ -23,6 +23,7 @@ from typing import Any
 import attrs
 
 from runtime.errors import ModelLoadError, ModelNotFoundError
+from runtime.store.profile import ModelProfile
 
 # generation_config.json's sampling keys (transformers' names) -> Ollama's option names.
 _SAMPLING_KEYS = {
@@ -62,6 +63,9 @@ class ModelFiles:
     digest: str = ""  # the manifest digest for a store model
     size_bytes: int = 0
     modified_at: float = 0.0
+    # A stored model's system prompt, parameters and messages (its template, when it has one,
+    # is already tokenizer_config's chat_template).
+    profile: ModelProfile = attrs.field(factory=ModelProfile)
 
     @property
     def sampling_defaults(self) -> dict[str, float | int]:

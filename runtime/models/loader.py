@@ -34,6 +34,7 @@ from runtime.models.checkpoint import check_weights, instantiate, quantization_l
 from runtime.models.quantized_linear import adopt_quantized_linears
 from runtime.models.source import open_checkpoint
 from runtime.progress import Progress
+from runtime.store.profile import ModelProfile
 
 if TYPE_CHECKING:
     from runtime.store.layout import Store
@@ -84,6 +85,8 @@ class LoadedModel:
     # generation_config.json's sampling values under Ollama's option names: defaults for
     # requests that leave an option out (``ModelFiles.sampling_defaults``).
     sampling_defaults: dict[str, float | int] = attrs.field(factory=dict)
+    # A stored model's system prompt, parameters and messages (``runtime.store.profile``).
+    profile: ModelProfile = attrs.field(factory=ModelProfile)
 
 
 def default_execution() -> Literal["dense", "quantized"]:
@@ -153,6 +156,7 @@ def load_model(
         modified_at=files.modified_at,
         load_seconds=time.perf_counter() - started,
         sampling_defaults=files.sampling_defaults,
+        profile=files.profile,
     )
 
 

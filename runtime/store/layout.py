@@ -32,6 +32,7 @@ from runtime.formats.model_files import ModelFiles
 from runtime.store import verified
 from runtime.store.manifest import Layer, Manifest, parse_manifest
 from runtime.store.names import ModelName
+from runtime.store.profile import PROFILE_MEDIA_TYPES, read_layers
 from runtime.store.verified import VerifiedBlobs
 
 _CHUNK = 1 << 20
@@ -185,6 +186,12 @@ class Store:
         known = VerifiedBlobs(self.root) if verify else None
         for layer in manifest.used_layers():
             self.check_blob(model, layer, verify=verify, known=known)
+        profile_blobs = {
+            layer.media_type: self.check_blob(model, layer, verify=verify, known=known).read_bytes()
+            for layer in manifest.layers
+            if layer.media_type in PROFILE_MEDIA_TYPES
+        }
+        profile = read_layers(model, profile_blobs)
         if known is not None:
             known.save()
         if not manifest.tensor_layers():
@@ -209,16 +216,20 @@ class Store:
         except UnicodeDecodeError as exc:
             raise ModelLoadError(f"model {model!r}: tokenizer.json is not UTF-8") from exc
         tensors = manifest.tensor_layers()
+        tokenizer_config = json_object("tokenizer_config.json", required=False) or {}
+        if profile.template is not None:
+            tokenizer_config = {**tokenizer_config, "chat_template": profile.template}
         return ModelFiles(
             name=model,
             config=config,
             tokenizer_json=tokenizer_json,
-            tokenizer_config=json_object("tokenizer_config.json", required=False) or {},
+            tokenizer_config=tokenizer_config,
             generation_config=json_object("generation_config.json", required=False),
             weight_files=tuple(self.blob_path(layer.digest) for layer in tensors),
             digest=manifest.digest,
             size_bytes=sum(layer.size for layer in tensors),
             modified_at=path.stat().st_mtime,
+            profile=profile,
         )
 
     def names(self) -> Iterator[ModelName]:
@@ -330,7 +341,8 @@ class Store:
         """Write the manifest atomically, after checking under the lock that its blobs exist.
 
         ``raw``: the bytes to write instead of ``manifest.to_bytes()`` (a pulled manifest is
-        kept as the registry sent it, so its digest stays the registry's)."""
+        kept as the registry sent it, so its digest stays the registry's; a copy keeps its
+        source's)."""
         path = self.manifest_path(name)
         with self.lock():
             for digest in sorted(manifest.digests()):

@@ -97,6 +97,11 @@ def _compile(source: str) -> jinja2.Template:
         raise TemplateError(f"invalid chat template: {exc}") from exc
 
 
+def check_syntax(source: str) -> None:
+    """Raise ``TemplateError`` if ``source`` is not a template Jinja can compile."""
+    _compile(source)
+
+
 def render(
     template: str | None,
     messages: Sequence[Mapping[str, Any]],
