@@ -31,7 +31,7 @@ from quart import Response, g, jsonify, request
 from quart_trio import QuartTrio
 
 from actors.messages import RunnerClient
-from api import embeddings, errors, native, ollama, openai, pull
+from api import embeddings, errors, model_admin, native, ollama, openai, pull
 from api.connection import HTTPConnection
 from api.context import ApiConfig, ApiContext
 from api.guard import bearer_token_matches, body_refusal, method_label
@@ -59,6 +59,7 @@ def create_app(client: RunnerClient, config: ApiConfig) -> QuartTrio:
     app.register_blueprint(openai.blueprint(ctx))
     app.register_blueprint(embeddings.blueprint(ctx))
     app.register_blueprint(pull.blueprint(ctx))
+    app.register_blueprint(model_admin.blueprint(ctx))
 
     @app.get("/metrics")
     @endpoint("Prometheus metrics", media=(TEXT,))

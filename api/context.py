@@ -23,6 +23,8 @@ class ApiConfig:
     # app built for a test never downloads (``mlxrunner serve`` allows it).
     models_dir: str | None = None
     allow_pull: bool = False
+    # /api/create, /api/copy and /api/delete change that store: off unless allowed, like pull.
+    manage_models: bool = False
 
 
 @attrs.define(kw_only=True)

@@ -80,6 +80,11 @@ class DeclaredBody(Mapping[str, Any]):
     def __len__(self) -> int:
         return len(self._data)
 
+    def with_defaults(self, defaults: Mapping[str, Any]) -> DeclaredBody:
+        """The same body with ``defaults`` for the keys it does not give."""
+        given = {k: v for k, v in self._data.items() if v is not None}
+        return DeclaredBody({**defaults, **given}, self._names)
+
 
 @attrs.frozen
 class Body:

@@ -23,7 +23,7 @@ from actors.messages import (
     GenerationError,
     ModelInfo,
 )
-from api import fields
+from api import fields, model_defaults
 from api.context import ApiContext
 from api.errors import bad_request, stream_error_payload
 from api.fields import LOGPROBS, MODEL, OPTIONS, TOP_LOGPROBS, DeclaredBody
@@ -235,11 +235,14 @@ def blueprint(ctx: ApiContext) -> Blueprint:
         if not prompt and not system:
             ctx.check_admitting()
             return _load_reply(name, _response_text)
+        stored = () if raw else model_defaults.messages(ctx, ())
         req = GenerateRequest(
-            prompt=prompt,
-            system=None if raw else system,
+            # The model's messages, then the prompt as the user's turn.
+            prompt=None if stored else prompt,
+            messages=(*stored, ChatMessage(role="user", content=prompt)) if stored else None,
+            system=None if raw else model_defaults.system(ctx, system),
             template=not raw,
-            options=generation_options(options),
+            options=generation_options(model_defaults.options(ctx, options)),
             logprobs=LOGPROBS.read(body),
             top_logprobs=TOP_LOGPROBS.read(body),
             think=think,
@@ -264,9 +267,10 @@ def blueprint(ctx: ApiContext) -> Blueprint:
             ctx.check_admitting()
             return _load_reply(name, _assistant_message)
         req = GenerateRequest(
-            messages=messages,
+            messages=model_defaults.messages(ctx, messages),
+            system=model_defaults.system(ctx, None),
             tools=tools,
-            options=generation_options(options),
+            options=generation_options(model_defaults.options(ctx, options)),
             logprobs=LOGPROBS.read(body),
             top_logprobs=TOP_LOGPROBS.read(body),
             think=think,

@@ -30,7 +30,7 @@ from actors.messages import (
     Logprob,
     UnavailableError,
 )
-from api import fields
+from api import fields, model_defaults
 from api.choices import MAX_CHOICES, Choices, collect, interleave, open_choices, usage
 from api.context import ApiContext
 from api.errors import bad_request, openai_stream_error
@@ -142,8 +142,16 @@ TEXT_LOGPROBS = fields.integer("logprobs", lo=0, hi=5, description="how many top
 COMPLETIONS = fields.body(PROMPT, ECHO, SUFFIX, BEST_OF, TEXT_LOGPROBS, *_SHARED)
 
 
-def _options(body: DeclaredBody, max_tokens: tuple[Field[int | None], ...]) -> GenerationOptions:
-    """``GenerationOptions`` from OpenAI's names; the first of ``max_tokens`` given wins."""
+def _options(
+    body: DeclaredBody,
+    max_tokens: tuple[Field[int | None], ...],
+    defaults: Mapping[str, Any] | None = None,
+) -> GenerationOptions:
+    """``GenerationOptions`` from OpenAI's names; the first of ``max_tokens`` given wins.
+
+    ``defaults``: the model's parameters, for the options OpenAI's request does not set (as
+    Ollama, OpenAI's own defaults for temperature and top_p win over the model's).
+    """
     options: dict[str, Any] = {
         "temperature": TEMPERATURE.read(body),
         "top_p": TOP_P.read(body),
@@ -157,6 +165,8 @@ def _options(body: DeclaredBody, max_tokens: tuple[Field[int | None], ...]) -> G
     for extra in EXTRAS:  # Ollama's compatibility layer accepts these too
         if extra.name in body:
             options[extra.name] = extra.read(body)
+    given = {key: value for key, value in options.items() if value is not None}
+    options = {**(defaults or {}), **given}
     limits = (f.read(body) for f in max_tokens)
     num_predict = next((n for n in limits if n is not None), None)
     fmt = RESPONSE_FORMAT.read(body).get("type")
@@ -365,11 +375,14 @@ def blueprint(ctx: ApiContext) -> Blueprint:
         if top and not logprobs:
             raise bad_request("'top_logprobs' requires 'logprobs': true")
         req = GenerateRequest(
-            messages=messages,
+            messages=model_defaults.messages(ctx, messages),
+            system=model_defaults.system(ctx, None),
             tools=chosen_tools(body, tools),
             logprobs=logprobs,
             top_logprobs=top,
-            options=_options(body, (MAX_COMPLETION_TOKENS, MAX_TOKENS)),
+            options=_options(
+                body, (MAX_COMPLETION_TOKENS, MAX_TOKENS), model_defaults.parameters(ctx)
+            ),
             separate_thinking=True,
         )
         return await _respond(ctx, req, _Shape(chat=True, name=name, logprobs=logprobs), body)
@@ -393,7 +406,7 @@ def blueprint(ctx: ApiContext) -> Blueprint:
             tokens=tokens,
             logprobs=top is not None,
             top_logprobs=top or 0,
-            options=_options(body, (MAX_TOKENS,)),
+            options=_options(body, (MAX_TOKENS,), model_defaults.parameters(ctx)),
         )
         return await _respond(
             ctx, req, _Shape(chat=False, name=name, logprobs=top is not None, echo=echo), body

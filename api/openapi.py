@@ -52,6 +52,7 @@ _REASONS = {
     500: "the generation failed after it was admitted (details in the log, by request id)",
     502: "the registry or the hub failed, or sent a model this store cannot hold",
     503: "loading, or shutting down",
+    507: "no space left in the model store",
 }
 ERROR_SCHEMA = {
     "type": "object",

@@ -69,6 +69,7 @@ def api_config(args: argparse.Namespace, environ: Mapping[str, str] = os.environ
         max_body=int(getattr(args, "max_body", 8 * 1024 * 1024)),
         models_dir=getattr(args, "models_dir", None),
         allow_pull=True,
+        manage_models=True,
         guard=GuardPolicy(
             check_host=binds_to_loopback(getattr(args, "host", "127.0.0.1")),
             allowed_hosts=split_list(
