@@ -29,6 +29,8 @@ _HANDLERS = {
     "show": "cli.store:show_main",
     "rm": "cli.store:rm_main",
     "ps": "cli.ps:main",
+    "cp": "cli.manage:cp_main",
+    "create": "cli.manage:create_main",
 }
 
 
@@ -418,6 +420,55 @@ def _add_pull(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     _add_store_arg(pull)
 
 
+def _add_manage_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    cp = sub.add_parser(
+        "cp",
+        help="copy a model under another name",
+        description="Copy a stored model under another name; the copy shares its blobs.",
+    )
+    cp.add_argument("source", metavar="SRC", help="the stored model to copy")
+    cp.add_argument("destination", metavar="DST", help="the new name")
+    _add_store_arg(cp)
+
+    create = sub.add_parser(
+        "create",
+        help="create a model from another, a GGUF file or a folder",
+        description="Create NAME in the store from a stored model, a .gguf file or an HF/MLX "
+        "model folder, with its own system prompt, chat template, parameters and messages "
+        "(the defaults a server serving it applies; a request's own values win).",
+    )
+    create.add_argument("name", metavar="NAME[:TAG]", help="the model to create")
+    create.add_argument(
+        "--from",
+        "-f",
+        dest="source",
+        required=True,
+        metavar="SRC",
+        help="stored model name, .gguf file or model folder",
+    )
+    create.add_argument("--system", help="the system prompt")
+    create.add_argument("--template", metavar="FILE", help="a Jinja chat template file")
+    create.add_argument(
+        "--parameter",
+        action="append",
+        metavar="KEY=VALUE",
+        help="a default option, e.g. temperature=0.2 or stop='<|end|>' (repeatable)",
+    )
+    create.add_argument(
+        "--message",
+        action="append",
+        metavar="ROLE:TEXT",
+        help="a message the conversation starts with, e.g. 'user:hi' (repeatable)",
+    )
+    create.add_argument(
+        "--quantize",
+        choices=["q4", "q8", "f32"],
+        default=None,
+        help="re-quantize (an import; default: keep the source's encoding)",
+    )
+    _add_store_arg(create)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="mlxrunner", description=DESCRIPTION, epilog=EPILOG, formatter_class=_FORMATTER
@@ -432,6 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_store_commands(sub)
     _add_ps(sub)
     _add_pull(sub)
+    _add_manage_commands(sub)
     return parser
 
 

@@ -5,6 +5,7 @@ the served model's profile applied to the generation routes (``api/model_default
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -14,11 +15,13 @@ import pytest
 import trio
 
 from actors.messages import ModelInfo
+from actors.tree import open_runner
 from api.app import ApiConfig, create_app
 from runtime.store.importer import import_model
 from runtime.store.layout import Store
 from runtime.store.profile import ModelProfile
 from runtime.testing.models import make_tiny_folder
+from runtime.text.tokenizer import Tokenizer
 from tests.api_fakes import INFO, FakeRunner, serve_app
 
 JINJA = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
@@ -263,3 +266,52 @@ async def test_openai_chat_gets_the_profile_but_keeps_its_own_defaults(profiled)
     assert req.options.sampling.temperature == 1.0  # OpenAI's default, as Ollama keeps it
     assert req.options.sampling.top_k == 3
     assert req.options.stop == ("<end>",)
+
+
+# ---- end to end: the real tree over stored models ----
+
+
+@asynccontextmanager
+async def serving(store: Store, name: str) -> AsyncIterator[str]:
+    async with open_runner(
+        model=name, models_dir=str(store.root), prefill_chunk=16, cache_gb=0.25
+    ) as runner:
+        with trio.fail_after(120):  # load guard
+            await runner.wait_ready()
+        app = create_app(runner, ApiConfig(model_name=name, models_dir=str(store.root), manage_models=True))
+        async with serve_app(app) as (host, port):
+            yield f"http://{host}:{port}"
+
+
+async def test_a_created_model_is_served_with_its_profile(store: Store) -> None:
+    system = "Answer in one word."
+    history = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi"}]
+    async with serving(store, "base") as url:
+        client = ollama.Client(host=url)
+        await in_thread(
+            lambda: client.create(
+                model="terse",
+                from_="base",
+                system=system,
+                template=JINJA,
+                parameters={"num_predict": 1, "temperature": 0},
+                messages=history,
+            )
+        )
+        # Deleting the served model's store entry: it goes on serving from memory.
+        await in_thread(lambda: client.delete("base"))
+        after = await in_thread(lambda: client.generate(model="base", prompt="x", raw=True))
+        assert after.done
+        assert [m.model for m in (await in_thread(client.list)).models] == ["base"]
+
+    async with serving(store, "terse") as url:
+        client = ollama.Client(host=url)
+        shown = await in_thread(lambda: client.show("terse"))
+        assert shown.template == JINJA
+        result = await in_thread(lambda: client.generate(model="terse", prompt="why?"))
+        assert result.eval_count is not None
+        assert result.eval_count <= 1  # the model's num_predict
+        tokenizer = Tokenizer.from_model_files(store.resolve("terse"))
+        expected = [{"role": "system", "content": system}, *history]
+        text = tokenizer.apply_chat_template([*expected, {"role": "user", "content": "why?"}])
+        assert result.prompt_eval_count == len(tokenizer.encode(text))
