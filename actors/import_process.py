@@ -20,6 +20,7 @@ from typing import Any
 import trio
 
 STOP_SECONDS = 10.0
+JOB_MODULE = "runtime.store.import_job"  # the tests put a job of their own here
 _MAX_LINE = 1 << 20
 
 
@@ -66,7 +67,7 @@ async def open_import(
     source: str, name: str, *, models_dir: str, quantize: str | None
 ) -> ImportProcess:
     """Start ``python -m runtime.store.import_job`` for ``source`` -> ``name``."""
-    command = [sys.executable, "-m", "runtime.store.import_job", source, name]
+    command = [sys.executable, "-m", JOB_MODULE, source, name]
     command += ["--models-dir", models_dir]
     if quantize is not None:
         command += ["--quantize", quantize]

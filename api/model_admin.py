@@ -170,6 +170,7 @@ def blueprint(ctx: ApiContext) -> Blueprint:
                         status = 404 if event.get("not_found") else 400
                         raise ApiError(status, str(event["error"]))
                     if event.get("done"):
+                        await child.wait()  # it is exiting: no SIGINT for it
                         return
                     total, done = event.get("total_bytes", 0), event.get("done_bytes", 0)
                     if event.get("phase") == "write" and total > 0:
@@ -186,6 +187,7 @@ def blueprint(ctx: ApiContext) -> Blueprint:
                     await child.stop()
 
     async def create_statuses(body: DeclaredBody) -> AsyncGenerator[Status]:
+        ctx.check_admitting()  # a stopping server starts no import
         name = _name(MODEL.read(body), "model")
         source = FROM.read(body)
         if not source:

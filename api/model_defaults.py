@@ -8,6 +8,7 @@ come before the request's own, after the system prompt.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -18,6 +19,16 @@ from api.fields import DeclaredBody
 
 def parameters(ctx: ApiContext) -> Mapping[str, Any]:
     return ctx.model_info().profile.parameters
+
+
+def parameter_lines(parameters: Mapping[str, Any]) -> str:
+    """``/api/show``'s ``parameters``: one ``name value`` line per value, as Ollama lists them."""
+    out = []
+    for key, value in parameters.items():
+        for item in value if isinstance(value, list) else [value]:
+            shown = json.dumps(item) if isinstance(item, str) else str(item)
+            out.append(f"{key:<30} {shown}")
+    return "\n".join(out)
 
 
 def options(ctx: ApiContext, given: DeclaredBody) -> DeclaredBody:

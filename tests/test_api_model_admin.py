@@ -14,6 +14,7 @@ import ollama
 import pytest
 import trio
 
+from actors import import_process
 from actors.messages import ModelInfo
 from actors.tree import open_runner
 from api.app import ApiConfig, create_app
@@ -22,7 +23,8 @@ from runtime.store.layout import Store
 from runtime.store.profile import ModelProfile
 from runtime.testing.models import make_tiny_folder
 from runtime.text.tokenizer import Tokenizer
-from tests.api_fakes import INFO, FakeRunner, serve_app
+from tests.api_fakes import INFO, FakeRunner, raw_request, serve_app
+from tests.waits import read_until, wait_until
 
 JINJA = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
 
@@ -315,3 +317,35 @@ async def test_a_created_model_is_served_with_its_profile(store: Store) -> None:
         expected = [{"role": "system", "content": system}, *history]
         text = tokenizer.apply_chat_template([*expected, {"role": "user", "content": "why?"}])
         assert result.prompt_eval_count == len(tokenizer.encode(text))
+
+
+async def test_a_client_that_leaves_stops_its_import(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(import_process, "JOB_MODULE", "tests.hanging_import_job")
+    app = create_app(FakeRunner(), ApiConfig(model_name="fake", models_dir=str(store.root)))
+    async with serve_app(app) as (host, port):
+        body = {"model": "x", "from": "/models/big.gguf"}
+        stream = await raw_request(host, port, "POST", "/api/create", body)
+        await read_until(stream, b"reading /models/big.gguf")
+        await stream.aclose()
+        await wait_until(lambda: (store.root / "interrupted").exists(), "the child's SIGINT")
+
+
+async def test_show_lists_the_models_parameters_and_system(profiled) -> None:
+    _, client = profiled
+    shown = await (await client.post("/api/show", json={"model": "fake"})).get_json()
+    assert shown["system"] == "Be terse."
+    lines = shown["parameters"].splitlines()
+    assert [line.split()[0] for line in lines] == ["temperature", "top_k", "stop", "num_predict"]
+    assert lines[2].split()[1] == '"<end>"'
+
+
+async def test_a_stopping_server_starts_no_create(store: Store) -> None:
+    app = create_app(FakeRunner(), ApiConfig(model_name="fake", models_dir=str(store.root)))
+    app.extensions["mlxrunner"].draining = True
+    async with app.test_app() as test_app:
+        body = {"model": "x", "from": "base"}
+        response = await test_app.test_client().post("/api/create", json=body)
+    assert response.status_code == 503
+    assert [m.name for m in store.list_models()] == ["base:latest"]

@@ -59,6 +59,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:  # a full disk, an unreadable file
         line({"error": f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": ")})
         return 1
+    except KeyboardInterrupt:  # the request went away; the importer undid its writes
+        return 130
     line({"done": True, "name": result.name, "digest": result.digest})
     return 0
 
