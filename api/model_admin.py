@@ -30,6 +30,7 @@ and still serve anything.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import math
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
@@ -72,10 +73,21 @@ SYSTEM = fields.string("system")
 TEMPLATE = fields.string("template", description="a Jinja chat template")
 PARAMETERS = fields.raw("parameters", {**OPTIONS_SCHEMA, "type": ["object", "null"]})
 MESSAGES = fields.raw("messages", {"type": ["array", "null"]})
+LICENSE = fields.raw("license", {"type": ["string", "array", "null"], "items": {"type": "string"}})
 FILES = fields.raw("files", {"type": ["object", "null"], "maxProperties": 0})
 ADAPTERS = fields.raw("adapters", {"type": ["object", "null"], "maxProperties": 0})
 CREATE = fields.body(
-    MODEL, FROM, QUANTIZE_FIELD, SYSTEM, TEMPLATE, PARAMETERS, MESSAGES, FILES, ADAPTERS, STREAM
+    MODEL,
+    FROM,
+    QUANTIZE_FIELD,
+    SYSTEM,
+    TEMPLATE,
+    PARAMETERS,
+    MESSAGES,
+    LICENSE,
+    FILES,
+    ADAPTERS,
+    STREAM,
 )
 SOURCE = fields.field("source", _NAME, fields.string("source").reader, required=True)
 DESTINATION = fields.field("destination", _NAME, fields.string("destination").reader, required=True)
@@ -106,7 +118,15 @@ def _changes(body: DeclaredBody) -> ProfileChanges:
                 raise bad_request("'parameters' must be an object")
             generation_options(parameters)  # as a request's options: the same checks
         raw_messages = MESSAGES.read(body)
+        licenses = LICENSE.read(body)
+        if isinstance(licenses, str):
+            licenses = [licenses]
+        if licenses is not None and not (
+            isinstance(licenses, list) and all(isinstance(x, str) for x in licenses)
+        ):
+            raise bad_request("'license' must be a string or a list of strings")
         return ProfileChanges(
+            licenses=tuple(x for x in licenses or () if x),
             system=SYSTEM.read(body),
             template=check_template(template) if template else None,
             parameters=parameters,
@@ -236,8 +256,9 @@ def blueprint(ctx: ApiContext) -> Blueprint:
             first = {"status": "success"}
         if not STREAM.read(body):
             last = first
-            async for status in statuses:
-                last = status
+            async with contextlib.aclosing(statuses):  # closed (the child stopped) if cancelled
+                async for status in statuses:
+                    last = status
             return jsonify(last)
 
         request_id = errors.request_id()

@@ -76,9 +76,16 @@ async def test_ollama_client_creates_copies_and_deletes(url: str, store: Store) 
             template=JINJA,
             parameters={"temperature": 0.1, "stop": ["<end>"], "num_predict": 7},
             messages=[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}],
+            license=["MIT text", "extra terms"],
         )
     )
     assert created.status == "success"
+    licenses = [
+        store.blob_path(layer.digest).read_text()
+        for layer in store.read_manifest("me/derived:v1")[1].layers
+        if layer.media_type == "application/vnd.ollama.image.license"
+    ]
+    assert licenses == ["MIT text", "extra terms"]
     profile = store.resolve("me/derived:v1").profile
     assert profile.system == "Be terse."
     assert profile.template == JINJA
@@ -149,6 +156,7 @@ async def test_create_from_a_folder_imports_it_in_a_child_process(
         ({"model": "x", "from": "base", "messages": [{"role": "bot"}]}, 400, "role"),
         ({"model": "x", "from": "base", "files": {"a.gguf": "sha256:00"}}, 400, "files"),
         ({"model": "x", "from": "base", "quantize": "q3_K"}, 400, "quantize"),
+        ({"model": "x", "from": "base", "license": [1]}, 400, "license"),
     ],
 )
 async def test_create_refuses_what_it_cannot_do(client, store: Store, body, status, words) -> None:

@@ -26,6 +26,7 @@ from runtime.store.layout import Store
 from runtime.store.manifest import CONFIG_MEDIA_TYPE, Layer, Manifest, parse_manifest
 from runtime.store.names import ModelName
 from runtime.store.profile import (
+    LICENSE_MEDIA_TYPE,
     MESSAGES_MEDIA_TYPE,
     PARAMS_MEDIA_TYPE,
     SYSTEM_MEDIA_TYPE,
@@ -44,9 +45,12 @@ class ProfileChanges:
     template: str | None = None  # checked already (``profile.check_template``)
     parameters: Mapping[str, Any] | None = None  # checked already (as request options)
     messages: tuple[Mapping[str, str], ...] | None = None  # ``profile.check_messages``'s
+    licenses: tuple[str, ...] = ()  # one layer each, replacing the base's
 
     def is_empty(self) -> bool:
-        return not (self.system or self.template or self.parameters or self.messages)
+        return not (
+            self.system or self.template or self.parameters or self.messages or self.licenses
+        )
 
 
 def _previous_digests(store: Store, name: ModelName) -> set[str]:
@@ -121,10 +125,15 @@ def derive_model(
     if changes.messages:
         wanted.append((MESSAGES_MEDIA_TYPE, changes.messages))
 
+    if changes.licenses:
+        layers = [x for x in layers if x.media_type != LICENSE_MEDIA_TYPE]
+        wanted += [(LICENSE_MEDIA_TYPE, text) for text in changes.licenses]
+
     added: set[str] = set()
     try:
         for media_type, value in wanted:
-            layers = [x for x in layers if x.media_type != media_type]
+            if media_type != LICENSE_MEDIA_TYPE:  # a model may have several licenses
+                layers = [x for x in layers if x.media_type != media_type]
             blob, reused = store.add_bytes(layer_bytes(media_type, value))
             if not reused:
                 added.add(blob.digest)

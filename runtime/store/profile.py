@@ -29,6 +29,7 @@ SYSTEM_MEDIA_TYPE = "application/vnd.ollama.image.system"
 TEMPLATE_MEDIA_TYPE = "application/vnd.ollama.image.template"
 PARAMS_MEDIA_TYPE = "application/vnd.ollama.image.params"
 MESSAGES_MEDIA_TYPE = "application/vnd.ollama.image.messages"
+LICENSE_MEDIA_TYPE = "application/vnd.ollama.image.license"  # kept, never read
 PROFILE_MEDIA_TYPES = (
     SYSTEM_MEDIA_TYPE,
     TEMPLATE_MEDIA_TYPE,
@@ -99,7 +100,7 @@ def check_messages(raw: Any) -> tuple[dict[str, str], ...]:
 
 def layer_bytes(media_type: str, value: Any) -> bytes:
     """What Ollama writes in a profile layer of ``media_type`` for ``value``."""
-    if media_type in (SYSTEM_MEDIA_TYPE, TEMPLATE_MEDIA_TYPE):
+    if media_type in (SYSTEM_MEDIA_TYPE, TEMPLATE_MEDIA_TYPE, LICENSE_MEDIA_TYPE):
         return str(value).encode("utf-8")
     if media_type == MESSAGES_MEDIA_TYPE:
         value = list(value)
