@@ -161,6 +161,7 @@ def _store_error(exc: BaseException) -> ApiError:
 
 
 def _is_path(source: str) -> bool:
+    # runtime.models.source.looks_like_path's rule, without importing MLX here.
     return source.startswith(("/", ".", "~")) or source.endswith(".gguf") or "\\" in source
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+import numpy as np
 import ollama
 import pytest
 import trio
@@ -21,8 +22,9 @@ from api.app import ApiConfig, create_app
 from runtime.store.importer import import_model
 from runtime.store.layout import Store
 from runtime.store.profile import ModelProfile
-from runtime.testing.models import make_tiny_folder
+from runtime.testing.models import make_tiny_folder, random_weights, tiny_config
 from runtime.text.tokenizer import Tokenizer
+from tests import gguf_writer as gw
 from tests.api_fakes import INFO, FakeRunner, raw_request, serve_app
 from tests.waits import read_until, wait_until
 
@@ -357,3 +359,19 @@ async def test_a_stopping_server_starts_no_create(store: Store) -> None:
         response = await test_app.test_client().post("/api/create", json=body)
     assert response.status_code == 503
     assert [m.name for m in store.list_models()] == ["base:latest"]
+
+
+async def test_create_from_a_gguf_file_with_a_system_prompt(url: str, store: Store) -> None:
+    meta = gw.gpt2_tokenizer_metadata()
+    config = tiny_config("llama", vocab_size=len(meta["tokenizer.ggml.tokens"]))
+    weights = {k: np.array(v) for k, v in random_weights(config).items()}
+    path = store.root.parent / "tiny.gguf"
+    gw.write_model_gguf(path, config, weights, meta)
+    client = ollama.Client(host=url)
+    done = await in_thread(
+        lambda: client.create(model="fromgguf", from_=str(path), system="From a GGUF.")
+    )
+    assert done.status == "success"
+    files = store.resolve("fromgguf")
+    assert files.profile.system == "From a GGUF."
+    assert files.tokenizer_json  # rebuilt from the GGUF's metadata
