@@ -180,7 +180,7 @@ def blueprint(ctx: ApiContext) -> Blueprint:
         except (RuntimeInputError, OSError) as exc:
             raise _store_error(exc) from None
 
-    async def imported(source: str, name: str, quantize: str | None) -> AsyncIterator[Status]:
+    async def imported(source: str, name: str, quantize: str | None) -> AsyncGenerator[Status]:
         """Run the child import, its progress as status lines; ``ApiError`` if it fails."""
         async with imports:
             child = await open_import(source, name, models_dir=str(store().root), quantize=quantize)
@@ -224,8 +224,10 @@ def blueprint(ctx: ApiContext) -> Blueprint:
         if _is_path(source) or quantize is not None:
             if not _is_path(source):
                 source = _name(source, "from")
-            async for status in imported(source, name, quantize):
-                yield status
+            # Closed with this generator, wherever it is left: the child is stopped at once.
+            async with contextlib.aclosing(imported(source, name, quantize)) as progress:
+                async for status in progress:
+                    yield status
             if changes.is_empty():
                 yield {"status": "success"}
                 return

@@ -14,6 +14,7 @@ def main() -> int:
     args = parse_args(sys.argv[1:])
     try:
         line({"phase": "read", "done_bytes": 0, "total_bytes": 1})
+        Path(args.models_dir, "started").write_text("")
         while True:
             time.sleep(60)
     except KeyboardInterrupt:

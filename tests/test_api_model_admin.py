@@ -329,16 +329,19 @@ async def test_a_created_model_is_served_with_its_profile(store: Store) -> None:
         assert result.prompt_eval_count == len(tokenizer.encode(text))
 
 
+@pytest.mark.parametrize("stream", [True, False])
 async def test_a_client_that_leaves_stops_its_import(
-    store: Store, monkeypatch: pytest.MonkeyPatch
+    store: Store, monkeypatch: pytest.MonkeyPatch, stream: bool
 ) -> None:
     monkeypatch.setattr(import_process, "JOB_MODULE", "tests.hanging_import_job")
     app = create_app(FakeRunner(), ApiConfig(model_name="fake", models_dir=str(store.root)))
     async with serve_app(app) as (host, port):
-        body = {"model": "x", "from": "/models/big.gguf"}
-        stream = await raw_request(host, port, "POST", "/api/create", body)
-        await read_until(stream, b"reading /models/big.gguf")
-        await stream.aclose()
+        body = {"model": "x", "from": "/models/big.gguf", "stream": stream}
+        connection = await raw_request(host, port, "POST", "/api/create", body)
+        if stream:
+            await read_until(connection, b"reading /models/big.gguf")
+        await wait_until(lambda: (store.root / "started").exists(), "the child's start")
+        await connection.aclose()
         await wait_until(lambda: (store.root / "interrupted").exists(), "the child's SIGINT")
 
 
