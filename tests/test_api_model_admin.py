@@ -290,7 +290,9 @@ async def serving(store: Store, name: str) -> AsyncIterator[str]:
     ) as runner:
         with trio.fail_after(120):  # load guard
             await runner.wait_ready()
-        app = create_app(runner, ApiConfig(model_name=name, models_dir=str(store.root), manage_models=True))
+        app = create_app(
+            runner, ApiConfig(model_name=name, models_dir=str(store.root), manage_models=True)
+        )
         async with serve_app(app) as (host, port):
             yield f"http://{host}:{port}"
 
@@ -334,7 +336,9 @@ async def test_a_client_that_leaves_stops_its_import(
     store: Store, monkeypatch: pytest.MonkeyPatch, stream: bool
 ) -> None:
     monkeypatch.setattr(import_process, "JOB_MODULE", "tests.hanging_import_job")
-    app = create_app(FakeRunner(), ApiConfig(model_name="fake", models_dir=str(store.root)))
+    app = create_app(
+        FakeRunner(), ApiConfig(model_name="fake", models_dir=str(store.root), manage_models=True)
+    )
     async with serve_app(app) as (host, port):
         body = {"model": "x", "from": "/models/big.gguf", "stream": stream}
         connection = await raw_request(host, port, "POST", "/api/create", body)
@@ -355,7 +359,9 @@ async def test_show_lists_the_models_parameters_and_system(profiled) -> None:
 
 
 async def test_a_stopping_server_starts_no_create(store: Store) -> None:
-    app = create_app(FakeRunner(), ApiConfig(model_name="fake", models_dir=str(store.root)))
+    app = create_app(
+        FakeRunner(), ApiConfig(model_name="fake", models_dir=str(store.root), manage_models=True)
+    )
     app.extensions["mlxrunner"].draining = True
     async with app.test_app() as test_app:
         body = {"model": "x", "from": "base"}
