@@ -156,3 +156,47 @@ def test_templates_and_messages_are_checked() -> None:
     with pytest.raises(ProfileError, match="list"):
         check_messages({"role": "user"})
     assert check_messages([{"role": "user"}]) == ({"role": "user", "content": ""},)
+
+
+def test_a_stored_gguf_model_is_loaded_with_its_profile(tmp_path: Path) -> None:
+    """As pulled from Ollama's registry: one GGUF layer, a Go template, params; then derived."""
+    from runtime.models.source import open_checkpoint
+    from runtime.store.manifest import CONFIG_MEDIA_TYPE, GGUF_MEDIA_TYPE, Manifest
+    from runtime.store.names import ModelName
+    from tests.registry_server import tiny_gguf
+
+    store = Store(tmp_path / "models")
+    gguf, _ = store.add_bytes(tiny_gguf(tmp_path / "tiny.gguf"))
+    go, _ = store.add_bytes(GO.encode())
+    params, _ = store.add_bytes(b'{"stop": ["<x>"]}')
+    config, _ = store.add_bytes(b'{"model_format": "gguf"}')
+    manifest = Manifest(
+        config=attrs.evolve(config, media_type=CONFIG_MEDIA_TYPE),
+        layers=(
+            attrs.evolve(gguf, media_type=GGUF_MEDIA_TYPE),
+            attrs.evolve(go, media_type=TEMPLATE_MEDIA_TYPE),
+            attrs.evolve(params, media_type=PARAMS_MEDIA_TYPE),
+        ),
+    )
+    store.commit_manifest(ModelName.parse("pulled"), manifest)
+    pulled = open_checkpoint("pulled", store=store).files
+    assert pulled.profile == ModelProfile(parameters={"stop": ["<x>"]})  # Go template skipped
+    assert pulled.tokenizer_config.get("chat_template") != GO
+
+    _statuses(store, "derived", "pulled", ProfileChanges(system="s", template=JINJA))
+    derived = open_checkpoint("derived", store=store).files
+    assert derived.profile.system == "s"
+    assert derived.profile.parameters == {"stop": ["<x>"]}
+    assert derived.tokenizer_config["chat_template"] == JINJA
+
+
+def test_an_import_from_a_stored_model_keeps_its_profile(store: Store) -> None:
+    changes = ProfileChanges(
+        system="kept", parameters={"top_k": 7}, messages=({"role": "user", "content": "a"},)
+    )
+    _statuses(store, "derived", "base", changes)
+    import_model("derived", "requantized", store=store, quantize="q8")
+    profile = store.resolve("requantized").profile
+    assert profile.system == "kept"
+    assert profile.parameters == {"top_k": 7}
+    assert profile.messages == ({"role": "user", "content": "a"},)

@@ -26,6 +26,7 @@ from runtime.formats.safetensors import TensorSet, read_tensors
 from runtime.models.checkpoint import Checkpoint, check_checkpoint
 from runtime.progress import Progress, ProgressCallback
 from runtime.store.layout import Store
+from runtime.store.profile import ModelProfile
 
 _GGUF_MAGIC = b"GGUF"
 
@@ -62,7 +63,8 @@ def open_checkpoint(
     gguf = store.gguf_blob(text)
     if gguf is not None:
         short, digest, blob = gguf
-        return _gguf_checkpoint(blob, progress, name=short, digest=digest)
+        profile = store.profile(text)
+        return _gguf_checkpoint(blob, progress, name=short, digest=digest, profile=profile)
     files = store.resolve(text)
     return check_checkpoint(
         files, _read_safetensors(files, progress), where=f"model {files.name!r}"
@@ -100,22 +102,32 @@ def _read_safetensors(files: ModelFiles, progress: ProgressCallback | None) -> T
 
 
 def _gguf_checkpoint(
-    path: Path, progress: ProgressCallback | None, *, name: str = "", digest: str = ""
+    path: Path,
+    progress: ProgressCallback | None,
+    *,
+    name: str = "",
+    digest: str = "",
+    profile: ModelProfile | None = None,
 ) -> Checkpoint:
     from runtime.formats.gguf import read_gguf  # numpy decoders: only for GGUF sources
 
     contents = read_gguf(path)
     stat = path.stat()
+    profile = profile or ModelProfile()
+    tokenizer_config = dict(contents.tokenizer_config)
+    if profile.template is not None:  # a stored model's own template (runtime.store.profile)
+        tokenizer_config["chat_template"] = profile.template
     files = ModelFiles(
         name=name or str(path),
         config=contents.config,
         tokenizer_json=contents.tokenizer_json,
-        tokenizer_config=dict(contents.tokenizer_config),
+        tokenizer_config=tokenizer_config,
         generation_config=None,
         weight_files=(path,),
         digest=digest,
         size_bytes=stat.st_size,
         modified_at=stat.st_mtime,
+        profile=profile,
     )
     count = len(contents.weights)
     if progress is not None:

@@ -50,6 +50,7 @@ from runtime.store.manifest import (
     Manifest,
 )
 from runtime.store.names import ModelName
+from runtime.store.profile import carried_layers, layer_bytes
 
 Quantize = Literal["q4", "q8", "f32"]
 _BITS = {"q4": 4, "q8": 8}
@@ -267,6 +268,11 @@ def import_model(
         if src.files.generation_config is not None:
             json_files["generation_config.json"] = _json_bytes(src.files.generation_config)
         layers += [writer.json(JSON_MEDIA_TYPE, data, file) for file, data in json_files.items()]
+        # A stored source's own system prompt, parameters and messages stay with the model.
+        layers += [
+            writer.json(media_type, layer_bytes(media_type, value))
+            for media_type, value in carried_layers(src.files.profile)
+        ]
 
         n_params = count_parameters(weights, quant)
         model_type = str(src.config.get("model_type", ""))

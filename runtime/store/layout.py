@@ -32,7 +32,7 @@ from runtime.formats.model_files import ModelFiles
 from runtime.store import verified
 from runtime.store.manifest import Layer, Manifest, parse_manifest
 from runtime.store.names import ModelName
-from runtime.store.profile import PROFILE_MEDIA_TYPES, read_layers
+from runtime.store.profile import PROFILE_MEDIA_TYPES, ModelProfile, read_layers
 from runtime.store.verified import VerifiedBlobs
 
 _CHUNK = 1 << 20
@@ -178,6 +178,21 @@ class Store:
             known.save()
         return parsed.short, manifest.digest, self.blob_path(layer.digest)
 
+    def _profile(
+        self, model: str, manifest: Manifest, *, verify: bool, known: VerifiedBlobs | None
+    ) -> ModelProfile:
+        blobs = {
+            layer.media_type: self.check_blob(model, layer, verify=verify, known=known).read_bytes()
+            for layer in manifest.layers
+            if layer.media_type in PROFILE_MEDIA_TYPES
+        }
+        return read_layers(model, blobs)
+
+    def profile(self, name: str, *, verify: bool = True) -> ModelProfile:
+        """The system prompt, template, parameters and messages ``name``'s manifest holds."""
+        parsed, manifest, _ = self.read_manifest(name)
+        return self._profile(parsed.short, manifest, verify=verify, known=None)
+
     def resolve(self, name: str, *, verify: bool = True) -> ModelFiles:
         """The files of ``name``, every used blob's digest checked (``ModelLoadError`` if not;
         with ``verify``, a blob is hashed once and again only when its file changes)."""
@@ -186,12 +201,7 @@ class Store:
         known = VerifiedBlobs(self.root) if verify else None
         for layer in manifest.used_layers():
             self.check_blob(model, layer, verify=verify, known=known)
-        profile_blobs = {
-            layer.media_type: self.check_blob(model, layer, verify=verify, known=known).read_bytes()
-            for layer in manifest.layers
-            if layer.media_type in PROFILE_MEDIA_TYPES
-        }
-        profile = read_layers(model, profile_blobs)
+        profile = self._profile(model, manifest, verify=verify, known=known)
         if known is not None:
             known.save()
         if not manifest.tensor_layers():

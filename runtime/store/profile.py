@@ -107,6 +107,19 @@ def layer_bytes(media_type: str, value: Any) -> bytes:
     return json.dumps(value, ensure_ascii=False).encode("utf-8")
 
 
+def carried_layers(profile: ModelProfile) -> list[tuple[str, Any]]:
+    """(media type, value) of the layers an import from a stored model carries over: its
+    system prompt, parameters and messages (its template is in tokenizer_config.json)."""
+    out: list[tuple[str, Any]] = []
+    if profile.system:
+        out.append((SYSTEM_MEDIA_TYPE, profile.system))
+    if profile.parameters:
+        out.append((PARAMS_MEDIA_TYPE, dict(profile.parameters)))
+    if profile.messages:
+        out.append((MESSAGES_MEDIA_TYPE, [dict(m) for m in profile.messages]))
+    return out
+
+
 def read_layers(model: str, blobs: Mapping[str, bytes]) -> ModelProfile:
     """The profile from each profile layer's bytes (by media type); ``ModelLoadError`` names
     a layer that cannot be read. A Go template layer is skipped (see the module docstring)."""
