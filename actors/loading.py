@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import attrs
 
 from actors.config import Loaded, LoadFn, RunnerConfig
 from actors.messages import ModelInfo
+from runtime.store.profile import ModelProfile
+
+if TYPE_CHECKING:
+    from runtime.models.loader import LoadedModel
 
 # Of the progress /health reports while loading: reading weights, then warming up kernels.
 LOAD_SHARE = 0.9
@@ -43,8 +50,21 @@ def model_loader(config: RunnerConfig) -> LoadFn:
             modified_at=loaded.modified_at,
             family=loaded.model_type,
             embedding_length=int(loaded.model.args.hidden_size),
-            profile=loaded.profile,
+            profile=_with_generation_defaults(loaded),
         )
         return Loaded(engine=engine, tokenizer=loaded.tokenizer, info=info)
 
     return load
+
+
+def _with_generation_defaults(loaded: LoadedModel) -> ModelProfile:
+    """The model's profile, its parameters over ``generation_config.json``'s sampling values.
+
+    A checkpoint's authors publish the sampling they tested with (Qwen3: temperature 0.6,
+    top_p 0.95, top_k 20), and vLLM applies them by default; here they sit under a stored
+    model's own parameters, and a request's options still override both.
+    """
+    profile = loaded.profile
+    if not loaded.sampling_defaults:
+        return profile
+    return attrs.evolve(profile, parameters={**loaded.sampling_defaults, **profile.parameters})

@@ -259,3 +259,18 @@ def test_a_folder_pooling_survives_the_import_into_the_store(tmp_path: Path) -> 
     store = Store(tmp_path / "models")
     import_model(folder, "t", store=store)
     assert load_model("t", store=store).config[POOLING_KEY] == "last"
+
+
+async def test_generation_config_sampling_is_the_default_under_the_request(tmp_path: Path) -> None:
+    generation = {"temperature": 0.6, "top_k": 20, "top_p": 0.95}
+    folder = _folder(tmp_path / "m", generation_config__json=json.dumps(generation))
+    args = _args("serve", "--model", str(folder))
+    async with open_runner(**serve_command.runner_options(args)) as runner:
+        await runner.wait_ready()
+        assert dict(runner.model_info().profile.parameters) == generation
+        app = create_app(runner, serve_command.api_config(args))
+        async with app.test_app() as test_app:
+            client = test_app.test_client()
+            shown = await (await client.post("/api/show", json={"model": "m"})).get_json()
+            assert "temperature" in shown["parameters"]
+            assert "0.6" in shown["parameters"]
