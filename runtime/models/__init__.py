@@ -1,6 +1,7 @@
 """Models: the architectures and the way from a model source to a running model.
 
-The architectures are one module per HF ``model_type`` (``llama``, ``qwen2``, ``qwen3``), each
+The architectures are one module per HF ``model_type`` (``llama``, ``qwen2``, ``qwen3``,
+``gemma3``, ``phi3``, ``mistral``), each
 exporting ``Model`` and ``ModelArgs``, registered here with the ``model_type`` aliases that
 share their layers. ``source`` resolves a folder, GGUF file or store name into a
 ``checkpoint`` (its tensors checked against the architecture); ``loader`` builds a running
@@ -13,12 +14,20 @@ from types import ModuleType
 from typing import Any
 
 from runtime.errors import ModelLoadError
-from runtime.models import llama, qwen2, qwen3
+from runtime.models import gemma3, llama, mistral, phi3, qwen2, qwen3
 
-ARCHITECTURES: dict[str, ModuleType] = {"llama": llama, "qwen2": qwen2, "qwen3": qwen3}
+ARCHITECTURES: dict[str, ModuleType] = {
+    "llama": llama,
+    "qwen2": qwen2,
+    "qwen3": qwen3,
+    "gemma3": gemma3,
+    "phi3": phi3,
+    "mistral": mistral,
+}
 
-# Configs whose layers are llama's under another name.
-ALIASES = {"mistral": "llama", "smollm2": "llama"}
+# Configs whose layers are another architecture's under another name (``gemma3``: the text
+# part of the vision model).
+ALIASES = {"smollm2": "llama", "gemma3_text": "gemma3", "ministral": "mistral"}
 
 
 def architecture(config: dict[str, Any]) -> ModuleType:

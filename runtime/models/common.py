@@ -35,7 +35,14 @@ class Span:
 
 
 class Rope(nn.Module):
-    """Rotary embedding with the scalings the supported checkpoints use (none, linear, llama3)."""
+    """Rotary embedding with the scalings the supported checkpoints use (none, linear, llama3,
+    and Phi-3's ``longrope``/``su``).
+
+    ``dims`` may be less than the head size (partial rotary embeddings): only the first ``dims``
+    features of each head rotate. ``longrope`` is applied as mlx-lm applies it: always with the
+    long factors, and the rotated features scaled by ``sqrt(1 + ln(s) / ln(original))`` where
+    ``s`` is how far ``max_position_embeddings`` extends the original context.
+    """
 
     def __init__(
         self,
@@ -51,6 +58,7 @@ class Rope(nn.Module):
         self.traditional = traditional
         self.base: float | None = base
         self.scale = 1.0
+        self.mscale = 1.0
         self._freqs: mx.array | None = None
         kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
         if kind == "linear":
@@ -58,10 +66,15 @@ class Rope(nn.Module):
         elif kind == "llama3":
             self._freqs = _llama3_freqs(dims, base, scaling or {}, max_position_embeddings)
             self.base = None
+        elif kind in ("longrope", "su"):
+            self._freqs, self.mscale = _longrope(dims, base, scaling or {}, max_position_embeddings)
+            self.base = None
         elif kind not in ("default", None):
             raise ValueError(f"unsupported rope scaling {kind!r}")
 
     def __call__(self, x: mx.array, offset: int | mx.array) -> mx.array:
+        if self.mscale != 1.0:
+            x = x.at[..., : self.dims].multiply(self.mscale)
         return fused_rope(
             x,
             offset,
@@ -86,6 +99,21 @@ def _llama3_freqs(dims: int, base: float, cfg: dict[str, Any], max_pos: int) -> 
     smooth = (old_ctx / wavelens - low) / (high - low)
     smoothed = freqs / ((1 - smooth) / factor + smooth)
     return mx.where(medium, smoothed, freqs)
+
+
+def _longrope(dims: int, base: float, cfg: dict[str, Any], max_pos: int) -> tuple[mx.array, float]:
+    long_factor = cfg.get("long_factor", 1.0)
+    if isinstance(long_factor, list) and len(long_factor) != dims // 2:
+        raise ValueError(
+            f"longrope long_factor has {len(long_factor)} values, expected {dims // 2}"
+        )
+    freqs = base ** (mx.arange(0, dims, 2, dtype=mx.float32) / dims)
+    original = float(cfg.get("original_max_position_embeddings") or max_pos)
+    extension = max_pos / original
+    mscale = cfg.get("long_mscale") or (
+        1.0 if extension <= 1.0 else math.sqrt(1 + math.log(extension) / math.log(original))
+    )
+    return mx.array(long_factor, dtype=mx.float32) * freqs, float(mscale)
 
 
 class Layout(Protocol):

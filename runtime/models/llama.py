@@ -1,4 +1,7 @@
-"""Llama-family decoder (Llama 2/3.x, SmolLM2, Mistral-style configs), ``model_type: llama``.
+"""Llama-family decoder (Llama 2/3.x, SmolLM2), ``model_type: llama``; Mistral's is in ``mistral``.
+
+Layers that ``layer_types`` marks ``sliding_attention`` attend to the last ``sliding_window``
+positions only (``runtime.models.sliding``).
 
 Attribute names equal the checkpoint tensor names (``model.layers.0.self_attn.q_proj``...), so
 ``load_weights`` takes a HF/MLX checkpoint as-is.
@@ -23,6 +26,7 @@ from runtime.models.common import (
 )
 from runtime.models.fused import RMSNorm
 from runtime.models.projections import gate_up, qkv
+from runtime.models.sliding import attend as windowed_attend
 
 
 @attrs.frozen(kw_only=True)
@@ -43,6 +47,10 @@ class ModelArgs:
     tie_word_embeddings: bool = True
     attention_bias: bool = False
     mlp_bias: bool = False
+    sliding_window: int | None = None
+    layer_types: tuple[str, ...] | None = attrs.field(
+        default=None, converter=attrs.converters.optional(tuple)
+    )
 
     @classmethod
     def from_dict(cls, config: dict[str, Any]) -> ModelArgs:
@@ -57,6 +65,13 @@ class ModelArgs:
     def dims_per_head(self) -> int:
         return self.head_dim or self.hidden_size // self.num_attention_heads
 
+    def window(self, layer: int) -> int | None:
+        """How far back layer ``layer`` attends (None: the whole context)."""
+        types = self.layer_types
+        if types is not None and layer < len(types) and types[layer] == "sliding_attention":
+            return self.sliding_window
+        return None
+
 
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs, layer: int) -> None:
@@ -66,6 +81,7 @@ class Attention(nn.Module):
         self.n_kv_heads = args.kv_heads
         head_dim = args.dims_per_head
         self.scale = head_dim**-0.5
+        self.window = args.window(layer)
         bias = args.attention_bias
         self.q_proj = nn.Linear(args.hidden_size, self.n_heads * head_dim, bias=bias)
         self.k_proj = nn.Linear(args.hidden_size, self.n_kv_heads * head_dim, bias=bias)
@@ -84,7 +100,9 @@ class Attention(nn.Module):
         q = split_heads(q, self.n_heads)
         k = split_heads(k, self.n_kv_heads)
         v = split_heads(v, self.n_kv_heads)
-        out = layout.attend(q, k, v, layer=self.layer, rope=self.rope, scale=self.scale)
+        out = windowed_attend(
+            layout, q, k, v, layer=self.layer, rope=self.rope, scale=self.scale, window=self.window
+        )
         return self.o_proj(out)
 
 
