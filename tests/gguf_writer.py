@@ -297,17 +297,28 @@ _LAYER_NAMES = {
     "mlp.down_proj": "ffn_down",
 }
 _TOP_NAMES = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
+_LAYER_NAMES_BY_ARCH = {
+    "gemma3": _LAYER_NAMES
+    | {
+        "post_attention_layernorm": "post_attention_norm",
+        "pre_feedforward_layernorm": "ffn_norm",
+        "post_feedforward_layernorm": "post_ffw_norm",
+    },
+    "phi3": _LAYER_NAMES | {"self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up"},
+}
+GGUF_ARCH = {"gemma3_text": "gemma3"}  # HF model_type -> llama.cpp architecture, where they differ
 
 
-def gguf_name(hf_name: str) -> str:
+def gguf_name(hf_name: str, arch: str = "llama") -> str:
     """``model.layers.3.mlp.up_proj.weight`` -> ``blk.3.ffn_up.weight``."""
     module, suffix = hf_name.rsplit(".", 1)
     if module in _TOP_NAMES:
         return f"{_TOP_NAMES[module]}.{suffix}"
+    names = _LAYER_NAMES_BY_ARCH.get(arch, _LAYER_NAMES)
     m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", module)
-    if m is None or m.group(2) not in _LAYER_NAMES:
+    if m is None or m.group(2) not in names:
         raise KeyError(hf_name)
-    return f"blk.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}.{suffix}"
+    return f"blk.{m.group(1)}.{names[m.group(2)]}.{suffix}"
 
 
 def rope_permute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -439,9 +450,19 @@ def spm_tokenizer_metadata() -> dict[str, Any]:
 
 def model_metadata(config: dict[str, Any]) -> dict[str, Any]:
     """``general.*`` and ``<arch>.*`` metadata for an HF ``config``."""
-    arch = config["model_type"]
+    arch = GGUF_ARCH.get(config["model_type"], config["model_type"])
     head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
-    return {
+    extra: dict[str, Any] = {}
+    if config.get("sliding_window"):
+        extra[f"{arch}.attention.sliding_window"] = config["sliding_window"]
+    if arch == "phi3":
+        extra[f"{arch}.rope.scaling.original_context_length"] = config[
+            "original_max_position_embeddings"
+        ]
+    if (config.get("rope_scaling") or {}).get("rope_type") == "linear":
+        extra[f"{arch}.rope.scaling.type"] = "linear"
+        extra[f"{arch}.rope.scaling.factor"] = float(config["rope_scaling"]["factor"])
+    return extra | {
         "general.architecture": arch,
         "general.name": f"tiny {arch}",
         "general.file_type": 2,
@@ -453,7 +474,7 @@ def model_metadata(config: dict[str, Any]) -> dict[str, Any]:
         f"{arch}.attention.head_count_kv": config["num_key_value_heads"],
         f"{arch}.attention.key_length": head_dim,
         f"{arch}.attention.value_length": head_dim,
-        f"{arch}.rope.dimension_count": head_dim,
+        f"{arch}.rope.dimension_count": int(head_dim * config.get("partial_rotary_factor", 1.0)),
         f"{arch}.rope.freq_base": float(config["rope_theta"]),
         f"{arch}.attention.layer_norm_rms_epsilon": float(config["rms_norm_eps"]),
         f"{arch}.vocab_size": config["vocab_size"],
@@ -487,22 +508,31 @@ def write_model_gguf(
     type_ids: Mapping[str, int] | None = None,
     extra_tensors: Mapping[str, tuple[np.ndarray, str]] | None = None,
 ) -> dict[str, bytes]:
-    """Write HF-named ``weights`` as llama.cpp would (names, q/k row order); GGUF name -> bytes.
+    """Write HF-named ``weights`` as llama.cpp would (names, q/k row order, Gemma's norms as
+    ``1 + weight``, Phi-3's longrope factors as tensors); GGUF name -> bytes.
 
     ``types`` maps an HF tensor name to a GGML type name; ``drop`` omits GGUF tensors;
     ``extra_tensors`` are GGUF-named and written as given; ``shapes``, ``offsets`` and
     ``type_ids`` (GGUF names) go to ``write_gguf``.
     """
     tensors: dict[str, tuple[np.ndarray, str]] = {}
+    arch = GGUF_ARCH.get(config["model_type"], config["model_type"])
     for hf_name, array in weights.items():
-        name = gguf_name(hf_name)
+        name = gguf_name(hf_name, arch)
         if name in drop:
             continue
         array = np.asarray(array, dtype=np.float32)
+        if arch == "gemma3" and name.endswith("norm.weight"):
+            array = array + 1.0
         if config["model_type"] == "llama" and name.split(".")[-2] in ("attn_q", "attn_k"):
             heads = config["num_attention_heads" if ".attn_q." in name else "num_key_value_heads"]
             array = rope_permute(array, heads)
         tensors[name] = (array, types(hf_name))
+    scaling = config.get("rope_scaling") or {}
+    if scaling.get("type") == "longrope":
+        for kind in ("long", "short"):
+            factors = np.array(scaling[f"{kind}_factor"], dtype=np.float32)
+            tensors[f"rope_factors_{kind}.weight"] = (factors, "F32")
     tensors |= extra_tensors or {}
     metadata = {**model_metadata(config), **tokenizer, **(extra_metadata or {})}
     return write_gguf(path, metadata, tensors, shapes=shapes, offsets=offsets, type_ids=type_ids)

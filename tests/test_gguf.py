@@ -406,6 +406,7 @@ def test_add_bos_writes_a_bos_post_processor(tmp_path: Path) -> None:
         ("llama-bpe", "abc 12345", ["abc", "Ġ", "123", "45"]),
         ("default", "abc 12345", ["abc", "Ġ12345"]),
         ("smollm", "abc 12345", ["abc", "Ġ", "1", "2", "3", "4", "5"]),
+        ("gpt-4o", "HelloWorld's 12345", ["Hello", "World's", "Ġ", "123", "45"]),
     ],
 )
 def test_pre_tokenizer_follows_tokenizer_ggml_pre(
@@ -581,8 +582,8 @@ def test_split_gguf_is_reported(tmp_path: Path) -> None:
 
 
 def test_unsupported_architecture_lists_the_supported(tmp_path: Path) -> None:
-    path = _gguf(tmp_path, extra_metadata={"general.architecture": "phi3"})
-    _raises(path, "'phi3'", "llama", "qwen2", "qwen3")
+    path = _gguf(tmp_path, extra_metadata={"general.architecture": "gemma2"})
+    _raises(path, "'gemma2'", "gemma3", "llama", "phi3", "qwen2", "qwen3")
 
 
 def test_unsupported_tensor_type_names_the_tensor(tmp_path: Path) -> None:

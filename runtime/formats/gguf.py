@@ -6,9 +6,12 @@ own names, so a broken file gets an error naming the file and tensor before anyt
 decoded; then it decodes each tensor from the file's bytes (``runtime.formats.gguf_blocks``):
 block-quantized types become MLX's quantized layout (packed ``uint32`` weight, float32
 ``scales`` and ``biases``, group 32), the rest dense arrays. The file is hostile input: every
-failure, whatever raised it, reaches the caller as a ``ModelLoadError`` naming the file. Tensors get mlx-lm names, and for
-llama the q/k projection rows are put back in HF order (llama.cpp interleaves the two rotary
-halves of each head; qwen2/qwen3 use NEOX RoPE and are stored unpermuted). ``write_folder``
+failure, whatever raised it, reaches the caller as a ``ModelLoadError`` naming the file.
+Tensors get mlx-lm names, and for llama the q/k projection rows are put back in HF order
+(llama.cpp interleaves the two rotary halves of each head; the other architectures use NEOX
+RoPE and are stored unpermuted). Gemma 3's norm weights are stored as ``1 + weight`` (llama.cpp
+multiplies by them directly); the ``1`` is taken off again. Phi-3 keeps its fused ``attn_qkv``
+and ``ffn_up`` (gate and up) as HF has them. ``write_folder``
 turns the result into a model folder that ``mlx_lm.load`` accepts. The tokenizer is rebuilt in
 ``runtime.formats.gguf_tokenizer``. The config carries each quantized module's bits under
 ``quantization``, where ``runtime.models.checkpoint`` reads them.
@@ -30,7 +33,7 @@ import numpy as np
 
 from runtime.errors import ModelLoadError
 from runtime.formats.gguf_blocks import GROUP_SIZE, to_mlx
-from runtime.formats.gguf_config import arch_config
+from runtime.formats.gguf_config import FACTOR_TENSORS, arch_config
 from runtime.formats.gguf_file import TYPES, TensorInfo, nbytes, read_header
 from runtime.formats.gguf_tokenizer import build_tokenizer
 
@@ -75,23 +78,34 @@ _LAYER = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
+# Where an architecture's layer names differ from llama's.
+_LAYER_BY_ARCH = {
+    "gemma3": _LAYER
+    | {
+        "post_attention_norm": "post_attention_layernorm",
+        "ffn_norm": "pre_feedforward_layernorm",
+        "post_ffw_norm": "post_feedforward_layernorm",
+    },
+    "phi3": _LAYER | {"attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"},
+}
 _LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)")
 
 
-def _hf_module(gguf_module: str) -> str | None:
+def _hf_module(gguf_module: str, arch: str) -> str | None:
     if gguf_module in _TOP:
         return _TOP[gguf_module]
     m = _LAYER_RE.fullmatch(gguf_module)
-    if m is None or m.group(2) not in _LAYER:
+    names = _LAYER_BY_ARCH.get(arch, _LAYER)
+    if m is None or m.group(2) not in names:
         return None
-    return f"model.layers.{m.group(1)}.{_LAYER[m.group(2)]}"
+    return f"model.layers.{m.group(1)}.{names[m.group(2)]}"
 
 
 def _expected_shapes(config: dict[str, Any]) -> tuple[dict[str, tuple[int, ...]], set[str]]:
     """GGUF tensor name -> row-major shape, and the names that may be absent."""
     d, ff, vocab = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
     hd, nq, nkv = config["head_dim"], config["num_attention_heads"], config["num_key_value_heads"]
-    arch = config["model_type"]
+    arch = _arch(config)
     shapes: dict[str, tuple[int, ...]] = {
         "token_embd.weight": (vocab, d),
         "output_norm.weight": (d,),
@@ -103,14 +117,20 @@ def _expected_shapes(config: dict[str, Any]) -> tuple[dict[str, tuple[int, ...]]
         shapes |= {
             b + "attn_norm.weight": (d,),
             b + "ffn_norm.weight": (d,),
-            b + "attn_q.weight": (nq * hd, d),
-            b + "attn_k.weight": (nkv * hd, d),
-            b + "attn_v.weight": (nkv * hd, d),
             b + "attn_output.weight": (d, nq * hd),
-            b + "ffn_gate.weight": (ff, d),
-            b + "ffn_up.weight": (ff, d),
             b + "ffn_down.weight": (d, ff),
         }
+        if arch == "phi3":
+            shapes[b + "attn_qkv.weight"] = ((nq + 2 * nkv) * hd, d)
+            shapes[b + "ffn_up.weight"] = (2 * ff, d)
+        else:
+            shapes |= {
+                b + "attn_q.weight": (nq * hd, d),
+                b + "attn_k.weight": (nkv * hd, d),
+                b + "attn_v.weight": (nkv * hd, d),
+                b + "ffn_gate.weight": (ff, d),
+                b + "ffn_up.weight": (ff, d),
+            }
         if arch == "qwen2" or config.get("attention_bias"):
             shapes |= {b + "attn_q.bias": (nq * hd,), b + "attn_k.bias": (nkv * hd,)}
             shapes |= {b + "attn_v.bias": (nkv * hd,)}
@@ -122,9 +142,16 @@ def _expected_shapes(config: dict[str, Any]) -> tuple[dict[str, tuple[int, ...]]
                 b + "ffn_up.bias": (ff,),
                 b + "ffn_down.bias": (d,),
             }
-        if arch == "qwen3":
+        if arch in ("qwen3", "gemma3"):
             shapes |= {b + "attn_q_norm.weight": (hd,), b + "attn_k_norm.weight": (hd,)}
+        if arch == "gemma3":
+            shapes |= {b + "post_attention_norm.weight": (d,), b + "post_ffw_norm.weight": (d,)}
     return shapes, optional
+
+
+def _arch(config: dict[str, Any]) -> str:
+    """The GGUF architecture of a config ``arch_config`` made."""
+    return "gemma3" if config["model_type"] == "gemma3_text" else str(config["model_type"])
 
 
 def _check_tensor_set(path: Path, config: dict[str, Any], infos: dict[str, TensorInfo]) -> None:
@@ -154,9 +181,10 @@ def _load_tensors(
     weights: dict[str, mx.array] = {}
     bits: dict[str, int] = {}
     heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
+    arch = _arch(config)
     for name, info in infos.items():
         module, _, suffix = name.rpartition(".")
-        hf = _hf_module(module)
+        hf = _hf_module(module, arch)
         if hf is None:  # _check_tensor_set admits only known names
             raise ModelLoadError(f"{path}: unexpected tensor {name!r}")
         begin = start + info.offset
@@ -166,7 +194,9 @@ def _load_tensors(
             if suffix != "weight" or len(info.shape) != 2:
                 raise ModelLoadError(f"{path}: tensor {name!r}: only 2-D weights may be quantized")
             bits[hf] = TYPES[info.kind].bits or 0
-        n_head = heads.get(module.rpartition(".")[2]) if config["model_type"] == "llama" else None
+        n_head = heads.get(module.rpartition(".")[2]) if arch == "llama" else None
+        if arch == "gemma3" and name.endswith("norm.weight") and "scales" not in parts:
+            parts = {"weight": parts["weight"].astype(mx.float32) - 1.0}
         for part, array in parts.items():
             key = f"{hf}.{suffix if part == 'weight' else part}"
             weights[key] = array if n_head is None else _unpermute(array, n_head)
@@ -182,23 +212,24 @@ def _quantization(bits: dict[str, int]) -> dict[str, Any]:
     return out
 
 
-_ROPE_FREQS = "rope_freqs.weight"
-
-
 def _rope_factors(
     path: Path, infos: list[TensorInfo], data: mmap.mmap, start: int
-) -> np.ndarray | None:
-    info = next((i for i in infos if i.name == _ROPE_FREQS), None)
-    if info is None:
-        return None
-    if info.kind != 0 or len(info.shape) != 1:
-        raise ModelLoadError(f"{path}: tensor {_ROPE_FREQS!r} must be a 1-D F32 tensor")
-    begin = start + info.offset
-    return np.frombuffer(data[begin : begin + 4 * info.shape[0]], "<f4").copy()
+) -> dict[str, np.ndarray]:
+    """The file's ``FACTOR_TENSORS`` by name."""
+    out = {}
+    for info in infos:
+        if info.name not in FACTOR_TENSORS:
+            continue
+        if info.kind != 0 or len(info.shape) != 1:
+            raise ModelLoadError(f"{path}: tensor {info.name!r} must be a 1-D F32 tensor")
+        begin = start + info.offset
+        out[info.name] = np.frombuffer(data[begin : begin + 4 * info.shape[0]], "<f4").copy()
+    return out
 
 
 def read_gguf(path: Path) -> GGUFContents:
-    """Read a llama/qwen2/qwen3 GGUF file; every failure is a ``ModelLoadError`` naming the file."""
+    """Read a GGUF file of a ``SUPPORTED_ARCHITECTURES`` model; every failure is a
+    ``ModelLoadError`` naming the file."""
     path = Path(path)
     try:
         with path.open("rb") as f:
@@ -220,7 +251,7 @@ def _read(path: Path, data: mmap.mmap) -> GGUFContents:
             f"{path}: part of a GGUF split into {splits} files; merge them first "
             "(llama-gguf-split --merge)"
         )
-    infos = {i.name: i for i in info_list if i.name != _ROPE_FREQS}  # names are unique
+    infos = {i.name: i for i in info_list if i.name not in FACTOR_TENSORS}  # names are unique
     rope_factors = _rope_factors(path, info_list, data, start)
     config = arch_config(path, metadata, infos, rope_factors)
     _check_tensor_set(path, config, infos)

@@ -3,7 +3,12 @@
 ``arch_config`` reads ``<arch>.*`` keys as hostile input: every number must be a positive
 integer or a finite positive float, and ``block_count``, the one number that sizes a loop
 before the tensors are checked against it, may not exceed the file's tensor count. llama 3's
-per-frequency RoPE divisors (the ``rope_freqs`` tensor) become HF's ``rope_scaling``.
+per-frequency RoPE divisors (the ``rope_freqs`` tensor) become HF's ``rope_scaling``, and so
+do Phi-3's longrope factors (``rope_factors_long`` / ``rope_factors_short``).
+
+What llama.cpp fixes in code rather than metadata is filled in as llama.cpp does: Gemma 3's
+local RoPE base (10000), its pattern of one global layer in six and its attention scale
+(``head_dim``, or ``hidden / heads`` for the 62-layer 27B). Mistral files are ``llama``.
 """
 
 from __future__ import annotations
@@ -18,16 +23,18 @@ from runtime.errors import ModelLoadError
 from runtime.formats.gguf_file import TensorInfo
 from runtime.formats.model_files import POOLING_KEY
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3")
+SUPPORTED_ARCHITECTURES = ("gemma3", "llama", "phi3", "qwen2", "qwen3")
+# 1-D float32 tensors that carry RoPE frequency factors (read apart from the weights).
+FACTOR_TENSORS = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")
 # llama.cpp's enum llama_pooling_type: 1 mean, 2 cls, 3 last (0 none, 4 rank: our default).
 _GGUF_POOLING = {1: "mean", 2: "cls", 3: "last"}
 
 
 def arch_config(
-    path: Path, meta: dict[str, Any], infos: dict[str, TensorInfo], rope_freqs: np.ndarray | None
+    path: Path, meta: dict[str, Any], infos: dict[str, TensorInfo], factors: dict[str, np.ndarray]
 ) -> dict[str, Any]:
-    """config.json for the file's architecture; ``infos`` are its tensors (``rope_freqs``
-    apart, given as ``rope_freqs``)."""
+    """config.json for the file's architecture; ``infos`` are its weights, ``factors`` its
+    ``FACTOR_TENSORS`` by name."""
     arch = meta.get("general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
         raise ModelLoadError(
@@ -49,14 +56,15 @@ def arch_config(
         return kind(value)
 
     heads, hidden = get("attention.head_count"), get("embedding_length")
-    head_dim = get("attention.key_length", hidden // heads)
+    # Phi-3's metadata has no key_length; its heads split the width.
+    head_dim = hidden // heads if arch == "phi3" else get("attention.key_length", hidden // heads)
     if head_dim % 2:
         raise ModelLoadError(f"{path}: head dimension {head_dim} is odd (RoPE needs pairs)")
     embed = infos.get("token_embd.weight")
     if embed is None:
         raise ModelLoadError(f"{path}: missing tensor 'token_embd.weight'")
     config: dict[str, Any] = {
-        "model_type": arch,
+        "model_type": _MODEL_TYPES.get(arch, arch),
         "architectures": [_HF_CLASSES[arch]],
         "hidden_size": hidden,
         "num_hidden_layers": get("block_count"),
@@ -78,9 +86,21 @@ def arch_config(
             f"{path}: metadata {arch}.block_count = {config['num_hidden_layers']} but the file "
             f"has only {len(infos)} tensors"
         )
-    if get("rope.dimension_count", head_dim) != head_dim:
-        raise ModelLoadError(f"{path}: partial rotary embeddings are not supported")
+    rope_dims = get("rope.dimension_count", head_dim)
+    if rope_dims != head_dim:
+        if arch != "phi3" or rope_dims > head_dim or rope_dims % 2:
+            raise ModelLoadError(
+                f"{path}: rotary dimensions {rope_dims} of head size {head_dim} not supported"
+            )
+        config["partial_rotary_factor"] = rope_dims / head_dim
     scaling = meta.get(f"{arch}.rope.scaling.type", "none")
+    if arch == "phi3":
+        if f"{arch}.attention.sliding_window" in meta:
+            config["sliding_window"] = get("attention.sliding_window")
+        _phi3(path, config, get, factors, rope_dims)
+        scaling = "none"  # longrope comes from the factor tensors, not from this key
+    if arch == "gemma3":
+        _gemma3(config, get)
     if scaling == "linear":
         config["rope_scaling"] = {
             "type": "linear",
@@ -88,6 +108,7 @@ def arch_config(
         }
     elif scaling != "none":
         raise ModelLoadError(f"{path}: unsupported RoPE scaling {scaling!r}")
+    rope_freqs = factors.get("rope_freqs.weight")
     if rope_freqs is not None:
         config["rope_scaling"] = _llama3_scaling(path, rope_freqs, config["rope_theta"], head_dim)
     if arch == "llama":
@@ -100,8 +121,43 @@ _HF_CLASSES = {
     "llama": "LlamaForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
+    "gemma3": "Gemma3ForCausalLM",
+    "phi3": "Phi3ForCausalLM",
 }
-_ROPE_BASE = {"llama": 10000.0, "qwen2": 1e6, "qwen3": 1e6}
+_MODEL_TYPES = {"gemma3": "gemma3_text"}  # HF's name for Gemma 3's text-only model
+_ROPE_BASE = {"llama": 10000.0, "qwen2": 1e6, "qwen3": 1e6, "gemma3": 1e6, "phi3": 10000.0}
+_GEMMA3_27B_LAYERS = 62
+
+
+def _gemma3(config: dict[str, Any], get: Any) -> None:
+    config["sliding_window"] = get("attention.sliding_window")
+    config["sliding_window_pattern"] = 6
+    config["rope_local_base_freq"] = 10000.0
+    hidden, heads = config["hidden_size"], config["num_attention_heads"]
+    big = config["num_hidden_layers"] == _GEMMA3_27B_LAYERS
+    config["query_pre_attn_scalar"] = hidden // heads if big else config["head_dim"]
+
+
+def _phi3(
+    path: Path, config: dict[str, Any], get: Any, factors: dict[str, np.ndarray], rope_dims: int
+) -> None:
+    config["original_max_position_embeddings"] = get(
+        "rope.scaling.original_context_length", config["max_position_embeddings"]
+    )
+    long, short = factors.get("rope_factors_long.weight"), factors.get("rope_factors_short.weight")
+    if long is None:
+        return
+    n = rope_dims // 2
+    for name, f in (("long", long), ("short", short if short is not None else long)):
+        if f.shape != (n,) or not np.all(np.isfinite(f) & (f > 0)):
+            raise ModelLoadError(
+                f"{path}: tensor 'rope_factors_{name}.weight' must hold {n} positive factors"
+            )
+    config["rope_scaling"] = {
+        "type": "longrope",
+        "long_factor": [float(x) for x in long],
+        "short_factor": [float(x) for x in (short if short is not None else long)],
+    }
 
 
 def _llama3_scaling(path: Path, factors: np.ndarray, base: float, dims: int) -> dict[str, Any]:

@@ -1,0 +1,131 @@
+"""GGUF files of Gemma 3 and Phi-3: metadata to config, llama.cpp's tensor conventions, logits.
+
+Tiny files are written the way llama.cpp's converter writes these architectures
+(``tests.gguf_writer``): Gemma 3's norms as ``1 + weight``, one global layer in six and its
+attention scale left to code; Phi-3's fused projections, partial RoPE and longrope factors as
+tensors. The references are mlx-lm's models on the original weights (F32 files) or on
+``write_folder`` of the file (quantized files).
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any, Literal
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from runtime.errors import ModelLoadError
+from runtime.formats.gguf import read_gguf, write_folder
+from runtime.models.loader import load_model
+from runtime.testing.models import random_weights, tiny_config
+from tests import gguf_writer as gw
+
+GPT2_TOKENS = gw.gpt2_tokenizer_metadata()
+VOCAB = len(GPT2_TOKENS["tokenizer.ggml.tokens"])
+REFERENCE = {"gemma3_text": "gemma3_text", "phi3": "phi3"}
+# What llama.cpp assumes of Gemma 3 instead of reading it: one global layer in six, and
+# attention scaled by the head size.
+GEMMA3 = {"num_hidden_layers": 6, "sliding_window_pattern": 6, "query_pre_attn_scalar": 32}
+OVERRIDES: dict[str, dict[str, Any]] = {"gemma3_text": GEMMA3, "phi3": {"sliding_window": 6}}
+
+
+def _model(arch: str, seed: int = 0) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    config = tiny_config(arch, vocab_size=VOCAB, **OVERRIDES[arch])
+    weights = {k: np.array(v) for k, v in random_weights(config, seed=seed).items()}
+    return config, weights
+
+
+def _ids(n: int = 14, seed: int = 0) -> mx.array:
+    return mx.array(np.random.default_rng(seed).integers(0, VOCAB, size=(1, n)), dtype=mx.int32)
+
+
+def _diff(a: mx.array, b: mx.array) -> float:
+    return float(np.abs(np.array(a, dtype=np.float32) - np.array(b, dtype=np.float32)).max())
+
+
+def test_gemma3_config_from_metadata(tmp_path: Path) -> None:
+    config, weights = _model("gemma3_text")
+    path = tmp_path / "g.gguf"
+    gw.write_model_gguf(path, config, weights, GPT2_TOKENS, types=lambda _: "F32")
+    got = read_gguf(path).config
+    assert got["model_type"] == "gemma3_text"
+    assert got["architectures"] == ["Gemma3ForCausalLM"]
+    assert (got["sliding_window"], got["sliding_window_pattern"]) == (8, 6)
+    assert (got["rope_theta"], got["rope_local_base_freq"]) == (1e6, 1e4)
+    assert got["rope_scaling"] == {"type": "linear", "factor": 2.0}
+    assert (got["head_dim"], got["query_pre_attn_scalar"]) == (32, 32)
+    assert got["tie_word_embeddings"] is True
+
+
+def test_phi3_config_from_metadata_and_factor_tensors(tmp_path: Path) -> None:
+    config, weights = _model("phi3")
+    path = tmp_path / "p.gguf"
+    gw.write_model_gguf(path, config, weights, GPT2_TOKENS, types=lambda _: "F32")
+    got = read_gguf(path).config
+    assert got["model_type"] == "phi3"
+    assert got["partial_rotary_factor"] == 0.75
+    assert got["original_max_position_embeddings"] == 64
+    assert got["sliding_window"] == 6
+    assert got["rope_scaling"]["type"] == "longrope"
+    assert got["rope_scaling"]["long_factor"] == pytest.approx(
+        config["rope_scaling"]["long_factor"]
+    )
+    assert got["tie_word_embeddings"] is False
+
+
+@pytest.mark.parametrize("arch", ["gemma3_text", "phi3"])
+def test_f32_gguf_logits_equal_mlx_lm_on_the_original_weights(tmp_path: Path, arch: str) -> None:
+    config, weights = _model(arch)
+    path = tmp_path / "m.gguf"
+    gw.write_model_gguf(path, config, weights, GPT2_TOKENS, types=lambda _: "F32")
+    ours = load_model(path, execution="dense").model
+    module = importlib.import_module(f"mlx_lm.models.{REFERENCE[arch]}")
+    ref = module.Model(module.ModelArgs.from_dict(config))
+    tensors = {k: mx.array(v) for k, v in weights.items()}
+    if hasattr(ref, "sanitize"):
+        tensors = ref.sanitize(tensors)
+    ref.load_weights(list(tensors.items()))
+    x = _ids(6)  # mlx-lm's phi3 has no sliding window: stay within ours (6)
+    assert _diff(ours(x), ref(x)) <= 1e-4
+    if arch == "gemma3_text":  # past the window of 8
+        x = _ids(20, seed=1)
+        assert _diff(ours(x), ref(x)) <= 1e-4
+
+
+@pytest.mark.parametrize("arch", ["gemma3_text", "phi3"])
+@pytest.mark.parametrize("execution", ["quantized", "dense"])
+def test_quantized_gguf_logits_equal_mlx_lm_on_write_folder(
+    tmp_path: Path, arch: str, execution: Literal["dense", "quantized"]
+) -> None:
+    import mlx_lm
+
+    config, weights = _model(arch, seed=2)
+    path = tmp_path / "m.gguf"
+    gw.write_model_gguf(path, config, weights, GPT2_TOKENS)
+    contents = read_gguf(path)
+    assert "quantization" in contents.config
+    ref = mlx_lm.load(str(write_folder(contents, tmp_path / "folder")))[0]
+    x = _ids(6, seed=3)
+    assert _diff(load_model(path, execution=execution).model(x), ref(x)) <= 1e-4
+
+
+def test_phi3_factor_tensor_of_the_wrong_size_is_named(tmp_path: Path) -> None:
+    config, weights = _model("phi3")
+    path = tmp_path / "p.gguf"
+    bad = {"rope_factors_long.weight": (np.ones(5, np.float32), "F32")}
+    gw.write_model_gguf(path, config, weights, GPT2_TOKENS, extra_tensors=bad)
+    with pytest.raises(ModelLoadError, match=r"'rope_factors_long\.weight' must hold 6"):
+        read_gguf(path)
+
+
+def test_partial_rotary_embeddings_outside_phi3_are_refused(tmp_path: Path) -> None:
+    config = tiny_config("llama", vocab_size=VOCAB)
+    weights = {k: np.array(v) for k, v in random_weights(config).items()}
+    path = tmp_path / "l.gguf"
+    meta = {"llama.rope.dimension_count": 8}
+    gw.write_model_gguf(path, config, weights, GPT2_TOKENS, extra_metadata=meta)
+    with pytest.raises(ModelLoadError, match="rotary dimensions 8 of head size 16"):
+        read_gguf(path)
