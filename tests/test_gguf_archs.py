@@ -129,3 +129,60 @@ def test_partial_rotary_embeddings_outside_phi3_are_refused(tmp_path: Path) -> N
     gw.write_model_gguf(path, config, weights, GPT2_TOKENS, extra_metadata=meta)
     with pytest.raises(ModelLoadError, match="rotary dimensions 8 of head size 16"):
         read_gguf(path)
+
+
+def test_ollama_gemma3_file_runs_its_text_model(tmp_path: Path) -> None:
+    """Ollama's Gemma 3 files: vision tensors beside the text model's, image tokens past the
+    vocabulary, a per-layer pattern, other RoPE base keys, no norm epsilon, and no x8 RoPE
+    scaling although the context is 128K."""
+    spm = gw.spm_tokenizer_metadata()
+    vocab = len(spm["tokenizer.ggml.tokens"])
+    tokenizer = {
+        **spm,
+        "tokenizer.ggml.tokens": [*spm["tokenizer.ggml.tokens"], "<image_soft_token>"],
+        "tokenizer.ggml.token_type": np.append(
+            spm["tokenizer.ggml.token_type"], np.int32(3)
+        ).astype(np.int32),
+        "tokenizer.ggml.scores": np.append(spm["tokenizer.ggml.scores"], np.float32(0)),
+        "tokenizer.ggml.add_space_prefix": False,
+    }
+    overrides = {**GEMMA3, "max_position_embeddings": 131072, "rope_scaling": None}
+    config = tiny_config("gemma3_text", vocab_size=vocab, **overrides)
+    config["rope_theta"], config["rope_local_base_freq"] = 500000.0, 20000.0
+    weights = {k: np.array(v) for k, v in random_weights(config, seed=5).items()}
+    tensors = {}
+    for name, array in weights.items():
+        gguf = gw.gguf_name(name, "gemma3")
+        tensors[gguf] = (array + 1.0 if gguf.endswith("norm.weight") else array, "F32")
+    tensors["v.blk.0.attn_q.weight"] = (np.zeros((32, 32), np.float32), "F32")
+    tensors["mm.mm_input_projection.weight"] = (np.zeros((32, 64), np.float32), "F32")
+    meta = gw.model_metadata(config)
+    for key in ("attention.layer_norm_rms_epsilon", "rope.freq_base", "rope.scaling.type"):
+        meta.pop(f"gemma3.{key}", None)
+    pattern = [(i + 1) % 3 != 0 for i in range(6)]  # one global layer in three
+    meta |= {
+        "gemma3.attention.sliding_window_pattern": pattern,
+        "gemma3.rope.global.freq_base": 500000.0,
+        "gemma3.rope.local.freq_base": 20000.0,
+        "gemma3.vision.block_count": 1,
+    }
+    path = tmp_path / "ollama.gguf"
+    gw.write_gguf(path, {**meta, **tokenizer}, tensors)
+
+    contents = read_gguf(path)
+    assert contents.config["rope_scaling"] == {"type": "linear", "factor": 8.0}
+    assert contents.config["layer_types"][2] == "full_attention"
+    assert not any(k.startswith(("v.", "mm.", "vision")) for k in contents.weights)
+    ours = load_model(path, execution="dense")
+    assert ours.tokenizer.vocab_size == vocab
+    module = importlib.import_module("mlx_lm.models.gemma3_text")
+    ref_config = {
+        **config,
+        "rms_norm_eps": 1e-6,
+        "rope_scaling": {"type": "linear", "factor": 8.0},
+        "sliding_window_pattern": 3,
+    }
+    ref = module.Model(module.ModelArgs.from_dict(ref_config))
+    ref.load_weights(list(ref.sanitize({k: mx.array(v) for k, v in weights.items()}).items()))
+    x = _ids(20, seed=6) % vocab
+    assert _diff(ours.model(x), ref(x)) <= 1e-4

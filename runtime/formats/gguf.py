@@ -227,6 +227,21 @@ def _rope_factors(
     return out
 
 
+_VISION_PREFIXES = ("v.", "mm.")
+_VOCAB_ARRAYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.scores")
+
+
+def _text_vocabulary(metadata: dict[str, Any], rows: int) -> dict[str, Any]:
+    """The tokenizer arrays cut to the embedding's rows: Ollama's Gemma 3 files list image
+    tokens past the text model's vocabulary."""
+    out = dict(metadata)
+    for key in _VOCAB_ARRAYS:
+        value = out.get(key)
+        if isinstance(value, list) and len(value) > rows:
+            out[key] = value[:rows]
+    return out
+
+
 def read_gguf(path: Path) -> GGUFContents:
     """Read a GGUF file of a ``SUPPORTED_ARCHITECTURES`` model; every failure is a
     ``ModelLoadError`` naming the file."""
@@ -252,11 +267,15 @@ def _read(path: Path, data: mmap.mmap) -> GGUFContents:
             "(llama-gguf-split --merge)"
         )
     infos = {i.name: i for i in info_list if i.name not in FACTOR_TENSORS}  # names are unique
+    text_only = metadata.get("general.architecture") == "gemma3"
+    if text_only:  # Ollama's Gemma 3 files carry the vision model too: only its text is run
+        infos = {k: v for k, v in infos.items() if not k.startswith(_VISION_PREFIXES)}
     rope_factors = _rope_factors(path, info_list, data, start)
     config = arch_config(path, metadata, infos, rope_factors)
     _check_tensor_set(path, config, infos)
+    vocab_meta = _text_vocabulary(metadata, config["vocab_size"]) if text_only else metadata
     tokenizer_json, tokenizer_config, special = build_tokenizer(
-        path, metadata, config["vocab_size"]
+        path, vocab_meta, config["vocab_size"]
     )
     config |= special
     weights, bits = _load_tensors(path, data, start, config, infos)

@@ -72,7 +72,9 @@ def arch_config(
         "num_attention_heads": heads,
         "num_key_value_heads": get("attention.head_count_kv", heads),
         "head_dim": head_dim,
-        "rms_norm_eps": _short_float(get("attention.layer_norm_rms_epsilon", kind=float)),
+        "rms_norm_eps": _short_float(
+            get("attention.layer_norm_rms_epsilon", _RMS_EPS.get(arch), kind=float)
+        ),
         "rope_theta": _short_float(get("rope.freq_base", _ROPE_BASE[arch], kind=float)),
         "max_position_embeddings": get("context_length"),
         "vocab_size": embed.shape[0],
@@ -100,7 +102,7 @@ def arch_config(
         _phi3(path, config, get, factors, rope_dims)
         scaling = "none"  # longrope comes from the factor tensors, not from this key
     if arch == "gemma3":
-        _gemma3(config, get)
+        _gemma3(path, config, meta, get)
     if scaling == "linear":
         config["rope_scaling"] = {
             "type": "linear",
@@ -126,13 +128,37 @@ _HF_CLASSES = {
 }
 _MODEL_TYPES = {"gemma3": "gemma3_text"}  # HF's name for Gemma 3's text-only model
 _ROPE_BASE = {"llama": 10000.0, "qwen2": 1e6, "qwen3": 1e6, "gemma3": 1e6, "phi3": 10000.0}
+_RMS_EPS = {"gemma3": 1e-6}  # where the metadata may leave it out
 _GEMMA3_27B_LAYERS = 62
 
 
-def _gemma3(config: dict[str, Any], get: Any) -> None:
+def _gemma3(path: Path, config: dict[str, Any], meta: dict[str, Any], get: Any) -> None:
+    """Gemma 3's keys as llama.cpp and Ollama write them (Ollama's older files leave out the
+    norm epsilon, name the RoPE bases differently and drop the 4B+ models' linear x8 RoPE
+    scaling, which their 128K context gives away)."""
+
+    def has(key: str) -> bool:
+        return f"gemma3.{key}" in meta
+
     config["sliding_window"] = get("attention.sliding_window")
-    config["sliding_window_pattern"] = 6
-    config["rope_local_base_freq"] = 10000.0
+    pattern = meta.get("gemma3.attention.sliding_window_pattern", 6)
+    if isinstance(pattern, list):  # one flag per layer: True slides
+        if len(pattern) != config["num_hidden_layers"] or not all(
+            isinstance(p, bool) for p in pattern
+        ):
+            raise ModelLoadError(
+                f"{path}: metadata gemma3.attention.sliding_window_pattern is not one flag "
+                "per layer"
+            )
+        config["layer_types"] = ["sliding_attention" if p else "full_attention" for p in pattern]
+    else:
+        config["sliding_window_pattern"] = get("attention.sliding_window_pattern", 6)
+    global_base = "rope.global.freq_base" if has("rope.global.freq_base") else "rope.freq_base"
+    config["rope_theta"] = _short_float(get(global_base, 1e6, kind=float))
+    local_base = "rope.local.freq_base" if has("rope.local.freq_base") else "rope.freq_base_swa"
+    config["rope_local_base_freq"] = _short_float(get(local_base, 10000.0, kind=float))
+    if not has("rope.scaling.type") and config["max_position_embeddings"] >= 131072:
+        config["rope_scaling"] = {"type": "linear", "factor": 8.0}
     hidden, heads = config["hidden_size"], config["num_attention_heads"]
     big = config["num_hidden_layers"] == _GEMMA3_27B_LAYERS
     config["query_pre_attn_scalar"] = hidden // heads if big else config["head_dim"]

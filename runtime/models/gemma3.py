@@ -4,7 +4,8 @@ Differences from Llama: embeddings scaled by ``sqrt(hidden_size)``; RMS norms th
 ``1 + weight``, four per layer (before and after attention and MLP) plus one on each query and
 key head; a GELU-gated MLP; attention scaled by ``query_pre_attn_scalar``; and five of every
 six layers (``sliding_window_pattern``) attending to a sliding window with their own RoPE base
-(``rope_local_base_freq``, no scaling), the others globally.
+(``rope_local_base_freq``, no scaling), the others globally; newer configs list each layer's
+kind in ``layer_types`` instead.
 
 A ``gemma3`` (vision + text) config nests the text config under ``text_config`` and its
 checkpoint prefixes the text tensors with ``language_model.``; ``ModelArgs.from_dict`` and
@@ -45,6 +46,9 @@ class ModelArgs:
     query_pre_attn_scalar: float = 256
     sliding_window: int = 4096
     sliding_window_pattern: int = 6
+    layer_types: tuple[str, ...] | None = attrs.field(
+        default=None, converter=attrs.converters.optional(tuple)
+    )
     max_position_embeddings: int = 131072
     tie_word_embeddings: bool = True
 
@@ -68,6 +72,8 @@ class ModelArgs:
         return self.head_dim
 
     def is_sliding(self, layer: int) -> bool:
+        if self.layer_types is not None and layer < len(self.layer_types):
+            return self.layer_types[layer] == "sliding_attention"
         return (layer + 1) % self.sliding_window_pattern != 0
 
 
