@@ -8,6 +8,7 @@ Phi-3's rotates three quarters of each head with longrope scaling.
 from __future__ import annotations
 
 import importlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from runtime.errors import ModelLoadError
 from runtime.formats.safetensors import TensorSet
 from runtime.models import architecture
 from runtime.models.common import Span, SpanLayout
+from runtime.models.description import describe
 from runtime.models.loader import LoadedModel, build_model, load_model
 from runtime.testing.models import make_tiny_folder, random_weights, tiny_config
 
@@ -275,3 +277,26 @@ def test_unsupported_model_type_is_named_with_the_supported_ones(tmp_path: Path)
     assert "'gemma2'" in message
     for name in ("gemma3", "gemma3_text", "llama", "mistral", "ministral", "phi3", "qwen3"):
         assert name in message
+
+
+def test_gemma3_vision_folder_loads_and_is_described_by_its_text_model(tmp_path: Path) -> None:
+    folder = make_tiny_folder(tmp_path / "g", "gemma3_text")
+    text = json.loads((folder / "config.json").read_text())
+    weights = mx.load(str(folder / "model.safetensors"))
+    assert isinstance(weights, dict)
+    want = load_model(folder, execution="dense").model(_tokens(12) % text["vocab_size"])
+    nested = {f"language_model.{k}": v for k, v in weights.items()}
+    nested["vision_tower.vision_model.post_layernorm.weight"] = mx.ones((8,))
+    mx.save_safetensors(str(folder / "model.safetensors"), nested)
+    config = {
+        "model_type": "gemma3",
+        "architectures": ["Gemma3ForConditionalGeneration"],
+        "text_config": {**text, "model_type": "gemma3_text"},
+        "vision_config": {"hidden_size": 8},
+    }
+    (folder / "config.json").write_text(json.dumps(config))
+    loaded = load_model(folder, execution="dense")
+    assert _diff(loaded.model(_tokens(12) % text["vocab_size"]), want) <= TOL
+    assert loaded.context_length == 256
+    shown = describe(folder)
+    assert (shown.context_length, shown.embedding_length) == (256, 64)

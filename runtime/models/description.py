@@ -42,13 +42,16 @@ def describe(source: str | Path, *, store: Store | None = None) -> ModelDescript
     checkpoint = open_checkpoint(source, store=store)
     files, config = checkpoint.files, checkpoint.config
     architectures = config.get("architectures") or [config.get("model_type", "?")]
+    # A vision model's config (gemma3) nests the text model's sizes.
+    nested = config.get("text_config")
+    text: dict[str, Any] = nested if isinstance(nested, dict) else config
     return ModelDescription(
         name=files.name,
         architecture=str(architectures[0]),
         model_type=str(config.get("model_type", "?")),
         parameters=checkpoint.parameters,
-        context_length=int(config.get("max_position_embeddings", 0) or 0),
-        embedding_length=int(config.get("hidden_size", 0) or 0),
+        context_length=int(text.get("max_position_embeddings", 0) or 0),
+        embedding_length=int(text.get("hidden_size", 0) or 0),
         quantization=checkpoint.quantization,
         template=configured_template(files.tokenizer_config),
         sampling_defaults=files.sampling_defaults,
