@@ -169,7 +169,7 @@ def test_batch_layout_steps_past_the_window_equal_solo_logits(model_type: str) -
     """The engine's three kinds of step, each crossing the window of 8: prefill only, decode
     beside a prefill chunk (one row dummy), and ragged decode rows; logits against solo runs."""
     ours, _ = _pair(model_type)
-    a, b = _tokens(14, seed=6)[0], _tokens(10, seed=7)[0]
+    a, b = _tokens(14, seed=6)[0], _tokens(14, seed=7)[0]
     cache = BatchKVCache(ours.num_layers)
 
     def step(tokens: mx.array, **kw: Any) -> mx.array:
@@ -182,26 +182,26 @@ def test_batch_layout_steps_past_the_window_equal_solo_logits(model_type: str) -
         return ours(x[None])[0, -1]
 
     first = step(
-        mx.concatenate([a[:12], b[:5]]),
+        mx.concatenate([a[:12], b[:9]]),
         lengths=None,
         prefill=[
             PrefillChunk(start=0, length=12, row=0, offset=0),
-            PrefillChunk(start=12, length=5, row=1, offset=0),
+            PrefillChunk(start=12, length=9, row=1, offset=0),
         ],
     )
     assert _diff(first[11], solo(a[:12])) <= TOL
-    assert _diff(first[16], solo(b[:5])) <= TOL
-    mixed = step(
-        mx.concatenate([a[12:13], b[5:6], b[5:10]]),  # row 1's decode token is a dummy
-        lengths=[12, 5],
+    assert _diff(first[20], solo(b[:9])) <= TOL
+    mixed = step(  # row 1's chunk starts past the window: its first keys are not read
+        mx.concatenate([a[12:13], b[9:10], b[9:14]]),  # row 1's decode token is a dummy
+        lengths=[12, 9],
         decoding=[0],
-        prefill=[PrefillChunk(start=2, length=5, row=1, offset=5)],
+        prefill=[PrefillChunk(start=2, length=5, row=1, offset=9)],
     )
     assert _diff(mixed[0], solo(a[:13])) <= TOL
-    assert _diff(mixed[6], solo(b[:10])) <= TOL
-    decode = step(mx.stack([a[13], b[0]]), lengths=[13, 10], decoding=[0, 1], prefill=[])
+    assert _diff(mixed[6], solo(b[:14])) <= TOL
+    decode = step(mx.stack([a[13], b[0]]), lengths=[13, 14], decoding=[0, 1], prefill=[])
     assert _diff(decode[0], solo(a[:14])) <= TOL
-    assert _diff(decode[1], solo(mx.concatenate([b[:10], b[:1]]))) <= TOL
+    assert _diff(decode[1], solo(mx.concatenate([b[:14], b[:1]]))) <= TOL
 
 
 @pytest.fixture(scope="module", params=ARCHS)

@@ -52,10 +52,16 @@ def _within(layout: Any, layer: int, window: int) -> bool:
     return layout.span <= window and all(c.offset + c.length <= window for c in layout.prefill)
 
 
+def first_seen(offset: int, window: int) -> int:
+    """The first position the query at ``offset`` sees: keys before it need not be read."""
+    return max(0, offset + 1 - window)
+
+
 def causal_window_mask(offset: int, length: int, window: int) -> mx.array:
-    """``[length, offset + length]``: query ``offset + i`` sees keys ``j`` in its window."""
+    """``[length, keys]``: query ``offset + i`` sees key ``first + j`` in its window, for the
+    keys from ``first_seen(offset, window)`` to ``offset + length``."""
     queries = mx.arange(offset, offset + length)[:, None]
-    keys = mx.arange(offset + length)[None]
+    keys = mx.arange(first_seen(offset, window), offset + length)[None]
     return (queries >= keys) & (queries < keys + window)
 
 
@@ -80,6 +86,8 @@ def _spans(
         offset = cache.offset
         q, k = rope(q, offset), rope(k, offset)
         k, v = cache.update_and_fetch(k, v)
+        first = first_seen(offset, w)
+        k, v = k[:, :, first:], v[:, :, first:]
         mask = causal_window_mask(offset, span.length, w)
         outputs.append(mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask))
     out = outputs[0] if len(outputs) == 1 else mx.concatenate(outputs, axis=2)
@@ -120,10 +128,11 @@ def _batch(
         k_all[row : row + 1, :, chunk.offset : stop] = k
         v_all[row : row + 1, :, chunk.offset : stop] = values[:, :, chunk.start : end]
         cache.keys[layer], cache.values[layer] = k_all, v_all
+        first = first_seen(chunk.offset, w)
         out = mx.fast.scaled_dot_product_attention(
             q,
-            k_all[row : row + 1, :, :stop],
-            v_all[row : row + 1, :, :stop],
+            k_all[row : row + 1, :, first:stop],
+            v_all[row : row + 1, :, first:stop],
             scale=scale,
             mask=causal_window_mask(chunk.offset, chunk.length, w),
         )
