@@ -186,3 +186,36 @@ def test_ollama_gemma3_file_runs_its_text_model(tmp_path: Path) -> None:
     ref.load_weights(list(ref.sanitize({k: mx.array(v) for k, v in weights.items()}).items()))
     x = _ids(20, seed=6) % vocab
     assert _diff(ours.model(x), ref(x)) <= 1e-4
+
+
+def test_phi3_file_without_scaling_as_ollama_writes_it(tmp_path: Path) -> None:
+    """Ollama's converter: empty factor tensors and zeros for what the HF config leaves out."""
+    config, weights = _model("phi3")
+    config = {**config, "rope_scaling": None, "partial_rotary_factor": 1.0}
+    config.pop("sliding_window")
+    meta = {"phi3.attention.sliding_window": 0, "phi3.rope.scaling.original_context_length": 0}
+    empty = np.zeros(0, np.float32)
+    factors = {
+        "rope_factors_long.weight": (empty, "F32"),
+        "rope_factors_short.weight": (empty, "F32"),
+    }
+    path = tmp_path / "p.gguf"
+    gw.write_model_gguf(
+        path,
+        config,
+        weights,
+        GPT2_TOKENS,
+        types=lambda _: "F32",
+        extra_metadata=meta,
+        extra_tensors=factors,
+    )
+    got = read_gguf(path).config
+    assert "rope_scaling" not in got
+    assert "sliding_window" not in got
+    assert got["original_max_position_embeddings"] == got["max_position_embeddings"]
+    ours = load_model(path, execution="dense").model
+    module = importlib.import_module("mlx_lm.models.phi3")
+    ref = module.Model(module.ModelArgs.from_dict(config))
+    ref.load_weights([(k, mx.array(v)) for k, v in weights.items()])
+    x = _ids(12)
+    assert _diff(ours(x), ref(x)) <= 1e-4

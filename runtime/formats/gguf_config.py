@@ -97,9 +97,7 @@ def arch_config(
         config["partial_rotary_factor"] = rope_dims / head_dim
     scaling = meta.get(f"{arch}.rope.scaling.type", "none")
     if arch == "phi3":
-        if f"{arch}.attention.sliding_window" in meta:
-            config["sliding_window"] = get("attention.sliding_window")
-        _phi3(path, config, get, factors, rope_dims)
+        _phi3(path, config, meta, get, factors, rope_dims)
         scaling = "none"  # longrope comes from the factor tensors, not from this key
     if arch == "gemma3":
         _gemma3(path, config, meta, get)
@@ -165,13 +163,27 @@ def _gemma3(path: Path, config: dict[str, Any], meta: dict[str, Any], get: Any) 
 
 
 def _phi3(
-    path: Path, config: dict[str, Any], get: Any, factors: dict[str, np.ndarray], rope_dims: int
+    path: Path,
+    config: dict[str, Any],
+    meta: dict[str, Any],
+    get: Any,
+    factors: dict[str, np.ndarray],
+    rope_dims: int,
 ) -> None:
-    config["original_max_position_embeddings"] = get(
-        "rope.scaling.original_context_length", config["max_position_embeddings"]
-    )
+    """Phi-3's keys and longrope factor tensors. Ollama's converter writes a 0 where the HF
+    config has no value (window, original context) and empty factor tensors where it has no
+    RoPE scaling: each means "none"."""
+
+    def optional(key: str) -> Any:
+        return get(key) if meta.get(f"phi3.{key}") not in (None, 0) else None
+
+    window = optional("attention.sliding_window")
+    if window is not None:
+        config["sliding_window"] = window
+    original = optional("rope.scaling.original_context_length")
+    config["original_max_position_embeddings"] = original or config["max_position_embeddings"]
     long, short = factors.get("rope_factors_long.weight"), factors.get("rope_factors_short.weight")
-    if long is None:
+    if long is None or long.size == 0:
         return
     n = rope_dims // 2
     for name, f in (("long", long), ("short", short if short is not None else long)):
