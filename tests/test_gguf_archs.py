@@ -219,3 +219,13 @@ def test_phi3_file_without_scaling_as_ollama_writes_it(tmp_path: Path) -> None:
     ref.load_weights([(k, mx.array(v)) for k, v in weights.items()])
     x = _ids(12)
     assert _diff(ours(x), ref(x)) <= 1e-4
+
+
+def test_gemma3_27b_attention_scale_is_width_over_heads(tmp_path: Path) -> None:
+    """llama.cpp keys Gemma 3 27B's scale (hidden / heads, not head_dim) on its 62 layers."""
+    config = tiny_config("gemma3_text", vocab_size=VOCAB, num_hidden_layers=62, hidden_size=32)
+    weights = {k: np.array(v) for k, v in random_weights(config).items()}
+    path = tmp_path / "g.gguf"
+    gw.write_model_gguf(path, config, weights, GPT2_TOKENS, types=lambda _: "F32")
+    got = read_gguf(path).config
+    assert (got["head_dim"], got["query_pre_attn_scalar"]) == (32, 8)
