@@ -29,8 +29,9 @@ from runtime.models.description import describe
 from runtime.models.loader import LoadedModel, build_model, load_model
 from runtime.testing.models import make_tiny_folder, random_weights, tiny_config
 
-ARCHS = ["gemma3_text", "phi3", "mistral"]
+ARCHS = ["gemma3_text", "phi3", "mistral", "ministral3"]
 REFERENCE = {"gemma3_text": "gemma3_text", "phi3": "phi3", "mistral": "llama"}
+REFERENCE["ministral3"] = "ministral3"
 TOL = 1e-4
 GREEDY = SamplingOptions(temperature=0.0, repeat_penalty=1.0)
 
@@ -300,3 +301,33 @@ def test_gemma3_vision_folder_loads_and_is_described_by_its_text_model(tmp_path:
     assert loaded.context_length == 256
     shown = describe(folder)
     assert (shown.context_length, shown.embedding_length) == (256, 64)
+
+
+def test_ministral3_serves_its_original_context_where_the_query_scale_is_one(
+    tmp_path: Path,
+) -> None:
+    folder = make_tiny_folder(tmp_path / "m", "ministral3")
+    assert load_model(folder, execution="dense").context_length == 128
+    unscaled = {**tiny_config("ministral3"), "rope_parameters": {"rope_theta": 1e6}}
+    assert architecture(unscaled).ModelArgs.from_dict(unscaled).max_position_embeddings == 2048
+
+
+def test_mistral3_vision_config_loads_its_text_part() -> None:
+    text = tiny_config("ministral3")
+    weights = random_weights(text, seed=6)
+    config = {"model_type": "mistral3", "text_config": text, "vision_config": {}}
+    nested = {f"language_model.{k}": v for k, v in weights.items()}
+    nested["vision_tower.transformer.ln.weight"] = mx.zeros((4,))
+    nested["multi_modal_projector.linear_1.weight"] = mx.zeros((4, 4))
+    ours = _ours(config, nested)
+    ref_module = importlib.import_module("mlx_lm.models.mistral3")
+    ref = ref_module.Model(ref_module.ModelArgs.from_dict(config))
+    ref.load_weights(list(ref.sanitize(dict(nested)).items()))
+    x = _tokens(20)
+    assert _diff(ours(x), ref(x)) <= TOL
+
+
+def test_mistral3_with_another_text_model_is_named() -> None:
+    config = {"model_type": "mistral3", "text_config": {"model_type": "mistral4"}}
+    with pytest.raises(ModelLoadError, match="'mistral4'"):
+        architecture(config).ModelArgs.from_dict(config)

@@ -36,7 +36,7 @@ class Span:
 
 class Rope(nn.Module):
     """Rotary embedding with the scalings the supported checkpoints use (none, linear, llama3,
-    and Phi-3's ``longrope``/``su``).
+    yarn, and Phi-3's ``longrope``/``su``).
 
     ``dims`` may be less than the head size (partial rotary embeddings): only the first ``dims``
     features of each head rotate. ``longrope`` is applied as mlx-lm applies it: always with the
@@ -65,6 +65,9 @@ class Rope(nn.Module):
             self.scale = 1.0 / float(scaling["factor"])  # type: ignore[index]
         elif kind == "llama3":
             self._freqs = _llama3_freqs(dims, base, scaling or {}, max_position_embeddings)
+            self.base = None
+        elif kind == "yarn":
+            self._freqs, self.mscale = _yarn(dims, base, scaling or {})
             self.base = None
         elif kind in ("longrope", "su"):
             self._freqs, self.mscale = _longrope(dims, base, scaling or {}, max_position_embeddings)
@@ -114,6 +117,35 @@ def _longrope(dims: int, base: float, cfg: dict[str, Any], max_pos: int) -> tupl
         1.0 if extension <= 1.0 else math.sqrt(1 + math.log(extension) / math.log(original))
     )
     return mx.array(long_factor, dtype=mx.float32) * freqs, float(mscale)
+
+
+def _yarn(dims: int, base: float, cfg: dict[str, Any]) -> tuple[mx.array, float]:
+    """YaRN: frequencies between ``beta_fast`` and ``beta_slow`` rotations over the original
+    context blend from extrapolated to interpolated (divided by ``factor``)."""
+    factor = float(cfg["factor"])
+    original = float(cfg.get("original_max_position_embeddings", 4096))
+    beta_fast, beta_slow = float(cfg.get("beta_fast", 32)), float(cfg.get("beta_slow", 1))
+
+    def correction_dim(rotations: float) -> float:
+        return dims * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low = float(max(math.floor(correction_dim(beta_fast)), 0))
+    high = float(min(math.ceil(correction_dim(beta_slow)), dims - 1))
+    if low == high:
+        high += 0.001  # a ramp of one step
+    ramp = mx.clip((mx.arange(dims // 2, dtype=mx.float32) - low) / (high - low), 0, 1)
+    extrapolated = base ** (mx.arange(0, dims, 2, dtype=mx.float32) / dims)
+    interpolated = factor * extrapolated
+    keep = 1.0 - ramp
+    freqs = interpolated * extrapolated / (interpolated * keep + extrapolated * ramp)
+
+    def attention_factor(m: float) -> float:
+        return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
+
+    mscale = attention_factor(float(cfg.get("mscale", 1))) / attention_factor(
+        float(cfg.get("mscale_all_dim", 0))
+    )
+    return freqs, mscale
 
 
 class Layout(Protocol):

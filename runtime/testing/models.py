@@ -106,6 +106,31 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
         "max_position_embeddings": 256,
         "tie_word_embeddings": False,
     },
+    # YaRN RoPE; served up to the original context (128), where the llama 4 scaling is 1.
+    "ministral3": {
+        "model_type": "ministral3",
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "intermediate_size": 128,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "rms_norm_eps": 1e-5,
+        "max_position_embeddings": 2048,
+        "rope_parameters": {
+            "rope_type": "yarn",
+            "type": "yarn",
+            "rope_theta": 1000000.0,
+            "factor": 16.0,
+            "original_max_position_embeddings": 128,
+            "beta_fast": 32.0,
+            "beta_slow": 1.0,
+            "mscale": 1.0,
+            "mscale_all_dim": 1.0,
+            "llama_4_scaling_beta": 0.1,
+        },
+        "tie_word_embeddings": True,
+    },
 }
 
 
