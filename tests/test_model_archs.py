@@ -27,6 +27,7 @@ from runtime.models import architecture
 from runtime.models.common import Span, SpanLayout
 from runtime.models.description import describe
 from runtime.models.loader import LoadedModel, build_model, load_model
+from runtime.models.projections import fuse_projections
 from runtime.testing.models import make_tiny_folder, random_weights, tiny_config
 
 ARCHS = ["gemma3_text", "phi3", "mistral", "ministral3"]
@@ -331,3 +332,15 @@ def test_mistral3_with_another_text_model_is_named() -> None:
     config = {"model_type": "mistral3", "text_config": {"model_type": "mistral4"}}
     with pytest.raises(ModelLoadError, match="'mistral4'"):
         architecture(config).ModelArgs.from_dict(config)
+
+
+@pytest.mark.parametrize("model_type", ARCHS)
+def test_fused_projections_give_the_same_logits(model_type: str) -> None:
+    """The engine fuses Q/K/V and gate/up on CUDA (``runtime.models.projections``); the
+    models call them through ``qkv``/``gate_up``. Phi-3's checkpoints come fused already."""
+    ours, _ = _pair(model_type)
+    x = _tokens(20)
+    want = ours(x)
+    fused = fuse_projections(ours)
+    assert fused == (0 if model_type == "phi3" else 2 * ours.num_layers)
+    assert _diff(ours(x), want) <= TOL

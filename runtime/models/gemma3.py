@@ -188,6 +188,8 @@ class Gemma3Model(nn.Module):
 
 
 class Model(nn.Module):
+    FUSABLE_PROJECTIONS = True  # its layers project through ``qkv`` and ``gate_up``
+
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
         self.args = args
