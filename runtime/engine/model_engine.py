@@ -25,66 +25,18 @@ import gc
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-import attrs
 import mlx.core as mx
 
 from runtime.engine.batch_cache import STEP, BatchKVCache, BatchLayout, PrefillChunk, round_up
 from runtime.engine.batch_sampler import BatchSampler, batch_logprobs
 from runtime.engine.embedding import config_pooling, embed_tokens
-from runtime.engine.protocol import (
-    EngineStats,
-    FinishReason,
-    SequenceRequest,
-    StepAbort,
-    TokenEvent,
-    TokenLogprob,
-)
+from runtime.engine.protocol import EngineStats, SequenceRequest, StepAbort, TokenEvent
+from runtime.engine.rows import NO_ROWS, Forward, Prefix, Row, read_events
 from runtime.errors import OptionsError, PromptError, PromptTooLongError
 from runtime.models.projections import fuse_projections, projections_fused
 
 if TYPE_CHECKING:
     from runtime.models.loader import LoadedModel
-
-Prefix = list[tuple[mx.array, mx.array]]
-
-
-@attrs.define(eq=False)
-class _Row:
-    request: SequenceRequest
-    index: int
-    pending: list[int]  # prompt tokens not yet dispatched
-    length: int = 0  # positions written by dispatched forwards
-    sampled: int = 0  # tokens sampled by dispatched forwards
-    reported: int = 0  # tokens read back and reported
-    last: int | None = None  # the last token read back
-    finished: bool = False
-    paused: bool = False  # its reader lags: fed nothing until unpaused
-    sharing: _Row | None = None  # the sibling whose computed prompt it waits to copy
-
-    @property
-    def prompt_len(self) -> int:
-        return len(self.request.prompt)
-
-    def fed_next(self, context: int) -> bool:
-        """Whether the next forward feeds this row's last sampled token."""
-        if self.finished or self.paused or self.pending or self.sampled == 0:
-            return False
-        return self.sampled < self.request.max_tokens and self.prompt_len + self.sampled < context
-
-
-# The rows of a forward: those fed a decode token, and prefill chunks (row, tokens).
-_Plan = tuple[Sequence[_Row], Sequence[tuple[_Row, int]]]
-_NO_ROWS: _Plan = ((), ())
-
-
-@attrs.frozen(eq=False)
-class _Forward:
-    """A dispatched forward pass whose samples have not been read back yet."""
-
-    rows: tuple[_Row, ...]  # the rows sampled, in the order of ``tokens``
-    tokens: mx.array  # [S] int32
-    prefilled: dict[int, int]  # row index -> prompt tokens this forward computed
-    logprobs: tuple[mx.array, mx.array, mx.array] | None
 
 
 class ModelEngine:
@@ -110,11 +62,11 @@ class ModelEngine:
         self._vocab = int(loaded.model.args.vocab_size)
         self._cache = BatchKVCache(self.model.num_layers)
         self._sampler = BatchSampler(vocab_size=self._vocab, context_length=self._context)
-        self._rows: list[_Row | None] = []
-        self._by_id: dict[int, _Row] = {}
+        self._rows: list[Row | None] = []
+        self._by_id: dict[int, Row] = {}
         self._positions = 0  # cache capacity in positions (grows; reset when empty)
-        self._inflight: _Forward | None = None
-        self._reading, self._dispatching = _NO_ROWS, _NO_ROWS  # see ``step``
+        self._inflight: Forward | None = None
+        self._reading, self._dispatching = NO_ROWS, NO_ROWS  # see ``step``
         self._evaluating = False
         self._prefixes: dict[int, tuple[Prefix, int]] = {}
         self._prefix_bytes = 0  # kept as a total: summing every entry's arrays per step showed
@@ -159,7 +111,7 @@ class ModelEngine:
         index = next((i for i, r in enumerate(self._rows) if r is None), len(self._rows))
         if index == len(self._rows):
             self._rows.append(None)
-        row = _Row(request=request, index=index, pending=list(request.prompt))
+        row = Row(request=request, index=index, pending=list(request.prompt))
         reuse = request.reuse
         if reuse is not None and reuse.entry_id in self._prefixes:
             prefix, stored = self._prefixes[reuse.entry_id]
@@ -209,7 +161,7 @@ class ModelEngine:
         # still in flight only holds rows that are gone, so its results are dropped).
         if not self._by_id:
             self._inflight = None
-            self._reading = self._dispatching = _NO_ROWS
+            self._reading = self._dispatching = NO_ROWS
             self._cache.clear()
             self._rows.clear()
             self._positions = 0
@@ -271,7 +223,7 @@ class ModelEngine:
         previous, self._inflight = self._inflight, None
         # For ``abort_step``, should this step fail: the rows of the forward it reads back and
         # of the one it starts (``_dispatch`` records them), and whether MLX was evaluating.
-        self._reading, self._dispatching = self._dispatching, _NO_ROWS
+        self._reading, self._dispatching = self._dispatching, NO_ROWS
         self._evaluating = False
         self._inflight = self._dispatch(previous)
         self._evaluating = True
@@ -282,7 +234,7 @@ class ModelEngine:
     def _grow(self, positions: int) -> None:
         self._positions = max(self._positions, round_up(positions, STEP))
 
-    def _share_prompts(self, live: Sequence[_Row]) -> None:
+    def _share_prompts(self, live: Sequence[Row]) -> None:
         """Rows waiting on a sibling whose prompt is now dispatched copy its positions but the
         last (which they compute, to sample their own first token); a sibling gone or cut
         before its prompt was computed leaves them to compute theirs."""
@@ -305,11 +257,11 @@ class ModelEngine:
             row.length = n
             del row.pending[:n]
 
-    def _dispatch(self, previous: _Forward | None) -> _Forward | None:
+    def _dispatch(self, previous: Forward | None) -> Forward | None:
         live = [r for r in self._rows if r is not None]
         self._share_prompts(live)
         fed = [r for r in live if r.fed_next(self._context)]
-        chunks: list[tuple[_Row, int]] = []
+        chunks: list[tuple[Row, int]] = []
         budget = self.prefill_chunk
         waiting = (r for r in live if r.pending and r.sharing is None)
         for row in sorted(waiting, key=lambda r: r.request.seq_id):
@@ -348,7 +300,7 @@ class ModelEngine:
             tokens_in = inputs[0] if len(inputs) == 1 else mx.concatenate(inputs)
             hidden = self.model.hidden(tokens_in[None], layout)[0]
         # Rows that sample: every fed decode row, and every prompt this forward completes.
-        sampled_rows: list[_Row] = list(fed)
+        sampled_rows: list[Row] = list(fed)
         picks = [r.index for r in fed]
         for (row, n), chunk in zip(chunks, prefill, strict=True):
             if n == len(row.pending):
@@ -377,9 +329,9 @@ class ModelEngine:
                 lp = batch_logprobs(self._sampler.biased(logits, indices), tokens, top)
         self._evaluating = True
         mx.async_eval(tokens, *(lp or ()), *self._cache.arrays)
-        return _Forward(rows=tuple(sampled_rows), tokens=tokens, prefilled=prefilled, logprobs=lp)
+        return Forward(rows=tuple(sampled_rows), tokens=tokens, prefilled=prefilled, logprobs=lp)
 
-    def _decode_inputs(self, previous: _Forward | None, capacity_rows: int) -> mx.array:
+    def _decode_inputs(self, previous: Forward | None, capacity_rows: int) -> mx.array:
         """Each row's last sampled token, a dummy for rows that do not decode.
 
         Tokens of ``previous`` are taken lazily (not read yet); a row that did not sample in
@@ -394,49 +346,9 @@ class ModelEngine:
             parts.insert(0, previous.tokens)
         return mx.concatenate(parts)[mx.array(gather)]
 
-    def _collect(self, forward: _Forward) -> list[TokenEvent]:
+    def _collect(self, forward: Forward) -> list[TokenEvent]:
         """Read a forward's samples (the step's one host sync) and turn them into events."""
-        tokens: list[int] = forward.tokens.tolist()  # type: ignore[assignment]
-        lp_rows: tuple[list[float], list[list[int]], list[list[float]]] | None = None
-        if forward.logprobs is not None:
-            chosen, top_ids, top_vals = forward.logprobs
-            lp_rows = (chosen.tolist(), top_ids.tolist(), top_vals.tolist())  # type: ignore[assignment]
-        events: list[TokenEvent] = []
-        sampled_ids = {id(r) for r in forward.rows}
-        for index, n in forward.prefilled.items():
-            row = self._rows[index] if index < len(self._rows) else None
-            if row is None or id(row) in sampled_ids or row.request.seq_id not in self._by_id:
-                continue
-            events.append(TokenEvent(seq_id=row.request.seq_id, token=None, prefilled=n))
-        for i, (row, token) in enumerate(zip(forward.rows, tokens, strict=True)):
-            if row.finished or self._by_id.get(row.request.seq_id) is not row:
-                continue  # already ended (or removed) while this forward ran
-            row.reported += 1
-            row.last = token
-            finish: FinishReason | None = None
-            if token in self._eos:
-                finish = FinishReason.STOP
-            elif row.reported >= row.request.max_tokens or (
-                row.prompt_len + row.reported >= self._context
-            ):
-                finish = FinishReason.LENGTH
-            if finish is not None:
-                row.finished = True
-            logprob = None
-            if lp_rows is not None and row.request.logprobs:
-                k = row.request.top_logprobs
-                top = tuple(zip(lp_rows[1][i][:k], lp_rows[2][i][:k], strict=True))
-                logprob = TokenLogprob(token=token, logprob=lp_rows[0][i], top=top)
-            events.append(
-                TokenEvent(
-                    seq_id=row.request.seq_id,
-                    token=token,
-                    prefilled=forward.prefilled.get(row.index, 0),
-                    logprob=logprob,
-                    finish=finish,
-                )
-            )
-        return events
+        return read_events(forward, self._rows, self._by_id, eos=self._eos, context=self._context)
 
     def abort_step(self) -> StepAbort:
         """``Engine.abort_step``. A failure while MLX evaluated (an allocation, the device)
@@ -450,7 +362,7 @@ class ModelEngine:
         failed = {r.request.seq_id for r in touched if self._by_id.get(r.request.seq_id) is r}
         for seq_id in failed:
             self.remove(seq_id)
-        self._inflight, self._reading, self._dispatching = None, _NO_ROWS, _NO_ROWS
+        self._inflight, self._reading, self._dispatching = None, NO_ROWS, NO_ROWS
         intact = not self._evaluating
         if intact:
             prefixes = [a for prefix, _ in self._prefixes.values() for kv in prefix for a in kv]
