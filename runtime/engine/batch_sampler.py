@@ -7,7 +7,8 @@ one host sync per step materializes it. The order of operations is the per-seque
 ``Sampler``'s (Ollama's): a row's logit bias (OpenAI's ``logit_bias``: a sparse map of token
 id -> value added to its raw logit) -> penalties over the last ``repeat_last_n`` tokens (prompt
 included) -> temperature < 1e-5 is greedy -> top_k -> softmax(logits / temperature) -> typical_p -> top_p
--> min_p -> draw.
+-> min_p -> draw. A row with a grammar (structured output, ``GrammarRows``) has every token its
+grammar forbids set to -inf after its penalties, so whatever it draws keeps to the grammar.
 
 Rows are grouped by the work they need, so a batch pays only for what its rows ask: greedy rows
 take an argmax; rows with a top_k take their k best candidates (a partition split in blocks,
@@ -30,11 +31,16 @@ from __future__ import annotations
 import math
 import secrets
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import mlx.core as mx
 import numpy as np
 
+from runtime.engine.grammar_rows import GrammarRows
 from runtime.engine.options import SamplingOptions
+
+if TYPE_CHECKING:
+    from runtime.text.structured import Constraint
 
 _GREEDY, _TOP_K, _SORTED, _UNSORTED = range(4)
 
@@ -73,6 +79,7 @@ class BatchSampler:
         self._history = mx.zeros((0, 0), dtype=mx.int32)
         # Each biased row's (token ids, values): host arrays, a handful of entries a row.
         self._bias: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._grammars = GrammarRows(vocab_size)
 
     def add(
         self,
@@ -80,11 +87,13 @@ class BatchSampler:
         options: SamplingOptions,
         prompt: Sequence[int],
         logit_bias: Sequence[tuple[int, float]] = (),
+        constraint: Constraint | None = None,
     ) -> None:
         """Row ``row`` (a small int slot index, reused after remove) starts a sequence.
 
         ``logit_bias`` is added to the row's raw logits of those token ids at every step
-        (ids must be in the vocabulary; a repeated id adds up).
+        (ids must be in the vocabulary; a repeated id adds up). With a ``constraint``, the
+        row only draws tokens its grammar allows after the tokens it accepted.
         """
         if row < 0:
             raise ValueError(f"row must be >= 0, got {row}")
@@ -135,6 +144,9 @@ class BatchSampler:
         if bias_ids.size:
             values = np.asarray([b for _, b in logit_bias], dtype=np.float32)
             self._bias[row] = (bias_ids, values)
+        self._grammars.remove(row)
+        if constraint is not None:
+            self._grammars.add(row, constraint)
 
     @property
     def arrays(self) -> list[mx.array]:
@@ -146,6 +158,7 @@ class BatchSampler:
         self._check_rows([row])
         self._rows["active"][row] = False
         self._bias.pop(row, None)
+        self._grammars.remove(row)
 
     def biased(self, logits: mx.array, rows: Sequence[int]) -> mx.array:
         """Lazy ``[R, V]`` float32: raw logits plus each row's logit bias (none: unchanged)."""
@@ -205,7 +218,8 @@ class BatchSampler:
             logits: ``[R, V]`` raw logits (any float dtype); row i belongs to slot ``rows[i]``.
             rows: the slots sampled, each once.
 
-        Applies each row's logit bias and penalties (its own window), greedy below 1e-5 temperature, else its
+        Applies each row's logit bias and penalties (its own window), its grammar's mask
+        (which may read the tokens the row accepted last: see ``GrammarRows``), greedy below 1e-5 temperature, else its
         own top_k/typical_p/top_p/min_p/temperature and a draw that depends only on (the row's
         seed, its draw counter, token id). Advances the draw counter of every sampled row.
         Builds no host sync.
@@ -216,6 +230,8 @@ class BatchSampler:
         if len(idx) == 0:
             return mx.zeros((0,), dtype=mx.int32)
         logits = self.penalized(self.biased(logits, rows), rows)
+        if self._grammars:
+            logits = self._grammars.masked(logits, idx)
         record = self._rows[idx]
         keys = _draw_keys(record["seed"], record["draws"])
         self._rows["draws"][idx] += 1
@@ -240,6 +256,8 @@ class BatchSampler:
             raise ValueError(f"tokens of shape {tokens.shape} for {len(idx)} rows")
         r = self._rows
         r["accepted"][idx] += 1
+        if self._grammars:
+            self._grammars.accept(idx, tokens)
         windowed = np.flatnonzero(r["ring"][idx])
         if windowed.size == 0:
             return
@@ -270,6 +288,8 @@ class BatchSampler:
             start = max(0, r["written"][row] - count - r["window"][row])
             if r["ring"][row] and start < r["high"][row] - r["ring"][row]:
                 raise ValueError(f"row {row} cannot rewind {count} (max_rewind {self.max_rewind})")
+        for row in idx.tolist():
+            self._grammars.rewind(row, count)
         r["draws"][idx] -= count
         r["accepted"][idx] -= count
         r["written"][idx] -= np.where(r["ring"][idx] > 0, count, 0)

@@ -127,7 +127,9 @@ class ModelEngine:
         sibling = self._by_id.get(first) if first is not None else None
         if sibling is not None and row.length == 0 and sibling.request.prompt == request.prompt:
             row.sharing = sibling
-        self._sampler.add(index, request.sampling, request.prompt, request.logit_bias)
+        self._sampler.add(
+            index, request.sampling, request.prompt, request.logit_bias, request.constraint
+        )
         self._rows[index] = row
         self._by_id[request.seq_id] = row
 

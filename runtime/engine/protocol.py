@@ -18,11 +18,14 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import attrs
 
 from runtime.engine.options import SamplingOptions
+
+if TYPE_CHECKING:
+    from runtime.text.structured import Constraint
 
 
 class FinishReason(enum.Enum):
@@ -49,6 +52,9 @@ class SequenceRequest:
     OpenAI's ``n``): this one computes nothing of its prompt until that one's is computed, then
     copies its positions but the last (see ``ModelEngine``); if the sibling is gone first, it
     computes its prompt itself.
+
+    ``constraint`` (structured output) limits every token drawn to those its grammar allows
+    after the tokens drawn before; the sequence starts its own matcher from it.
     """
 
     seq_id: int
@@ -60,6 +66,7 @@ class SequenceRequest:
     logit_bias: tuple[tuple[int, float], ...] = ()
     reuse: PrefixReuse | None = None
     share_prompt_of: int | None = None
+    constraint: Constraint | None = None
 
 
 @attrs.frozen(kw_only=True)

@@ -204,6 +204,11 @@ class Tokenizer:
         found = self._tok.token_to_id(token)
         return int(found) if found is not None else None
 
+    def to_json(self) -> str:
+        """The HF ``tokenizers`` definition (tokenizer.json), for libraries that build their own
+        view of the vocabulary (the structured-output grammar)."""
+        return str(self._tok.to_str())
+
     def detokenizer(self, context: Sequence[int] = ()) -> StreamingDetokenizer:
         return StreamingDetokenizer(self._decode_unchecked, self._check(context))
 
