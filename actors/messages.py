@@ -19,6 +19,7 @@ import trio
 from runtime.engine.options import SamplingOptions
 from runtime.errors import RuntimeInputError
 from runtime.store.profile import ModelProfile
+from runtime.text.structured import OutputFormat
 
 
 class DoneReason(enum.IntEnum):
@@ -121,6 +122,8 @@ class GenerateRequest:
     ``think`` reaches the template as ``enable_thinking`` (``None``: the template's default);
     with ``separate_thinking`` a thinking model's ``<think>`` block goes to ``Chunk.thinking``
     instead of the content (routes that have no field for it leave it in the content).
+    ``format`` (structured output) constrains the reply to JSON matching a schema, by masking
+    the tokens that would leave it at every step; it turns thinking off.
     """
 
     prompt: str | None = None
@@ -134,6 +137,7 @@ class GenerateRequest:
     top_logprobs: int = 0
     think: bool | None = None
     separate_thinking: bool = False
+    format: OutputFormat | None = None
 
 
 @attrs.frozen(kw_only=True)

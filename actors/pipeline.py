@@ -36,6 +36,7 @@ from actors.scheduler import Dropped, EngineFailed, Reply
 from runtime.engine.protocol import FinishReason, TokenEvent
 from runtime.errors import OptionsError, PromptError, PromptTooLongError
 from runtime.text.stops import StopMatcher
+from runtime.text.structured import Constraint, compile_format
 from runtime.text.thinking import (
     ThinkingSplitter,
     prompt_opens_thinking,
@@ -56,6 +57,7 @@ class Prepared:
     context_length: int
     thinking: bool = False  # split the <think> block out of the content
     opens_thinking: bool = False  # the prompt ends inside <think>: the reply starts in it
+    constraint: Constraint | None = None  # the compiled ``request.format``
 
 
 DEFAULT_CONTEXT = 4096
@@ -92,8 +94,17 @@ def prepare(request: GenerateRequest, tokenizer: Tokenizer, model_context: int) 
     if sum(given) != 1:
         raise OptionsError("give exactly one of prompt, messages or tokens")
     thinking = opens_thinking = False
-    if request.think and not supports_thinking(tokenizer.chat_template):
+    can_think = supports_thinking(tokenizer.chat_template)
+    if request.think and not can_think:
         raise OptionsError("this model does not support thinking")
+    think_flag = request.think
+    constraint = None
+    if request.format is not None:
+        # The grammar holds from the first token, where a thinking model would open <think>.
+        if request.think:
+            raise OptionsError("'format' (structured output) cannot be combined with thinking")
+        think_flag = False if can_think else None
+        constraint = compile_format(request.format, tokenizer)
     if request.tokens is not None:
         ids = list(request.tokens)
         if any(not 0 <= t < tokenizer.vocab_size for t in ids):
@@ -110,13 +121,9 @@ def prepare(request: GenerateRequest, tokenizer: Tokenizer, model_context: int) 
         if messages or request.messages is not None:
             if request.system is not None and not any(m["role"] == "system" for m in messages):
                 messages.insert(0, {"role": "system", "content": request.system})
-            think = {} if request.think is None else {"enable_thinking": request.think}
+            think = {} if think_flag is None else {"enable_thinking": think_flag}
             text = tokenizer.apply_chat_template(messages, tools=request.tools, **think)
-            thinking = (
-                request.separate_thinking
-                and request.think is not False
-                and supports_thinking(tokenizer.chat_template)
-            )
+            thinking = request.separate_thinking and think_flag is not False and can_think
             opens_thinking = thinking and prompt_opens_thinking(text)
         else:
             text = (request.system or "") + (request.prompt or "")
@@ -137,6 +144,7 @@ def prepare(request: GenerateRequest, tokenizer: Tokenizer, model_context: int) 
         context_length=context,
         thinking=thinking,
         opens_thinking=opens_thinking,
+        constraint=constraint,
     )
 
 

@@ -267,6 +267,7 @@ class Runner:
                         top_logprobs=request.top_logprobs,
                         logit_bias=request.options.logit_bias,
                         share_prompt_of=submissions[0].request.seq_id if i else None,
+                        constraint=prepared.constraint,
                     ),
                     reply=reply_send,
                 )

@@ -38,6 +38,7 @@ from api.generation import GenerationReader, StreamBody, open_generation
 from api.openapi import GENERATION, JSON, LOADING, NDJSON, UNKNOWN_MODEL, endpoint
 from api.replies import json_reply, whole_reply_size
 from api.schemas import INT32_MAX, generation_options, get_str, get_token_ids
+from api.structured import FORMAT
 
 STREAM = fields.boolean("stream", True)
 
@@ -59,7 +60,7 @@ PROMPT = fields.field(
     required=True,
 )
 MAX_TOKENS = fields.integer("max_tokens", hi=INT32_MAX, description="options.num_predict")
-COMPLETION = fields.body(PROMPT, MAX_TOKENS, OPTIONS, STREAM, LOGPROBS, TOP_LOGPROBS)
+COMPLETION = fields.body(PROMPT, MAX_TOKENS, OPTIONS, STREAM, LOGPROBS, TOP_LOGPROBS, FORMAT)
 # /tokenize takes its text under the first of these keys present.
 _TEXT_KEYS = ("content", "text", "prompt")
 TOKENIZE = fields.body(MODEL, *(fields.string(key) for key in _TEXT_KEYS))
@@ -135,6 +136,7 @@ def _parse_completion(body: DeclaredBody) -> GenerateRequest:
         options=options,
         logprobs=LOGPROBS.read(body),
         top_logprobs=TOP_LOGPROBS.read(body),
+        format=FORMAT.read(body),
     )
 
 

@@ -31,7 +31,8 @@ from api.generation import open_generation
 from api.native import STREAM, ndjson_line, ndjson_response, stats_json
 from api.openapi import GENERATION, JSON, LOADING, NDJSON, TEXT, UNKNOWN_MODEL, endpoint
 from api.replies import json_reply, whole_reply_size
-from api.schemas import generation_options, reject_format
+from api.schemas import generation_options
+from api.structured import FORMAT
 from api.tool_replies import ToolCallStream, ollama_tool_calls
 from runtime.text.thinking import supports_thinking
 
@@ -76,8 +77,6 @@ def _digest(info: ModelInfo) -> str:
     return info.digest.removeprefix("sha256:")
 
 
-# Accepted so that clients sending their defaults work; any other value is refused (400).
-FORMAT = fields.raw("format", {"enum": [None, ""]}, description="structured output: unsupported")
 THINK = fields.raw(
     "think",
     {"enum": [None, True, False, "", "low", "medium", "high"]},
@@ -109,7 +108,6 @@ def _chat_parts(body: DeclaredBody) -> ChatParts:
 
 def _common(body: DeclaredBody) -> tuple[DeclaredBody, bool]:
     """Validate what /api/generate and /api/chat share; (options, stream)."""
-    reject_format(body)
     return OPTIONS.read(body), STREAM.read(body)
 
 
@@ -247,6 +245,7 @@ def blueprint(ctx: ApiContext) -> Blueprint:
             top_logprobs=TOP_LOGPROBS.read(body),
             think=think,
             separate_thinking=True,
+            format=FORMAT.read(body),
         )
         return await _respond(ctx, req, name, stream, _response_text)
 
@@ -275,6 +274,7 @@ def blueprint(ctx: ApiContext) -> Blueprint:
             top_logprobs=TOP_LOGPROBS.read(body),
             think=think,
             separate_thinking=True,
+            format=FORMAT.read(body),
         )
         return await _respond(ctx, req, name, stream, _assistant_message)
 

@@ -40,6 +40,7 @@ from api.openai_features import BEST_OF, ECHO, LOGIT_BIAS, SUFFIX, check_unsuppo
 from api.openapi import GENERATION, JSON, LOADING, SSE, UNKNOWN_MODEL, endpoint
 from api.replies import json_reply, whole_reply_size
 from api.schemas import INT32_MAX, generation_options, get_bool, get_token_ids
+from api.structured import RESPONSE_FORMAT
 from api.tool_replies import (
     TOOL_CHOICE,
     ToolCallStream,
@@ -74,9 +75,6 @@ SEED = fields.raw("seed", fields.OPTIONS_SCHEMA["properties"]["seed"])
 EXTRAS = tuple(fields.raw(key, fields.OPTIONS_SCHEMA["properties"][key]) for key in _OLLAMA_EXTRAS)
 MAX_TOKENS = fields.integer("max_tokens", lo=1, hi=INT32_MAX)
 MAX_COMPLETION_TOKENS = fields.integer("max_completion_tokens", lo=1, hi=INT32_MAX)
-RESPONSE_FORMAT = fields.obj(
-    "response_format", {"type": fields.raw("type", {"enum": ["text", None]})}
-)
 STOP = fields.stop()
 STREAM = fields.boolean("stream", False, description="server-sent events")
 STREAM_OPTIONS = fields.obj(
@@ -169,9 +167,6 @@ def _options(
     options = {**(defaults or {}), **given}
     limits = (f.read(body) for f in max_tokens)
     num_predict = next((n for n in limits if n is not None), None)
-    fmt = RESPONSE_FORMAT.read(body).get("type")
-    if fmt not in (None, "text"):
-        raise bad_request("'response_format' other than text is not supported by this server")
     generation = generation_options(options, num_predict=num_predict, stop=STOP.read(body))
     return attrs.evolve(generation, logit_bias=LOGIT_BIAS.read(body))
 
@@ -384,6 +379,7 @@ def blueprint(ctx: ApiContext) -> Blueprint:
                 body, (MAX_COMPLETION_TOKENS, MAX_TOKENS), model_defaults.parameters(ctx)
             ),
             separate_thinking=True,
+            format=RESPONSE_FORMAT.read(body),
         )
         return await _respond(ctx, req, _Shape(chat=True, name=name, logprobs=logprobs), body)
 
@@ -407,6 +403,7 @@ def blueprint(ctx: ApiContext) -> Blueprint:
             logprobs=top is not None,
             top_logprobs=top or 0,
             options=_options(body, (MAX_TOKENS,), model_defaults.parameters(ctx)),
+            format=RESPONSE_FORMAT.read(body),
         )
         return await _respond(
             ctx, req, _Shape(chat=False, name=name, logprobs=top is not None, echo=echo), body

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 import trio
 
 from actors.messages import ChatMessage, GenerationOptions
-from api.errors import ApiError, bad_request
+from api.errors import bad_request
 from runtime.engine.options import SamplingOptions
 from runtime.text.tool_calls import template_fields
 
@@ -269,13 +269,6 @@ def tool_list(body: Mapping[str, Any]) -> tuple[Mapping[str, Any], ...] | None:
     if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
         raise bad_request("'tools' must be a list of objects")
     return tuple(value) or None
-
-
-def reject_format(body: Mapping[str, Any]) -> None:
-    """Structured output is not implemented: say so rather than silently ignore it."""
-    fmt = body.get("format")
-    if fmt not in (None, ""):
-        raise ApiError(400, "'format' (structured output) is not supported by this server")
 
 
 async def read_json(request: Any, limiter: trio.CapacityLimiter) -> dict[str, Any]:

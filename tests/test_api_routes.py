@@ -357,7 +357,9 @@ async def test_ollama_logprobs_and_raw(client, fake) -> None:
 @pytest.mark.parametrize(
     ("path", "body"),
     [
-        ("/api/generate", {"model": "fake", "prompt": "x", "format": "json"}),
+        ("/api/generate", {"model": "fake", "prompt": "x", "format": "yaml"}),
+        ("/api/chat", {"model": "fake", "messages": [{"role": "user"}], "format": ["json"]}),
+        ("/completion", {"prompt": "x", "format": 3}),
         ("/api/generate", {"model": "fake", "prompt": "x", "images": ["aGk="]}),
         ("/api/chat", {"model": "fake", "messages": [{"role": "user", "images": ["aGk="]}]}),
         ("/api/chat", {"model": "fake", "messages": [{"role": "user"}], "think": True}),
@@ -369,7 +371,26 @@ async def test_ollama_logprobs_and_raw(client, fake) -> None:
             {
                 "model": "fake",
                 "messages": [{"role": "user"}],
-                "response_format": {"type": "json_object"},
+                "response_format": {"type": "xml"},
+            },
+        ),
+        (
+            "/v1/chat/completions",
+            {
+                "model": "fake",
+                "messages": [{"role": "user"}],
+                "response_format": {"type": "json_schema"},
+            },
+        ),
+        (
+            "/v1/completions",
+            {
+                "model": "fake",
+                "prompt": "x",
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "x", "schema": {}, "strict": "yes"},
+                },
             },
         ),
         (

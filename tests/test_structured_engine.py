@@ -1,5 +1,6 @@
-"""Structured output in the engine: compiling formats, and constrained rows batched with free ones
-on a tiny real model (random weights, so only the grammar can make its output JSON)."""
+"""Structured output below the HTTP layer: compiling formats, preparing a request with one, and
+constrained rows batched with free ones on a tiny real model (random weights, so only the
+grammar can make its output JSON)."""
 
 from __future__ import annotations
 
@@ -9,13 +10,17 @@ from typing import Any
 import jsonschema_rs
 import pytest
 
+from actors.messages import ChatMessage, GenerateRequest
+from actors.pipeline import prepare
 from runtime.engine.model_engine import ModelEngine
 from runtime.engine.options import SamplingOptions
 from runtime.engine.protocol import FinishReason, SequenceRequest, TokenEvent
 from runtime.errors import OptionsError
 from runtime.models.loader import LoadedModel, load_model
 from runtime.testing.models import make_tiny_folder
+from runtime.testing.tokenizers import tokenizer_config, train_tokenizer
 from runtime.text.structured import Constraint, OutputFormat, compile_format
+from runtime.text.tokenizer import Tokenizer
 
 GREEDY = SamplingOptions(temperature=0.0, repeat_penalty=1.0)
 HOT = SamplingOptions(temperature=1.5, top_k=0, top_p=1.0, seed=7)
@@ -122,3 +127,43 @@ def test_without_the_grammar_the_tiny_model_writes_no_json(loaded: LoadedModel) 
     )
     with pytest.raises(ValueError, match="Expecting value"):
         json.loads(_text(loaded, events[2]))
+
+
+def test_format_turns_thinking_off_and_refuses_think_true() -> None:
+    """The grammar holds from the first token, so a thinking template is rendered with
+    thinking off (Qwen3's writes an empty block); asking for both is a 400-class error."""
+    template = (
+        "{% for m in messages %}{{ m.content }}{% endfor %}"
+        "{% if enable_thinking is defined and enable_thinking is false %}<think></think>"
+        "{% else %}<think>{% endif %}"
+    )
+    tok = Tokenizer.from_parts(train_tokenizer(), tokenizer_config(chat_template=template))
+    messages = (ChatMessage(role="user", content="hi"),)
+    fmt = OutputFormat.json_object()
+    plain = prepare(GenerateRequest(messages=messages, separate_thinking=True), tok, 512)
+    assert plain.opens_thinking
+    assert plain.constraint is None
+    shaped = prepare(
+        GenerateRequest(messages=messages, separate_thinking=True, format=fmt), tok, 512
+    )
+    assert tok.decode(list(shaped.prompt)).endswith("<think></think>")
+    assert not shaped.thinking
+    assert shaped.constraint is not None
+    with pytest.raises(OptionsError, match="cannot be combined with thinking"):
+        prepare(GenerateRequest(messages=messages, think=True, format=fmt), tok, 512)
+
+
+def test_objects_that_list_their_properties_get_no_others() -> None:
+    schema = {
+        "type": "object",
+        "properties": {"a": {"type": "object", "properties": {"b": {"type": "integer"}}}},
+        "$defs": {"Open": {"type": "object", "properties": {}, "additionalProperties": True}},
+        "anyOf": [{"properties": {"c": {}}}, {"type": "object"}],
+    }
+    closed = json.loads(OutputFormat.json_schema(schema).schema)
+    assert closed["additionalProperties"] is False
+    assert closed["properties"]["a"]["additionalProperties"] is False
+    assert closed["$defs"]["Open"]["additionalProperties"] is True
+    assert closed["anyOf"][0]["additionalProperties"] is False
+    assert "additionalProperties" not in closed["anyOf"][1]  # "any object" stays open
+    assert list(closed["properties"]) == ["a"]

@@ -51,7 +51,34 @@ class OutputFormat:
 
     @classmethod
     def json_schema(cls, schema: Mapping[str, Any], *, strict: bool = True) -> OutputFormat:
-        return cls(schema=json.dumps(schema, sort_keys=True), strict=strict)
+        # Key order is kept: object properties are generated in the schema's order.
+        return cls(schema=json.dumps(closed_objects(schema)), strict=strict)
+
+
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+_SCHEMA_LISTS = ("anyOf", "allOf", "oneOf", "prefixItems")
+_SCHEMAS = ("items", "additionalProperties", "not", "if", "then", "else", "contains")
+
+
+def closed_objects(schema: Any) -> Any:
+    """``schema`` with ``additionalProperties: false`` on every object schema that lists its
+    ``properties`` and says nothing of others: the reply has the listed keys only, as Ollama's
+    (llama.cpp's) grammars do, rather than whatever keys a model invents after them."""
+    if not isinstance(schema, Mapping):
+        return schema
+    out = dict(schema)
+    for key in _SCHEMA_MAPS:
+        if isinstance(out.get(key), Mapping):
+            out[key] = {name: closed_objects(sub) for name, sub in out[key].items()}
+    for key in _SCHEMA_LISTS:
+        if isinstance(out.get(key), list):
+            out[key] = [closed_objects(sub) for sub in out[key]]
+    for key in _SCHEMAS:
+        if key in out:
+            out[key] = closed_objects(out[key])
+    if "properties" in out and "additionalProperties" not in out and "patternProperties" not in out:
+        out["additionalProperties"] = False
+    return out
 
 
 @attrs.frozen(kw_only=True, eq=False)
