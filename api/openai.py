@@ -369,17 +369,21 @@ def blueprint(ctx: ApiContext) -> Blueprint:
         top = TOP_LOGPROBS.read(body)
         if top and not logprobs:
             raise bad_request("'top_logprobs' requires 'logprobs': true")
+        offered, forced = chosen_tools(ctx, body, tools)
+        shape = RESPONSE_FORMAT.read(body)
+        if forced is not None and shape is not None:
+            raise bad_request("a forced 'tool_choice' cannot be combined with 'response_format'")
         req = GenerateRequest(
             messages=model_defaults.messages(ctx, messages),
             system=model_defaults.system(ctx, None),
-            tools=chosen_tools(body, tools),
+            tools=offered,
             logprobs=logprobs,
             top_logprobs=top,
             options=_options(
                 body, (MAX_COMPLETION_TOKENS, MAX_TOKENS), model_defaults.parameters(ctx)
             ),
             separate_thinking=True,
-            format=RESPONSE_FORMAT.read(body),
+            format=forced or shape,
         )
         return await _respond(ctx, req, _Shape(chat=True, name=name, logprobs=logprobs), body)
 

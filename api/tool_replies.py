@@ -3,7 +3,8 @@ in Ollama's and OpenAI's shapes.
 
 Only a request that sends ``tools`` has its output parsed (as Ollama does): without tools the
 chunks pass unchanged. The parser (``runtime/text/tool_calls.py``) follows the served model's
-chat template and architecture.
+chat template and architecture. OpenAI's ``tool_choice`` "required" or a named function
+forces a call: the reply is constrained to that call format (structured output).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import json
 import secrets
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 import attrs
 
@@ -19,31 +20,76 @@ from actors.messages import Chunk, DoneReason, GenerateRequest, UnavailableError
 from api import fields
 from api.context import ApiContext
 from api.errors import bad_request
-from runtime.text.tool_calls import Parsed, ToolCall, ToolCallParser, parse_all, parser_for
+from runtime.text.structured import OutputFormat, tool_call_format
+from runtime.text.tool_calls import (
+    LlamaToolCallParser,
+    Parsed,
+    ToolCall,
+    ToolCallParser,
+    parse_all,
+    parser_for,
+)
 
 Tools = tuple[Mapping[str, Any], ...] | None
 
 
-# OpenAI's tool_choice: "auto" (the default) and "none" (no tools reach the model). Forcing a
-# call ("required", a named function) needs constrained decoding, which this server lacks.
+# OpenAI's tool_choice: "auto" (the default), "none" (no tools reach the model), "required"
+# (the reply is a call of one of the tools) or a named function (a call of that one). A call is
+# forced by constraining the reply to the model's call format (``tool_call_format``).
 TOOL_CHOICE = fields.raw(
     "tool_choice",
-    {"enum": ["auto", "none", None]},
-    description="'auto' or 'none'; 'required' and named functions are refused (400)",
+    {
+        "oneOf": [
+            {"enum": ["auto", "none", "required", None]},
+            {
+                "type": "object",
+                "properties": {
+                    "type": {"enum": ["function"]},
+                    "function": {"type": "object", "properties": {"name": {"type": "string"}}},
+                },
+                "required": ["function"],
+            },
+        ]
+    },
+    description="'auto', 'none', 'required' or {'type': 'function', 'function': {'name'}}: "
+    "the last two force a call (the reply is constrained to the model's call format)",
 )
 
 
-def chosen_tools(body: fields.DeclaredBody, tools: Tools) -> Tools:
-    """The tools a request offers the model, after ``tool_choice``."""
+def _tool_name(tool: Mapping[str, Any]) -> Any:
+    function = tool.get("function")
+    return function.get("name") if isinstance(function, Mapping) else None
+
+
+def chosen_tools(
+    ctx: ApiContext, body: fields.DeclaredBody, tools: Tools
+) -> tuple[Tools, OutputFormat | None]:
+    """The tools a request offers the model, after ``tool_choice``, and the format that forces
+    a call when it asks for one."""
     choice = TOOL_CHOICE.read(body)
     if choice in (None, "auto"):
-        return tools
+        return tools, None
     if choice == "none":
-        return None
-    raise bad_request(
-        f"'tool_choice' {json.dumps(choice)[:80]} is not supported: use 'auto' or 'none' "
-        "(a call cannot be forced)"
-    )
+        return None, None
+    if choice == "required":
+        callable_ = tools
+    elif isinstance(choice, dict) and isinstance(choice.get("function"), dict):
+        name = choice["function"].get("name")
+        callable_ = tuple(t for t in tools or () if _tool_name(t) == name) or None
+        if tools and callable_ is None:
+            raise bad_request(
+                f"'tool_choice' names {json.dumps(name)[:80]}, which is not in 'tools'"
+            )
+    else:
+        raise bad_request(
+            f"'tool_choice' {json.dumps(choice)[:80]} is not one of 'auto', 'none', 'required' "
+            "or {'type': 'function', 'function': {'name': ...}}"
+        )
+    if not callable_:
+        raise bad_request("'tool_choice' forces a call, but 'tools' is empty")
+    parser = parser_for(ctx.model_info().chat_template, ctx.model_info().model_type)
+    style: Literal["qwen", "llama"] = "llama" if parser is LlamaToolCallParser else "qwen"
+    return tools, tool_call_format(callable_, style=style)
 
 
 def _parser(ctx: ApiContext, req: GenerateRequest) -> ToolCallParser | None:

@@ -241,3 +241,96 @@ def test_default_model_writes_json_matching_the_schema(default_live: Live) -> No
     for reason, text in replies:
         assert reason == "stop", text
         validator.validate(json.loads(text))
+
+
+# ---- OpenAI: a forced tool call ----
+
+UNIT_TOOL: Any = {
+    "type": "function",
+    "function": {
+        "name": "set_unit",
+        "parameters": {
+            "type": "object",
+            "properties": {"unit": {"enum": ["C", "F"]}},
+            "required": ["unit"],
+        },
+    },
+}
+MODE_TOOL: Any = {
+    "type": "function",
+    "function": {
+        "name": "set_mode",
+        "parameters": {
+            "type": "object",
+            "properties": {"on": {"type": "boolean"}},
+            "required": ["on"],
+        },
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def qwen_live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
+    """A tiny Qwen2 whose template renders tools and whose calls are ``<tool_call>`` blocks."""
+    from runtime.testing.models import make_tiny_folder
+    from runtime.testing.tokenizers import tokenizer_config
+    from tests.test_api_tools import QWEN_TEMPLATE
+
+    folder = make_tiny_folder(
+        tmp_path_factory.mktemp("qwen") / "tiny",
+        "qwen2",
+        tokenizer_config=tokenizer_config(chat_template=QWEN_TEMPLATE),
+        max_position_embeddings=1024,
+    )
+    with ServerThread(lambda: open_live_server(folder)) as server:
+        yield server
+
+
+def test_tool_choice_required_and_named_force_a_call(qwen_live: Live) -> None:
+    client = openai.OpenAI(base_url=f"{qwen_live.url}/v1", api_key="x", max_retries=0)
+    ask = _user("Set it.")
+    free = client.chat.completions.create(
+        model=MODEL_NAME, messages=ask, tools=[UNIT_TOOL, MODE_TOOL], max_tokens=30, **GREEDY
+    )
+    assert free.choices[0].message.tool_calls is None  # a random model calls nothing itself
+    forcing: list[tuple[Any, set[str]]] = [
+        ("required", {"set_unit", "set_mode"}),
+        ({"type": "function", "function": {"name": "set_mode"}}, {"set_mode"}),
+    ]
+    for choice, names in forcing:
+        done = client.chat.completions.create(
+            model=MODEL_NAME,
+            messages=ask,
+            tools=[UNIT_TOOL, MODE_TOOL],
+            tool_choice=choice,
+            max_tokens=200,
+            temperature=1.5,
+            seed=2,
+        )
+        message = done.choices[0].message
+        assert message.tool_calls, message.content
+        (call,) = message.tool_calls
+        assert call.type == "function"
+        assert call.function.name in names
+        arguments = json.loads(call.function.arguments)
+        if call.function.name == "set_mode":
+            assert isinstance(arguments["on"], bool)
+        else:
+            assert arguments["unit"] in ("C", "F")
+        assert done.choices[0].finish_reason == "tool_calls"
+
+
+def test_a_forced_call_on_a_llama_is_its_json_call(oai: openai.OpenAI) -> None:
+    """A Llama model's calls are bare JSON with "parameters" (its own format)."""
+    done = oai.chat.completions.create(
+        model=MODEL_NAME,
+        messages=_user("Set it."),
+        tools=[UNIT_TOOL],
+        tool_choice="required",
+        max_tokens=200,
+        **GREEDY,
+    )
+    (call,) = done.choices[0].message.tool_calls or []
+    assert call.type == "function"
+    assert call.function.name == "set_unit"
+    assert json.loads(call.function.arguments)["unit"] in ("C", "F")

@@ -300,9 +300,11 @@ async def test_ollama_show_lists_tools_when_the_template_renders_them(qwen: Serv
     assert "tools" in shown.capabilities
 
 
-async def test_openai_tool_choice_none_offers_no_tools_and_required_is_refused(
+async def test_openai_tool_choice_none_offers_no_tools_and_bad_choices_are_refused(
     qwen: Served,
 ) -> None:
+    """(A forced call, "required" or a named function, is tested on a real model in
+    test_api_structured.py: this engine is scripted and ignores constraints.)"""
     qwen.output = f"<tool_call>{PARIS}</tool_call>"
     client = qwen.openai()
     reply = await in_thread(
@@ -313,13 +315,24 @@ async def test_openai_tool_choice_none_offers_no_tools_and_required_is_refused(
     assert "get_weather" not in qwen.prompt()
     assert reply.choices[0].message.tool_calls is None
     assert reply.choices[0].message.content == qwen.output
-    with pytest.raises(openai.BadRequestError) as refused:
-        await in_thread(
-            lambda: client.chat.completions.create(
-                model="fake", messages=ASK, tools=[WEATHER_TOOL], tool_choice="required"
-            )
-        )
-    assert "tool_choice" in refused.value.response.text
+    bad: list[dict[str, Any]] = [
+        {"tools": [WEATHER_TOOL], "tool_choice": "sometimes"},
+        {"tools": [WEATHER_TOOL], "tool_choice": {"type": "function", "function": {"name": "x"}}},
+        {"tool_choice": "required"},
+        {
+            "tools": [WEATHER_TOOL],
+            "tool_choice": "required",
+            "response_format": {"type": "json_object"},
+        },
+    ]
+    for extra in bad:
+
+        def create(extra: dict[str, Any] = extra) -> Any:
+            return client.chat.completions.create(model="fake", messages=ASK, **extra)
+
+        with pytest.raises(openai.BadRequestError) as refused:
+            await in_thread(create)
+        assert "tool_choice" in refused.value.response.text
 
 
 @pytest.fixture

@@ -160,7 +160,7 @@ def test_objects_that_list_their_properties_get_no_others() -> None:
         "$defs": {"Open": {"type": "object", "properties": {}, "additionalProperties": True}},
         "anyOf": [{"properties": {"c": {}}}, {"type": "object"}],
     }
-    closed = json.loads(OutputFormat.json_schema(schema).schema)
+    closed = json.loads(OutputFormat.json_schema(schema).source)
     assert closed["additionalProperties"] is False
     assert closed["properties"]["a"]["additionalProperties"] is False
     assert closed["$defs"]["Open"]["additionalProperties"] is True

@@ -16,8 +16,8 @@ from __future__ import annotations
 import json
 import threading
 import weakref
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Literal
 
 import attrs
 import llguidance
@@ -36,23 +36,26 @@ ANY_OBJECT: Mapping[str, Any] = {"type": "object"}
 
 @attrs.frozen(kw_only=True)
 class OutputFormat:
-    """The reply must be JSON text matching ``schema`` (as JSON text, so the record is hashable).
+    """What the reply must be: JSON text matching a JSON schema (``kind`` "json_schema",
+    ``source`` the schema as JSON text, so the record is hashable), or text of a Lark grammar
+    in llguidance's dialect, which may embed JSON schemas (``kind`` "lark").
 
-    ``strict``: a keyword the grammar cannot enforce is an error (else it is ignored; OpenAI's
-    ``strict: false``).
+    ``strict``: a schema keyword the grammar cannot enforce is an error (else it is ignored;
+    OpenAI's ``strict: false``).
     """
 
-    schema: str
+    kind: Literal["json_schema", "lark"] = "json_schema"
+    source: str
     strict: bool = True
 
     @classmethod
     def json_object(cls) -> OutputFormat:
-        return cls(schema=json.dumps(ANY_OBJECT))
+        return cls(source=json.dumps(ANY_OBJECT))
 
     @classmethod
     def json_schema(cls, schema: Mapping[str, Any], *, strict: bool = True) -> OutputFormat:
         # Key order is kept: object properties are generated in the schema's order.
-        return cls(schema=json.dumps(closed_objects(schema)), strict=strict)
+        return cls(source=json.dumps(closed_objects(schema)), strict=strict)
 
 
 _SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
@@ -94,6 +97,9 @@ class Constraint:
         return self.matcher.deep_copy()
 
 
+_WHAT = {"json_schema": "JSON schema", "lark": "grammar (a tool's parameters schema?)"}
+
+
 def compile_format(fmt: OutputFormat, tokenizer: Tokenizer) -> Constraint:
     """Compile ``fmt`` for ``tokenizer`` (CPU work: call it off the event loop).
 
@@ -101,20 +107,26 @@ def compile_format(fmt: OutputFormat, tokenizer: Tokenizer) -> Constraint:
         OptionsError: the schema is not a valid JSON schema, or (``strict``) uses a keyword
             the grammar cannot enforce; the message says which.
     """
-    options: dict[str, Any] = {"whitespace_pattern": WHITESPACE}
-    if not fmt.strict:
-        options["lenient"] = True
-    try:
-        grammar = llguidance.LLMatcher.grammar_from_json_schema(fmt.schema, overrides=options)  # type: ignore[arg-type]
-    except ValueError as exc:
-        raise OptionsError(f"invalid JSON schema: {exc}") from None
+    if fmt.kind == "lark":
+        grammar = llguidance.LLMatcher.grammar_from_lark(fmt.source)
+    else:
+        options: dict[str, Any] = {"whitespace_pattern": WHITESPACE}
+        if not fmt.strict:
+            options["lenient"] = True
+        try:
+            grammar = llguidance.LLMatcher.grammar_from_json_schema(
+                fmt.source,
+                overrides=options,  # type: ignore[arg-type]
+            )
+        except ValueError as exc:
+            raise OptionsError(f"invalid JSON schema: {exc}") from None
     vocabulary = grammar_tokenizer(tokenizer)
     error = llguidance.LLMatcher.validate_grammar(grammar, vocabulary)
     if error:
-        raise OptionsError(f"invalid JSON schema: {error.strip()}")
+        raise OptionsError(f"invalid {_WHAT[fmt.kind]}: {error.strip()}")
     matcher = llguidance.LLMatcher(vocabulary, grammar, log_level=0)
     if matcher.is_error():
-        raise OptionsError(f"invalid JSON schema: {matcher.get_error()}")
+        raise OptionsError(f"invalid {_WHAT[fmt.kind]}: {matcher.get_error()}")
     return Constraint(matcher=matcher, vocab_size=vocabulary.vocab_size, eos_ids=tokenizer.eos_ids)
 
 
@@ -137,3 +149,33 @@ def grammar_tokenizer(tokenizer: Tokenizer) -> llguidance.LLTokenizer:
             )
             _tokenizers[tokenizer] = found
         return found
+
+
+def tool_call_format(
+    tools: Sequence[Mapping[str, Any]], *, style: Literal["qwen", "llama"]
+) -> OutputFormat:
+    """The reply is one call of one of ``tools`` (OpenAI's ``{"type": "function", "function":
+    {"name", "parameters"}}``) in the model's own call format (``runtime.text.tool_calls``):
+    Qwen's ``<tool_call>`` block around ``{"name", "arguments"}``, or Llama's bare
+    ``{"name", "parameters"}``. Arguments keep to each tool's parameters schema where the
+    grammar can enforce it (the rest of it is ignored, as OpenAI's non-strict tools are)."""
+    key = "arguments" if style == "qwen" else "parameters"
+    calls = []
+    for tool in tools:
+        function = tool.get("function", tool)
+        parameters = function.get("parameters") or {"type": "object"}
+        calls.append(
+            {
+                "type": "object",
+                "properties": {"name": {"const": function.get("name")}, key: parameters},
+                "required": ["name", key],
+            }
+        )
+    schema = closed_objects({"anyOf": calls})
+    if style == "llama":
+        return OutputFormat(source=json.dumps(schema), strict=False)
+    schema["x-guidance"] = {"lenient": True, "whitespace_pattern": WHITESPACE}
+    call = json.dumps(schema)
+    return OutputFormat(
+        kind="lark", source=f'start: "<tool_call>\\n" call "\\n</tool_call>"\ncall: %json {call}\n'
+    )
