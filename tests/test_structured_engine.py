@@ -167,3 +167,42 @@ def test_objects_that_list_their_properties_get_no_others() -> None:
     assert closed["anyOf"][0]["additionalProperties"] is False
     assert "additionalProperties" not in closed["anyOf"][1]  # "any object" stays open
     assert list(closed["properties"]) == ["a"]
+
+
+def test_sampler_masks_constrained_rows_only_and_leaves_the_logits_alone() -> None:
+    """Row 0 free, row 1 under a schema: row 1 draws what its grammar allows, row 0 what the
+    logits say; the caller's logits array is not written (its logprobs are read from it). A
+    token outside the grammar (a caller's bug) leaves only EOS allowed."""
+    import mlx.core as mx
+    import numpy as np
+
+    from runtime.engine.batch_sampler import BatchSampler
+
+    tok = Tokenizer.from_parts(train_tokenizer(), tokenizer_config())
+    constraint = compile_format(OutputFormat.json_schema({"enum": ["yes"]}), tok)
+    vocab = tok.vocab_size + 7  # a model may have more logits than its tokenizer has tokens
+    sampler = BatchSampler(vocab_size=vocab, context_length=64)
+    sampler.add(0, GREEDY, [1, 2])
+    sampler.add(1, GREEDY, [1, 2], constraint=constraint)
+    favourite = tok.encode("Paris")[0]
+    raw = np.zeros((2, vocab), dtype=np.float32)
+    raw[:, favourite] = 50.0
+    raw[:, vocab - 1] = 40.0  # past the tokenizer: never allowed to row 1
+    logits = mx.array(raw)
+    written: list[int] = []
+    for _ in range(8):
+        tokens = sampler.sample(logits, [0, 1])
+        sampler.accept([0, 1], tokens)
+        pair: list[int] = tokens.tolist()  # type: ignore[assignment]
+        assert pair[0] == favourite
+        written.append(pair[1])
+        if pair[1] in tok.eos_ids:
+            break
+    assert np.array_equal(np.array(logits), raw)
+    assert written[-1] in tok.eos_ids
+    assert json.loads(tok.decode(written[:-1])) == "yes"
+
+    sampler.add(2, GREEDY, [1, 2], constraint=constraint)
+    sampler.accept([2], mx.array([favourite]))  # not a JSON start
+    ended: list[int] = sampler.sample(mx.array(raw[:1]), [2]).tolist()  # type: ignore[assignment]
+    assert ended[0] in tok.eos_ids

@@ -95,11 +95,14 @@ class GrammarRows:
                 for token in self._eos[row].tolist():
                     words[token // 32] |= np.uint32(1 << (token % 32))
         allowed = _unpack(mx.array(bitmask), self.vocab_size)
-        if len(at) == logits.shape[0]:
-            return mx.where(allowed, logits, -mx.inf)
-        index = mx.array(at)
-        logits[index] = mx.where(allowed, logits[index], -mx.inf)
-        return logits
+        if len(at) < logits.shape[0]:
+            # Free rows take an all-true row (index C); no in-place write: the caller's
+            # logits array is also the one its logprobs are read from.
+            everything = mx.ones((1, self.vocab_size), dtype=mx.bool_)
+            which = np.full(logits.shape[0], len(at), dtype=np.int32)
+            which[at] = np.arange(len(at), dtype=np.int32)
+            allowed = mx.concatenate([allowed, everything])[mx.array(which)]
+        return mx.where(allowed, logits, -mx.inf)
 
     def _read_pending(self, rows: Sequence[int]) -> None:
         """Advance the matchers of ``rows`` by their pending tokens (one read per forward)."""
