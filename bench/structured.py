@@ -13,7 +13,8 @@ the step where every row has its first token to the end. Modes:
   kinds of row).
 
 Each repeat runs every mode back to back in a rotating order; a ratio is the median of the
-per-repeat ratios to ``free``. ``host mask`` is llguidance alone: the time to advance a matcher
+per-repeat ratios to ``free``, of wall time per token and of the process's CPU time per token
+(all threads; on a shared machine it moves less than wall time). ``host mask`` is llguidance alone: the time to advance a matcher
 by one token and compute the next mask, replaying the tokens a ``numbers``/``text`` row wrote.
 Run: ``.venv/bin/python bench/structured.py``.
 """
@@ -71,8 +72,9 @@ def main() -> int:
         for name, schema in (("numbers", NUMBERS), ("text", TEXT))
     }
 
-    def run(mode: str, rows: int) -> tuple[float, list[list[int]]]:
-        """Decode tokens per second, and each row's tokens."""
+    def run(mode: str, rows: int) -> tuple[float, float, list[list[int]]]:
+        """Decode tokens per second (wall), the process's CPU seconds per decoded token (all
+        its threads: steadier than wall time on a shared machine), and each row's tokens."""
         engine = ModelEngine(loaded, prefill_chunk=512)
         for i in range(rows):
             kind = "numbers" if mode == "mixed" and i % 2 else mode
@@ -87,6 +89,7 @@ def main() -> int:
             )
         tokens: list[list[int]] = [[] for _ in range(rows)]
         start: float | None = None
+        cpu_start = 0.0
         counted = 0
         while engine.has_work():
             for event in engine.step():
@@ -96,10 +99,11 @@ def main() -> int:
                 if start is not None:
                     counted += 1
             if start is None and all(tokens):
-                start = time.perf_counter()
+                start, cpu_start = time.perf_counter(), time.process_time()
         assert start is not None
         assert all(len(t) == args.gen for t in tokens), "a row ended early"
-        return counted / (time.perf_counter() - start), tokens
+        cpu = (time.process_time() - cpu_start) / counted
+        return counted / (time.perf_counter() - start), cpu, tokens
 
     def host_mask_us(name: str, written: list[int]) -> float:
         import llguidance.numpy as lnp
@@ -118,26 +122,34 @@ def main() -> int:
         f"SmolLM2-135M, device={mx.default_device()}, greedy, {args.gen} tokens a row, "
         f"median of {args.repeats}"
     )
-    print(f"{'rows':>4} {'mode':>8} {'tok/s':>8} {'ms/step':>8} {'ratio':>6} {'host mask':>10}")
+    print(
+        f"{'rows':>4} {'mode':>8} {'tok/s':>8} {'wall ratio':>10} {'CPU ms/tok':>10} "
+        f"{'CPU ratio':>9} {'host mask':>10}"
+    )
     run("free", 1)  # warm-up
     for rows in args.rows:
         rates: dict[str, list[float]] = {m: [] for m in MODES}
+        cpus: dict[str, list[float]] = {m: [] for m in MODES}
         written: dict[str, list[int]] = {}
         modes = MODES if rows > 1 else MODES[:-1]
         for repeat in range(args.repeats):
             order = modes[repeat % len(modes) :] + modes[: repeat % len(modes)]
             for mode in order:
-                rate, tokens = run(mode, rows)
+                rate, cpu, tokens = run(mode, rows)
                 rates[mode].append(rate)
+                cpus[mode].append(cpu)
                 written.setdefault(mode, tokens[0])
         for mode in modes:
             rate = statistics.median(rates[mode])
-            ratio = statistics.median(
-                np.array(rates["free"]) / np.array(rates[mode])  # time per token, vs free
-            )
+            # Per repeat, time (or CPU) per token relative to free; the median of those.
+            wall_ratio = statistics.median(np.array(rates["free"]) / np.array(rates[mode]))
+            cpu_ratio = statistics.median(np.array(cpus[mode]) / np.array(cpus["free"]))
+            cpu_ms = 1000 * statistics.median(cpus[mode])
             host = f"{host_mask_us(mode, written[mode]):.0f} us" if mode in constraints else ""
-            step_ms = 1000 * rows / rate
-            print(f"{rows:>4} {mode:>8} {rate:>8.2f} {step_ms:>8.1f} {ratio:>6.2f} {host:>10}")
+            print(
+                f"{rows:>4} {mode:>8} {rate:>8.2f} {wall_ratio:>10.2f} {cpu_ms:>10.1f} "
+                f"{cpu_ratio:>9.2f} {host:>10}"
+            )
     return 0
 
 
