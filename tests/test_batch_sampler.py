@@ -10,8 +10,9 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from runtime.engine.batch_sampler import BatchSampler, _log_exponential, _top_k, batch_logprobs
+from runtime.engine.batch_sampler import BatchSampler
 from runtime.engine.options import SamplingOptions
+from runtime.engine.sampling_ops import batch_logprobs, log_exponential, top_k
 from runtime.testing.reference_sampler import Sampler, logprobs
 
 V = 64
@@ -103,7 +104,7 @@ def _run(layout: list[int | None], steps: int = 12, vocab: int = 4096) -> list[i
     """The target's tokens when it sits at slot ``layout.index(None)`` among companions.
 
     At this vocabulary a top-k group of one or two rows partitions whole rows and a group of
-    three splits them in blocks (``_top_k``): the draws must not tell the difference.
+    three splits them in blocks (``top_k``): the draws must not tell the difference.
     """
     s = BatchSampler(vocab_size=vocab, context_length=128)
     keys = []
@@ -192,7 +193,7 @@ def test_the_noise_is_uniform_over_a_large_vocabulary() -> None:
     # its uniform (u = exp(-E) for E ~ Exp(1)): 64 equal bins.
     ids = mx.arange(49_152, dtype=mx.uint32)[None]
     uniform = np.concatenate(
-        [np.array(mx.exp(-mx.exp(_log_exponential(_key(k), ids)))).reshape(-1) for k in range(4)]
+        [np.array(mx.exp(-mx.exp(log_exponential(_key(k), ids)))).reshape(-1) for k in range(4)]
     )
     counts = np.bincount((uniform * 64).astype(int), minlength=64)
     assert _chi_square(counts, np.full(64, 1 / 64)) < 103.4  # p = 0.001, 63 degrees
@@ -328,7 +329,7 @@ def test_the_split_top_k_finds_the_k_largest(vocab: int, k: int) -> None:
     values = np.random.default_rng(vocab + k).normal(size=(8, vocab)).astype(np.float32)
     values[-1] = -np.inf
     values[-1, [5, vocab // 2, vocab - 1]] = [1.0, 2.0, 3.0]
-    ids, top = _top_k(mx.array(values), k)
+    ids, top = top_k(mx.array(values), k)
     ids_np, top_np = np.array(ids), np.array(top)
     assert ids_np.shape == (8, k)
     assert ids_np.max() < vocab

@@ -12,7 +12,7 @@ grammar forbids set to -inf after its penalties, so whatever it draws keeps to t
 
 Rows are grouped by the work they need, so a batch pays only for what its rows ask: greedy rows
 take an argmax; rows with a top_k take their k best candidates (a partition split in blocks,
-see ``_top_k``) and sort only those, rows sharing a k together; rows without a top_k sort the
+see ``top_k``) and sort only those, rows sharing a k together; rows without a top_k sort the
 whole vocabulary only when top_p or typical_p needs the order; min_p alone needs no sort.
 
 Draws are counter-based: an exponential race (Gumbel-max) whose noise for token ``t`` at draw
@@ -28,7 +28,6 @@ draws against softmax and the independence of consecutive draws with chi-square 
 
 from __future__ import annotations
 
-import math
 import secrets
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -38,6 +37,13 @@ import numpy as np
 
 from runtime.engine.grammar_rows import GrammarRows
 from runtime.engine.options import SamplingOptions
+from runtime.engine.sampling_ops import (
+    as_column,
+    draw_keys,
+    filter_sorted,
+    log_exponential,
+    top_k,
+)
 
 if TYPE_CHECKING:
     from runtime.text.structured import Constraint
@@ -198,13 +204,13 @@ class BatchSampler:
         flat = read + idx[:, None] * self._history.shape[1]
         ids = self._history.reshape(-1)[mx.array(flat.astype(np.int32))]
         seen = mx.take_along_axis(logits, ids, axis=1)
-        repeat = _column(r["repeat"])
+        repeat = as_column(r["repeat"])
         penalized = mx.where(seen < 0, seen * repeat, seen / repeat)
         if r["presence"].any():
-            penalized = penalized - _column(r["presence"])
+            penalized = penalized - as_column(r["presence"])
         windowed = filled[:, 0] > 0
         if not windowed.all():
-            penalized = mx.where(_column(windowed), penalized, seen)
+            penalized = mx.where(as_column(windowed), penalized, seen)
         logits = mx.put_along_axis(logits, ids, penalized, axis=1)
         if r["frequency"].any():
             per_slot = mx.array(r["frequency"][:, None] * valid)
@@ -233,7 +239,7 @@ class BatchSampler:
         if self._grammars:
             logits = self._grammars.masked(logits, idx)
         record = self._rows[idx]
-        keys = _draw_keys(record["seed"], record["draws"])
+        keys = draw_keys(record["seed"], record["draws"])
         self._rows["draws"][idx] += 1
         groups: dict[tuple[int, int], list[int]] = {}
         for i, (path, k) in enumerate(zip(record["path"], record["top_k"], strict=True)):
@@ -327,158 +333,29 @@ class BatchSampler:
         vocab = logits.shape[-1]
         ids: mx.array | None = None
         if path == _TOP_K and k < vocab:
-            ids, logits = _top_k(logits, k)
+            ids, logits = top_k(logits, k)
         if path in (_TOP_K, _SORTED):
             order = mx.argsort(-logits, axis=-1)
             ids = order if ids is None else mx.take_along_axis(ids, order, axis=-1)
             logits = mx.take_along_axis(logits, order, axis=-1)
-        temperature = _column(record["temperature"])
+        temperature = as_column(record["temperature"])
         # Shifted first so that a tiny temperature gives -inf, never inf - inf = nan.
         scaled = (logits - mx.max(logits, axis=-1, keepdims=True)) / temperature
         min_p = record["min_p"]
         keep: mx.array | None = None
         if path != _UNSORTED:
-            keep = _filter_sorted(scaled, record["typical_p"], record["top_p"], min_p)
+            keep = filter_sorted(scaled, record["typical_p"], record["top_p"], min_p)
         elif min_p.any():
             # min_p needs no order in log space: p >= min_p * p_max (log 0: keep all).
             with np.errstate(divide="ignore"):
-                keep = scaled >= _column(np.log(min_p))
+                keep = scaled >= as_column(np.log(min_p))
         if keep is not None:
             scaled = mx.where(keep, scaled, -mx.inf)
         candidates = ids if ids is not None else mx.arange(vocab, dtype=mx.uint32)[None]
         # Exponential race (Gumbel-max): the token whose Exp(1) clock divided by its
         # probability rings first is a draw from the probabilities.
-        race = scaled - _log_exponential(keys, candidates)
+        race = scaled - log_exponential(keys, candidates)
         pick = mx.argmax(race, axis=-1, keepdims=True)
         if ids is None:
             return pick[:, 0].astype(mx.int32)
         return mx.take_along_axis(ids, pick, axis=-1)[:, 0].astype(mx.int32)
-
-
-# Splitting a partition in blocks adds about a dozen small operations; it pays when it saves
-# partitioning more elements (rows x elements) than this (measured with MLX on CPU).
-_SPLIT_SAVES = 8192
-
-
-def _top_k(values: mx.array, k: int) -> tuple[mx.array, mx.array]:
-    """The indices ``[R, k]`` (uint32, in no order) and values of each row's k largest.
-
-    Partitioning the whole vocabulary is the costliest step of sampling, so it runs on two
-    small arrays instead: cut a row into blocks, take the k blocks with the largest maxima,
-    then the k largest of their values. Exact: a block outside those k has a max below k
-    values of other blocks, so none of its values is among the k largest. Block j holds
-    ``j, j + B, j + 2B...``, so the maxima are an elementwise max over the rows of a view.
-    """
-    rows, n = values.shape
-    size = 1 << max(0, round(math.log2(math.sqrt(n / k))))
-    blocks = n // size
-    if size < 4 or blocks < 2 * k or rows * (n - blocks - size * k) < _SPLIT_SAVES:
-        at = mx.argpartition(values, kth=n - k, axis=-1)[:, n - k :]
-        return at, mx.take_along_axis(values, at, axis=-1)
-    split = blocks * size
-    grid = (values if split == n else values[:, :split]).reshape(rows, size, blocks)
-    best, _ = _top_k(mx.max(grid, axis=1), k)
-    candidates = mx.take_along_axis(grid, best[:, None, :], axis=2).reshape(rows, size * k)
-    if split < n:  # the last values, fewer than a block, are candidates as they are
-        candidates = mx.concatenate([candidates, values[:, split:]], axis=1)
-    at, top = _top_k(candidates, k)
-    ids = (at // k) * blocks + mx.take_along_axis(best, at % k, axis=-1)
-    if split < n:
-        ids = mx.where(at < size * k, ids, at + (split - size * k))
-    return ids, top
-
-
-def _filter_sorted(
-    scaled: mx.array, typical_p: np.ndarray, top_p: np.ndarray, min_p: np.ndarray
-) -> mx.array | None:
-    """The candidates typical_p, then top_p, then min_p keep (None: all), for rows sorted
-    descending.
-
-    Each filter sees the survivors of the previous one renormalized (llama.cpp's chain) and
-    keeps at least one token. A row whose option is off is left bit-for-bit as it was (its
-    bound is one no mass reaches), so its draws do not depend on its batch-mates' options.
-    """
-    probs = mx.softmax(scaled, axis=-1)
-    keep: mx.array | None = None
-    typical = typical_p < 1.0
-    if typical.any():
-        # Locally typical: keep the tokens whose surprise is closest to the entropy, until
-        # their mass reaches typical_p (the crossing token included).
-        logp = mx.log(mx.maximum(probs, 1e-30))
-        entropy = -mx.sum(probs * logp, axis=-1, keepdims=True)
-        by_typicality = mx.argsort(mx.abs(logp + entropy), axis=-1)
-        p_t = mx.take_along_axis(probs, by_typicality, axis=-1)
-        bound = _column(np.where(typical, typical_p, 2.0))
-        keep_t = (mx.cumsum(p_t, axis=-1) - p_t) < bound
-        # by_typicality is a permutation: every position is written, whatever the target.
-        keep = mx.put_along_axis(keep_t, by_typicality, keep_t, axis=-1)
-        kept = mx.where(keep, probs, 0.0)
-        renormalized = kept / mx.maximum(mx.sum(kept, axis=-1, keepdims=True), 1e-20)
-        probs = renormalized if typical.all() else mx.where(_column(typical), renormalized, probs)
-    nucleus = top_p < 1.0
-    if nucleus.any():
-        # Keep a token iff the mass strictly before it is below top_p.
-        bound = _column(np.where(nucleus, top_p, 2.0))
-        kept = (mx.cumsum(probs, axis=-1) - probs) < bound
-        keep = kept if keep is None else keep & kept
-    if min_p.any():
-        surviving = probs if keep is None else mx.where(keep, probs, 0.0)
-        floor = _column(min_p) * mx.max(surviving, axis=-1, keepdims=True)
-        kept = surviving >= floor
-        keep = kept if keep is None else keep & kept
-    return keep
-
-
-def _column(values: np.ndarray) -> mx.array:
-    """A host vector (maybe a strided record field) as a device column ``[R, 1]``."""
-    return mx.array(np.ascontiguousarray(values)[:, None])
-
-
-def _draw_keys(seeds: np.ndarray, draws: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """splitmix64 of (seed, draw index) per row, as two uint32 words (numpy wraps uint64)."""
-    z = seeds + np.uint64(0x9E3779B97F4A7C15) * (draws.astype(np.uint64) + np.uint64(1))
-    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    z = z ^ (z >> np.uint64(31))
-    return (z & np.uint64(0xFFFFFFFF)).astype(np.uint32), (z >> np.uint64(32)).astype(np.uint32)
-
-
-def _mix32(x: mx.array) -> mx.array:
-    x = x ^ (x >> 16)
-    x = x * mx.array(0x21F0AAAD, dtype=mx.uint32)
-    x = x ^ (x >> 15)
-    x = x * mx.array(0x735A2D97, dtype=mx.uint32)
-    return x ^ (x >> 15)
-
-
-def _log_exponential(keys: tuple[np.ndarray, np.ndarray], token_ids: mx.array) -> mx.array:
-    """log of an Exp(1) variate per candidate (minus a Gumbel variate): a pure function of
-    the row's key (two uint32 words, one per row) and the token id."""
-    x = token_ids.astype(mx.uint32) * mx.array(0x9E3779B9, dtype=mx.uint32)
-    x = _mix32(_mix32(x ^ _column(keys[0])) ^ _column(keys[1]))
-    # 23 bits plus a half is exact in float32: the uniform is strictly inside (0, 1).
-    uniform = ((x >> 9).astype(mx.float32) + 0.5) * (1.0 / (1 << 23))
-    return mx.log(-mx.log(uniform))
-
-
-def batch_logprobs(
-    logits: mx.array, tokens: mx.array, top: int
-) -> tuple[mx.array, mx.array, mx.array]:
-    """Lazy log-probabilities from raw ``[R, V]`` logits, for the engine to read in its sync.
-
-    Returns:
-        The logprob of each row's token ``[R]``; the ``top`` likeliest ids ``[R, top]``
-        (int32, likeliest first; ``top`` is capped at V, 0 gives ``[R, 0]``) and their
-        logprobs ``[R, top]``.
-    """
-    logits = logits.astype(mx.float32)
-    logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-    chosen = mx.take_along_axis(logp, tokens.astype(mx.int32)[:, None], axis=-1)[:, 0]
-    k = min(top, logp.shape[-1])
-    if k <= 0:
-        rows = logp.shape[0]
-        return chosen, mx.zeros((rows, 0), dtype=mx.int32), mx.zeros((rows, 0), dtype=mx.float32)
-    best, values = _top_k(logp, k)
-    order = mx.argsort(-values, axis=-1)
-    best = mx.take_along_axis(best, order, axis=-1).astype(mx.int32)
-    return chosen, best, mx.take_along_axis(values, order, axis=-1)

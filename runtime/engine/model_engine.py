@@ -28,11 +28,12 @@ from typing import TYPE_CHECKING
 import mlx.core as mx
 
 from runtime.engine.batch_cache import STEP, BatchKVCache, BatchLayout, PrefillChunk, round_up
-from runtime.engine.batch_sampler import BatchSampler, batch_logprobs
+from runtime.engine.batch_sampler import BatchSampler
 from runtime.engine.embedding import config_pooling, embed_tokens
 from runtime.engine.protocol import EngineStats, SequenceRequest, StepAbort, TokenEvent
-from runtime.engine.rows import NO_ROWS, Forward, Prefix, Row, read_events
-from runtime.errors import OptionsError, PromptError, PromptTooLongError
+from runtime.engine.rows import NO_ROWS, Forward, Prefix, Row, check_request, read_events
+from runtime.engine.sampling_ops import batch_logprobs
+from runtime.errors import PromptTooLongError
 from runtime.models.projections import fuse_projections, projections_fused
 
 if TYPE_CHECKING:
@@ -93,21 +94,7 @@ class ModelEngine:
     def add(self, request: SequenceRequest) -> None:
         if request.seq_id in self._by_id:
             raise ValueError(f"sequence {request.seq_id} already exists")
-        if not request.prompt:
-            raise PromptError("empty prompt")
-        if len(request.prompt) >= self._context:
-            raise PromptTooLongError(
-                f"input length ({len(request.prompt)} tokens) exceeds the context length "
-                f"({self._context} tokens)"
-            )
-        bad = [t for t in request.prompt if not 0 <= t < self._vocab]
-        if bad:
-            raise PromptError(f"token id {bad[0]} is outside the vocabulary (0..{self._vocab - 1})")
-        bad = [t for t, _ in request.logit_bias if not 0 <= t < self._vocab]
-        if bad:
-            raise OptionsError(
-                f"logit_bias token id {bad[0]} is outside the vocabulary (0..{self._vocab - 1})"
-            )
+        check_request(request, context=self._context, vocab=self._vocab)
         index = next((i for i, r in enumerate(self._rows) if r is None), len(self._rows))
         if index == len(self._rows):
             self._rows.append(None)

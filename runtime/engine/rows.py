@@ -5,7 +5,7 @@ A ``Row`` is one sequence's place in the batch: its cache row, the prompt tokens
 dispatched, and counters of what was dispatched, sampled and reported (they differ because
 steps are pipelined: ``runtime.engine.model_engine``). A ``Forward`` is a dispatched pass whose
 tokens are still on the device; ``read_events`` reads them back and decides each sequence's
-ending (EOS, ``max_tokens``, the context).
+ending (EOS, ``max_tokens``, the context). ``check_request`` refuses what no row can run.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import attrs
 import mlx.core as mx
 
 from runtime.engine.protocol import FinishReason, SequenceRequest, TokenEvent, TokenLogprob
+from runtime.errors import OptionsError, PromptError, PromptTooLongError
 
 Prefix = list[tuple[mx.array, mx.array]]
 
@@ -42,6 +43,26 @@ class Row:
         if self.finished or self.paused or self.pending or self.sampled == 0:
             return False
         return self.sampled < self.request.max_tokens and self.prompt_len + self.sampled < context
+
+
+def check_request(request: SequenceRequest, *, context: int, vocab: int) -> None:
+    """Refuse what no row can run: an empty or too long prompt, token ids outside the
+    vocabulary (in the prompt or in ``logit_bias``)."""
+    if not request.prompt:
+        raise PromptError("empty prompt")
+    if len(request.prompt) >= context:
+        raise PromptTooLongError(
+            f"input length ({len(request.prompt)} tokens) exceeds the context length "
+            f"({context} tokens)"
+        )
+    bad = [t for t in request.prompt if not 0 <= t < vocab]
+    if bad:
+        raise PromptError(f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})")
+    bad = [t for t, _ in request.logit_bias if not 0 <= t < vocab]
+    if bad:
+        raise OptionsError(
+            f"logit_bias token id {bad[0]} is outside the vocabulary (0..{vocab - 1})"
+        )
 
 
 # The rows of a forward: those fed a decode token, and prefill chunks (row, tokens).
