@@ -32,7 +32,7 @@ from actors.messages import (
     GenerationItem,
     Logprob,
 )
-from actors.scheduler import Dropped, EngineFailed, Reply
+from actors.scheduler_records import Dropped, EngineFailed, Reply
 from runtime.engine.protocol import FinishReason, TokenEvent
 from runtime.errors import OptionsError, PromptError, PromptTooLongError
 from runtime.text.stops import StopMatcher

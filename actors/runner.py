@@ -39,11 +39,12 @@ from actors.messages import (
     Statistics,
     UnavailableError,
 )
-from actors.scheduler import Submission
+from actors.scheduler_records import Submission
 from runtime.engine.protocol import SequenceRequest
 
 if TYPE_CHECKING:
-    from actors.scheduler import Reply, Scheduler
+    from actors.scheduler import Scheduler
+    from actors.scheduler_records import Reply
     from runtime.text.tokenizer import Tokenizer
 
 

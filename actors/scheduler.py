@@ -38,14 +38,23 @@ import math
 import threading
 from typing import TYPE_CHECKING
 
-import attrs
 import trio
 
+from actors.engine_jobs import Embedded, JobOutcome, StepFailure, removals_only, run_job
 from actors.messages import EngineFaultError, GenerationError, OutOfMemoryError, UnavailableError
-from runtime.engine.protocol import EngineStats, SequenceRequest, StepAbort, TokenEvent
+from actors.scheduler_records import (
+    Counters,
+    Dropped,
+    EmbeddingWork,
+    EngineFailed,
+    Reply,
+    SchedulerConfig,
+    Submission,
+)
+from runtime.engine.protocol import EngineStats, TokenEvent
 from runtime.errors import RuntimeInputError
 from runtime.scheduling.embeddings import EmbedChunk, EmbeddingQueue, EmbeddingQueueFull
-from runtime.scheduling.faults import FaultRule, FaultTracker, is_out_of_memory
+from runtime.scheduling.faults import FaultTracker, is_out_of_memory
 from runtime.scheduling.policy import Job, PolicyConfig, QueueFull, SchedulerPolicy
 
 if TYPE_CHECKING:
@@ -59,121 +68,6 @@ log = logging.getLogger("mlxrunner.scheduler")
 STEPS_PER_JOB = 32
 # How long a stopping tree waits for the engine to remove the sequences that ended.
 SETTLE_SECONDS = 5.0
-
-
-@attrs.frozen(kw_only=True)
-class SchedulerConfig:
-    max_queue: int = 64
-    parallel: int = 4
-    # One budget for the batch KV cache and the prefix-cache entries together.
-    cache_bytes_limit: int = 2 << 30
-    prefix_cache: bool = True
-    reader_pause_tokens: int = 256
-    reader_timeout: float = 60.0
-    faults: FaultRule = attrs.field(factory=FaultRule)
-
-    def __attrs_post_init__(self) -> None:
-        if self.max_queue < 1 or self.parallel < 1:
-            raise ValueError("max_queue and parallel must be >= 1")
-        if self.cache_bytes_limit < 1:
-            raise ValueError("cache_bytes_limit must be >= 1")
-        if self.reader_pause_tokens < 2:
-            raise ValueError("reader_pause_tokens must be >= 2")
-
-
-@attrs.frozen
-class Dropped:
-    """The last item a reply channel carries when the scheduler ended the sequence itself
-    (shutdown, or a reader that stopped reading); ``admitted``: whether it ever ran."""
-
-    reason: str
-    admitted: bool = True
-
-
-@attrs.frozen
-class EngineFailed:
-    """The last item a reply channel carries when the engine could not run the sequence.
-
-    ``admission``: the engine refused the sequence when it was added (not a failed step).
-    """
-
-    error: BaseException
-    admission: bool = False
-
-    def generation_error(self) -> GenerationError:
-        """What the requester is told. Only an input the engine refused is described; a fault
-        gets a generic message (the scheduler logged its details)."""
-        error = self.error
-        if is_out_of_memory(error):
-            failure: GenerationError = OutOfMemoryError(
-                "generation failed: the server ran out of memory; try again later"
-            )
-        elif self.admission and isinstance(error, ValueError | RuntimeInputError):
-            failure = GenerationError(f"generation failed: {error}")
-        else:
-            failure = GenerationError("generation failed: internal error")
-        failure.__cause__ = error
-        return failure
-
-
-Reply = TokenEvent | Dropped | EngineFailed
-
-
-@attrs.frozen(eq=False)
-class Submission:
-    request: SequenceRequest
-    reply: trio.MemorySendChannel[Reply]
-
-
-@attrs.define
-class Counters:
-    requests: int = 0
-    cancelled: int = 0
-    prompt_tokens: int = 0
-    prefilled_tokens: int = 0  # prompt positions the engine computed (not copied or reused)
-    generated_tokens: int = 0
-    engine_faults: int = 0  # failed steps and failed admissions (not input errors)
-
-
-@attrs.define(eq=False)
-class EmbeddingWork:
-    """One embedding request: its token inputs and, once done, a vector per input."""
-
-    inputs: tuple[tuple[int, ...], ...]
-    normalize: bool
-    dimensions: int | None
-    vectors: list[list[float]] = attrs.field(init=False)
-    done: trio.Event = attrs.field(init=False, factory=trio.Event)
-    error: BaseException | None = None
-
-    def __attrs_post_init__(self) -> None:
-        self.vectors = [[] for _ in self.inputs]
-
-    def fail(self, error: BaseException) -> None:
-        if not self.done.is_set():
-            self.error = error
-            self.done.set()
-
-
-Embedded = list[list[float]] | Exception | None
-
-
-@attrs.frozen
-class _StepFailure:
-    error: Exception
-    abort: StepAbort
-
-
-@attrs.frozen
-class _Outcome:
-    kept: list[int]
-    rejected: list[tuple[int, BaseException]]
-    events: list[TokenEvent]
-    stats: EngineStats
-    busy: bool  # the engine has more to compute
-    steps: int  # steps that succeeded (the events of all but the last were delivered)
-    failure: _StepFailure | None  # the step that ended the job by raising
-    embedded: Embedded = None  # the embedding chunk's vectors, or why it failed
 
 
 class Scheduler:
@@ -355,7 +249,7 @@ class Scheduler:
         with trio.CancelScope(shield=True), trio.move_on_after(SETTLE_SECONDS):
             job = self._policy.next_job(trio.current_time())
             try:
-                kept = await self._thread.run(_removals_only, self._engine, job)
+                kept = await self._thread.run(removals_only, self._engine, job)
             except Exception:  # the tree is stopping anyway; the engine's close frees it all
                 log.exception("removing the last sequences failed")
                 return
@@ -409,66 +303,15 @@ class Scheduler:
         token: trio.lowlevel.TrioToken,
         chunk: EmbedChunk[EmbeddingWork] | None,
         limit: int,
-    ) -> _Outcome:
-        """One engine-thread job: leave (saving prefixes), drop entries, join, pause, compute
-        an embedding chunk, then step.
+    ) -> JobOutcome:
+        """``engine_jobs.run_job`` on the engine thread; each step's events but the last are
+        posted to the loop (``_deliver``) without waiting for it."""
 
-        While nothing asks for a new job (a submission, a departure, a finish: ``_interrupt``)
-        it keeps stepping, up to ``limit`` steps, and posts each step's events to the loop
-        without waiting for it: a round trip through the loop per step left the device idle
-        while the loop wrote 64 streams' responses (py-spy, GPU, 64 streams). A departure
-        still takes effect after at most one more step.
-        """
-        engine = self._engine
-        kept = [engine.remove(r.seq_id, save_as=r.save_as) for r in job.removals]
-        for entry_id in job.drops:
-            engine.drop_prefix(entry_id)
-        for seq_id in job.pauses:
-            engine.set_paused(seq_id, True)
-        for seq_id in job.resumes:
-            engine.set_paused(seq_id, False)
-        rejected: list[tuple[int, BaseException]] = []
-        for request in job.admits:
-            try:
-                engine.add(request)
-            except Exception as exc:  # e.g. PromptError: this request fails, no other
-                rejected.append((request.seq_id, exc))
-        embedded: Embedded = None
-        if chunk is not None:
-            work = chunk.key
-            try:
-                embedded = engine.embed(
-                    [work.inputs[i] for i in chunk.indices],
-                    normalize=work.normalize,
-                    dimensions=work.dimensions,
-                )
-            except Exception as exc:  # this request fails (``_embedded``), no other
-                embedded = exc
-        events: list[TokenEvent] = []
-        steps = 0
-        failure = None
-        try:
-            while engine.has_work() and (
-                steps == 0 or (steps < limit and not self._interrupt.is_set())
-            ):
-                if steps:
-                    stats = engine.statistics()
-                    with contextlib.suppress(trio.RunFinishedError):
-                        token.run_sync_soon(self._deliver, events, stats)
-                events = engine.step()
-                steps += 1
-        except Exception as exc:  # the step's sequences fail (see ``_fail_step``), no others
-            events, failure = [], _StepFailure(error=exc, abort=engine.abort_step())
-        return _Outcome(
-            kept=kept,
-            rejected=rejected,
-            events=events,
-            stats=engine.statistics(),
-            busy=engine.has_work(),
-            steps=steps,
-            failure=failure,
-            embedded=embedded,
-        )
+        def post(events: list[TokenEvent], stats: EngineStats) -> None:
+            with contextlib.suppress(trio.RunFinishedError):
+                token.run_sync_soon(self._deliver, events, stats)
+
+        return run_job(self._engine, job, chunk, limit, interrupted=self._interrupt, post=post)
 
     def _embedded(self, chunk: EmbedChunk[EmbeddingWork], result: Embedded) -> None:
         """Hand a chunk's vectors to its request (done after its last chunk), or its error."""
@@ -491,7 +334,7 @@ class Scheduler:
         if chunk.last and not work.done.is_set():
             work.done.set()
 
-    def _judge(self, outcome: _Outcome) -> None:
+    def _judge(self, outcome: JobOutcome) -> None:
         """Hold a job's faults against ``FaultRule``, in the order they happened: admissions,
         then steps. Raises ``EngineFaultError`` once the rule says the engine is broken."""
         for seq_id, error in outcome.rejected:
@@ -504,7 +347,7 @@ class Scheduler:
         if outcome.failure is not None:
             self._fail_step(outcome.failure)
 
-    def _fail_step(self, failure: _StepFailure) -> None:
+    def _fail_step(self, failure: StepFailure) -> None:
         error, abort = failure.error, failure.abort
         out_of_memory = is_out_of_memory(error)
         log.error(
@@ -570,10 +413,3 @@ class Scheduler:
         ):
             sub.reply.send_nowait(marker)
         sub.reply.close()
-
-
-def _removals_only(engine: Engine, job: Job) -> list[int]:
-    kept = [engine.remove(r.seq_id, save_as=r.save_as) for r in job.removals]
-    for entry_id in job.drops:
-        engine.drop_prefix(entry_id)
-    return kept

@@ -34,7 +34,8 @@ from actors import loading
 from actors.config import LoadFn, RunnerConfig
 from actors.engine_thread import EngineThread
 from actors.runner import Ready, Runner
-from actors.scheduler import Scheduler, SchedulerConfig
+from actors.scheduler import Scheduler
+from actors.scheduler_records import SchedulerConfig
 
 log = logging.getLogger("mlxrunner.tree")
 

@@ -27,7 +27,7 @@ import trio
 import trio.testing
 
 from actors.messages import GenerationError
-from actors.scheduler import EngineFailed, Reply, Submission
+from actors.scheduler_records import EngineFailed, Reply, Submission
 from actors.testing import HarnessClient, ScriptedEngine, open_test_runner, tiny_tokenizer
 from api.app import ApiConfig, create_app
 from tests.api_fakes import raw_request, serve_app

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from actors.messages import GenerationError, OutOfMemoryError
-from actors.scheduler import EngineFailed
+from actors.scheduler_records import EngineFailed
 from runtime.engine.batch_cache import STEP
 from runtime.engine.options import SamplingOptions
 from runtime.engine.protocol import FinishReason, SequenceRequest, TokenEvent
