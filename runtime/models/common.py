@@ -201,6 +201,56 @@ class SpanLayout:
         return merge_heads(out)
 
 
+class CausalLM(nn.Module):
+    """An architecture's top module: ``model`` (embeddings, layers, final norm) and the
+    unembedding, tied to the embeddings or an ``lm_head``; the calls the engine makes
+    (``hidden``, ``unembed``) and mlx-lm's ``Model.__call__`` for a ``[1, L]`` prompt.
+
+    ``FUSABLE_PROJECTIONS``: the layers project through ``projections.qkv``/``gate_up``, so an
+    engine may fuse them (``runtime.models.projections``).
+    """
+
+    FUSABLE_PROJECTIONS = False
+
+    def __init__(self, args: Any, body: nn.Module) -> None:
+        super().__init__()
+        self.args = args
+        self.model_type = args.model_type
+        self.model = body
+        if not args.tie_word_embeddings:
+            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+
+    def hidden(self, inputs: mx.array, layout: Layout) -> mx.array:
+        """Final hidden states ``[1, N, D]`` of the packed token row ``inputs`` (``[1, N]``)."""
+        out: mx.array = self.model(inputs, layout)
+        return out
+
+    def unembed(self, hidden: mx.array) -> mx.array:
+        if self.args.tie_word_embeddings:
+            tied: mx.array = self.model.embed_tokens.as_linear(hidden)
+            return tied
+        out: mx.array = self.lm_head(hidden)
+        return out
+
+    def __call__(self, inputs: mx.array, cache: SequenceCache | None = None) -> mx.array:
+        """Logits for a ``[1, L]`` prompt, like mlx-lm's ``Model.__call__``."""
+        cache = cache if cache is not None else self.make_cache()
+        return self.unembed(self.hidden(inputs, single_span(inputs, cache)))
+
+    def make_cache(self) -> SequenceCache:
+        return SequenceCache(self.num_layers)
+
+    def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
+        weights = {k: v for k, v in weights.items() if "rotary_emb.inv_freq" not in k}
+        if self.args.tie_word_embeddings:
+            weights = {k: v for k, v in weights.items() if not k.startswith("lm_head.")}
+        return weights
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.model.layers)
+
+
 def merge_heads(x: mx.array) -> mx.array:
     """``[1, H, N, D]`` -> ``[1, N, H * D]``."""
     batch, heads, length, dims = x.shape

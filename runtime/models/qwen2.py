@@ -12,12 +12,11 @@ import attrs
 import mlx.core as mx
 import mlx.nn as nn
 
-from runtime.engine.kvcache import SequenceCache
 from runtime.models.common import (
+    CausalLM,
     Layout,
     Rope,
     normalize_config,
-    single_span,
     split_heads,
     swiglu,
 )
@@ -124,40 +123,8 @@ class Qwen2Model(nn.Module):
         return self.norm(h)
 
 
-class Model(nn.Module):
+class Model(CausalLM):
     FUSABLE_PROJECTIONS = True  # its layers project through ``qkv`` and ``gate_up``
 
     def __init__(self, args: ModelArgs) -> None:
-        super().__init__()
-        self.args = args
-        self.model_type = args.model_type
-        self.model = Qwen2Model(args)
-        if not args.tie_word_embeddings:
-            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
-
-    def hidden(self, inputs: mx.array, layout: Layout) -> mx.array:
-        """Final hidden states ``[1, N, D]`` of the packed token row ``inputs`` (``[1, N]``)."""
-        return self.model(inputs, layout)
-
-    def unembed(self, hidden: mx.array) -> mx.array:
-        if self.args.tie_word_embeddings:
-            return self.model.embed_tokens.as_linear(hidden)
-        return self.lm_head(hidden)
-
-    def __call__(self, inputs: mx.array, cache: SequenceCache | None = None) -> mx.array:
-        """Logits for a ``[1, L]`` prompt, like mlx-lm's ``Model.__call__``."""
-        cache = cache if cache is not None else self.make_cache()
-        return self.unembed(self.hidden(inputs, single_span(inputs, cache)))
-
-    def make_cache(self) -> SequenceCache:
-        return SequenceCache(len(self.model.layers))
-
-    def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
-        weights = {k: v for k, v in weights.items() if "rotary_emb.inv_freq" not in k}
-        if self.args.tie_word_embeddings:
-            weights = {k: v for k, v in weights.items() if not k.startswith("lm_head.")}
-        return weights
-
-    @property
-    def num_layers(self) -> int:
-        return len(self.model.layers)
+        super().__init__(args, Qwen2Model(args))
