@@ -169,6 +169,7 @@ async def run(
     *,
     submitted_ns: int,
     on_taken: Callable[[int], None],
+    stream_interval: int = 1,
 ) -> None:
     """The pipeline task of one request: the scheduler's events in, chunks out.
 
@@ -186,7 +187,16 @@ async def run(
     # exception that ends the stream.
     with chunks, replies:
         try:
-            await _stream(prepared, request, tokenizer, replies, chunks, submitted_ns, on_taken)
+            await _stream(
+                prepared,
+                request,
+                tokenizer,
+                replies,
+                chunks,
+                submitted_ns,
+                on_taken,
+                stream_interval,
+            )
         except trio.BrokenResourceError:
             pass  # the requester closed its handle
         except Exception as exc:  # see "Errors" above: this request fails, nothing else
@@ -205,6 +215,7 @@ async def _stream(
     chunks: trio.MemorySendChannel[GenerationItem],
     submitted_ns: int,
     on_taken: Callable[[int], None],
+    stream_interval: int,
 ) -> None:
     detok = tokenizer.detokenizer(prepared.prompt[-4:])
     stops = StopMatcher(request.options.stop)
@@ -239,6 +250,12 @@ async def _stream(
         if not pending_text and not pending_thinking:
             # Held for a stop string or a partial character, not for the reader: not unread
             # (or a sequence could pause waiting for a reader that waits for it).
+            on_taken(len(pending_ids) - reported)
+            reported = len(pending_ids)
+            return
+        if len(pending_ids) < stream_interval:
+            # ``--stream-interval``: fewer, larger chunks (the done chunk takes the rest). Held
+            # here, not by the reader: taken, so the sequence never pauses for it.
             on_taken(len(pending_ids) - reported)
             reported = len(pending_ids)
             return

@@ -56,9 +56,12 @@ class Ready:
 
 
 class Runner:
-    def __init__(self, *, max_open: int = 256, cpu_workers: int) -> None:
+    def __init__(self, *, max_open: int = 256, cpu_workers: int, stream_interval: int = 1) -> None:
         if max_open < 1:
             raise ValueError("max_open must be >= 1")
+        if stream_interval < 1:
+            raise ValueError("stream_interval must be >= 1")
+        self.stream_interval = stream_interval
         # Request-sized CPU work runs on worker threads, at most this many at once (see
         # ``RunnerClient``): a burst of long prompts queues here instead of stalling the loop.
         self.cpu_limiter = trio.CapacityLimiter(cpu_workers)
@@ -314,6 +317,7 @@ class Runner:
             send,
             submitted_ns=submitted,
             on_taken=functools.partial(scheduler.taken, seq_id),
+            stream_interval=self.stream_interval,
         )
         nursery.start_soon(self._pipeline, run, scope, scheduler, seq_id)
 

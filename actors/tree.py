@@ -173,7 +173,11 @@ async def open_runner(
         load = loading.model_loader(config)
     thread = EngineThread()
     thread.on_stop(_end_mlx_thread)
-    runner = Runner(max_open=config.max_open, cpu_workers=config.cpu_workers)
+    runner = Runner(
+        max_open=config.max_open,
+        cpu_workers=config.cpu_workers,
+        stream_interval=config.stream_interval,
+    )
     try:
         with trio.CancelScope() as everything:
             async with trio.open_nursery() as nursery:

@@ -9,7 +9,7 @@ aggregate rate next to the engine's own (streams / step time): their ratio is wh
 side can carry. Run the server under ``py-spy record --threads -p PID`` to see where the
 event loop's time goes.
 
-Run: ``python bench/http_loop.py [--streams 64] [--busy 2.5] [--wait 4.5]``.
+Run: ``python bench/http_loop.py [--streams 64] [--busy 2.5] [--wait 4.5] [--stream-interval N]``.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from bench.http_client import run_concurrently, stream_native, window_rate
 from bench.servers import ROOT, ServerProcess, child_env, free_port, open_servers
 
 
-def serve(busy_ms: float, wait_ms: float, port: int, streams: int) -> None:
+def serve(busy_ms: float, wait_ms: float, port: int, streams: int, interval: int) -> None:
     """The server process: the tree around the timed scripted engine."""
     import trio
 
@@ -49,7 +49,17 @@ def serve(busy_ms: float, wait_ms: float, port: int, streams: int) -> None:
 
     engine = TimedEngine(script, context_length=8192, prefill_chunk=8192)
     args = build_parser().parse_args(
-        ["serve", "--model", "timed", "--port", str(port), "--parallel", str(streams)]
+        [
+            "serve",
+            "--model",
+            "timed",
+            "--port",
+            str(port),
+            "--parallel",
+            str(streams),
+            "--stream-interval",
+            str(interval),
+        ]
     )
     trio.run(functools.partial(serve_tree, args, load=scripted_load(engine, tiny_tokenizer())))
 
@@ -63,10 +73,11 @@ def main() -> int:
     parser.add_argument("--wait", type=float, default=4.5, help="ms of GIL-free wait per step")
     parser.add_argument("--tokens", type=int, default=300, help="tokens per stream")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--stream-interval", type=int, default=1, help="the server's flag")
     parser.add_argument("--serve-port", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_port is not None:
-        serve(args.busy, args.wait, args.serve_port, args.streams)
+        serve(args.busy, args.wait, args.serve_port, args.streams, args.stream_interval)
         return 0
     port = free_port()
     command = [
@@ -80,6 +91,8 @@ def main() -> int:
         str(args.wait),
         "--streams",
         str(args.streams),
+        "--stream-interval",
+        str(args.stream_interval),
     ]
     bodies = [
         {

@@ -370,3 +370,16 @@ async def test_a_lagging_reader_gets_the_waiting_tokens_in_fewer_chunks() -> Non
     assert sum(len(c.tokens) for c in chunks) == len(_ids(words))
     assert len(chunks) < len(_ids(words))  # held text went out together
     assert chunks[-1].done
+
+
+async def test_stream_interval_gathers_that_many_tokens_per_chunk() -> None:
+    words = " one two three four five six seven eight nine ten"
+    engine = ScriptedEngine(_spell(words))
+    async with open_test_runner(engine, stream_interval=3) as client:
+        chunks = await client.generate(_request("Hi"))
+    assert "".join(c.content for c in chunks) == words
+    assert sum(len(c.tokens) for c in chunks) == len(_ids(words))
+    # Every chunk but the done one (which takes the rest) carries at least 3 tokens; a lagging
+    # reader may get more in one.
+    assert all(len(c.tokens) >= 3 for c in chunks[:-1])
+    assert chunks[-1].done

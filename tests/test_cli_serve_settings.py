@@ -70,3 +70,13 @@ def test_hosts_and_origins_from_flags_or_the_environment() -> None:
     guard = config("--allowed-hosts", "x.lan,y.lan", "--origins", "", env=env)[1]
     assert guard.allowed_hosts == ("x.lan", "y.lan")
     assert guard.allowed_origins == ()  # an empty flag clears the variable's list
+
+
+def test_stream_interval_reaches_the_runner_and_is_checked() -> None:
+    from cli.serve import runner_options
+
+    args = build_parser().parse_args(["serve", "--stream-interval", "4"])
+    assert runner_options(args)["stream_interval"] == 4
+    assert runner_options(build_parser().parse_args(["serve"]))["stream_interval"] == 1
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--stream-interval", "0"])
