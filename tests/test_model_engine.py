@@ -294,7 +294,7 @@ def test_warm_up_runs_every_kind_of_step_and_leaves_the_engine_empty(
     engine = ModelEngine(loaded, prefill_chunk=64)
     seen: list[float] = []
     warm_up(engine, seen.append)
-    # Each CUDA decode-attention variant ran: single pass (short) and split (long).
+    # Decode batches of 4+ rows ran both short and past 128 positions.
     assert {(True, False), (True, True)} <= decode_shapes
     assert seen[-1] == 1.0
     assert seen == sorted(seen)
@@ -426,3 +426,37 @@ def test_a_saved_prefix_does_not_keep_the_batch_buffer_alive(loaded: LoadedModel
     held = mx.get_active_memory() - base
     # The entries' own copies (a few KB), not the 4-row buffers they were copied from.
     assert held < peak // 4
+
+
+def test_warm_up_reaches_the_split_kernel_where_there_is_one_and_embeds(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from runtime.engine import batch_cache, decode_attention, lifecycle
+
+    long_context = load_model(
+        make_tiny_folder(tmp_path / "m", "llama", max_position_embeddings=1024)
+    )
+    split_rows: list[int] = []
+    build = batch_cache.BatchLayout.build
+
+    def spy(*args: Any, **kwargs: Any) -> batch_cache.BatchLayout:
+        layout = build(*args, **kwargs)
+        heads = long_context.model.args.kv_heads
+        if layout.rows and decode_attention.splits_for(layout.rows, heads, layout.span) > 1:
+            split_rows.append(layout.rows)
+        return layout
+
+    monkeypatch.setattr(batch_cache.BatchLayout, "build", spy)
+    engine = ModelEngine(long_context, prefill_chunk=4096)
+    embedded: list[int] = []
+    real_embed = engine.embed
+
+    def embed(inputs: Any, **kw: Any) -> list[list[float]]:
+        embedded.append(len(inputs))
+        return real_embed(inputs, **kw)
+
+    monkeypatch.setattr(engine, "embed", embed)
+    monkeypatch.setattr(lifecycle, "kernel_attention", lambda: True)  # as on CUDA
+    lifecycle.warm_up(engine)
+    assert split_rows  # a decode step long enough for the split kernel and its merge
+    assert embedded == [1]

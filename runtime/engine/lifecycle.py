@@ -6,6 +6,8 @@ from collections.abc import Callable
 
 import mlx.core as mx
 
+from runtime.engine.decode_attention import MIN_SLICE
+from runtime.engine.decode_attention import enabled as kernel_attention
 from runtime.engine.model_engine import ModelEngine
 from runtime.engine.options import SamplingOptions
 from runtime.engine.protocol import SequenceRequest
@@ -17,9 +19,11 @@ def warm_up(engine: ModelEngine, progress: Callable[[float], None] | None = None
     # greedy, top-k and full-sort sampling. Kernels are specialised by such shapes; on
     # the GPU a q4 model's first 128-token prefill alone compiled for 65 s (measured).
     long = max(1, min(128, engine.prefill_chunk, engine.context_length - 8))
-    # On CUDA, 4 rows past 128 positions take the split decode-attention kernel and its
-    # merge; short rows take the single-pass one (runtime.engine.decode_attention).
-    split = max(1, min(150, engine.context_length - 8))
+    # On CUDA, 4 rows of two slices' length take the split decode-attention kernel and its
+    # merge, and short rows the single-pass one (runtime.engine.decode_attention); elsewhere
+    # there is no such kernel and a shorter plan covers a longer span.
+    split = 2 * MIN_SLICE + 8 if kernel_attention() else 150
+    split = max(1, min(split, engine.context_length - 8))
     plans = [
         (1, long, SamplingOptions(temperature=0.0)),
         (4, split, SamplingOptions(temperature=0.0)),
@@ -40,6 +44,9 @@ def warm_up(engine: ModelEngine, progress: Callable[[float], None] | None = None
             engine.step()
         for seq_id in ids:
             engine.remove(seq_id)
+        if done == len(plans) - 1:
+            # Embeddings attend span by span (runtime.engine.embedding): their own kernels.
+            engine.embed([[(3 * j) % engine.vocab_size for j in range(long)]], normalize=True)
         if progress is not None:
             progress((done + 1) / len(plans))
 
