@@ -45,16 +45,21 @@ class ApiContext:
             return self.config.model_name
         return self.client.model_info().name
 
+    def serves(self, name: str) -> bool:
+        """Whether ``name`` names the served model (by the name clients use or its own)."""
+        names = {_canonical(self.served_name())}
+        with contextlib.suppress(UnavailableError):
+            names.add(_canonical(self.client.model_info().name))
+        return _canonical(name) in names
+
     def resolve_model(self, requested: str | None) -> str:
         """The served model's name if ``requested`` names it (or is empty); 404 otherwise."""
         served = self.served_name()
         if not requested:
             return served
-        names = {_canonical(served)}
-        with contextlib.suppress(UnavailableError):
-            names.add(_canonical(self.client.model_info().name))
-        if _canonical(requested) not in names:
-            raise not_found(f"model '{requested}' not found")
+        if not self.serves(requested):
+            # It may be in the store (``/api/tags`` lists it): this server serves one model.
+            raise not_found(f"model '{requested}' not found; this server serves '{served}'")
         return requested
 
     def model_info(self) -> ModelInfo:

@@ -13,6 +13,7 @@ import datetime as dt
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
+import trio
 from quart import Blueprint, Response, jsonify
 
 from actors.messages import (
@@ -34,6 +35,7 @@ from api.replies import json_reply, whole_reply_size
 from api.schemas import generation_options
 from api.structured import FORMAT
 from api.tool_replies import ToolCallStream, ollama_tool_calls
+from runtime.store.layout import ModelEntry, Store
 from runtime.text.thinking import supports_thinking
 
 # A cut generation never gets a done line: its stream ends with an error line instead.
@@ -71,6 +73,27 @@ def details(info: ModelInfo) -> dict[str, Any]:
 
 def _renders_tools(info: ModelInfo) -> bool:
     return "tools" in (info.chat_template or "")
+
+
+def store_listing(models_dir: str | None) -> list[ModelEntry]:
+    """The store's models (a worker thread: it reads every manifest)."""
+    return Store.at(models_dir).list_models()
+
+
+def stored_entry(entry: ModelEntry) -> dict[str, Any]:
+    """``/api/tags``' line for a stored model that is not the one served (its details are
+    what the manifest says; the rest would mean reading its config)."""
+    return {
+        "name": entry.name,
+        "model": entry.name,
+        "modified_at": _rfc3339(entry.modified_at),
+        "size": entry.size_bytes,
+        "digest": entry.digest.removeprefix("sha256:"),
+        "details": {
+            "format": "gguf" if entry.quantization.upper().startswith("Q") else "safetensors",
+            "quantization_level": entry.quantization,
+        },
+    }
 
 
 def _digest(info: ModelInfo) -> str:
@@ -289,10 +312,20 @@ def blueprint(ctx: ApiContext) -> Blueprint:
         }
 
     @bp.get("/api/tags")
-    @endpoint("Ollama: the models this server serves (one)", errors=LOADING)
+    @endpoint(
+        "Ollama: the served model, then the others in the server's store (pulled, created)",
+        errors=LOADING,
+    )
     async def tags() -> Response:
         info = ctx.model_info()
-        return jsonify({"models": [model_entry(info, ctx.served_name())]})
+        served = ctx.served_name()
+        entries = [model_entry(info, served)]
+        if ctx.config.manage_models or ctx.config.allow_pull:  # the server keeps a store
+            stored = await trio.to_thread.run_sync(
+                store_listing, ctx.config.models_dir, limiter=ctx.client.cpu_limiter
+            )
+            entries += [stored_entry(e) for e in stored if not ctx.serves(e.name)]
+        return jsonify({"models": entries})
 
     @bp.post("/api/show")
     @endpoint("Ollama: a model's details", body=SHOW, errors=LOADING + UNKNOWN_MODEL)

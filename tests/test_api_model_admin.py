@@ -316,7 +316,8 @@ async def test_a_created_model_is_served_with_its_profile(store: Store) -> None:
         await in_thread(lambda: client.delete("base"))
         after = await in_thread(lambda: client.generate(model="base", prompt="x", raw=True))
         assert after.done
-        assert [m.model for m in (await in_thread(client.list)).models] == ["base"]
+        # Still listed, first (from memory); the store's other model after it.
+        assert [m.model for m in (await in_thread(client.list)).models] == ["base", "terse:latest"]
 
     async with serving(store, "terse") as url:
         client = ollama.Client(host=url)
@@ -384,3 +385,27 @@ async def test_create_from_a_gguf_file_with_a_system_prompt(url: str, store: Sto
     files = store.resolve("fromgguf")
     assert files.profile.system == "From a GGUF."
     assert files.tokenizer_json  # rebuilt from the GGUF's metadata
+
+
+async def test_tags_lists_the_served_model_then_the_stores_others(url: str) -> None:
+    client = ollama.Client(host=url)
+    await in_thread(lambda: client.copy("base", "other:v2"))
+    listed = await in_thread(client.list)
+    names = [m.model for m in listed.models]
+    assert names[0] == "fake"  # the served one first, with its full details
+    assert set(names[1:]) == {"base:latest", "other:v2"}
+    stored = listed.models[1]
+    assert stored.size
+    assert stored.digest
+    assert stored.details is not None
+    # A stored model is listed, but this server serves one: asking for another is a clear 404.
+    with pytest.raises(ollama.ResponseError, match="this server serves 'fake'") as caught:
+        await in_thread(lambda: client.generate(model="other:v2", prompt="hi"))
+    assert caught.value.status_code == 404
+
+
+async def test_tags_lists_only_the_served_model_without_a_store() -> None:
+    app = create_app(FakeRunner(), ApiConfig(model_name="fake"))
+    async with app.test_app() as test_app:
+        reply = await (await test_app.test_client().get("/api/tags")).get_json()
+    assert [m["name"] for m in reply["models"]] == ["fake"]
