@@ -29,6 +29,7 @@ import mlx.core as mx
 from runtime.engine import decode_attention
 from runtime.models import fused
 from runtime.models.common import merge_heads
+from runtime.models.sliding import causal_window_mask, decode_window_mask, first_seen
 
 if TYPE_CHECKING:
     from runtime.models.common import Rope
@@ -131,6 +132,7 @@ class BatchLayout:
     mask: mx.array | None = None  # ``length_mask()`` when ragged and MLX's attention is used
     prefill: tuple[PrefillChunk, ...] = ()
     _write_indices: dict[tuple[int, ...], mx.array] = attrs.field(factory=dict, init=False)
+    _window_masks: dict[int, mx.array] = attrs.field(factory=dict, init=False)
 
     @classmethod
     def build(
@@ -186,6 +188,14 @@ class BatchLayout:
         visible = mx.arange(self.span)[None, :] <= self.offsets[:, None]
         return visible.reshape(self.rows, 1, 1, self.span)
 
+    def _window_mask(self, window: int) -> mx.array:
+        """``decode_window_mask`` of this step (built once per step and window)."""
+        mask = self._window_masks.get(window)
+        if mask is None:
+            assert self.offsets is not None
+            mask = self._window_masks[window] = decode_window_mask(self.offsets, self.span, window)
+        return mask
+
     def _write_index(self, like: mx.array) -> mx.array:
         """Each decode row's write position, broadcast to ``like`` (built once per step and
         shape: every layer scatters at the same positions)."""
@@ -205,6 +215,7 @@ class BatchLayout:
         layer: int,
         rope: Rope,
         scale: float,
+        window: int | None = None,
     ) -> mx.array:
         rows = self.rows
         cache = self.cache
@@ -233,12 +244,15 @@ class BatchLayout:
             row, stop = chunk.row, chunk.offset + chunk.length
             k_all[row : row + 1, :, chunk.offset : stop] = k
             v_all[row : row + 1, :, chunk.offset : stop] = values[:, :, chunk.start : end]
-            chunks.append((q, row, stop))
+            chunks.append((q, row, chunk.offset, stop))
         cache.keys[layer], cache.values[layer] = k_all, v_all
         outputs = []
         if rows:
             out = None
-            if self.kernel:
+            # Past the window, MLX's attention with a windowed length mask: the kernel reads
+            # each row from position 0.
+            windowed = window is not None and self.span > window
+            if self.kernel and not windowed:
                 assert self.offsets is not None
                 out = decode_attention.decode_attention(
                     q_dec, k_all, v_all, self.offsets, scale=scale, longest=self.span
@@ -247,22 +261,28 @@ class BatchLayout:
                 k_seen, v_seen = k_all, v_all
                 if self.span < k_all.shape[2]:
                     k_seen, v_seen = k_all[:, :, : self.span], v_all[:, :, : self.span]
-                out = fused.attention(
-                    q_dec,
-                    k_seen,
-                    v_seen,
-                    scale=scale,
-                    mask=self.mask if self.mask is not None else self.length_mask(),
-                )
+                mask: mx.array | None
+                if windowed:
+                    assert window is not None
+                    mask = self._window_mask(window)
+                else:
+                    mask = self.mask if self.mask is not None else self.length_mask()
+                out = fused.attention(q_dec, k_seen, v_seen, scale=scale, mask=mask)
             if decode_only:
                 # [rows, H, 1, D] -> [rows, 1, H * D]: the transpose in ``merge_heads`` moves
                 # an axis of size 1, so a reshape is the same order, and a view when contiguous.
                 return out.reshape(out.shape[0], 1, -1)
             outputs.append(out.transpose(2, 1, 0, 3))  # back to [1, H, rows, D]
-        for q, row, stop in chunks:
-            k = k_all[row : row + 1, :, :stop]
-            v = v_all[row : row + 1, :, :stop]
-            mask = "causal" if q.shape[2] > 1 else None
-            outputs.append(mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask))
+        for q, row, offset, stop in chunks:
+            first = 0
+            chunk_mask: str | mx.array | None = "causal" if q.shape[2] > 1 else None
+            if window is not None and stop > window:
+                first = first_seen(offset, window)
+                chunk_mask = causal_window_mask(offset, stop - offset, window)
+            k = k_all[row : row + 1, :, first:stop]
+            v = v_all[row : row + 1, :, first:stop]
+            outputs.append(
+                mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=chunk_mask)
+            )
         out = outputs[0] if len(outputs) == 1 else mx.concatenate(outputs, axis=2)
         return merge_heads(out)

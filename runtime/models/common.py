@@ -23,6 +23,7 @@ import mlx.nn as nn
 
 from runtime.engine.kvcache import KVCache, SequenceCache
 from runtime.models.fused import rope as fused_rope
+from runtime.models.sliding import causal_window_mask, first_seen
 
 
 @attrs.frozen
@@ -160,8 +161,11 @@ class Layout(Protocol):
         layer: int,
         rope: Rope,
         scale: float,
+        window: int | None = None,
     ) -> mx.array:
-        """Attention for packed ``[1, H, N, D]`` projections; returns ``[1, N, H * D]``."""
+        """Attention for packed ``[1, H, N, D]`` projections; returns ``[1, N, H * D]``.
+        With ``window``, each query sees at most the last ``window`` positions
+        (``runtime.models.sliding``)."""
         ...
 
 
@@ -180,6 +184,7 @@ class SpanLayout:
         layer: int,
         rope: Rope,
         scale: float,
+        window: int | None = None,
     ) -> mx.array:
         # RoPE is applied here because each span starts at its own position.
         outputs = []
@@ -192,10 +197,15 @@ class SpanLayout:
                 k = keys[:, :, span.start : end]
                 v = values[:, :, span.start : end]
             cache: KVCache = span.cache[layer]
-            q = rope(q, cache.offset)
-            k = rope(k, cache.offset)
+            offset = cache.offset
+            q = rope(q, offset)
+            k = rope(k, offset)
             k, v = cache.update_and_fetch(k, v)
-            mask = "causal" if span.length > 1 else None
+            mask: str | mx.array | None = "causal" if span.length > 1 else None
+            if window is not None and offset + span.length > window:
+                first = first_seen(offset, window)
+                k, v = k[:, :, first:], v[:, :, first:]
+                mask = causal_window_mask(offset, span.length, window)
             outputs.append(mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask))
         out = outputs[0] if len(outputs) == 1 else mx.concatenate(outputs, axis=2)
         return merge_heads(out)

@@ -24,7 +24,6 @@ import mlx.nn as nn
 from runtime.models.common import CausalLM, Layout, Rope, normalize_config, split_heads
 from runtime.models.fused import rms_norm
 from runtime.models.projections import gate_up, qkv
-from runtime.models.sliding import attend as windowed_attend
 
 
 @attrs.frozen(kw_only=True)
@@ -119,8 +118,8 @@ class Attention(nn.Module):
         q = self.q_norm(split_heads(q, self.n_heads))
         k = self.k_norm(split_heads(k, self.n_kv_heads))
         v = split_heads(v, self.n_kv_heads)
-        out = windowed_attend(
-            layout, q, k, v, layer=self.layer, rope=self.rope, scale=self.scale, window=self.window
+        out = layout.attend(
+            q, k, v, layer=self.layer, rope=self.rope, scale=self.scale, window=self.window
         )
         return self.o_proj(out)
 

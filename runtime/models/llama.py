@@ -25,7 +25,6 @@ from runtime.models.common import (
 )
 from runtime.models.fused import RMSNorm
 from runtime.models.projections import gate_up, qkv
-from runtime.models.sliding import attend as windowed_attend
 
 
 @attrs.frozen(kw_only=True)
@@ -99,8 +98,8 @@ class Attention(nn.Module):
         q = split_heads(q, self.n_heads)
         k = split_heads(k, self.n_kv_heads)
         v = split_heads(v, self.n_kv_heads)
-        out = windowed_attend(
-            layout, q, k, v, layer=self.layer, rope=self.rope, scale=self.scale, window=self.window
+        out = layout.attend(
+            q, k, v, layer=self.layer, rope=self.rope, scale=self.scale, window=self.window
         )
         return self.o_proj(out)
 

@@ -16,7 +16,6 @@ import mlx.nn as nn
 
 from runtime.models.common import CausalLM, Layout, Rope, normalize_config, split_heads, swiglu
 from runtime.models.fused import RMSNorm
-from runtime.models.sliding import attend as windowed_attend
 
 
 @attrs.frozen(kw_only=True)
@@ -93,8 +92,8 @@ class Attention(nn.Module):
         q = split_heads(q, self.n_heads)
         k = split_heads(k, self.n_kv_heads)
         v = split_heads(v, self.n_kv_heads)
-        out = windowed_attend(
-            layout, q, k, v, layer=self.layer, rope=self.rope, scale=self.scale, window=self.window
+        out = layout.attend(
+            q, k, v, layer=self.layer, rope=self.rope, scale=self.scale, window=self.window
         )
         return self.o_proj(out)
 
