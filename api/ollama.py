@@ -58,12 +58,16 @@ def parameter_size(parameters: int) -> str:
     return str(parameters)
 
 
+def _format(quantization: str) -> str:
+    # Ollama's own names (Q4_0, Q8_0...) come from GGUF; MLX ones ("int4 g32") do not.
+    return "gguf" if quantization.upper().startswith("Q") else "safetensors"
+
+
 def details(info: ModelInfo) -> dict[str, Any]:
     family = info.family or info.model_type
     return {
         "parent_model": "",
-        # Ollama's own names (Q4_0, Q8_0...) come from GGUF; MLX ones ("int4 g32") do not.
-        "format": "gguf" if info.quantization.upper().startswith("Q") else "safetensors",
+        "format": _format(info.quantization),
         "family": family,
         "families": [family],
         "parameter_size": parameter_size(info.parameters),
@@ -90,7 +94,7 @@ def stored_entry(entry: ModelEntry) -> dict[str, Any]:
         "size": entry.size_bytes,
         "digest": entry.digest.removeprefix("sha256:"),
         "details": {
-            "format": "gguf" if entry.quantization.upper().startswith("Q") else "safetensors",
+            "format": _format(entry.quantization),
             "quantization_level": entry.quantization,
         },
     }
