@@ -132,9 +132,7 @@ def prepare(request: GenerateRequest, tokenizer: Tokenizer, model_context: int) 
     if not ids:
         raise PromptError("empty prompt")
     if len(ids) >= context:
-        raise PromptTooLongError(
-            f"input length ({len(ids)} tokens) exceeds the context length ({context} tokens)"
-        )
+        raise PromptTooLongError.exceeding(len(ids), context)
     room = context - len(ids)
     wanted = options.num_predict
     max_tokens = room if wanted < 0 else min(wanted, room)

@@ -35,6 +35,10 @@ class PromptError(RuntimeInputError, ValueError):
 class PromptTooLongError(PromptError):
     """The prompt does not fit the context (HTTP 413)."""
 
+    @classmethod
+    def exceeding(cls, length: int, context: int) -> PromptTooLongError:
+        return cls(f"input length ({length} tokens) exceeds the context length ({context} tokens)")
+
 
 def exception_leaves(exc: BaseException) -> list[BaseException]:
     """The non-group exceptions inside ``exc`` (itself, if it is not a group)."""

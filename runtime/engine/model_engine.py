@@ -193,10 +193,7 @@ class ModelEngine:
         """``Engine.embed``: one packed forward of its own; the batch cache is not touched."""
         for tokens in inputs:
             if len(tokens) > self._context:
-                raise PromptTooLongError(
-                    f"input length ({len(tokens)} tokens) exceeds the context length "
-                    f"({self._context} tokens)"
-                )
+                raise PromptTooLongError.exceeding(len(tokens), self._context)
         return embed_tokens(
             self.model,
             inputs,

@@ -51,10 +51,7 @@ def check_request(request: SequenceRequest, *, context: int, vocab: int) -> None
     if not request.prompt:
         raise PromptError("empty prompt")
     if len(request.prompt) >= context:
-        raise PromptTooLongError(
-            f"input length ({len(request.prompt)} tokens) exceeds the context length "
-            f"({context} tokens)"
-        )
+        raise PromptTooLongError.exceeding(len(request.prompt), context)
     bad = [t for t in request.prompt if not 0 <= t < vocab]
     if bad:
         raise PromptError(f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})")
