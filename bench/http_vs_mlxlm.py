@@ -1,8 +1,11 @@
 """``mlxrunner serve`` vs ``mlx_lm.server`` through HTTP, side by side (CPU, issue 9).
 
 Both servers load the same folder: the default model (SmolLM2-135M-Instruct) converted once
-from its GGUF to dense float32 under ``.bench/`` (our CPU default), and both run with Debian's
-OpenBLAS (``mlx_lm.server`` gets it through ``LD_PRELOAD``). Both stay up for the whole run on
+from its GGUF to dense float32 under ``.bench/`` (our CPU default). Ours runs on Debian's
+OpenBLAS with decoding's few-row products sent to BLIS (``runtime/blas.py``); ``mlx_lm.server``
+gets OpenBLAS through ``LD_PRELOAD`` (``--their-blas openblas``, the default), or our whole
+set-up (``--their-blas ours``), which shows how much of a ratio is the BLAS and how much the
+server. Both stay up for the whole run on
 two loopback ports; every measurement is taken for both servers back to back, in alternating
 order, and the ratio column is the median of those pairs (this machine is shared and its
 speed drifts). Requests are streaming ``/v1/completions``, temperature 0, the same prompt
@@ -36,6 +39,7 @@ from bench.servers import (
     ROOT,
     ServerProcess,
     child_env,
+    dispatch_preload,
     exit_on_sigterm,
     free_port,
     mlx_lm_command,
@@ -148,6 +152,12 @@ def main() -> int:
     parser.add_argument("--gen-tokens", type=int, default=128, help="max_tokens of decode runs")
     parser.add_argument("--prefix-tokens", type=int, default=1000, help="long prompt length")
     parser.add_argument("--streams", default="4,8", help="concurrency levels (default 4,8)")
+    parser.add_argument(
+        "--their-blas",
+        choices=("openblas", "ours"),
+        default="openblas",
+        help="BLAS given to mlx_lm.server: OpenBLAS, or ours with the BLIS dispatch",
+    )
     args = parser.parse_args()
     if args.quick:
         args.repeats, args.gen_tokens, args.prefix_tokens = 1, 16, 300
@@ -155,7 +165,12 @@ def main() -> int:
     exit_on_sigterm()
 
     folder = converted_model(BENCH_DIR / "smollm2-135m-f32")
-    preload = openblas_preload()
+    preload, variables = openblas_preload(), None
+    if args.their_blas == "ours":
+        dispatch = dispatch_preload()
+        if dispatch is None:
+            parser.error("this machine has no BLIS dispatch to give (see scripts/setup-blas.sh)")
+        preload, variables = dispatch
     print(f"model {folder} (dense float32); LD_PRELOAD for mlx_lm.server: {preload}")
     bench = Bench(args, long_prefix(folder, args.prefix_tokens))
     rows: Rows = {}
@@ -167,7 +182,7 @@ def main() -> int:
         servers.append(ServerProcess.start("ours", command, port, logs / "ours.log", child_env()))
         port = free_port()
         command = mlx_lm_command(folder, port)
-        env = child_env(preload=preload)
+        env = child_env(preload=preload, variables=variables)
         servers.append(ServerProcess.start("mlx-lm", command, port, logs / "mlx_lm.log", env))
         for server in servers:
             print(f"{server.name} ready in {server.wait_ready(300):.1f} s on port {server.port}")

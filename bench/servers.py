@@ -52,6 +52,25 @@ def openblas_preload() -> str | None:
     return f"{blas}:{lapack}" if lapack != blas and os.path.exists(lapack) else blas
 
 
+def dispatch_preload() -> tuple[str, dict[str, str]] | None:
+    """``LD_PRELOAD`` and variables that give a plain MLX process our whole BLAS set-up:
+    OpenBLAS plus the few-row dispatch to BLIS (``runtime/native/sgemm_dispatch.c``), or
+    ``None`` where this machine lacks it."""
+    from runtime.blas import SKINNY_ROWS, loaded_blas, preload_blas, shim_path, skinny_blas
+
+    blas = loaded_blas() or preload_blas()
+    openblas = openblas_preload()
+    blis = skinny_blas()
+    if blas is None or openblas is None or blis is None:
+        return None
+    variables = {
+        "MLXRUNNER_SGEMM_OPENBLAS": blas,
+        "MLXRUNNER_SGEMM_BLIS": blis,
+        "MLXRUNNER_SGEMM_ROWS": os.environ.get("MLXRUNNER_SKINNY_ROWS", str(SKINNY_ROWS)),
+    }
+    return f"{shim_path()}:{openblas}", variables
+
+
 def _serve_command(
     module: list[str], model: str | Path, port: int, extra: tuple[str, ...]
 ) -> list[str]:
@@ -78,9 +97,11 @@ def mlx_lm_command(model: str | Path, port: int, *extra: str) -> list[str]:
     return _serve_command(["mlx_lm.server"], model, port, extra)
 
 
-def child_env(*, preload: str | None = None) -> dict[str, str]:
+def child_env(
+    *, preload: str | None = None, variables: dict[str, str] | None = None
+) -> dict[str, str]:
     """This process's environment with the checkout first on ``PYTHONPATH``."""
-    env = dict(os.environ)
+    env = dict(os.environ) | (variables or {})
     paths = [str(ROOT), *[p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]]
     env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
     env["PYTHONUNBUFFERED"] = "1"

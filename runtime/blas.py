@@ -5,6 +5,12 @@ class of machine; OpenBLAS runs it at ~400 GFLOP/s. libmlx.so resolves ``cblas_s
 LAPACK symbols through the global symbol namespace, so loading OpenBLAS with ``RTLD_GLOBAL``
 *before* ``mlx.core`` is imported makes MLX use it. This module owns that preload; it must run
 before anything imports MLX, which is why ``runtime/__init__.py`` calls it first.
+
+OpenBLAS is slow on the few rows of a batched decode step, and BLIS is fast there but slow on
+a long prompt's rows, so where both are installed and ``scripts/setup-blas.sh`` has built
+``runtime/native/sgemm_dispatch.c``, that small library goes first: it exports the
+``cblas_sgemm`` MLX calls and hands each product to one of the two by its row count (the C
+file has the measurements). OpenBLAS still serves everything else MLX asks of BLAS.
 """
 
 from __future__ import annotations
@@ -24,7 +30,18 @@ _CANDIDATES = (
     "/usr/lib64/libopenblas.so.0",
 )
 
+_BLIS = (
+    "/usr/lib/*-linux-gnu/blis-pthread/libblis.so.4",
+    "/usr/lib64/libblis.so.4",
+)
+# Products of at most this many rows go to BLIS (``MLXRUNNER_SKINNY_ROWS``; 0: OpenBLAS only).
+# On the 2-core CI machine BLIS on one thread was ahead up to 8 rows and behind from 16 (at 12
+# the two were within noise), measured on SmolLM2-135M's matrices.
+SKINNY_ROWS = 12
+SHIM_NAME = "libmlxrunner_sgemm.so"
+
 _loaded: str | None = None
+_skinny: str | None = None
 
 
 def preload_blas() -> str | None:
@@ -44,6 +61,8 @@ def preload_blas() -> str | None:
         return None
     paths = [wanted] if wanted else [p for pat in _CANDIDATES for p in sorted(glob.glob(pat))]
     for path in paths:
+        if not wanted:
+            _load_dispatch(path)  # before OpenBLAS: its cblas_sgemm must be found first
         try:
             ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
         except OSError:
@@ -60,3 +79,33 @@ def preload_blas() -> str | None:
 def loaded_blas() -> str | None:
     """The BLAS library preloaded by :func:`preload_blas`, if any."""
     return _loaded
+
+
+def skinny_blas() -> str | None:
+    """The library that takes products of few rows (BLIS), when the dispatch is in place."""
+    return _skinny
+
+
+def shim_path() -> str:
+    """Where ``scripts/setup-blas.sh`` builds the dispatch library: the environment's lib/."""
+    return os.environ.get("MLXRUNNER_SGEMM_SHIM") or os.path.join(sys.prefix, "lib", SHIM_NAME)
+
+
+def _load_dispatch(openblas: str) -> None:
+    """Put the row-count dispatch ahead of ``openblas`` in the global namespace when the
+    library, BLIS and OpenBLAS are all there; otherwise leave everything to OpenBLAS."""
+    global _skinny
+    rows = int(os.environ.get("MLXRUNNER_SKINNY_ROWS", SKINNY_ROWS))
+    shim = shim_path()
+    blis = next((p for pat in _BLIS for p in sorted(glob.glob(pat))), None)
+    if rows < 1 or blis is None or not os.path.exists(shim):
+        return
+    try:
+        local = ctypes.CDLL(shim, mode=ctypes.RTLD_LOCAL)
+        if local.mlxrunner_sgemm_init(openblas.encode(), blis.encode(), rows) != 0:
+            return
+        # Only now global, so a failed init never leaves a cblas_sgemm that goes nowhere.
+        ctypes.CDLL(shim, mode=ctypes.RTLD_GLOBAL | os.RTLD_NOLOAD)
+    except (OSError, AttributeError):
+        return
+    _skinny = blis
