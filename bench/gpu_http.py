@@ -85,6 +85,7 @@ def main() -> int:
     parser.add_argument("--cache-gb", type=float, default=32.0, help="the server's KV bound")
     parser.add_argument("--tiny", action="store_true", help="a small model (CPU check)")
     parser.add_argument("--quick", action="store_true", help="16 tokens per stream")
+    parser.add_argument("--stream-interval", default=None, help="the server's flag, if given")
     args = parser.parse_args()
     levels = [int(n) for n in args.levels.split(",") if n]
     if args.quick:
@@ -104,9 +105,11 @@ def main() -> int:
     with open_servers() as servers:
         port = free_port()
         # 64 sequences of 256 positions take ~2.1 GB of bf16 KV: above the default --cache-gb.
-        command = mlxrunner_command(
-            folder, port, "--parallel", str(max(levels)), "--cache-gb", str(args.cache_gb)
-        )
+        flags = ["--parallel", str(max(levels)), "--cache-gb", str(args.cache_gb)]
+        if args.stream_interval is not None:
+            flags += ["--stream-interval", args.stream_interval]
+            report["stream_interval"] = args.stream_interval
+        command = mlxrunner_command(folder, port, *flags)
         server = ServerProcess.start(
             "ours", command, port, BENCH_DIR / "logs" / "gpu_http.log", child_env()
         )

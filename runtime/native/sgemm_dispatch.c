@@ -60,8 +60,10 @@ void cblas_sgemm(int order, int transa, int transb, int m, int n, int k, float a
                  const float *a, int lda, const float *b, int ldb, float beta, float *c, int ldc) {
     if (skinny == NULL || m > skinny_rows || m == 0 || n == 0) {
         if (general == NULL) {
+            /* Preloaded without its variables: no library to compute with, and a product left
+             * uncomputed would be a wrong answer given as a right one. */
             fprintf(stderr, "mlxrunner: cblas_sgemm called before mlxrunner_sgemm_init\n");
-            return;
+            abort();
         }
         general(order, transa, transb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
         return;
