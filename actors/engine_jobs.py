@@ -83,7 +83,7 @@ def run_job(
                 normalize=work.normalize,
                 dimensions=work.dimensions,
             )
-        except Exception as exc:  # this request fails (``_embedded``), no other
+        except Exception as exc:  # this request fails (``EmbeddingRequests.finish``), no other
             embedded = exc
     events: list[TokenEvent] = []
     steps = 0

@@ -24,7 +24,7 @@ engine fails only fails that request. A fault that keeps repeating
 (``runtime.scheduling.faults.FaultRule``) is logged in one line and raised as
 ``EngineFaultError``, which takes the tree down.
 
-Embeddings (``embed``) queue apart from generations (``runtime.scheduling.embeddings``): each
+Embeddings (``embed``) queue apart from generations (``actors.scheduler_embeddings``): each
 engine job computes at most one chunk of them before its steps, and while more chunks wait a
 job runs one step only, so generations and embeddings interleave, a step and a chunk at a time.
 """
@@ -40,8 +40,9 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from actors.engine_jobs import Embedded, JobOutcome, StepFailure, removals_only, run_job
-from actors.messages import EngineFaultError, GenerationError, OutOfMemoryError, UnavailableError
+from actors.engine_jobs import JobOutcome, StepFailure, removals_only, run_job
+from actors.messages import EngineFaultError, GenerationError, UnavailableError
+from actors.scheduler_embeddings import EmbeddingRequests
 from actors.scheduler_records import (
     Counters,
     Dropped,
@@ -53,7 +54,7 @@ from actors.scheduler_records import (
 )
 from runtime.engine.protocol import EngineStats, TokenEvent
 from runtime.errors import RuntimeInputError
-from runtime.scheduling.embeddings import EmbedChunk, EmbeddingQueue, EmbeddingQueueFull
+from runtime.scheduling.embeddings import EmbedChunk
 from runtime.scheduling.faults import FaultTracker, is_out_of_memory
 from runtime.scheduling.policy import Job, PolicyConfig, QueueFull, SchedulerPolicy
 
@@ -96,8 +97,7 @@ class Scheduler:
         self.counters = Counters()
         self.steps = 0
         self._faults = FaultTracker(config.faults)
-        self._embeddings = EmbeddingQueue[EmbeddingWork](max_requests=config.max_queue)
-        self._embedding: EmbeddingWork | None = None  # the one whose chunk the engine runs
+        self._embeddings = EmbeddingRequests(max_requests=config.max_queue)
 
     # ---- used by pipelines (all non-blocking) ----
 
@@ -136,28 +136,13 @@ class Scheduler:
         are dropped).
         """
         work = EmbeddingWork(inputs=inputs, normalize=normalize, dimensions=dimensions)
-        try:
-            self._embeddings.push(work, [len(t) for t in inputs])
-        except EmbeddingQueueFull:
-            raise trio.WouldBlock from None
+        self._embeddings.submit(work)
         self._wake()
-        try:
-            await work.done.wait()
-        finally:
-            self._embeddings.withdraw(work)
-        if work.error is not None:
-            raise work.error
-        return work.vectors
+        return await self._embeddings.result(work)
 
     @property
     def queued_embeddings(self) -> int:
         return len(self._embeddings)
-
-    def _fail_embeddings(self, error: BaseException) -> None:
-        for work in self._embeddings.withdraw_all():
-            work.fail(error)
-        if self._embedding is not None:
-            self._embedding.fail(error)
 
     def cancel(self, seq_id: int) -> None:
         """The requester left: free its queue slot now, or drop its sequence before the next
@@ -180,7 +165,7 @@ class Scheduler:
         """Admit nothing more: every queued request ends now, never admitted."""
         for sub in self._policy.withdraw_queued():
             self._end(sub, Dropped(reason, admitted=False))
-        self._fail_embeddings(UnavailableError(reason, state="shutting_down"))
+        self._embeddings.fail_all(UnavailableError(reason, state="shutting_down"))
 
     def cancel_all(self, reason: str) -> None:
         """End every queued and running sequence now (their requesters get ``Dropped``)."""
@@ -240,7 +225,7 @@ class Scheduler:
             failure = exc if isinstance(exc, Exception) else RuntimeError("scheduler stopped")
             for sub in self._policy.withdraw_all():
                 self._end(sub, EngineFailed(failure))
-            self._fail_embeddings(GenerationError("the server failed: internal error"))
+            self._embeddings.fail_all(GenerationError("the server failed: internal error"))
             raise
 
     async def _remove_withdrawn(self) -> None:
@@ -265,20 +250,19 @@ class Scheduler:
             job = self._policy.next_job(trio.current_time())
             for request in job.admits:
                 self.counters.prompt_tokens += len(request.prompt)
-            chunk = self._embeddings.pop()
+            chunk = self._embeddings.next_chunk()
             if not job and not busy and chunk is None:
                 self._wakeup = trio.Event()
                 deadline = self._policy.next_deadline()
                 with trio.move_on_at(math.inf if deadline is None else deadline):
                     await self._wakeup.wait()
                 continue
-            self._embedding = chunk.key if chunk is not None else None
             # While embedding chunks wait, a job runs one step: they interleave.
             limit = 1 if len(self._embeddings) else STEPS_PER_JOB
             outcome = await self._thread.run(
                 self._job, job, token, chunk, limit, interrupt=self._interrupt
             )
-            self._embedding = None
+            self._embeddings.job_returned()
             self.steps += 1
             self.engine_stats, busy = outcome.stats, outcome.busy
             rejected = {seq_id: error for seq_id, error in outcome.rejected}
@@ -292,8 +276,11 @@ class Scheduler:
             self._job_done.set()
             self._job_done = trio.Event()
             self._route(outcome.events)
-            if chunk is not None:
-                self._embedded(chunk, outcome.embedded)
+            fault = None if chunk is None else self._embeddings.finish(chunk, outcome.embedded)
+            if fault is not None:
+                if is_out_of_memory(fault):
+                    self._policy.evict_all()
+                self._count_fault(fault)
             self._judge(outcome)
             await trio.lowlevel.checkpoint()
 
@@ -312,27 +299,6 @@ class Scheduler:
                 token.run_sync_soon(self._deliver, events, stats)
 
         return run_job(self._engine, job, chunk, limit, interrupted=self._interrupt, post=post)
-
-    def _embedded(self, chunk: EmbedChunk[EmbeddingWork], result: Embedded) -> None:
-        """Hand a chunk's vectors to its request (done after its last chunk), or its error."""
-        work = chunk.key
-        if isinstance(result, Exception):
-            self._embeddings.withdraw(work)
-            if isinstance(result, ValueError | RuntimeInputError):
-                work.fail(result)
-                return
-            log.error("the engine failed to compute embeddings", exc_info=result)
-            if is_out_of_memory(result):
-                self._policy.evict_all()
-                work.fail(OutOfMemoryError("embedding failed: the server ran out of memory"))
-            else:
-                work.fail(GenerationError("embedding failed: internal error"))
-            self._count_fault(result)
-            return
-        for i, vector in zip(chunk.indices, result or (), strict=True):
-            work.vectors[i] = vector
-        if chunk.last and not work.done.is_set():
-            work.done.set()
 
     def _judge(self, outcome: JobOutcome) -> None:
         """Hold a job's faults against ``FaultRule``, in the order they happened: admissions,

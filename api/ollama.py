@@ -4,7 +4,8 @@
 Field names, defaults (``stream: true``), the empty-prompt "load" reply and the final
 statistics follow Ollama, so the official ``ollama`` client works against this server. A
 stream cut short or failed ends with Ollama's error line, ``{"error": "..."}``, which its
-client raises as ``ResponseError``; without streaming the same is an HTTP error.
+client raises as ``ResponseError``; without streaming the same is an HTTP error. What
+``/api/tags``, ``/api/show`` and ``/api/ps`` say about a model is built in ``api.ollama_models``.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from actors.messages import (
     DoneReason,
     GenerateRequest,
     GenerationError,
-    ModelInfo,
 )
 from api import fields, model_defaults
 from api.context import ApiContext
@@ -30,78 +30,20 @@ from api.errors import bad_request, stream_error_payload
 from api.fields import LOGPROBS, MODEL, OPTIONS, TOP_LOGPROBS, DeclaredBody
 from api.generation import open_generation
 from api.native import STREAM, ndjson_line, ndjson_response, stats_json
+from api.ollama_models import loaded_entry, served_entry, show_json, store_listing, stored_entry
 from api.openapi import GENERATION, JSON, LOADING, NDJSON, TEXT, UNKNOWN_MODEL, endpoint
 from api.replies import json_reply, whole_reply_size
 from api.schemas import generation_options
 from api.structured import FORMAT
 from api.tool_replies import ToolCallStream, ollama_tool_calls
-from runtime.store.layout import ModelEntry, Store
 from runtime.text.thinking import supports_thinking
 
 # A cut generation never gets a done line: its stream ends with an error line instead.
 DONE_REASONS = {DoneReason.STOP: "stop", DoneReason.LENGTH: "length"}
-_FAR_FUTURE = "2318-11-25T00:00:00Z"  # a model that never unloads, as `keep_alive: -1` shows
 
 
 def now_rfc3339() -> str:
     return dt.datetime.now(dt.UTC).isoformat().replace("+00:00", "Z")
-
-
-def _rfc3339(timestamp: float) -> str:
-    return dt.datetime.fromtimestamp(timestamp, dt.UTC).isoformat().replace("+00:00", "Z")
-
-
-def parameter_size(parameters: int) -> str:
-    for scale, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
-        if parameters >= scale:
-            return f"{parameters / scale:.2f}{suffix}"
-    return str(parameters)
-
-
-def _format(quantization: str) -> str:
-    # Ollama's own names (Q4_0, Q8_0...) come from GGUF; MLX ones ("int4 g32") do not.
-    return "gguf" if quantization.upper().startswith("Q") else "safetensors"
-
-
-def details(info: ModelInfo) -> dict[str, Any]:
-    family = info.family or info.model_type
-    return {
-        "parent_model": "",
-        "format": _format(info.quantization),
-        "family": family,
-        "families": [family],
-        "parameter_size": parameter_size(info.parameters),
-        "quantization_level": info.quantization,
-    }
-
-
-def _renders_tools(info: ModelInfo) -> bool:
-    return "tools" in (info.chat_template or "")
-
-
-def store_listing(models_dir: str | None) -> list[ModelEntry]:
-    """The store's models (a worker thread: it reads every manifest)."""
-    return Store.at(models_dir).list_models()
-
-
-def stored_entry(entry: ModelEntry) -> dict[str, Any]:
-    """``/api/tags``' line for a stored model that is not the one served (its details are
-    what the manifest says; the rest would mean reading its config)."""
-    return {
-        "name": entry.name,
-        "model": entry.name,
-        "modified_at": _rfc3339(entry.modified_at),
-        "size": entry.size_bytes,
-        "digest": entry.digest.removeprefix("sha256:"),
-        "details": {
-            "format": _format(entry.quantization),
-            "quantization_level": entry.quantization,
-        },
-    }
-
-
-def _digest(info: ModelInfo) -> str:
-    return info.digest.removeprefix("sha256:")
 
 
 THINK = fields.raw(
@@ -305,16 +247,6 @@ def blueprint(ctx: ApiContext) -> Blueprint:
         )
         return await _respond(ctx, req, name, stream, _assistant_message)
 
-    def model_entry(info: ModelInfo, name: str) -> dict[str, Any]:
-        return {
-            "name": name,
-            "model": name,
-            "modified_at": _rfc3339(info.modified_at),
-            "size": info.size_bytes,
-            "digest": _digest(info),
-            "details": details(info),
-        }
-
     @bp.get("/api/tags")
     @endpoint(
         "Ollama: the served model, then the others in the server's store (pulled, created)",
@@ -323,7 +255,7 @@ def blueprint(ctx: ApiContext) -> Blueprint:
     async def tags() -> Response:
         info = ctx.model_info()
         served = ctx.served_name()
-        entries = [model_entry(info, served)]
+        entries = [served_entry(info, served)]
         if ctx.config.manage_models or ctx.config.allow_pull:  # the server keeps a store
             stored = await trio.to_thread.run_sync(
                 store_listing, ctx.config.models_dir, limiter=ctx.client.cpu_limiter
@@ -338,46 +270,14 @@ def blueprint(ctx: ApiContext) -> Blueprint:
         if not requested:
             raise bad_request("'model' is required")
         name = ctx.resolve_model(requested)
-        info = ctx.model_info()
-        arch = info.model_type
-        parameters = model_defaults.parameter_lines(info.profile.parameters)
-        return jsonify(
-            {
-                "license": "",
-                "modelfile": f"# Modelfile generated by mlxrunner\nFROM {name}\n",
-                "parameters": parameters,
-                **({"system": info.profile.system} if info.profile.system else {}),
-                "template": info.chat_template or "",
-                "details": details(info),
-                "model_info": {
-                    "general.architecture": arch,
-                    "general.parameter_count": info.parameters,
-                    f"{arch}.context_length": info.context_length,
-                },
-                # As Ollama: "tools" when the template renders them.
-                "capabilities": ["completion"]
-                + (["tools"] if _renders_tools(info) else [])
-                + (["thinking"] if supports_thinking(info.chat_template) else []),
-                "modified_at": _rfc3339(info.modified_at),
-            }
-        )
+        return jsonify(show_json(ctx.model_info(), name))
 
     @bp.get("/api/ps")
     @endpoint("Ollama: the loaded models (none while loading)")
     async def ps() -> Response:
         if ctx.client.health().status != "ok":
             return jsonify({"models": []})
-        info = ctx.model_info()
-        entry = model_entry(info, ctx.served_name())
-        entry.pop("modified_at")
-        entry.update(
-            {
-                "expires_at": _FAR_FUTURE,
-                "size_vram": 0,  # CPU backend: nothing lives in GPU memory
-                "context_length": info.context_length,
-            }
-        )
-        return jsonify({"models": [entry]})
+        return jsonify({"models": [loaded_entry(ctx.model_info(), ctx.served_name())]})
 
     @bp.get("/api/version")
     @endpoint("Ollama: the server's version")

@@ -6,14 +6,12 @@ top_p default to 1 as in OpenAI and Ollama's compatibility layer). Streams are
 ``data: {json}`` events ending in ``data: [DONE]``; with ``stream_options.include_usage`` a
 last event carries ``usage`` and no choices. A stream cut short or failed ends instead with an
 error event, ``data: {"error": {"message", "type", "code"}}``, and no ``finish_reason`` or
-``[DONE]``; without streaming the same is an HTTP error (503 with Retry-After, or 500).
+``[DONE]``; without streaming the same is an HTTP error (503 with Retry-After, or 500). The
+completion objects and their choices are rendered by ``api.openai_replies``.
 """
 
 from __future__ import annotations
 
-import json
-import secrets
-import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
@@ -23,11 +21,9 @@ from quart import Blueprint, Response, jsonify
 from actors.messages import (
     ChatMessage,
     Chunk,
-    DoneReason,
     GenerateRequest,
     GenerationError,
     GenerationOptions,
-    Logprob,
     UnavailableError,
 )
 from api import fields, model_defaults
@@ -37,6 +33,7 @@ from api.errors import bad_request, openai_stream_error
 from api.fields import LOGPROBS, MODEL, TOOLS, TOP_LOGPROBS, DeclaredBody, Field
 from api.generation import StreamBody
 from api.openai_features import BEST_OF, ECHO, LOGIT_BIAS, SUFFIX, check_unsupported, echo_text
+from api.openai_replies import ReplyShape, finish_reason, sse_event
 from api.openapi import GENERATION, JSON, LOADING, SSE, UNKNOWN_MODEL, endpoint
 from api.replies import json_reply, whole_reply_size
 from api.schemas import INT32_MAX, generation_options, get_bool, get_token_ids
@@ -50,18 +47,7 @@ from api.tool_replies import (
 )
 from runtime.engine.options import MIN_TOP_P
 
-# A cut generation has no finish reason: its stream ends with an error event instead.
-FINISH_REASONS = {DoneReason.STOP: "stop", DoneReason.LENGTH: "length"}
 _OLLAMA_EXTRAS = ("top_k", "min_p", "typical_p", "repeat_penalty", "repeat_last_n", "num_ctx")
-_FINGERPRINT = "fp_mlxrunner"
-
-
-def _sse(obj: dict[str, Any] | str) -> bytes:
-    data = (
-        obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
-    )
-    return f"data: {data}\n\n".encode()
-
 
 N = fields.integer(
     "n", 1, lo=1, hi=MAX_CHOICES, description="choices: one computed prompt; seed + i for choice i"
@@ -171,106 +157,8 @@ def _options(
     return attrs.evolve(generation, logit_bias=LOGIT_BIAS.read(body))
 
 
-def _finish(chunk: Chunk) -> str:
-    return FINISH_REASONS[chunk.done_reason if chunk.done_reason is not None else DoneReason.STOP]
-
-
-def _chat_logprobs(logprobs: list[Logprob]) -> dict[str, Any]:
-    return {
-        "content": [
-            {
-                "token": lp.token,
-                "logprob": lp.logprob,
-                "bytes": list(lp.token.encode()),
-                "top_logprobs": [
-                    {"token": t, "logprob": p, "bytes": list(t.encode())} for t, p in lp.top
-                ],
-            }
-            for lp in logprobs
-        ]
-    }
-
-
-def _text_logprobs(logprobs: list[Logprob], offset: int) -> dict[str, Any]:
-    offsets = []
-    for lp in logprobs:
-        offsets.append(offset)
-        offset += len(lp.token)
-    return {
-        "tokens": [lp.token for lp in logprobs],
-        "token_logprobs": [lp.logprob for lp in logprobs],
-        "top_logprobs": [dict(lp.top) for lp in logprobs],
-        "text_offset": offsets,
-    }
-
-
-class _Shape:
-    """How one endpoint renders choices: chat (message/delta) or text completion."""
-
-    def __init__(self, *, chat: bool, name: str, logprobs: bool, echo: str = "") -> None:
-        self.chat = chat
-        self.object = "chat.completion" if chat else "text_completion"
-        self.chunk_object = "chat.completion.chunk" if chat else "text_completion"
-        self.id = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
-        self.created = int(time.time())
-        self.name = name
-        self.logprobs = logprobs
-        self.text_offset: dict[int, int] = {}  # per choice
-        self.echo = echo  # completions' echo: put before each choice's first text
-        self.echoed: set[int] = set()
-
-    def envelope(self, object_name: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "object": object_name,
-            "created": self.created,
-            "model": self.name,
-            "system_fingerprint": _FINGERPRINT,
-            "choices": choices,
-        }
-
-    def logprobs_json(self, logprobs: list[Logprob], index: int) -> dict[str, Any] | None:
-        if not self.logprobs:
-            return None
-        if self.chat:
-            return _chat_logprobs(logprobs)
-        offset = self.text_offset.get(index, 0)
-        self.text_offset[index] = offset + sum(len(lp.token) for lp in logprobs)
-        return _text_logprobs(logprobs, offset)
-
-    def choice(
-        self,
-        index: int,
-        text: str,
-        logprobs: list[Logprob],
-        finish: str | None,
-        *,
-        delta: bool,
-        thinking: str = "",
-        tool_calls: list[dict[str, Any]] | None = None,
-    ) -> dict[str, Any]:
-        body: dict[str, Any] = {"index": index}
-        if self.chat:
-            key = "delta" if delta else "message"
-            if not delta:  # a reply of calls only has null content, as OpenAI's
-                body[key] = {"role": "assistant", "content": text or (None if tool_calls else "")}
-            else:  # the role was named by the first delta of the stream
-                body[key] = {"content": text} if text else {}
-            if thinking:  # a thinking model's <think> block, as vLLM and DeepSeek name it
-                body[key]["reasoning_content"] = thinking
-            if tool_calls:
-                body[key]["tool_calls"] = tool_calls
-        else:
-            echo = "" if index in self.echoed else self.echo
-            self.echoed.add(index)
-            body["text"] = echo + text
-        body["logprobs"] = self.logprobs_json(logprobs, index)
-        body["finish_reason"] = finish
-        return body
-
-
 async def _respond(
-    ctx: ApiContext, req: GenerateRequest, shape: _Shape, body: DeclaredBody
+    ctx: ApiContext, req: GenerateRequest, shape: ReplyShape, body: DeclaredBody
 ) -> Response:
     stream = STREAM.read(body)
     include_usage = stream and get_bool(STREAM_OPTIONS.read(body), "include_usage", False)
@@ -287,7 +175,7 @@ async def _respond(
                 i,
                 w.content,
                 list(w.logprobs),
-                openai_finish(_finish(w), w, bool(calls)),
+                openai_finish(finish_reason(w), w, bool(calls)),
                 delta=False,
                 thinking=w.thinking,
                 tool_calls=openai_tool_calls(calls, 0, delta=False),
@@ -301,7 +189,7 @@ async def _respond(
 
 
 async def _stream(
-    choices: Choices, shape: _Shape, include_usage: bool, tools: list[ToolCallStream]
+    choices: Choices, shape: ReplyShape, include_usage: bool, tools: list[ToolCallStream]
 ) -> AsyncIterator[bytes]:
     usage_field: dict[str, Any] = {"usage": None} if include_usage else {}
     finals: list[Chunk] = []
@@ -310,7 +198,7 @@ async def _stream(
             for i in range(len(choices.readers)):
                 first = {"index": i, "delta": {"role": "assistant", "content": ""}}
                 first.update({"logprobs": None, "finish_reason": None})
-                yield _sse({**shape.envelope(shape.chunk_object, [first]), **usage_field})
+                yield sse_event({**shape.envelope(shape.chunk_object, [first]), **usage_field})
         async for i, raw in interleave(choices):
             before = tools[i].count
             chunk, calls = tools[i].chunk(raw)
@@ -324,19 +212,19 @@ async def _stream(
                     thinking=chunk.thinking,
                     tool_calls=openai_tool_calls(calls, before, delta=True),
                 )
-                yield _sse({**shape.envelope(shape.chunk_object, [choice]), **usage_field})
+                yield sse_event({**shape.envelope(shape.chunk_object, [choice]), **usage_field})
             if chunk.done:
                 finals.append(chunk)
-                finish = openai_finish(_finish(chunk), chunk, tools[i].count > 0)
+                finish = openai_finish(finish_reason(chunk), chunk, tools[i].count > 0)
                 choice = shape.choice(i, "", [], finish, delta=True)
                 if not shape.chat:
                     choice["logprobs"] = None
-                yield _sse({**shape.envelope(shape.chunk_object, [choice]), **usage_field})
+                yield sse_event({**shape.envelope(shape.chunk_object, [choice]), **usage_field})
         if include_usage:
-            yield _sse({**shape.envelope(shape.chunk_object, []), "usage": usage(finals)})
-        yield _sse("[DONE]")
+            yield sse_event({**shape.envelope(shape.chunk_object, []), "usage": usage(finals)})
+        yield sse_event("[DONE]")
     except GenerationError as exc:
-        yield _sse(openai_stream_error(exc, choices.request_id))
+        yield sse_event(openai_stream_error(exc, choices.request_id))
     finally:
         choices.close()
 
@@ -385,7 +273,7 @@ def blueprint(ctx: ApiContext) -> Blueprint:
             separate_thinking=True,
             format=forced or shape,
         )
-        return await _respond(ctx, req, _Shape(chat=True, name=name, logprobs=logprobs), body)
+        return await _respond(ctx, req, ReplyShape(chat=True, name=name, logprobs=logprobs), body)
 
     @bp.post("/v1/completions")
     @endpoint(
@@ -410,7 +298,7 @@ def blueprint(ctx: ApiContext) -> Blueprint:
             format=RESPONSE_FORMAT.read(body),
         )
         return await _respond(
-            ctx, req, _Shape(chat=False, name=name, logprobs=top is not None, echo=echo), body
+            ctx, req, ReplyShape(chat=False, name=name, logprobs=top is not None, echo=echo), body
         )
 
     def model_object(name: str) -> dict[str, Any]:

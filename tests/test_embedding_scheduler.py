@@ -11,12 +11,17 @@ import trio
 from actors.messages import (
     EmbedRequest,
     GenerateRequest,
+    GenerationError,
     GenerationOptions,
+    OutOfMemoryError,
     QueueFullError,
     UnavailableError,
 )
+from actors.scheduler_embeddings import EmbeddingRequests
+from actors.scheduler_records import EmbeddingWork
 from actors.testing import ScriptedEngine, open_test_runner, read_to_end
 from runtime.engine.embedding import EMBED_CHUNK_TOKENS
+from runtime.errors import PromptError
 from runtime.scheduling.embeddings import EmbedChunk, EmbeddingQueue, EmbeddingQueueFull
 from tests.waits import wait_until
 
@@ -42,6 +47,28 @@ def test_a_withdrawn_request_leaves_its_chunks_behind() -> None:
     queue.withdraw("a")
     assert queue.pop() == EmbedChunk("b", range(0, 1), last=True)
     assert len(queue) == 0
+
+
+def test_a_failed_chunk_fails_its_request_and_hands_back_only_engine_faults() -> None:
+    requests = EmbeddingRequests(max_requests=4)
+    works = [EmbeddingWork(inputs=((1,),), normalize=False, dimensions=None) for _ in range(4)]
+    for work in works:
+        requests.submit(work)
+    refused, out_of_memory, crash = PromptError("bad input"), MemoryError(), RuntimeError("bug")
+    for chunk_result, fault in [(refused, None), (out_of_memory, out_of_memory), (crash, crash)]:
+        chunk = requests.next_chunk()
+        assert chunk is not None
+        assert requests.finish(chunk, chunk_result) is fault
+    assert works[0].error is refused  # the engine's input error, as it is
+    assert isinstance(works[1].error, OutOfMemoryError)
+    assert type(works[2].error) is GenerationError
+    chunk = requests.next_chunk()
+    assert chunk is not None
+    assert requests.finish(chunk, [[0.5]]) is None
+    assert works[3].done.is_set()
+    assert works[3].vectors == [[0.5]]
+    assert works[3].error is None
+    assert len(requests) == 0
 
 
 def _generation(max_tokens: int) -> GenerateRequest:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-import runtime.store.layout
+import runtime.store.reading
 from runtime.errors import ModelLoadError
 from runtime.store import verified
 from runtime.store.importer import import_model
@@ -36,13 +36,13 @@ def store(tmp_path: Path, folder: Path) -> Store:
 def hashed(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
     """The blobs ``resolve`` hashes, in order."""
     calls: list[Path] = []
-    real = runtime.store.layout.sha256_file
+    real = runtime.store.reading.sha256_file
 
     def counting(path: Path) -> str:
         calls.append(path)
         return real(path)
 
-    monkeypatch.setattr(runtime.store.layout, "sha256_file", counting)
+    monkeypatch.setattr(runtime.store.reading, "sha256_file", counting)
     return calls
 
 

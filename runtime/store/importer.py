@@ -41,7 +41,7 @@ from runtime.models.checkpoint import (
 )
 from runtime.models.source import open_checkpoint
 from runtime.progress import Progress, ProgressCallback
-from runtime.store.layout import Store, sha256_file
+from runtime.store.layout import Store
 from runtime.store.manifest import (
     CONFIG_MEDIA_TYPE,
     JSON_MEDIA_TYPE,
@@ -51,6 +51,7 @@ from runtime.store.manifest import (
 )
 from runtime.store.names import ModelName
 from runtime.store.profile import carried_layers, layer_bytes
+from runtime.store.reading import sha256_file
 
 Quantize = Literal["q4", "q8", "f32"]
 _BITS = {"q4": 4, "q8": 8}

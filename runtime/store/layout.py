@@ -2,14 +2,15 @@
 
 ``<root>/manifests/<host>/<namespace>/<name>/<tag>`` (JSON, ``runtime.store.manifest``) and
 ``<root>/blobs/sha256-<hex>``. ``resolve`` turns a name into ``ModelFiles`` after checking every
-blob it will read against its digest, so a damaged store fails with an error naming the blob
-and the model instead of loading wrong weights; a blob hashed at an earlier load whose file
-has not changed since is not hashed again (``runtime.store.verified``). Writes
-(``runtime.store.importer`` puts blobs, then the manifest) go through
-``write_blob``/``commit_manifest``: temp file, fsync, rename, so a crash leaves either no
-manifest or a complete one, and a failed write (a full disk) removes its temp file before the
-error goes on; ``rm`` never deletes a blob another manifest uses. ``Store.default()`` is
-``$MLXRUNNER_HOME/models`` (``~/.mlxrunner/models``); an Ollama ``models`` directory works too.
+blob it will read against its digest (``runtime.store.reading`` checks and reads them), so a
+damaged store fails with an error naming the blob and the model instead of loading wrong
+weights; a blob hashed at an earlier load whose file has not changed since is not hashed again
+(``runtime.store.verified``). Writes (``runtime.store.importer`` puts blobs, then the manifest)
+go through ``write_blob``/``commit_manifest``: temp file, fsync, rename, so a crash leaves
+either no manifest or a complete one, and a failed write (a full disk) removes its temp file
+before the error goes on; ``rm`` never deletes a blob another manifest uses.
+``Store.default()`` is ``$MLXRUNNER_HOME/models`` (``~/.mlxrunner/models``); an Ollama
+``models`` directory works too.
 """
 
 from __future__ import annotations
@@ -17,25 +18,24 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
-import json
 import os
 import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
 import attrs
 
 from runtime.errors import ModelLoadError, ModelNotFoundError
 from runtime.formats.model_files import ModelFiles
-from runtime.store import verified
+from runtime.store import reading
 from runtime.store.manifest import Layer, Manifest, parse_manifest
 from runtime.store.names import ModelName
-from runtime.store.profile import PROFILE_MEDIA_TYPES, ModelProfile, read_layers
+from runtime.store.profile import ModelProfile
+from runtime.store.reading import sha256_file
 from runtime.store.verified import VerifiedBlobs
 
-_CHUNK = 1 << 20
 TEMP_PREFIX = ".partial-"  # the store's temp files; never a valid name part
 
 
@@ -48,14 +48,6 @@ class ModelEntry:
     size_bytes: int
     quantization: str
     modified_at: float
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return "sha256:" + h.hexdigest()
 
 
 def _fsync(fd: int) -> None:
@@ -100,7 +92,7 @@ class Store:
         return self.root / "blobs"
 
     def blob_path(self, digest: str) -> Path:
-        return self.blobs / digest.replace(":", "-")
+        return reading.blob_file(self.blobs, digest)
 
     def manifest_path(self, name: ModelName) -> Path:
         return self.manifests.joinpath(*name.parts)
@@ -129,39 +121,7 @@ class Store:
 
         With ``known``, a blob hashed before and unchanged since is not hashed again.
         """
-        path = self.blob_path(layer.digest)
-        what = f"model {model!r}: blob {layer.digest}"
-        label = f" ({layer.name})" if layer.name else ""
-        try:
-            st = path.stat()
-        except FileNotFoundError:
-            raise ModelLoadError(f"{what}{label} is missing ({path})") from None
-        if st.st_size != layer.size:
-            raise ModelLoadError(
-                f"{what}{label} is {'truncated' if st.st_size < layer.size else 'corrupt'}: "
-                f"{st.st_size} bytes, manifest says {layer.size}"
-            )
-        if verify and not (known is not None and known.known(layer.digest, st)):
-            started = verified.now()
-            try:
-                actual = sha256_file(path)
-            except OSError as exc:
-                raise ModelLoadError(f"{what}{label} cannot be read ({exc})") from exc
-            if actual != layer.digest:
-                raise ModelLoadError(f"{what}{label} is corrupt: its sha256 is {actual}")
-            if known is not None:
-                known.record(layer.digest, path, st, started)
-        return path
-
-    def _read_json(self, model: str, layer: Layer, *, verify: bool = True) -> Any:
-        path = self.check_blob(model, layer, verify=verify)
-        try:
-            return json.loads(path.read_bytes())
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ModelLoadError(
-                f"model {model!r}: blob {layer.digest} ({layer.name or 'config'}) "
-                f"is not valid JSON ({exc})"
-            ) from exc
+        return reading.check_blob(self.blobs, model, layer, verify=verify, known=known)
 
     def gguf_blob(self, name: str, *, verify: bool = True) -> tuple[str, str, Path] | None:
         """(short name, manifest digest, GGUF path) when ``name`` is a GGUF model (as pulled
@@ -178,20 +138,10 @@ class Store:
             known.save()
         return parsed.short, manifest.digest, self.blob_path(layer.digest)
 
-    def _profile(
-        self, model: str, manifest: Manifest, *, verify: bool, known: VerifiedBlobs | None
-    ) -> ModelProfile:
-        blobs = {
-            layer.media_type: self.check_blob(model, layer, verify=verify, known=known).read_bytes()
-            for layer in manifest.layers
-            if layer.media_type in PROFILE_MEDIA_TYPES
-        }
-        return read_layers(model, blobs)
-
     def profile(self, name: str, *, verify: bool = True) -> ModelProfile:
         """The system prompt, template, parameters and messages ``name``'s manifest holds."""
         parsed, manifest, _ = self.read_manifest(name)
-        return self._profile(parsed.short, manifest, verify=verify, known=None)
+        return reading.read_profile(self.blobs, parsed.short, manifest, verify=verify, known=None)
 
     def resolve(self, name: str, *, verify: bool = True) -> ModelFiles:
         """The files of ``name``, every used blob's digest checked (``ModelLoadError`` if not;
@@ -201,46 +151,10 @@ class Store:
         known = VerifiedBlobs(self.root) if verify else None
         for layer in manifest.used_layers():
             self.check_blob(model, layer, verify=verify, known=known)
-        profile = self._profile(model, manifest, verify=verify, known=known)
+        profile = reading.read_profile(self.blobs, model, manifest, verify=verify, known=known)
         if known is not None:
             known.save()
-        if not manifest.tensor_layers():
-            raise ModelLoadError(f"model {model!r}: the manifest lists no tensor layers")
-
-        def json_object(file_name: str, *, required: bool) -> dict[str, Any] | None:
-            layer = manifest.json_layer(file_name)
-            data = None if layer is None else self._read_json(model, layer, verify=False)
-            if data is None and required:
-                raise ModelLoadError(f"model {model!r}: the manifest has no {file_name} layer")
-            if data is not None and not isinstance(data, dict):
-                raise ModelLoadError(f"model {model!r}: {file_name} is not a JSON object")
-            return data
-
-        config = json_object("config.json", required=True)
-        assert config is not None
-        tok_layer = manifest.json_layer("tokenizer.json")
-        if tok_layer is None:
-            raise ModelLoadError(f"model {model!r}: the manifest has no tokenizer.json layer")
-        try:
-            tokenizer_json = self.blob_path(tok_layer.digest).read_text(encoding="utf-8")
-        except UnicodeDecodeError as exc:
-            raise ModelLoadError(f"model {model!r}: tokenizer.json is not UTF-8") from exc
-        tensors = manifest.tensor_layers()
-        tokenizer_config = json_object("tokenizer_config.json", required=False) or {}
-        if profile.template is not None:
-            tokenizer_config = {**tokenizer_config, "chat_template": profile.template}
-        return ModelFiles(
-            name=model,
-            config=config,
-            tokenizer_json=tokenizer_json,
-            tokenizer_config=tokenizer_config,
-            generation_config=json_object("generation_config.json", required=False),
-            weight_files=tuple(self.blob_path(layer.digest) for layer in tensors),
-            digest=manifest.digest,
-            size_bytes=sum(layer.size for layer in tensors),
-            modified_at=path.stat().st_mtime,
-            profile=profile,
-        )
+        return reading.model_files(self.blobs, model, manifest, path, profile)
 
     def names(self) -> Iterator[ModelName]:
         """Every manifest in the store whose path is a valid name (temp files skipped)."""
@@ -269,7 +183,8 @@ class Store:
                 _, manifest, _ = self.read_manifest(name)
                 digest = manifest.digest
                 size = manifest.config.size + sum(layer.size for layer in manifest.layers)
-                quant = str(self._read_json(name.short, manifest.config).get("file_type", "?"))
+                config = reading.read_json(self.blobs, name.short, manifest.config)
+                quant = str(config.get("file_type", "?"))
             except (ModelLoadError, AttributeError):
                 size, quant = 0, "? (damaged)"
             out.append(
