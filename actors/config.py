@@ -45,7 +45,9 @@ class RunnerConfig:
     grace: float = 10.0
     # Generations open at once (queued, running, or still being read); more get 503.
     max_open: int = 256
-    stream_interval: int = 1  # tokens a stream's chunk gathers before it is sent (1: each)
+    # Tokens a stream's chunk gathers before it is sent; None: by the number of running
+    # streams (``pipeline.chunk_tokens``).
+    stream_interval: int | None = None
     # A sequence whose reader leaves this many tokens unread pauses until it catches up...
     reader_pause_tokens: int = 256
     # ... and is cancelled (its cache freed) after this many seconds paused.

@@ -146,6 +146,23 @@ def prepare(request: GenerateRequest, tokenizer: Tokenizer, model_context: int) 
     )
 
 
+# ``--stream-interval auto``: a chunk gathers one more token per this many running streams.
+STREAMS_PER_CHUNK_TOKEN = 16
+
+
+def chunk_tokens(interval: int | None, running: int) -> int:
+    """Tokens a stream's chunk gathers (after its first, which goes at once): ``interval``
+    when the server was given one, else one per token up to 16 running streams and one more
+    per 16 beyond (4 at 64 streams). Every chunk costs the event loop a response write, and
+    the loop shares the GIL with the engine thread: on an H200 with 64 streams, chunks of 1,
+    2 and 4 tokens carried 0.78-0.80, 0.88-0.90 and 0.94-1.01 of the engine's rate
+    (``bench/gpu_http.py --stream-interval``), while at 16 streams or fewer one token per
+    chunk costs nothing measurable. At 64 streams a stream still gets a chunk every ~30 ms."""
+    if interval is not None:
+        return interval
+    return max(1, -(-running // STREAMS_PER_CHUNK_TOKEN))
+
+
 def _logprob(tokenizer: Tokenizer, event: TokenEvent) -> Logprob | None:
     lp = event.logprob
     if lp is None:
@@ -167,9 +184,12 @@ async def run(
     *,
     submitted_ns: int,
     on_taken: Callable[[int], None],
-    stream_interval: int = 1,
+    gather: Callable[[], int] = lambda: 1,
 ) -> None:
     """The pipeline task of one request: the scheduler's events in, chunks out.
+
+    ``gather()``: how many tokens a chunk gathers now (``chunk_tokens``); the first token
+    always goes at once, so the time to the first token never waits for it.
 
     The channel ends after the done chunk, or after one ``GenerationError`` when the engine
     failed on the sequence or this code did (a ``GenerationCut`` when the scheduler ended it
@@ -193,7 +213,7 @@ async def run(
                 chunks,
                 submitted_ns,
                 on_taken,
-                stream_interval,
+                gather,
             )
         except trio.BrokenResourceError:
             pass  # the requester closed its handle
@@ -213,7 +233,7 @@ async def _stream(
     chunks: trio.MemorySendChannel[GenerationItem],
     submitted_ns: int,
     on_taken: Callable[[int], None],
-    stream_interval: int,
+    gather: Callable[[], int],
 ) -> None:
     detok = tokenizer.detokenizer(prepared.prompt[-4:])
     stops = StopMatcher(request.options.stop)
@@ -229,6 +249,7 @@ async def _stream(
     pending_text: list[str] = []
     pending_thinking: list[str] = []
     reported = 0  # leading tokens of ``pending_ids`` already reported taken
+    sent = False  # a chunk with text went out (the first one is never held for ``gather``)
 
     def split(text: str) -> tuple[str, str]:
         """(thinking, content) of newly detokenized text; stop strings see only the content."""
@@ -240,7 +261,7 @@ async def _stream(
         """Send the text so far; while the reader lags and more events wait, hold it for one
         chunk with them (a chunk per token per stream costs the HTTP layer a socket write
         each: at 64 streams that capped throughput, bench/gpu_http.py)."""
-        nonlocal pending_ids, pending_lps, reported
+        nonlocal pending_ids, pending_lps, reported, sent
         if text:
             pending_text.append(text)
         if thought:
@@ -251,7 +272,7 @@ async def _stream(
             on_taken(len(pending_ids) - reported)
             reported = len(pending_ids)
             return
-        if len(pending_ids) < stream_interval:
+        if sent and len(pending_ids) < gather():
             # ``--stream-interval``: fewer, larger chunks (the done chunk takes the rest). Held
             # here, not by the reader: taken, so the sequence never pauses for it.
             on_taken(len(pending_ids) - reported)
@@ -271,6 +292,7 @@ async def _stream(
             await chunks.send(chunk)
         on_taken(len(chunk.tokens) - reported)
         reported = 0
+        sent = True
         pending_text.clear()
         pending_thinking.clear()
         pending_ids, pending_lps = [], []

@@ -56,11 +56,13 @@ class Ready:
 
 
 class Runner:
-    def __init__(self, *, max_open: int = 256, cpu_workers: int, stream_interval: int = 1) -> None:
+    def __init__(
+        self, *, max_open: int = 256, cpu_workers: int, stream_interval: int | None = None
+    ) -> None:
         if max_open < 1:
             raise ValueError("max_open must be >= 1")
-        if stream_interval < 1:
-            raise ValueError("stream_interval must be >= 1")
+        if stream_interval is not None and stream_interval < 1:
+            raise ValueError("stream_interval must be >= 1 (or None: by the running streams)")
         self.stream_interval = stream_interval
         # Request-sized CPU work runs on worker threads, at most this many at once (see
         # ``RunnerClient``): a burst of long prompts queues here instead of stalling the loop.
@@ -317,7 +319,7 @@ class Runner:
             send,
             submitted_ns=submitted,
             on_taken=functools.partial(scheduler.taken, seq_id),
-            stream_interval=self.stream_interval,
+            gather=lambda: pipeline.chunk_tokens(self.stream_interval, scheduler.active),
         )
         nursery.start_soon(self._pipeline, run, scope, scheduler, seq_id)
 

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn, cast
 
-from cli.numbers import integer, number
+from cli.numbers import integer, integer_or, number
 from cli.store_parsers import (
     add_manage_commands,
     add_ps,
@@ -181,12 +181,12 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     serve.add_argument(
         "--stream-interval",
-        type=integer(1, 64),
-        default=1,
-        metavar="N",
-        help="tokens a streamed response gathers per chunk (default: %(default)s, each token "
-        "at once); more means fewer writes, which lifts the throughput of many streams at "
-        "once where the server's event loop is the limit",
+        type=integer_or("auto", 1, 64),
+        default=None,
+        metavar="N|auto",
+        help="tokens a streamed response gathers per chunk after its first (default: auto, "
+        "each token at once up to 16 running streams, then one more per 16 streams); fewer, "
+        "larger chunks lift the throughput of many streams where the event loop is the limit",
     )
     serve.add_argument(
         "--cache-gb",

@@ -26,6 +26,23 @@ def integer(lo: int | None = None, hi: int | None = None) -> Callable[[str], int
     return parse
 
 
+def integer_or(
+    word: str, lo: int | None = None, hi: int | None = None
+) -> Callable[[str], int | None]:
+    """``word`` (read as ``None``) or a whole number in ``[lo, hi]``."""
+    whole = integer(lo, hi)
+
+    def parse(text: str) -> int | None:
+        if text == word:
+            return None
+        try:
+            return whole(text)
+        except argparse.ArgumentTypeError as exc:
+            raise argparse.ArgumentTypeError(f"{exc} or {word!r}") from None
+
+    return parse
+
+
 def number(
     lo: float | None = None, hi: float | None = None, *, above: float | None = None
 ) -> Callable[[str], float]:

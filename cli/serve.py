@@ -116,7 +116,7 @@ def runner_options(args: argparse.Namespace) -> dict[str, Any]:
         "prefill_chunk": getattr(args, "prefill_chunk", 512),
         "max_queue": args.max_queue,
         "max_open": getattr(args, "max_open", 256),
-        "stream_interval": getattr(args, "stream_interval", 1),
+        "stream_interval": getattr(args, "stream_interval", None),
         "cache_gb": args.cache_gb,
         "grace": args.grace,
     }

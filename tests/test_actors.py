@@ -22,6 +22,7 @@ from actors.messages import (
     QueueFullError,
     UnavailableError,
 )
+from actors.pipeline import chunk_tokens
 from actors.runner import Runner
 from actors.testing import (
     ScriptedEngine,
@@ -379,7 +380,34 @@ async def test_stream_interval_gathers_that_many_tokens_per_chunk() -> None:
         chunks = await client.generate(_request("Hi"))
     assert "".join(c.content for c in chunks) == words
     assert sum(len(c.tokens) for c in chunks) == len(_ids(words))
-    # Every chunk but the done one (which takes the rest) carries at least 3 tokens; a lagging
-    # reader may get more in one.
-    assert all(len(c.tokens) >= 3 for c in chunks[:-1])
+    # The first token goes at once (time to first token); every later chunk but the done one
+    # (which takes the rest) carries at least 3 tokens, and a lagging reader may get more.
+    assert len(chunks[0].tokens) == 1
+    assert all(len(c.tokens) >= 3 for c in chunks[1:-1])
     assert chunks[-1].done
+
+
+def test_auto_chunks_grow_by_one_token_per_sixteen_running_streams() -> None:
+    assert [chunk_tokens(None, n) for n in (0, 1, 16, 17, 32, 33, 64)] == [1, 1, 1, 2, 2, 3, 4]
+    # A set interval is kept, whatever runs.
+    assert chunk_tokens(3, 64) == 3
+    assert chunk_tokens(1, 64) == 1
+
+
+async def test_auto_interval_follows_the_running_streams() -> None:
+    """Unset (``auto``), the pipeline asks how many streams run at each chunk: with 17 held
+    running, chunks after the first gather 2 tokens; alone, each token goes at once."""
+    words = " one two three four five six seven eight nine ten"
+    engine = ScriptedEngine(_spell(words))
+    async with open_test_runner(engine) as client:
+        alone = await client.generate(_request("Hi"))
+        scheduler = client.runner.ready.scheduler if client.runner.ready else None
+        assert scheduler is not None
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(type(scheduler), "active", property(lambda self: 17))
+            crowded = await client.generate(_request("Hi"))
+    assert any(len(c.tokens) == 1 for c in alone[1:-1])  # nothing gathered for one stream
+    assert "".join(c.content for c in crowded) == words
+    assert len(crowded[0].tokens) == 1
+    assert all(len(c.tokens) >= 2 for c in crowded[1:-1])
+    assert len(crowded) < len(alone)

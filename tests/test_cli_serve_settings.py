@@ -77,6 +77,10 @@ def test_stream_interval_reaches_the_runner_and_is_checked() -> None:
 
     args = build_parser().parse_args(["serve", "--stream-interval", "4"])
     assert runner_options(args)["stream_interval"] == 4
-    assert runner_options(build_parser().parse_args(["serve"]))["stream_interval"] == 1
-    with pytest.raises(SystemExit):
-        build_parser().parse_args(["serve", "--stream-interval", "0"])
+    # Default and "auto": paced by the running streams (``pipeline.chunk_tokens``).
+    assert runner_options(build_parser().parse_args(["serve"]))["stream_interval"] is None
+    auto = build_parser().parse_args(["serve", "--stream-interval", "auto"])
+    assert runner_options(auto)["stream_interval"] is None
+    for bad in ("0", "65", "fast"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["serve", "--stream-interval", bad])
