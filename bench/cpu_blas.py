@@ -95,7 +95,7 @@ def main() -> int:
         order = list(MODES) if i % 2 == 0 else list(reversed(MODES))
         pair = {mode: child(mode, folder, args.steps) for mode in order}
         if not pair["dispatch"]["dispatch on"]:
-            parser.error("no BLIS dispatch on this machine (scripts/setup-blas.sh, make install)")
+            parser.error("no BLIS dispatch on this machine (scripts/setup-blas.sh, build-sgemm.sh)")
         pairs.append(pair)
         print(f"repeat {i + 1}/{args.repeats}: " + json.dumps(pair), flush=True)
     print(f"\nmedians of {args.repeats}; ratio = median of dispatch/OpenBLAS pairs (lower: faster)")

@@ -169,7 +169,9 @@ def main() -> int:
     if args.their_blas == "ours":
         dispatch = dispatch_preload()
         if dispatch is None:
-            parser.error("this machine has no BLIS dispatch to give (see scripts/setup-blas.sh)")
+            parser.error(
+                "this machine has no BLIS dispatch to give (scripts/setup-blas.sh, build-sgemm.sh)"
+            )
         preload, variables = dispatch
     print(f"model {folder} (dense float32); LD_PRELOAD for mlx_lm.server: {preload}")
     bench = Bench(args, long_prefix(folder, args.prefix_tokens))

@@ -7,10 +7,10 @@ LAPACK symbols through the global symbol namespace, so loading OpenBLAS with ``R
 before anything imports MLX, which is why ``runtime/__init__.py`` calls it first.
 
 OpenBLAS is slow on the few rows of a batched decode step, and BLIS is fast there but slow on
-a long prompt's rows, so where both are installed and ``scripts/setup-blas.sh`` has built
-``runtime/native/sgemm_dispatch.c``, that small library goes first: it exports the
-``cblas_sgemm`` MLX calls and hands each product to one of the two by its row count (the C
-file has the measurements). OpenBLAS still serves everything else MLX asks of BLAS.
+a long prompt's rows. So where both are installed (``scripts/setup-blas.sh``) and
+``scripts/build-sgemm.sh`` has built ``runtime/native/sgemm_dispatch.c``, that small library
+goes first: it exports the ``cblas_sgemm`` MLX calls and hands each product to one of the two
+by its row count (the C file has the measurements). OpenBLAS serves everything else.
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ def skinny_blas() -> str | None:
 
 
 def shim_path() -> str:
-    """Where ``scripts/setup-blas.sh`` builds the dispatch library: the environment's lib/."""
+    """Where ``scripts/build-sgemm.sh`` builds the dispatch library: the environment's lib/."""
     return os.environ.get("MLXRUNNER_SGEMM_SHIM") or os.path.join(sys.prefix, "lib", SHIM_NAME)
 
 

@@ -8,7 +8,7 @@
  * library exports cblas_sgemm, the one BLAS entry point of MLX's float32 matmul, and sends products
  * of at most `skinny_rows` output rows to BLIS's typed API (bli_sgemm, whose names cannot clash with
  * OpenBLAS's) and all others to OpenBLAS's cblas_sgemm. runtime/blas.py loads it ahead of OpenBLAS
- * and calls mlxrunner_sgemm_init before MLX is imported; it is built by scripts/setup-blas.sh.
+ * and calls mlxrunner_sgemm_init before MLX is imported; it is built by scripts/build-sgemm.sh.
  * Another process (bench/http_vs_mlxlm.py's mlx_lm.server) gets the same dispatch with
  * LD_PRELOAD=this library:OpenBLAS and the three MLXRUNNER_SGEMM_* variables read below.
  */
