@@ -9,7 +9,7 @@ aggregate rate next to the engine's own (streams / step time): their ratio is wh
 side can carry. Run the server under ``py-spy record --threads -p PID`` to see where the
 event loop's time goes.
 
-Run: ``python bench/http_loop.py [--streams 64] [--busy 2.5] [--wait 4.5] [--stream-interval N]``.
+Run: ``python bench/http_loop.py [--streams 64] [--busy 2.5] [--wait 4.5] [--stream-interval N|auto]``.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from bench.http_client import run_concurrently, stream_native, window_rate
 from bench.servers import ROOT, ServerProcess, child_env, free_port, open_servers
 
 
-def serve(busy_ms: float, wait_ms: float, port: int, streams: int, interval: int) -> None:
+def serve(busy_ms: float, wait_ms: float, port: int, streams: int, interval: str) -> None:
     """The server process: the tree around the timed scripted engine."""
     import trio
 
@@ -73,7 +73,7 @@ def main() -> int:
     parser.add_argument("--wait", type=float, default=4.5, help="ms of GIL-free wait per step")
     parser.add_argument("--tokens", type=int, default=300, help="tokens per stream")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--stream-interval", type=int, default=1, help="the server's flag")
+    parser.add_argument("--stream-interval", default="auto", help="the server's flag")
     parser.add_argument("--serve-port", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_port is not None:
