@@ -281,8 +281,10 @@ class BatchLayout:
                 chunk_mask = causal_window_mask(offset, stop - offset, window)
             k = k_all[row : row + 1, :, first:stop]
             v = v_all[row : row + 1, :, first:stop]
-            outputs.append(
-                mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=chunk_mask)
-            )
+            if isinstance(chunk_mask, mx.array):  # a sliding window's
+                out = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=chunk_mask)
+            else:
+                out = fused.causal_attention(q, k, v, scale=scale)
+            outputs.append(out)
         out = outputs[0] if len(outputs) == 1 else mx.concatenate(outputs, axis=2)
         return merge_heads(out)

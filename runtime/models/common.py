@@ -22,6 +22,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from runtime.engine.kvcache import KVCache, SequenceCache
+from runtime.models.fused import causal_attention as fused_causal_attention
 from runtime.models.fused import rope as fused_rope
 from runtime.models.sliding import causal_window_mask, first_seen
 
@@ -201,12 +202,15 @@ class SpanLayout:
             q = rope(q, offset)
             k = rope(k, offset)
             k, v = cache.update_and_fetch(k, v)
-            mask: str | mx.array | None = "causal" if span.length > 1 else None
             if window is not None and offset + span.length > window:
                 first = first_seen(offset, window)
                 k, v = k[:, :, first:], v[:, :, first:]
                 mask = causal_window_mask(offset, span.length, window)
-            outputs.append(mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask))
+                outputs.append(
+                    mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+                )
+            else:
+                outputs.append(fused_causal_attention(q, k, v, scale=scale))
         out = outputs[0] if len(outputs) == 1 else mx.concatenate(outputs, axis=2)
         return merge_heads(out)
 

@@ -1,13 +1,17 @@
-"""The CPU engine with and without the few-row BLAS dispatch, side by side (issue 9).
+"""The CPU engine as it ships next to each of its CPU-only measures turned off (issue 9).
 
-``runtime/blas.py`` sends matmuls of at most ``SKINNY_ROWS`` rows (decode steps) to BLIS and
-the rest (prefill chunks) to OpenBLAS. This runs the default model converted to dense float32
-(``.bench/smollm2-135m-f32``, as ``bench/http_vs_mlxlm.py`` makes it) in child processes that
-alternate between the dispatch (``ours``) and OpenBLAS alone (``MLXRUNNER_SKINNY_ROWS=0``),
-and prints the median decode step at 1, 4 and 8 rows and a 1000-token prefill, with the
-ratio of each back-to-back pair.
+- ``openblas``: ``runtime/blas.py`` sends matmuls of at most ``SKINNY_ROWS`` rows (decode
+  steps) to BLIS and the rest to OpenBLAS; ``MLXRUNNER_SKINNY_ROWS=0`` keeps all on OpenBLAS.
+- ``whole prompts``: ``models/fused.causal_attention`` computes a prompt chunk's attention in
+  causal blocks of queries; ``MLXRUNNER_PROMPT_BLOCK=0`` computes each chunk whole.
 
-Run: ``python bench/cpu_blas.py [--repeats 3]``.
+Runs the default model converted to dense float32 (``.bench/smollm2-135m-f32``, as
+``bench/http_vs_mlxlm.py`` makes it) in child processes, one per setting, in an order that
+rotates every repeat, and prints the median decode step at 1, 4 and 8 rows and a 1000-token
+prompt's time to its first token, with the median ratio of each setting to ``ours`` within
+a repeat.
+
+Run: ``python bench/cpu_engine.py [--repeats 3]``.
 """
 
 from __future__ import annotations
@@ -25,7 +29,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 ROWS = (1, 4, 8)
 PREFILL = 1000
-MODES = {"dispatch": None, "openblas": "0"}
+# Each setting's environment on top of ours.
+MODES: dict[str, dict[str, str]] = {
+    "ours": {},
+    "openblas": {"MLXRUNNER_SKINNY_ROWS": "0"},
+    "whole prompts": {"MLXRUNNER_PROMPT_BLOCK": "0"},
+}
 
 
 def measure(folder: Path, steps: int) -> dict[str, float]:
@@ -68,10 +77,12 @@ def measure(folder: Path, steps: int) -> dict[str, float]:
 
 
 def child(mode: str, folder: Path, steps: int) -> dict[str, float]:
-    env = dict(os.environ)
-    env.pop("MLXRUNNER_SKINNY_ROWS", None)
-    if MODES[mode] is not None:
-        env["MLXRUNNER_SKINNY_ROWS"] = str(MODES[mode])
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("MLXRUNNER_SKINNY_ROWS", "MLXRUNNER_PROMPT_BLOCK")
+    }
+    env |= MODES[mode]
     command = [sys.executable, __file__, "--child", str(folder), "--steps", str(steps)]
     done = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
     result: dict[str, float] = json.loads(done.stdout.strip().splitlines()[-1])
@@ -90,23 +101,27 @@ def main() -> int:
     from bench.http_vs_mlxlm import BENCH_DIR, converted_model
 
     folder = converted_model(BENCH_DIR / "smollm2-135m-f32")
-    pairs: list[dict[str, dict[str, float]]] = []
+    runs: list[dict[str, dict[str, float]]] = []
+    names = list(MODES)
     for i in range(args.repeats):
-        order = list(MODES) if i % 2 == 0 else list(reversed(MODES))
-        pair = {mode: child(mode, folder, args.steps) for mode in order}
-        if not pair["dispatch"]["dispatch on"]:
+        order = names[i % len(names) :] + names[: i % len(names)]
+        run = {mode: child(mode, folder, args.steps) for mode in order}
+        if not run["ours"]["dispatch on"]:
             parser.error("no BLIS dispatch on this machine (scripts/setup-blas.sh, build-sgemm.sh)")
-        pairs.append(pair)
-        print(f"repeat {i + 1}/{args.repeats}: " + json.dumps(pair), flush=True)
-    print(f"\nmedians of {args.repeats}; ratio = median of dispatch/OpenBLAS pairs (lower: faster)")
-    print(f"{'':32}{'dispatch':>10}{'OpenBLAS':>10}{'ratio':>8}")
-    for row in pairs[0]["dispatch"]:
+        runs.append(run)
+        print(f"repeat {i + 1}/{args.repeats}: " + json.dumps(run), flush=True)
+    print(f"\nmedians of {args.repeats}; ratio = median of the setting's / ours within a repeat")
+    others = names[1:]
+    print(f"{'':36}{'ours':>9}" + "".join(f"{m:>15}{'ratio':>7}" for m in others))
+    for row in runs[0]["ours"]:
         if row == "dispatch on":
             continue
-        ours = statistics.median(p["dispatch"][row] for p in pairs)
-        theirs = statistics.median(p["openblas"][row] for p in pairs)
-        ratio = statistics.median(p["dispatch"][row] / p["openblas"][row] for p in pairs)
-        print(f"{row:32}{ours:>10.2f}{theirs:>10.2f}{ratio:>8.2f}")
+        line = f"{row:36}{statistics.median(r['ours'][row] for r in runs):>9.2f}"
+        for mode in others:
+            value = statistics.median(r[mode][row] for r in runs)
+            ratio = statistics.median(r[mode][row] / r["ours"][row] for r in runs)
+            line += f"{value:>15.2f}{ratio:>7.2f}"
+        print(line)
     return 0
 
 
