@@ -22,6 +22,7 @@ import trio
 
 from actors.config import Loaded
 from actors.messages import (
+    EmbedRequest,
     EngineFaultError,
     GenerateRequest,
     GenerationError,
@@ -259,6 +260,28 @@ async def test_an_admission_that_runs_out_of_memory_fails_that_request_alone(
         assert runner.ready is not None
         assert runner.ready.scheduler.counters.engine_faults == 1
         await _until_freed(runner)
+
+
+async def test_an_embedding_that_fails_counts_as_an_engine_fault_and_fails_it_alone(
+    folder: Path,
+) -> None:
+    """Out of memory: that request gets ``OutOfMemoryError`` and the prefix cache is emptied;
+    a bug: ``GenerationError``; both count as engine faults, and generation serves on."""
+    async with _real_tree(folder, at_steps({})) as (runner, engine):
+        await _tokens(runner, _request(LATER, 3, seed=1))
+        await wait_until(lambda: runner.statistics().prefix_cache_entries == 1)
+        engine.embedding = lambda inputs: out_of_memory()
+        with pytest.raises(OutOfMemoryError):
+            await runner.embed(EmbedRequest(inputs=((5, 6, 7),)))
+        assert runner.statistics().prefix_cache_entries == 0  # what could be freed was
+        engine.embedding = lambda inputs: engine_bug()
+        with pytest.raises(GenerationError, match="internal error"):
+            await runner.embed(EmbedRequest(inputs=((5, 6, 7),)))
+        assert runner.ready is not None
+        assert runner.ready.scheduler.counters.engine_faults == 2
+        engine.embedding = lambda inputs: None
+        assert len((await runner.embed(EmbedRequest(inputs=((5, 6, 7),)))).vectors) == 1
+        assert len(await _tokens(runner, _request(VICTIMS[0], 3, seed=1))) == 3
 
 
 SERVE_WITH_FAULTS = textwrap.dedent(

@@ -11,7 +11,7 @@ inside the step instead, in the model's forward pass, for engine-level tests.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from runtime.engine.protocol import Engine, SequenceRequest, StepAbort, TokenEvent
@@ -51,7 +51,8 @@ class FaultInjectingEngine(DelegatingEngine):
 
     ``gate``: when set to an event, each step waits for it first (on the engine thread), so a
     test can line requests up before the steps it counts on. ``admission``: the exception, if
-    any, that adding a sequence raises instead.
+    any, that adding a sequence raises instead; ``embedding``: the same for computing
+    embeddings.
     """
 
     def __init__(self, inner: Engine, plan: FaultPlan) -> None:
@@ -59,6 +60,9 @@ class FaultInjectingEngine(DelegatingEngine):
         self.plan = plan
         self.gate: threading.Event | None = None
         self.admission: Callable[[SequenceRequest], BaseException | None] = lambda request: None
+        self.embedding: Callable[[Sequence[Sequence[int]]], BaseException | None] = lambda inputs: (
+            None
+        )
         self.steps = 0
         self.failed_steps: list[int] = []
         self.aborts: list[StepAbort] = []
@@ -68,6 +72,14 @@ class FaultInjectingEngine(DelegatingEngine):
         if fault is not None:
             raise fault
         self.inner.add(request)
+
+    def embed(
+        self, inputs: Sequence[Sequence[int]], *, normalize: bool, dimensions: int | None = None
+    ) -> list[list[float]]:
+        fault = self.embedding(inputs)
+        if fault is not None:
+            raise fault
+        return self.inner.embed(inputs, normalize=normalize, dimensions=dimensions)
 
     def step(self) -> list[TokenEvent]:
         if self.gate is not None:
