@@ -20,6 +20,7 @@ from runtime.models.common import (
     split_heads,
     swiglu,
 )
+from runtime.models.decoder import DecoderLayer, DecoderStack
 from runtime.models.fused import RMSNorm
 from runtime.models.projections import gate_up, qkv
 
@@ -102,35 +103,12 @@ class MLP(nn.Module):
         return self.down_proj(swiglu(*gate_up(self, x)))
 
 
-class TransformerBlock(nn.Module):
-    def __init__(self, args: ModelArgs, layer: int) -> None:
-        super().__init__()
-        self.self_attn = Attention(args, layer)
-        self.mlp = MLP(args)
-        self.input_layernorm = RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
-
-    def __call__(self, x: mx.array, layout: Layout) -> mx.array:
-        h = x + self.self_attn(self.input_layernorm(x), layout)
-        return h + self.mlp(self.post_attention_layernorm(h))
-
-
-class Qwen3Model(nn.Module):
-    def __init__(self, args: ModelArgs) -> None:
-        super().__init__()
-        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.layers = [TransformerBlock(args, i) for i in range(args.num_hidden_layers)]
-        self.norm = RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
-
-    def __call__(self, inputs: mx.array, layout: Layout) -> mx.array:
-        h = self.embed_tokens(inputs)
-        for layer in self.layers:
-            h = layer(h, layout)
-        return self.norm(h)
+def _layer(args: ModelArgs, index: int) -> DecoderLayer:
+    return DecoderLayer(Attention(args, index), MLP(args), args)
 
 
 class Model(CausalLM):
     FUSABLE_PROJECTIONS = True  # its layers project through ``qkv`` and ``gate_up``
 
     def __init__(self, args: ModelArgs) -> None:
-        super().__init__(args, Qwen3Model(args))
+        super().__init__(args, DecoderStack(args, _layer))

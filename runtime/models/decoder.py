@@ -1,0 +1,53 @@
+"""The pre-norm decoder stack that llama, Qwen2, Qwen3 and Phi-3 share.
+
+Each architecture brings its own attention and MLP; the rest is the same in all four: every
+layer adds the attention of its RMS-normed input, then the MLP of the RMS-normed result, and
+the stack is the token embeddings, the layers, and a final RMSNorm. The module and parameter
+names are the checkpoints' (``self_attn``, ``mlp``, ``input_layernorm``,
+``post_attention_layernorm``; ``embed_tokens``, ``layers``, ``norm``), which loading and
+``runtime.models.sharding`` rely on. Gemma 3 norms and scales differently and keeps its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from runtime.models.common import Layout
+from runtime.models.fused import RMSNorm
+
+
+class DecoderLayer(nn.Module):
+    """One layer: ``h = x + attention(norm(x))``, then ``h + mlp(norm(h))``."""
+
+    def __init__(self, attention: nn.Module, mlp: nn.Module, args: Any) -> None:
+        super().__init__()
+        self.self_attn = attention
+        self.mlp = mlp
+        self.input_layernorm = RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+
+    def __call__(self, x: mx.array, layout: Layout) -> mx.array:
+        h = x + self.self_attn(self.input_layernorm(x), layout)
+        out: mx.array = h + self.mlp(self.post_attention_layernorm(h))
+        return out
+
+
+class DecoderStack(nn.Module):
+    """Embeddings, ``args.num_hidden_layers`` layers made by ``layer(args, index)``, final norm."""
+
+    def __init__(self, args: Any, layer: Callable[[Any, int], nn.Module]) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = [layer(args, i) for i in range(args.num_hidden_layers)]
+        self.norm = RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+
+    def __call__(self, inputs: mx.array, layout: Layout) -> mx.array:
+        h = self.embed_tokens(inputs)
+        for layer in self.layers:
+            h = layer(h, layout)
+        out: mx.array = self.norm(h)
+        return out
