@@ -178,7 +178,7 @@ def test_batch_layout_steps_past_the_window_equal_solo_logits(model_type: str) -
         layout = BatchLayout.build(cache, capacity_rows=2, positions=256, **kw)
         if kw.get("prefill"):
             return ours.unembed(ours.hidden(tokens[None], layout))[0]
-        return ours.unembed(ours.hidden(tokens[:, None], layout))[:, 0]
+        return ours.unembed(ours.hidden(tokens, layout))  # a flat decode step
 
     def solo(x: mx.array) -> mx.array:
         return ours(x[None])[0, -1]
@@ -202,6 +202,7 @@ def test_batch_layout_steps_past_the_window_equal_solo_logits(model_type: str) -
     assert _diff(mixed[0], solo(a[:13])) <= TOL
     assert _diff(mixed[6], solo(b[:14])) <= TOL
     decode = step(mx.stack([a[13], b[0]]), lengths=[13, 14], decoding=[0, 1], prefill=[])
+    assert decode.shape == (2, ours.args.vocab_size)  # flat: [rows] in, [rows, ...] out
     assert _diff(decode[0], solo(a[:14])) <= TOL
     assert _diff(decode[1], solo(mx.concatenate([b[:14], b[:1]]))) <= TOL
 

@@ -3,13 +3,23 @@
 
 from __future__ import annotations
 
+import io
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
+from mlx.utils import tree_flatten
 
 from runtime.models import quantized_linear
-from runtime.models.projections import FusedLinear, fuse_projections, gate_up, qkv
+from runtime.models.projections import (
+    DenseProjection,
+    FusedLinear,
+    fuse_projections,
+    gate_up,
+    pretranspose_dense,
+    qkv,
+)
 from runtime.models.quantized_linear import QuantizedLinear, adopt, adopt_quantized_linears
 
 
@@ -119,3 +129,28 @@ def test_a_model_that_does_not_say_it_can_be_fused_is_left_alone() -> None:
     model = _Other()
     assert fuse_projections(model) == 0
     assert "q_proj" in model.layers[0].self_attn
+
+
+def _graph(out: mx.array) -> str:
+    text = io.StringIO()
+    mx.export_to_dot(text, out)
+    return text.getvalue()
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_pretransposed_layers_give_the_same_outputs_without_a_transpose_node(bias: bool) -> None:
+    model = _Model(bias)
+    nn.quantize(model, group_size=32, bits=4, class_predicate=lambda p, m: p.endswith("up_proj"))
+    mx.eval(model.parameters())
+    x = mx.random.normal((3, 64))
+    before = _outputs(model, x)
+    names = sorted(k for k, _ in tree_flatten(model.parameters()))
+    # Every dense layer but the quantized up projections (two per layer, two layers).
+    assert pretranspose_dense(model) == 8
+    q_proj = model.layers[0].self_attn["q_proj"]
+    assert isinstance(q_proj, DenseProjection)
+    assert "Transpose" not in _graph(q_proj(x))
+    assert "Transpose" in _graph(nn.Linear(64, 8)(x))  # what it spares: one per call
+    assert sorted(k for k, _ in tree_flatten(model.parameters())) == names  # no second copy
+    for a, b in zip(before, _outputs(model, x), strict=True):
+        np.testing.assert_array_equal(a, b)

@@ -13,8 +13,10 @@ memory accounting (``runtime.scheduling.policy``) charges the capacity, not the 
 ``BatchLayout`` is the ``Layout`` (``runtime.models.common``) of one engine step: the first
 ``rows`` tokens of the packed row are one decode token per cache row (rows that are not
 decoding carry a dummy token whose output is discarded), followed by prefill chunks. A step
-with no prefill chunk (the common case) comes as ``[rows, 1]`` instead, one batch entry per
-row, which spares the transposes. All cache writes of a layer happen before its attention
+with no prefill chunk (the common case) comes flat instead: ``[rows]`` tokens, ``[rows, D]``
+activations and ``[rows, H, 1, D]`` heads, one batch entry per row. On the GPU such a step is
+bound by the host's time per MLX node, and the flat form has no transposes, and no flatten
+and unflatten around each matmul. All cache writes of a layer happen before its attention
 reads, so MLX can update the buffers in place.
 """
 
@@ -226,7 +228,7 @@ class BatchLayout:
         decode_only = rows > 0 and not self.prefill
         if rows:
             assert self.offsets is not None
-            if decode_only:  # tokens came as [rows, 1]: already one batch entry per row
+            if decode_only:  # a flat step: already one batch entry per row
                 q_dec, k_dec, v_dec = queries, keys, values
             else:  # [1, H, rows, D] -> [rows, H, 1, D]
                 q_dec = queries[:, :, :rows].transpose(2, 1, 0, 3)
@@ -269,9 +271,9 @@ class BatchLayout:
                     mask = self.mask if self.mask is not None else self.length_mask()
                 out = fused.attention(q_dec, k_seen, v_seen, scale=scale, mask=mask)
             if decode_only:
-                # [rows, H, 1, D] -> [rows, 1, H * D]: the transpose in ``merge_heads`` moves
+                # [rows, H, 1, D] -> [rows, H * D]: the transpose in ``merge_heads`` would move
                 # an axis of size 1, so a reshape is the same order, and a view when contiguous.
-                return out.reshape(out.shape[0], 1, -1)
+                return out.reshape(out.shape[0], -1)
             outputs.append(out.transpose(2, 1, 0, 3))  # back to [1, H, rows, D]
         for q, row, offset, stop in chunks:
             first = 0

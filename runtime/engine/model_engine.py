@@ -34,7 +34,7 @@ from runtime.engine.protocol import EngineStats, SequenceRequest, StepAbort, Tok
 from runtime.engine.rows import NO_ROWS, Forward, Prefix, Row, check_request, read_events
 from runtime.engine.sampling_ops import batch_logprobs
 from runtime.errors import PromptTooLongError
-from runtime.models.projections import fuse_projections, projections_fused
+from runtime.models.projections import fuse_projections, pretranspose_dense, projections_fused
 
 if TYPE_CHECKING:
     from runtime.models.loader import LoadedModel
@@ -56,6 +56,7 @@ class ModelEngine:
         self.model = loaded.model
         if projections_fused():
             fuse_projections(self.model)  # fewer matmuls per layer (the GPU step is host-bound)
+            pretranspose_dense(self.model)  # and no Transpose node per matmul
         self.tokenizer = loaded.tokenizer
         self.prefill_chunk = prefill_chunk
         self._context = min(context_length or loaded.context_length, loaded.context_length)
@@ -280,8 +281,8 @@ class ModelEngine:
             decoding=[r.index for r in fed],
             prefill=prefill,
         )
-        if fed and not chunks:  # one batch entry per row (see ``BatchLayout``)
-            hidden = self.model.hidden(inputs[0][:, None], layout)[:, 0]
+        if fed and not chunks:  # one batch entry per row, flat (see ``BatchLayout``)
+            hidden = self.model.hidden(inputs[0], layout)
         else:
             tokens_in = inputs[0] if len(inputs) == 1 else mx.concatenate(inputs)
             hidden = self.model.hidden(tokens_in[None], layout)[0]

@@ -164,7 +164,8 @@ class Layout(Protocol):
         scale: float,
         window: int | None = None,
     ) -> mx.array:
-        """Attention for packed ``[1, H, N, D]`` projections; returns ``[1, N, H * D]``.
+        """Attention for packed ``[1, H, N, D]`` projections; returns ``[1, N, H * D]``
+        (the engine's flat decode steps: ``[N, H, 1, D]`` in, ``[N, H * D]`` out).
         With ``window``, each query sees at most the last ``window`` positions
         (``runtime.models.sliding``)."""
         ...
@@ -272,7 +273,9 @@ def merge_heads(x: mx.array) -> mx.array:
 
 
 def split_heads(x: mx.array, heads: int) -> mx.array:
-    """``[1, N, H * D]`` -> ``[1, H, N, D]``."""
+    """``[1, N, H * D]`` -> ``[1, H, N, D]``; a flat decode step's ``[N, H * D]`` -> ``[N, H, 1, D]``."""
+    if x.ndim == 2:  # one reshape: the transpose would move an axis of size 1
+        return x.reshape(x.shape[0], heads, 1, -1)
     batch, length, _ = x.shape
     return x.reshape(batch, length, heads, -1).transpose(0, 2, 1, 3)
 

@@ -8,7 +8,10 @@ read the same input leaves four, one matmul for Q, K and V and one for gate and 
 read the same weights in the same order, so the device time does not change.
 
 ``fuse_projections`` rewrites a loaded model in place, after its weights are loaded (the
-checkpoint names stay those of the separate projections). The models call ``qkv`` and
+checkpoint names stay those of the separate projections). ``pretranspose_dense`` then gives
+every dense projection a transposed view of its weight made once: ``nn.Linear`` multiplies by
+``weight.T``, a Transpose node built and evaluated on every call, and a decode step is made of
+such nodes (``bench/profile_step.py``). The models call ``qkv`` and
 ``gate_up``, which work on either form, so a model that was never fused (mlx-lm parity tests,
 the embedding path before an engine exists) runs unchanged.
 """
@@ -32,7 +35,7 @@ class FusedLinear(nn.Module):
 
     def __init__(self, parts: list[nn.Module]) -> None:
         super().__init__()
-        self.proj = _concatenated(parts)
+        self.proj = _pretransposed(_concatenated(parts))
         sizes = [_output_dims(p) for p in parts]
         self._splits = [sum(sizes[: i + 1]) for i in range(len(sizes) - 1)]
 
@@ -68,6 +71,44 @@ def projections_fused() -> bool:
     if choice in ("0", "1"):
         return choice == "1"
     return on_cuda()
+
+
+class DenseProjection(nn.Linear):
+    """``nn.Linear`` (same parameters) that multiplies by a transposed view of its weight made
+    once, sharing the weight's memory. The view is taken when the layer is made: a weight
+    replaced later (``update``, ``load_weights``) must come with a new layer."""
+
+    def __init__(self, weight: mx.array, bias: mx.array | None) -> None:
+        super().__init__(weight.shape[1], weight.shape[0], bias=bias is not None)
+        self.weight = weight
+        if bias is not None:
+            self.bias = bias
+        # A leading underscore keeps the view out of ``parameters()``: it is not a second copy.
+        self._transposed = weight.T
+        mx.eval(self._transposed)  # evaluated: a leaf that shares the weight's buffer
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if "bias" in self:
+            return mx.addmm(self["bias"], x, self._transposed)
+        return x @ self._transposed
+
+
+def _pretransposed(layer: nn.Module) -> nn.Module:
+    if type(layer) is not nn.Linear:  # quantized layers multiply transposed in one kernel
+        return layer
+    return DenseProjection(layer.weight, layer.get("bias"))
+
+
+def pretranspose_dense(model: nn.Module) -> int:
+    """Make every plain dense ``nn.Linear`` of ``model`` a ``DenseProjection``, in place;
+    returns how many. Outputs are the same to the bit: the matmul sees the same strides."""
+    count = 0
+    for _, module in model.named_modules():
+        for name, child in list(module.items()):
+            if type(child) is nn.Linear:
+                module[name] = _pretransposed(child)
+                count += 1
+    return count
 
 
 def fuse_projections(model: nn.Module) -> int:
