@@ -29,6 +29,7 @@ import mlx.core as mx
 
 from runtime.engine.batch_cache import STEP, BatchKVCache, BatchLayout, PrefillChunk, round_up
 from runtime.engine.batch_sampler import BatchSampler
+from runtime.engine.compiled_decode import CompiledDecode
 from runtime.engine.embedding import config_pooling, embed_tokens
 from runtime.engine.protocol import EngineStats, SequenceRequest, StepAbort, TokenEvent
 from runtime.engine.rows import NO_ROWS, Forward, Prefix, Row, check_request, read_events
@@ -63,6 +64,7 @@ class ModelEngine:
         self._eos = loaded.tokenizer.eos_ids
         self._vocab = int(loaded.model.args.vocab_size)
         self._cache = BatchKVCache(self.model.num_layers)
+        self._decode = CompiledDecode(self.model, self._cache)
         self._sampler = BatchSampler(vocab_size=self._vocab, context_length=self._context)
         self._rows: list[Row | None] = []
         self._by_id: dict[int, Row] = {}
@@ -282,7 +284,7 @@ class ModelEngine:
             prefill=prefill,
         )
         if fed and not chunks:  # one batch entry per row, flat (see ``BatchLayout``)
-            hidden = self.model.hidden(inputs[0], layout)
+            hidden = self._decode.hidden(inputs[0], layout)
         else:
             tokens_in = inputs[0] if len(inputs) == 1 else mx.concatenate(inputs)
             hidden = self.model.hidden(tokens_in[None], layout)[0]
@@ -303,7 +305,9 @@ class ModelEngine:
         tokens = mx.zeros((0,), dtype=mx.int32)
         lp = None
         if sampled_rows:
-            logits = self.model.unembed(hidden[mx.array(picks)]).astype(mx.float32)
+            if picks != list(range(hidden.shape[0])):  # a decode-only step samples every row
+                hidden = hidden[mx.array(picks)]
+            logits = self.model.unembed(hidden).astype(mx.float32)
             indices = [r.index for r in sampled_rows]
             tokens = self._sampler.sample(logits, indices)
             self._sampler.accept(indices, tokens)
@@ -325,6 +329,10 @@ class ModelEngine:
         it (after a failed step, or a pause) feeds its last reported token from the host.
         """
         sampled = previous.rows if previous is not None else ()
+        if previous is not None and [row.index for row in sampled] == list(range(capacity_rows)):
+            # Every row sampled last step, in row order (the common case): no gather, and no
+            # host arrays, which cost 0.3-0.6 ms a step at 64 rows on the GPU's host.
+            return previous.tokens
         where = {row.index: i for i, row in enumerate(sampled)}
         host = [r.last if r is not None and r.last is not None else 0 for r in self._rows]
         gather = [where.get(i, len(sampled) + i) for i in range(capacity_rows)]
@@ -381,6 +389,7 @@ class ModelEngine:
         self._prefixes.clear()
         self._prefix_bytes = 0
         self._cache.clear()
+        self._decode.clear()  # the compiled steps hold the model's weights
         self._sampler = BatchSampler(vocab_size=self._vocab, context_length=self._context)
         self.model = self.loaded = None  # type: ignore[assignment]
         gc.collect()

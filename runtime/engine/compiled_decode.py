@@ -1,0 +1,116 @@
+"""Decode steps through ``mx.compile``: each step shape's graph is traced once, then replayed.
+
+On the GPU a decode step of many rows is bound by the host, not the device
+(``bench/profile_step.py``), and at 64 rows of the 8B model building the model's graph in
+Python took 1.2-1.8 ms of a 6-8 ms step. A compiled function replays the traced graph in C++
+instead: the host's part of a step (``profile_step``'s dispatch) went from 5.2, 5.7 and 5.5-6.2
+ms to 4.2-4.6, 4.4-5.1 and 4.8-4.9 ms at 4, 16 and 64 rows (two alternating rounds), and the
+4- and 16-row steps became bound by the device.
+
+A step is compiled only where its graph depends on nothing but its arrays and the key below:
+a decode-only step whose rows attend through the decode-attention kernel (which reads each row
+to its own length from the offsets array), on a model without sliding windows (their masks
+depend on the step's span). The step's span then matters only through the kernel's split
+count, which changes every ``MIN_SLICE`` positions. The key is the cache's shapes, the rows,
+that span bucket and the tokens' dtype; a new key traces once, about the cost of one step built
+in Python. Growing the cache changes its shape, so a growing step runs uncompiled, as does every
+other step.
+
+The cache's arrays go in as inputs and the updated ones come out, replacing them in the
+``BatchKVCache`` before the step is evaluated: the old arrays are then held by the graph alone,
+and MLX writes the new positions in place rather than copying a layer's cache (checked by
+``tests/test_compiled_decode.py`` through peak memory).
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import mlx.core as mx
+import mlx.nn as nn
+
+from runtime.engine.batch_cache import BatchKVCache, BatchLayout
+from runtime.engine.decode_attention import MIN_SLICE
+
+if TYPE_CHECKING:
+    from runtime.models.common import CausalLM
+
+KEEP = 16  # compiled step shapes kept (least recently used dropped): a few hundred KB each
+
+_Key = tuple[object, ...]
+
+
+def enabled() -> bool:
+    """``MLXRUNNER_COMPILED_DECODE=0`` builds every step in Python (for A/B runs)."""
+    return os.environ.get("MLXRUNNER_COMPILED_DECODE", "1") != "0"
+
+
+def windowed(model: nn.Module) -> bool:
+    """Whether any attention of ``model`` has a sliding window (its ``window`` attribute)."""
+    return any(getattr(m, "window", None) is not None for _, m in model.named_modules())
+
+
+class CompiledDecode:
+    """The engine's flat decode steps, compiled per step shape (engine thread only)."""
+
+    def __init__(self, model: CausalLM, cache: BatchKVCache) -> None:
+        self.model = model
+        self.cache = cache
+        self.usable = enabled() and not windowed(model)
+        self._compiled: OrderedDict[_Key, Callable[..., Any]] = OrderedDict()
+        self.traces = 0  # how many step shapes were traced (tests; the bench's log)
+
+    def hidden(self, tokens: mx.array, layout: BatchLayout) -> mx.array:
+        """``model.hidden(tokens, layout)`` for a flat decode step; compiled where it applies."""
+        key = self._key(tokens, layout)
+        if key is None:
+            out: mx.array = self.model.hidden(tokens, layout)
+            return out
+        function = self._compiled.get(key)
+        if function is None:
+            function = self._compiled[key] = self._compile(layout)
+            while len(self._compiled) > KEEP:
+                self._compiled.popitem(last=False)
+        self._compiled.move_to_end(key)
+        cache, layers = self.cache, self.cache.num_layers
+        outputs = function(tokens, layout.offsets, *cache.keys, *cache.values)
+        # The old arrays leave the cache before evaluation, so MLX may update them in place.
+        cache.keys = list(outputs[1 : 1 + layers])
+        cache.values = list(outputs[1 + layers :])
+        hidden: mx.array = outputs[0]
+        return hidden
+
+    def clear(self) -> None:
+        self._compiled.clear()
+
+    def _key(self, tokens: mx.array, layout: BatchLayout) -> _Key | None:
+        if not self.usable or not layout.kernel or layout.prefill or layout.mask is not None:
+            return None
+        shapes = []
+        for array in (*self.cache.keys, *self.cache.values):
+            if array is None or array.shape[0] < layout.capacity_rows:
+                return None
+            if array.shape[2] < layout.positions:
+                return None  # this step grows the cache: built in Python
+            shapes.append(array.shape)
+        return (layout.rows, layout.span // MIN_SLICE, tokens.dtype, tuple(shapes))
+
+    def _compile(self, layout: BatchLayout) -> Callable[..., Any]:
+        model, layers = self.model, self.cache.num_layers
+        self.traces += 1
+
+        def step(tokens: mx.array, offsets: mx.array, *arrays: mx.array) -> list[mx.array]:
+            cache = BatchKVCache(layers)
+            cache.keys = list(arrays[:layers])
+            cache.values = list(arrays[layers:])
+            # The traced layout keeps this step's span: any span of the same bucket splits the
+            # kernel's work the same way, and the kernel reads lengths from ``offsets``.
+            traced = attrs.evolve(layout, cache=cache, offsets=offsets)
+            hidden = model.hidden(tokens, traced)
+            return [hidden, *cache.arrays]  # every layer's keys, then values
+
+        return mx.compile(step)

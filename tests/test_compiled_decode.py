@@ -1,0 +1,166 @@
+"""Compiled decode steps (runtime/engine/compiled_decode.py): same tokens as steps built in
+Python, one trace per step shape, the cache updated in place, and only where the graph
+depends on nothing but its arrays."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import pytest
+
+from runtime.engine import compiled_decode, decode_attention
+from runtime.engine.model_engine import ModelEngine
+from runtime.engine.options import SamplingOptions
+from runtime.engine.protocol import SequenceRequest
+from runtime.models.loader import LoadedModel, load_model
+from runtime.testing.models import make_tiny_folder
+
+GREEDY = SamplingOptions(temperature=0.0, repeat_penalty=1.0)
+SEEDED = SamplingOptions(temperature=1.0, top_k=0, top_p=1.0, repeat_penalty=1.0, seed=7)
+PROMPTS = [[5, 17, 99, 3, 250, 41, 7], [12, 300, 8], list(range(20, 41)), [9, 9, 9, 9, 1]]
+
+
+@pytest.fixture(scope="module")
+def loaded(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
+    folder = make_tiny_folder(
+        tmp_path_factory.mktemp("tiny") / "m", "llama", max_position_embeddings=2048
+    )
+    return load_model(folder)
+
+
+def _reference_kernel(
+    queries: mx.array,
+    keys: mx.array,
+    values: mx.array,
+    offsets: mx.array,
+    *,
+    scale: float,
+    longest: int,
+) -> mx.array:
+    """The decode-attention kernel's contract in MLX ops: row r reads positions 0..offsets[r]
+    of the whole cache (like the kernel, nothing here depends on ``longest``)."""
+    rows, positions = queries.shape[0], keys.shape[2]
+    visible = mx.arange(positions)[None, :] <= offsets[:, None]
+    mask = visible.reshape(rows, 1, 1, positions)
+    return mx.fast.scaled_dot_product_attention(
+        queries, keys[:rows], values[:rows], scale=scale, mask=mask
+    )
+
+
+@pytest.fixture
+def kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Steps take the kernel's path here as on CUDA, the kernel itself being CUDA's."""
+    monkeypatch.setattr(decode_attention, "_cuda_gpu", lambda: True)
+    monkeypatch.setattr(decode_attention, "decode_attention", _reference_kernel)
+
+
+def _generate(engine: ModelEngine, prompts: list[list[int]], **kw: Any) -> dict[int, list[int]]:
+    for i, prompt in enumerate(prompts):
+        engine.add(
+            SequenceRequest(
+                seq_id=i,
+                prompt=tuple(prompt),
+                sampling=kw.get("sampling", GREEDY),
+                max_tokens=kw.get("max_tokens", 24),
+                logit_bias=tuple((eos, -1e9) for eos in engine.tokenizer.eos_ids),  # run long
+            )
+        )
+    out: dict[int, list[int]] = {i: [] for i in range(len(prompts))}
+    while engine.has_work():
+        for event in engine.step():
+            if event.token is not None:
+                out[event.seq_id].append(event.token)
+            if event.finish is not None:
+                engine.remove(event.seq_id)
+    return out
+
+
+@pytest.mark.usefixtures("kernel")
+@pytest.mark.parametrize("sampling", [GREEDY, SEEDED])
+def test_compiled_steps_give_the_tokens_of_steps_built_in_python(
+    loaded: LoadedModel, sampling: SamplingOptions, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    compiled = ModelEngine(loaded)
+    got = _generate(compiled, PROMPTS, sampling=sampling)
+    assert compiled._decode.traces == 1  # rows of different lengths, one step shape
+    monkeypatch.setenv("MLXRUNNER_COMPILED_DECODE", "0")
+    plain = ModelEngine(loaded)
+    assert _generate(plain, PROMPTS, sampling=sampling) == got
+    assert plain._decode.traces == 0
+
+
+@pytest.mark.usefixtures("kernel")
+def test_a_new_step_shape_traces_once_and_growth_steps_run_uncompiled(
+    loaded: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = ModelEngine(loaded)
+    keys: list[Any] = []
+    real_key = engine._decode._key
+
+    def spy(tokens: mx.array, layout: Any) -> Any:
+        keys.append(real_key(tokens, layout))
+        return keys[-1]
+
+    monkeypatch.setattr(engine._decode, "_key", spy)
+    # 4 rows cross 256 positions: the cache grows (a step built in Python), then a new shape.
+    _generate(engine, [[7] * 250, [8] * 240, [9] * 230, [10] * 220], max_tokens=40)
+    shapes = [key for key in keys if key is not None]
+    assert None in keys  # the growing step
+    # Each shape traced once: before and after the growth, and the kernel's split bucket
+    # (span // 256) of the rows that decode, which moves with the longest of them.
+    assert len(set(shapes)) == engine._decode.traces >= 2
+    assert len(shapes) > 3 * engine._decode.traces
+
+
+@pytest.mark.usefixtures("kernel")
+@pytest.mark.parametrize("held", [False, True])
+def test_compiled_steps_write_the_cache_in_place(
+    loaded: LoadedModel, held: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each compiled step is evaluated on its own here, its memory peak measured: a copy of a
+    layer's keys would raise it by that layer's bytes, and does when the old cache arrays are
+    still held elsewhere (``held``, the check that the measure sees copies)."""
+    engine = ModelEngine(loaded)
+    decode = engine._decode
+    real = decode.hidden
+    peaks: list[int] = []
+    kept: list[Any] = []
+
+    def measured(tokens: mx.array, layout: Any) -> mx.array:
+        if held:
+            kept[:] = [list(engine._cache.keys), list(engine._cache.values)]
+        hidden = real(tokens, layout)
+        mx.synchronize()
+        mx.reset_peak_memory()
+        before = mx.get_active_memory()
+        mx.eval(hidden, *engine._cache.arrays)
+        peaks.append(mx.get_peak_memory() - before)
+        return hidden
+
+    monkeypatch.setattr(decode, "hidden", measured)
+    for i, prompt in enumerate([[3] * 900, [4] * 900, [5] * 900, [6] * 900]):
+        engine.add(SequenceRequest(seq_id=i, prompt=tuple(prompt), sampling=GREEDY, max_tokens=40))
+    for _ in range(16):  # prefill (512 tokens a step), then decode steps
+        engine.step()
+    assert decode.traces == 1
+    layer_bytes = engine._cache.keys[0].nbytes  # type: ignore[union-attr]
+    copied = [peak >= layer_bytes for peak in peaks[-4:]]
+    assert copied == [held] * 4
+
+
+def test_steps_without_the_kernel_or_with_windows_are_built_in_python(
+    loaded: LoadedModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = ModelEngine(loaded)  # on the CPU: MLX's attention, whose graph depends on the span
+    _generate(engine, PROMPTS, max_tokens=6)
+    assert engine._decode.traces == 0
+    monkeypatch.setattr(decode_attention, "_cuda_gpu", lambda: True)
+    monkeypatch.setattr(decode_attention, "decode_attention", _reference_kernel)
+    windowed = load_model(make_tiny_folder(tmp_path / "w", "gemma3_text"))
+    assert compiled_decode.windowed(windowed.model)
+    assert not compiled_decode.windowed(loaded.model)
+    gemma = ModelEngine(windowed)
+    _generate(gemma, PROMPTS, max_tokens=6)
+    assert gemma._decode.traces == 0
