@@ -3,9 +3,12 @@
 For each batch size, ``ModelEngine`` runs a batch of random prompts to the decode phase, then
 times ``--steps`` decode steps split into the host's part (building and dispatching the
 forward pass and the sampling graph: ``_dispatch``) and the wait for the previous step's
-tokens (``_collect``, the one host sync). A step whose dispatch takes longer than its wait is
-bound by Python, not by the device. Also prints the per-layer attention time at the same
-shapes, with and without the length mask, to see what the padded cache costs.
+tokens (``_collect``, the one host sync). The dispatch is split again into building the graph
+in Python (``graph``) and MLX encoding and launching it (``eval``, inside ``mx.async_eval``),
+and ``nodes`` counts the MLX nodes of one step's graph (``mx.export_to_dot``). A step whose
+dispatch takes longer than its wait is bound by the host, not by the device. Also prints the
+per-layer attention time at the same shapes, with and without the length mask, to see what
+the padded cache costs (``--no-attention`` skips it).
 
 Run: ``python bench/profile_step.py [--size 8b|1b|tiny] [--batches 1,16,64]``.
 """
@@ -13,10 +16,13 @@ Run: ``python bench/profile_step.py [--size 8b|1b|tiny] [--batches 1,16,64]``.
 from __future__ import annotations
 
 import argparse
+import io
+import re
 import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -24,7 +30,9 @@ import runtime  # noqa: F401  (OpenBLAS before mlx on CPU)
 from bench import engine_runs, random_llama
 
 
-def profile(size: str, batches: list[int], steps: int, prompt_tokens: int) -> None:
+def profile(
+    size: str, batches: list[int], steps: int, prompt_tokens: int, with_attention: bool
+) -> None:
     import mlx.core as mx
 
     from runtime.engine.model_engine import ModelEngine
@@ -34,7 +42,10 @@ def profile(size: str, batches: list[int], steps: int, prompt_tokens: int) -> No
     weights = random_llama.random_weights(config, mx.bfloat16)
     loaded = random_llama.loaded_in_memory(config, weights, name=size)
     print(f"device {mx.default_device()}, {size}, prompt {prompt_tokens}, {steps} steps")
-    print(f"{'rows':>5} {'dispatch ms':>12} {'wait ms':>9} {'step ms':>9} {'tok/s':>9}")
+    print(
+        f"{'rows':>5} {'dispatch ms':>12} {'graph ms':>9} {'eval ms':>8} {'wait ms':>8}"
+        f" {'step ms':>8} {'tok/s':>7} {'nodes':>6}"
+    )
     for rows in batches:
         engine = ModelEngine(loaded, prefill_chunk=rows * prompt_tokens)
         prompts = engine_runs.random_prompts(rows, prompt_tokens, int(config["vocab_size"]))
@@ -68,15 +79,55 @@ def profile(size: str, batches: list[int], steps: int, prompt_tokens: int) -> No
 
         engine._dispatch = timed_dispatch  # type: ignore[method-assign]
         engine._collect = timed_collect  # type: ignore[method-assign]
-        for _ in range(steps):
+        nodes = count_nodes(engine)
+        evaluating: list[float] = []
+        real_eval = mx.async_eval
+
+        def timed_eval(*arrays: mx.array) -> None:
             start = time.perf_counter()
-            engine.step()
-            total.append(time.perf_counter() - start)
-        ms = [1000 * statistics.median(x) for x in (dispatch, wait, total)]
-        print(f"{rows:>5} {ms[0]:>12.2f} {ms[1]:>9.2f} {ms[2]:>9.2f} {rows / ms[2] * 1000:>9.0f}")
+            try:
+                real_eval(*arrays)
+            finally:
+                evaluating.append(time.perf_counter() - start)
+
+        mx.async_eval = timed_eval
+        try:
+            for _ in range(steps):
+                start = time.perf_counter()
+                engine.step()
+                total.append(time.perf_counter() - start)
+        finally:
+            mx.async_eval = real_eval
+        d, e, w, t = (1000 * statistics.median(x) for x in (dispatch, evaluating, wait, total))
+        print(
+            f"{rows:>5} {d:>12.2f} {d - e:>9.2f} {e:>8.2f} {w:>8.2f} {t:>8.2f}"
+            f" {rows / t * 1000:>7.0f} {nodes:>6}"
+        )
         engine.close()
-    attention(config, batches, prompt_tokens)
-    attention(config, batches, 4096)
+    if with_attention:
+        attention(config, batches, prompt_tokens)
+        attention(config, batches, 4096)
+
+
+def count_nodes(engine: Any) -> int:
+    """The MLX nodes of one decode step's graph (the step runs as usual)."""
+    import mlx.core as mx
+
+    real_eval = mx.async_eval
+    graphs: list[str] = []
+
+    def capture(*arrays: mx.array) -> None:
+        text = io.StringIO()
+        mx.export_to_dot(text, *arrays)
+        graphs.append(text.getvalue())
+        real_eval(*arrays)
+
+    mx.async_eval = capture
+    try:
+        engine.step()
+    finally:
+        mx.async_eval = real_eval
+    return len(re.findall(r"\[label =\"[A-Za-z]", graphs[-1])) if graphs else 0
 
 
 def attention(config: dict[str, int], batches: list[int], positions: int) -> None:
@@ -121,9 +172,10 @@ def main() -> int:
     parser.add_argument("--batches", default="1,16,64")
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--no-attention", action="store_true", help="skip the attention table")
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
-    profile(args.size, batches, args.steps, args.prompt_tokens)
+    profile(args.size, batches, args.steps, args.prompt_tokens, not args.no_attention)
     return 0
 
 
