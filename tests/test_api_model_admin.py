@@ -19,28 +19,15 @@ from actors import import_process
 from actors.messages import ModelInfo
 from actors.tree import open_runner
 from api.app import ApiConfig, create_app
-from runtime.store.importer import import_model
 from runtime.store.layout import Store
 from runtime.store.profile import ModelProfile
-from runtime.testing.models import make_tiny_folder, random_weights, tiny_config
+from runtime.testing.models import random_weights, tiny_config
 from runtime.text.tokenizer import Tokenizer
 from tests import gguf_writer as gw
 from tests.api_fakes import INFO, FakeRunner, raw_request, serve_app
 from tests.waits import read_until, wait_until
 
 JINJA = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_folder(tmp_path_factory.mktemp("src") / "tiny")
-
-
-@pytest.fixture
-def store(tmp_path: Path, tiny_folder: Path) -> Store:
-    store = Store(tmp_path / "models")
-    import_model(tiny_folder, "base", store=store)
-    return store
 
 
 @pytest.fixture

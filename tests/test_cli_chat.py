@@ -27,7 +27,6 @@ from cli.chat_session import ChatSession
 from cli.main import build_parser
 from runtime.engine.protocol import SequenceRequest
 from runtime.testing.faults import FaultInjectingEngine, at_steps, engine_bug
-from runtime.testing.models import make_tiny_folder
 
 TOK = tiny_tokenizer()
 
@@ -204,11 +203,6 @@ async def test_bye_leaves_without_asking() -> None:
     code, out = await _chat(engine, Lines("/bye", "never read"))
     assert (code, out) == (0, "")
     assert engine.added == []
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_folder(tmp_path_factory.mktemp("tiny") / "m", "llama")
 
 
 async def test_later_turns_reuse_the_prefix_cache(tiny_folder: Path) -> None:

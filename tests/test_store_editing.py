@@ -25,22 +25,9 @@ from runtime.store.profile import (
     check_template,
     is_go_template,
 )
-from runtime.testing.models import make_tiny_folder
 
 JINJA = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}<assistant>"
 GO = "{{ if .System }}{{ .System }}{{ end }}{{ .Prompt }}"
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_folder(tmp_path_factory.mktemp("src") / "tiny")
-
-
-@pytest.fixture
-def store(tmp_path: Path, tiny_folder: Path) -> Store:
-    store = Store(tmp_path / "models")
-    import_model(tiny_folder, "base", store=store)
-    return store
 
 
 def _statuses(store: Store, name: str, base: str, changes: ProfileChanges) -> list[str]:
