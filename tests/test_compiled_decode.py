@@ -13,7 +13,7 @@ import pytest
 from runtime.engine import compiled_decode, decode_attention
 from runtime.engine.model_engine import ModelEngine
 from runtime.engine.options import SamplingOptions
-from runtime.engine.protocol import SequenceRequest
+from runtime.engine.protocol import PrefixReuse, SequenceRequest
 from runtime.models.loader import LoadedModel, load_model
 from runtime.testing.models import make_tiny_folder
 
@@ -164,3 +164,52 @@ def test_steps_without_the_kernel_or_with_windows_are_built_in_python(
     gemma = ModelEngine(windowed)
     _generate(gemma, PROMPTS, max_tokens=6)
     assert gemma._decode.traces == 0
+
+
+@pytest.mark.usefixtures("kernel")
+def test_a_prefix_saved_after_compiled_steps_gives_the_tokens_of_a_cold_run(
+    loaded: LoadedModel,
+) -> None:
+    """The prefix cache copies rows of a cache the compiled steps wrote, and a hit computed
+    beside other running rows (compiled steps) equals a cold run."""
+    first, follow_up = PROMPTS[2], [*PROMPTS[2], 7, 8, 9, 10]
+    cold = ModelEngine(loaded)
+    want = _generate(cold, [follow_up], max_tokens=10)[0]
+
+    engine = ModelEngine(loaded)
+    bias = tuple((eos, -1e9) for eos in engine.tokenizer.eos_ids)
+    for seq_id, prompt in enumerate([first, *PROMPTS[:2], PROMPTS[3]]):
+        max_tokens = 6 if seq_id == 0 else 60  # the others keep the batch at 4+ rows
+        engine.add(
+            SequenceRequest(
+                seq_id=seq_id,
+                prompt=tuple(prompt),
+                sampling=GREEDY,
+                max_tokens=max_tokens,
+                logit_bias=bias,
+            )
+        )
+    while 0 in engine._by_id:
+        for event in engine.step():
+            if event.seq_id == 0 and event.finish is not None:
+                assert engine.remove(0, save_as=42) >= len(first)
+    assert engine._decode.traces >= 1
+    engine.add(
+        SequenceRequest(
+            seq_id=9,
+            prompt=tuple(follow_up),
+            sampling=GREEDY,
+            max_tokens=10,
+            logit_bias=bias,
+            reuse=PrefixReuse(entry_id=42, length=len(first)),
+        )
+    )
+    assert engine._by_id[9].length == len(first)  # only the rest of the prompt is computed
+    got: list[int] = []
+    while 9 in engine._by_id:
+        for event in engine.step():
+            if event.seq_id == 9 and event.token is not None:
+                got.append(event.token)
+            if event.seq_id == 9 and event.finish is not None:
+                engine.remove(9)
+    assert got == want
