@@ -16,11 +16,14 @@ Run: ``python bench/profile_step.py [--size 8b|1b|tiny] [--batches 1,16,64]``.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import io
 import re
 import statistics
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -81,23 +84,19 @@ def profile(
         engine._collect = timed_collect  # type: ignore[method-assign]
         nodes = count_nodes(engine)
         evaluating: list[float] = []
-        real_eval = mx.async_eval
 
-        def timed_eval(*arrays: mx.array) -> None:
+        def timed_eval(real_eval: Callable[..., None], *arrays: mx.array) -> None:
             start = time.perf_counter()
             try:
                 real_eval(*arrays)
             finally:
                 evaluating.append(time.perf_counter() - start)
 
-        mx.async_eval = timed_eval
-        try:
+        with async_eval_through(timed_eval):
             for _ in range(steps):
                 start = time.perf_counter()
                 engine.step()
                 total.append(time.perf_counter() - start)
-        finally:
-            mx.async_eval = real_eval
         d, e, w, t = (1000 * statistics.median(x) for x in (dispatch, evaluating, wait, total))
         print(
             f"{rows:>5} {d:>12.2f} {d - e:>9.2f} {e:>8.2f} {w:>8.2f} {t:>8.2f}"
@@ -109,24 +108,34 @@ def profile(
         attention(config, batches, 4096)
 
 
+@contextlib.contextmanager
+def async_eval_through(hook: Callable[..., None]) -> Iterator[None]:
+    """``mx.async_eval`` (which the engine calls once per step) goes through
+    ``hook(real_async_eval, *arrays)`` inside the block."""
+    import mlx.core as mx
+
+    real_eval = mx.async_eval
+    mx.async_eval = functools.partial(hook, real_eval)
+    try:
+        yield
+    finally:
+        mx.async_eval = real_eval
+
+
 def count_nodes(engine: Any) -> int:
     """The MLX nodes of one decode step's graph (the step runs as usual)."""
     import mlx.core as mx
 
-    real_eval = mx.async_eval
     graphs: list[str] = []
 
-    def capture(*arrays: mx.array) -> None:
+    def capture(real_eval: Callable[..., None], *arrays: mx.array) -> None:
         text = io.StringIO()
         mx.export_to_dot(text, *arrays)
         graphs.append(text.getvalue())
         real_eval(*arrays)
 
-    mx.async_eval = capture
-    try:
+    with async_eval_through(capture):
         engine.step()
-    finally:
-        mx.async_eval = real_eval
     return len(re.findall(r"\[label =\"[A-Za-z]", graphs[-1])) if graphs else 0
 
 

@@ -87,7 +87,8 @@ def attention(
 
 
 # Queries per block of a prompt chunk's causal attention on the CPU (``causal_attention``);
-# ``MLXRUNNER_PROMPT_BLOCK=0`` computes each chunk whole (``bench/cpu_prefill.py``).
+# ``MLXRUNNER_PROMPT_BLOCK=0`` computes each chunk whole (``bench/cpu_engine.py``'s
+# "whole prompts").
 PROMPT_BLOCK = int(os.environ.get("MLXRUNNER_PROMPT_BLOCK", "128"))
 
 

@@ -105,8 +105,9 @@ def pretranspose_dense(model: nn.Module) -> int:
     count = 0
     for _, module in model.named_modules():
         for name, child in list(module.items()):
-            if type(child) is nn.Linear:
-                module[name] = _pretransposed(child)
+            layer = _pretransposed(child)
+            if layer is not child:
+                module[name] = layer
                 count += 1
     return count
 
