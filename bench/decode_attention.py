@@ -1,10 +1,14 @@
-"""The GPU decode-attention kernel against MLX's attention: equal outputs, and the time of each.
+"""The GPU decode-attention kernel against MLX's ops: equal results, and the time of each.
 
-For each shape (rows, cache capacity, KV heads, query heads, head size) it fills a padded
-cache, gives the rows different lengths, and compares ``runtime.engine.decode_attention``
-with ``mx.fast.scaled_dot_product_attention`` over the span with a length mask (the engine's
-previous path), then times both (and MLX's attention without a mask, its best case, for rows
-of equal length). CUDA only.
+The kernel (``runtime.engine.decode_attention``) takes a decode step's new queries, keys and
+values before RoPE, rotates them, writes each row's key and value into the padded cache in
+place and attends. For each shape (rows, cache capacity, KV heads, query heads, head size,
+longest length) and RoPE variant, it runs the same step through MLX's ops as the engine does
+where the kernel does not apply (``Rope``, ``put_along_axis``, masked
+``scaled_dot_product_attention``) and compares the outputs and the caches; one row in three
+is at -1 (not decoding), whose cache the kernel must leave alone and whose output is zeros.
+Then it times both paths per layer (MLX's includes copying the cache, which the engine's
+in-place update avoids). CUDA only.
 
 Run: ``python bench/decode_attention.py``.
 """
@@ -13,6 +17,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -20,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import mlx.core as mx
 
 from runtime.engine.decode_attention import decode_attention, enabled
+from runtime.models.common import Rope
 
 SHAPES = [  # rows, capacity, kv heads, query heads, head size, longest length
     (1, 256, 8, 32, 128, 140),
@@ -34,8 +40,26 @@ SHAPES = [  # rows, capacity, kv heads, query heads, head size, longest length
     (3, 256, 2, 16, 64, 60),
 ]
 
+ROPES: dict[str, Callable[[int], Rope]] = {
+    "default": lambda d: Rope(d, base=500000.0),
+    "traditional": lambda d: Rope(d, base=10000.0, traditional=True),
+    "partial": lambda d: Rope(d // 2, base=10000.0),
+    "linear": lambda d: Rope(d, base=10000.0, scaling={"type": "linear", "factor": 2.0}),
+    "llama3": lambda d: Rope(
+        d,
+        base=500000.0,
+        scaling={"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 8192},
+        max_position_embeddings=131072,
+    ),
+    "yarn": lambda d: Rope(
+        d,
+        base=10000.0,
+        scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4096},
+    ),
+}
 
-def timed(fn, repeats: int = 10, layers: int = 32) -> float:  # type: ignore[no-untyped-def]
+
+def timed(fn: Callable[[], object], repeats: int = 10, layers: int = 32) -> float:
     """Milliseconds per call, calls issued ``layers`` at a time as a step issues them."""
     mx.eval(fn())
     start = time.perf_counter()
@@ -44,39 +68,64 @@ def timed(fn, repeats: int = 10, layers: int = 32) -> float:  # type: ignore[no-
     return (time.perf_counter() - start) / (repeats * layers) * 1000
 
 
-def check(rows: int, cap: int, hkv: int, hq: int, d: int, longest: int) -> float:
+def difference(a: mx.array, b: mx.array) -> float:
+    return float(mx.abs(a.astype(mx.float32) - b.astype(mx.float32)).max().item())  # type: ignore[arg-type]
+
+
+def check(shape: tuple[int, ...], rope_name: str) -> float:
+    rows, cap, hkv, hq, d, longest = shape
+    rope = ROPES[rope_name](d)
     dt = mx.bfloat16
-    q = mx.random.normal((rows, hq, 1, d)).astype(dt)
-    k = mx.random.normal((rows, hkv, cap, d)).astype(dt)
-    v = mx.random.normal((rows, hkv, cap, d)).astype(dt)
+    # Queries, keys and values as views of one fused projection, as the models hand them over.
+    fused = mx.random.normal((rows, (hq + 2 * hkv) * d)).astype(dt)
+    q = fused[:, : hq * d].reshape(rows, hq, 1, d)
+    k_new = fused[:, hq * d : (hq + hkv) * d].reshape(rows, hkv, 1, d)
+    v_new = fused[:, (hq + hkv) * d :].reshape(rows, hkv, 1, d)
+    k_cache = mx.random.normal((rows, hkv, cap, d)).astype(dt)
+    v_cache = mx.random.normal((rows, hkv, cap, d)).astype(dt)
     lengths = [
         longest if r == 0 else max(1, (longest * (r + 1)) // (rows + 1)) for r in range(rows)
     ]
-    offsets = mx.array([n - 1 for n in lengths], dtype=mx.int32)
-    mask = (mx.arange(longest)[None] <= offsets[:, None]).reshape(rows, 1, 1, longest)
+    writes = [n - 1 for n in lengths]
+    reads = [-1 if r % 3 == 2 else w for r, w in enumerate(writes)]
+    offsets = mx.array(writes, dtype=mx.int32)
     scale = d**-0.5
+    mx.eval(fused, k_cache, v_cache)
 
-    def ours() -> mx.array:
-        out = decode_attention(q, k, v, offsets, scale=scale, longest=longest)
-        assert out is not None
-        return out
-
-    def sdpa() -> mx.array:
-        return mx.fast.scaled_dot_product_attention(
-            q, k[:, :, :longest], v[:, :, :longest], scale=scale, mask=mask
+    def ours(copy: bool = True) -> tuple[mx.array, mx.array, mx.array]:
+        k, v = (k_cache * 1, v_cache * 1) if copy else (k_cache, v_cache)  # the kernel writes them
+        out, k, v = decode_attention(
+            q, k_new, v_new, k, v, mx.array(reads), rope=rope, scale=scale, longest=longest
         )
+        return out, k, v
 
-    def sdpa_nomask() -> mx.array:
-        return mx.fast.scaled_dot_product_attention(
-            q, k[:, :, :longest], v[:, :, :longest], scale=scale
+    def theirs() -> tuple[mx.array, mx.array, mx.array]:
+        qr, kr = rope(q, offsets), rope(k_new, offsets)
+        at = offsets.reshape(rows, 1, 1, 1)
+        k = mx.put_along_axis(k_cache, mx.broadcast_to(at, kr.shape), kr, axis=2)
+        v = mx.put_along_axis(v_cache, mx.broadcast_to(at, v_new.shape), v_new, axis=2)
+        mask = (mx.arange(longest)[None] <= offsets[:, None]).reshape(rows, 1, 1, longest)
+        out = mx.fast.scaled_dot_product_attention(
+            qr, k[:, :, :longest], v[:, :, :longest], scale=scale, mask=mask
         )
+        return out, k, v
 
-    err = mx.abs(ours().astype(mx.float32) - sdpa().astype(mx.float32)).max().item()
-    print(
-        f"{rows:>4} {cap:>5} {hkv:>3} {hq:>3} {d:>4} {longest:>5} {err:>8.4f} "
-        f"{timed(ours):>9.3f} {timed(sdpa):>9.3f} {timed(sdpa_nomask):>11.3f}"
+    (out, k, v), (want, k_want, v_want) = ours(), theirs()
+    mx.eval(out, k, v, want, k_want, v_want)
+    decoding = mx.array([r >= 0 for r in reads]).reshape(rows, 1, 1, 1)
+    err = max(
+        difference(mx.where(decoding, out, 0), mx.where(decoding, want, 0)),
+        difference(mx.where(decoding, k, k_cache), mx.where(decoding, k_want, k_cache)),
+        difference(mx.where(decoding, v, v_cache), mx.where(decoding, v_want, v_cache)),
+        difference(mx.where(decoding, 0, k), mx.where(decoding, 0, k_cache)),  # left alone
+        difference(mx.where(decoding, 0, out), mx.zeros_like(out)),
     )
-    return float(err)  # type: ignore[arg-type]
+    print(
+        f"{rows:>4} {cap:>5} {hkv:>3} {hq:>3} {d:>4} {longest:>5} {rope_name:>11} {err:>8.4f} "
+        f"{timed(lambda: ours(copy=False)):>9.3f} {timed(theirs):>9.3f}",
+        flush=True,
+    )
+    return err
 
 
 def main() -> int:
@@ -85,13 +134,15 @@ def main() -> int:
         return 1
     mx.random.seed(0)
     print(
-        f"{'rows':>4} {'cap':>5} {'hkv':>3} {'hq':>3} {'d':>4} {'len':>5} "
-        f"{'max err':>8} {'kernel ms':>9} {'sdpa mask':>9} {'sdpa nomask':>11}"
+        f"{'rows':>4} {'cap':>5} {'hkv':>3} {'hq':>3} {'d':>4} {'len':>5} {'rope':>11} "
+        f"{'max err':>8} {'kernel ms':>9} {'mlx ms':>9}"
     )
     worst = 0.0
     for shape in SHAPES:
-        worst = max(worst, check(*shape))
-    print(f"worst abs difference {worst:.4f} (bf16 outputs)")
+        worst = max(worst, check(shape, "default"))
+    for name in ROPES:
+        worst = max(worst, check((5, 512, 8, 32, 128, 300), name))
+    print(f"worst abs difference {worst:.4f} (bf16 outputs and caches)")
     return 0 if worst < 0.05 else 1
 
 

@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import mlx.core as mx
 
 from runtime.engine import decode_attention
+from runtime.models.common import Rope
 
 N = 400
 
@@ -79,13 +80,17 @@ def main() -> None:
     )
     bench("put_along_axis", chain(cache, lambda c: mx.put_along_axis(c, at, new_k, axis=2)))
 
+    rope = Rope(128, base=5e5)
+    v = k * 1  # the kernel writes the new position of both caches
+
     def attend(y: mx.array) -> mx.array:
-        out = decode_attention.decode_attention(y, k, k, lengths, scale=0.08, longest=151)
-        assert out is not None, "the decode-attention kernel needs MLX's CUDA backend"
+        out, _, _ = decode_attention.decode_attention(
+            y, new_k, new_k, k, v, lengths, rope=rope, scale=0.08, longest=151
+        )
         return out
 
-    if decode_attention.enabled():
-        bench("decode-attention kernel", chain(q, attend))
+    if decode_attention.supports(q, k):
+        bench("decode-attention kernel (RoPE, writes)", chain(q, attend))
     span = k[:, :, :151]
     bench(
         "scaled_dot_product_attention",

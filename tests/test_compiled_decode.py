@@ -4,6 +4,7 @@ depends on nothing but its arrays."""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from runtime.engine import compiled_decode, decode_attention
 from runtime.engine.model_engine import ModelEngine
 from runtime.engine.options import SamplingOptions
 from runtime.engine.protocol import PrefixReuse, SequenceRequest
+from runtime.models.common import Rope
 from runtime.models.loader import LoadedModel, load_model
 from runtime.testing.models import make_tiny_folder
 
@@ -34,19 +36,38 @@ def _reference_kernel(
     queries: mx.array,
     keys: mx.array,
     values: mx.array,
+    key_cache: mx.array,
+    value_cache: mx.array,
     offsets: mx.array,
     *,
+    rope: Rope,
     scale: float,
     longest: int,
-) -> mx.array:
-    """The decode-attention kernel's contract in MLX ops: row r reads positions 0..offsets[r]
-    of the whole cache (like the kernel, nothing here depends on ``longest``)."""
-    rows, positions = queries.shape[0], keys.shape[2]
-    visible = mx.arange(positions)[None, :] <= offsets[:, None]
-    mask = visible.reshape(rows, 1, 1, positions)
-    return mx.fast.scaled_dot_product_attention(
-        queries, keys[:rows], values[:rows], scale=scale, mask=mask
+    every_row_decodes: bool = False,
+) -> tuple[mx.array, mx.array, mx.array]:
+    """The decode-attention kernel's contract in MLX ops: each row with an offset rotates its
+    new query and key to that position, writes its key and value there and reads positions
+    0..offset of the whole cache; a row at -1 is left alone. The kernel writes the caches on
+    the device and returns them as given; here they are new arrays. Like the kernel, nothing
+    here depends on ``longest``. ``every_row_decodes`` skips reading what a row at -1 keeps
+    (a read of the cache would keep MLX from updating it in place)."""
+    rows, positions = queries.shape[0], key_cache.shape[2]
+    decoding = offsets >= 0
+    at = mx.maximum(offsets, 0)
+    queries, keys = rope(queries, at), rope(keys, at)
+    index = mx.broadcast_to(at.reshape(rows, 1, 1, 1), keys.shape)
+    written = []
+    for cache, new in ((key_cache, keys), (value_cache, values)):
+        if not every_row_decodes:
+            kept = mx.take_along_axis(cache, index, axis=2)  # what a row at -1 keeps
+            new = mx.where(decoding[:, None, None, None], new, kept)
+        written.append(mx.put_along_axis(cache, index, new, axis=2))
+    key_cache, value_cache = written
+    visible = (mx.arange(positions)[None, :] <= offsets[:, None]).reshape(rows, 1, 1, positions)
+    out = mx.fast.scaled_dot_product_attention(
+        queries, key_cache[:rows], value_cache[:rows], scale=scale, mask=visible
     )
+    return mx.where(decoding[:, None, None, None], out, mx.zeros_like(out)), key_cache, value_cache
 
 
 @pytest.fixture
@@ -54,6 +75,9 @@ def kernel(monkeypatch: pytest.MonkeyPatch) -> None:
     """Steps take the kernel's path here as on CUDA, the kernel itself being CUDA's."""
     monkeypatch.setattr(decode_attention, "_cuda_gpu", lambda: True)
     monkeypatch.setattr(decode_attention, "decode_attention", _reference_kernel)
+    # The tiny model's heads (16 features) are narrower than the CUDA kernel takes; its stand-in
+    # takes any.
+    monkeypatch.setattr(decode_attention, "supports", lambda queries, cache: True)
 
 
 def _generate(engine: ModelEngine, prompts: list[list[int]], **kw: Any) -> dict[int, list[int]]:
@@ -122,6 +146,11 @@ def test_compiled_steps_write_the_cache_in_place(
     """Each compiled step is evaluated on its own here, its memory peak measured: a copy of a
     layer's keys would raise it by that layer's bytes, and does when the old cache arrays are
     still held elsewhere (``held``, the check that the measure sees copies)."""
+    monkeypatch.setattr(
+        decode_attention,
+        "decode_attention",
+        functools.partial(_reference_kernel, every_row_decodes=True),
+    )
     engine = ModelEngine(loaded)
     decode = engine._decode
     real = decode.hidden
@@ -158,12 +187,29 @@ def test_steps_without_the_kernel_or_with_windows_are_built_in_python(
     assert engine._decode.traces == 0
     monkeypatch.setattr(decode_attention, "_cuda_gpu", lambda: True)
     monkeypatch.setattr(decode_attention, "decode_attention", _reference_kernel)
+    monkeypatch.setattr(decode_attention, "supports", lambda queries, cache: True)
     windowed = load_model(make_tiny_folder(tmp_path / "w", "gemma3_text"))
     assert compiled_decode.windowed(windowed.model)
     assert not compiled_decode.windowed(loaded.model)
     gemma = ModelEngine(windowed)
     _generate(gemma, PROMPTS, max_tokens=6)
     assert gemma._decode.traces == 0
+
+
+def test_a_model_whose_heads_the_kernel_declines_is_not_compiled_past_its_first_trace(
+    loaded: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its steps attend through MLX with the span's mask: a replay would keep the traced span
+    and drop each row's newest positions."""
+    monkeypatch.setattr(decode_attention, "_cuda_gpu", lambda: True)
+    monkeypatch.setattr(decode_attention, "decode_attention", _reference_kernel)
+    monkeypatch.setenv("MLXRUNNER_COMPILED_DECODE", "0")
+    want = _generate(ModelEngine(loaded), PROMPTS)
+    monkeypatch.setenv("MLXRUNNER_COMPILED_DECODE", "1")
+    engine = ModelEngine(loaded)
+    assert _generate(engine, PROMPTS) == want
+    assert engine._decode.traces == 1
+    assert not engine._decode.usable
 
 
 @pytest.mark.usefixtures("kernel")

@@ -20,9 +20,20 @@ def test_kernel_is_off_without_cuda() -> None:
     q = mx.zeros((2, 4, 1, 32))
     kv = mx.zeros((2, 2, 16, 32))
     assert not decode_attention.enabled()
-    assert (
-        decode_attention.decode_attention(q, kv, kv, mx.array([3, 5]), scale=1.0, longest=6) is None
-    )
+    assert not decode_attention.supports(q, kv)
+
+
+def test_kernel_takes_only_the_shapes_it_is_built_for(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(decode_attention, "_cuda_gpu", lambda: True)
+    kv = mx.zeros((2, 8, 16, 128), dtype=mx.bfloat16)
+    assert decode_attention.supports(mx.zeros((2, 32, 1, 128), dtype=mx.bfloat16), kv)
+    assert not decode_attention.supports(mx.zeros((2, 32, 1, 128)), kv)  # dtypes differ
+    assert not decode_attention.supports(mx.zeros((2, 32, 2, 128), dtype=mx.bfloat16), kv)
+    assert not decode_attention.supports(mx.zeros((2, 30, 1, 128), dtype=mx.bfloat16), kv)
+    narrow = mx.zeros((2, 2, 16, 80), dtype=mx.bfloat16)  # 80 features: not a warp's multiple
+    assert not decode_attention.supports(mx.zeros((2, 4, 1, 80), dtype=mx.bfloat16), narrow)
+    wide = mx.zeros((2, 1, 16, 256), dtype=mx.bfloat16)  # 16 queries of 256: too much shared memory
+    assert not decode_attention.supports(mx.zeros((2, 16, 1, 256), dtype=mx.bfloat16), wide)
 
 
 def test_env_forces_mlx_attention(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -68,16 +79,18 @@ def test_layout_takes_the_kernel_only_where_it_runs(monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(decode_attention, "_cuda_gpu", lambda: True)
     assert _layout([3, 7, 5], cache).kernel  # ragged rows: the kernel, and no mask built
     assert _layout([3, 7, 5], cache).mask is None
-    assert not _layout([5, 5], cache).kernel  # two equal short rows: MLX's unmasked attention
-    assert _layout([5] * 4, cache).kernel
-    assert _layout([1500, 1500], cache).kernel
+    assert _layout([5], cache).kernel  # one short row too
+    assert _layout([5, 5], cache).kernel
+    monkeypatch.setenv("MLXRUNNER_DECODE_ATTENTION", "sdpa")
+    assert not _layout([5, 5], cache).kernel
 
 
 def test_a_kernel_that_declines_falls_back_to_masked_attention(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Same outputs whether the layout chose MLX's attention or chose the kernel and it
-    declined (head sizes it does not take): the fallback builds the length mask itself."""
+    declined (head sizes it does not take): the fallback rotates and writes the decode rows,
+    and builds the length mask itself."""
     rope = Rope(32, base=10000.0)
     mx.random.seed(3)
     q = mx.random.normal((3, 4, 1, 32))
@@ -96,9 +109,10 @@ def test_a_kernel_that_declines_falls_back_to_masked_attention(
     monkeypatch.setattr(decode_attention, "_cuda_gpu", lambda: True)
     calls: list[int] = []
 
-    def declines(*args: object, **kwargs: object) -> None:
+    def declines(*args: object, **kwargs: object) -> bool:
         calls.append(1)
+        return False
 
-    monkeypatch.setattr(batch_cache.decode_attention, "decode_attention", declines)
+    monkeypatch.setattr(batch_cache.decode_attention, "supports", declines)
     np.testing.assert_allclose(run(), expected, rtol=1e-6)
     assert calls  # the kernel was asked, and declined

@@ -4,7 +4,8 @@ Every running sequence owns one *row* of the batch cache; its positions ``0..len
 valid and the rest of the row is padding. A decode step therefore needs one attention call per
 layer for all rows at once (``mx.fast.scaled_dot_product_attention`` over the whole buffer with
 a per-row length mask), and one scatter per layer to write each row's new key at its own
-position. Prefill chunks write a slice of their row and attend to it with a causal mask.
+position; on the GPU one kernel call does both (``runtime.engine.decode_attention``). Prefill
+chunks write a slice of their row and attend to it with a causal mask.
 
 Capacity grows in steps (rows one at a time, positions ``STEP`` at a time) and only shrinks
 when the batch empties: growing copies the buffer, so it must be rare, and the scheduler's
@@ -131,10 +132,17 @@ class BatchLayout:
     span: int = 0  # decode attention reads positions [0, span) of every row
     ragged: bool = False  # decoding rows differ in length (MLX's attention needs a mask)
     kernel: bool = False  # decode rows attend with ``decode_attention`` (GPU), not MLX's
+    # With the kernel: ``offsets`` where a row decodes, -1 where it does not (the kernel
+    # writes and reads nothing there; MLX's path writes a dummy, which a prompt chunk of the
+    # same step then overwrites).
+    reads: mx.array | None = None
     mask: mx.array | None = None  # ``length_mask()`` when ragged and MLX's attention is used
     prefill: tuple[PrefillChunk, ...] = ()
     _write_indices: dict[tuple[int, ...], mx.array] = attrs.field(factory=dict, init=False)
     _window_masks: dict[int, mx.array] = attrs.field(factory=dict, init=False)
+    # Layers that chose the kernel but whose shapes it does not take (they used MLX's masked
+    # attention, whose graph depends on the span: ``CompiledDecode`` must not replay them).
+    declined: list[int] = attrs.field(factory=list, init=False)
 
     @classmethod
     def build(
@@ -149,7 +157,7 @@ class BatchLayout:
     ) -> BatchLayout:
         """``lengths``: every row's length when the step decodes (``None``: prefill only);
         ``decoding``: the rows whose decode output is used (the others carry dummies)."""
-        offsets = None
+        offsets = reads = None
         rows = span = 0
         ragged = kernel = False
         if lengths is not None:
@@ -163,9 +171,19 @@ class BatchLayout:
             # rows that start together stay in step. Dummy rows' outputs are discarded.
             span = max(used) + 1
             ragged = min(used) != max(used)
-            # The GPU kernel reads each row to its own length without a mask; MLX's attention
-            # is still faster for one or two rows of equal, short length (bench/decode_attention.py).
-            kernel = decode_attention.enabled() and (ragged or rows >= 4 or span >= 1024)
+            # The GPU kernel reads each row to its own length without a mask, and rotates
+            # and writes the new keys itself: a layer's decode attention is one node instead
+            # of five (two RoPEs, two scatters, attention). MLX's attention used to be faster
+            # for one to three short rows, but no longer beside those nodes: batch-1 steps of
+            # the 8B model took 4.82 ms through the kernel against 4.97 (README, GPU).
+            kernel = decode_attention.enabled()
+            if kernel:
+                fed = set(decoding)
+                reads = offsets
+                if len(fed) < rows:
+                    reads = mx.array(
+                        [n if r in fed else -1 for r, n in enumerate(lengths)], dtype=mx.int32
+                    )
         layout = cls(
             cache=cache,
             capacity_rows=capacity_rows,
@@ -175,6 +193,7 @@ class BatchLayout:
             span=span,
             ragged=ragged,
             kernel=kernel,
+            reads=reads,
             prefill=tuple(prefill),
         )
         if ragged and not kernel:
@@ -226,6 +245,7 @@ class BatchLayout:
         assert k_all is not None
         assert v_all is not None
         decode_only = rows > 0 and not self.prefill
+        kernel = False
         if rows:
             assert self.offsets is not None
             if decode_only:  # a flat step: already one batch entry per row
@@ -234,10 +254,17 @@ class BatchLayout:
                 q_dec = queries[:, :, :rows].transpose(2, 1, 0, 3)
                 k_dec = keys[:, :, :rows].transpose(2, 1, 0, 3)
                 v_dec = values[:, :, :rows].transpose(2, 1, 0, 3)
-            q_dec = rope(q_dec, self.offsets)
-            k_dec = rope(k_dec, self.offsets)
-            k_all = mx.put_along_axis(k_all, self._write_index(k_dec), k_dec, axis=2)
-            v_all = mx.put_along_axis(v_all, self._write_index(v_dec), v_dec, axis=2)
+            # Past the window, MLX's attention with a windowed length mask: the kernel reads
+            # each row from position 0.
+            windowed = window is not None and self.span > window
+            kernel = self.kernel and not windowed and decode_attention.supports(q_dec, k_all)
+            if self.kernel and not windowed and not kernel:
+                self.declined.append(layer)
+            if not kernel:  # (the kernel rotates and writes the decode rows itself)
+                q_dec = rope(q_dec, self.offsets)
+                k_dec = rope(k_dec, self.offsets)
+                k_all = mx.put_along_axis(k_all, self._write_index(k_dec), k_dec, axis=2)
+                v_all = mx.put_along_axis(v_all, self._write_index(v_dec), v_dec, axis=2)
         chunks = []
         for chunk in self.prefill:
             end = chunk.start + chunk.length
@@ -250,16 +277,23 @@ class BatchLayout:
         cache.keys[layer], cache.values[layer] = k_all, v_all
         outputs = []
         if rows:
-            out = None
-            # Past the window, MLX's attention with a windowed length mask: the kernel reads
-            # each row from position 0.
-            windowed = window is not None and self.span > window
-            if self.kernel and not windowed:
-                assert self.offsets is not None
-                out = decode_attention.decode_attention(
-                    q_dec, k_all, v_all, self.offsets, scale=scale, longest=self.span
+            if kernel:
+                # After the prefill writes: rows that do not decode (a prompt being read among
+                # them) have no position in ``reads`` and are left alone.
+                assert self.reads is not None
+                out, k_all, v_all = decode_attention.decode_attention(
+                    q_dec,
+                    k_dec,
+                    v_dec,
+                    k_all,
+                    v_all,
+                    self.reads,
+                    rope=rope,
+                    scale=scale,
+                    longest=self.span,
                 )
-            if out is None:
+                cache.keys[layer], cache.values[layer] = k_all, v_all
+            else:
                 k_seen, v_seen = k_all, v_all
                 if self.span < k_all.shape[2]:
                     k_seen, v_seen = k_all[:, :, : self.span], v_all[:, :, : self.span]

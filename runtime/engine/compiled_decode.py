@@ -70,6 +70,7 @@ class CompiledDecode:
         self.usable = enabled() and not windowed(model)
         self._compiled: OrderedDict[_Key, Callable[..., Any]] = OrderedDict()
         self.traces = 0  # how many step shapes were traced (tests; the bench's log)
+        self._declined = False  # the last trace had a layer the kernel did not take
 
     def hidden(self, tokens: mx.array, layout: BatchLayout) -> mx.array:
         """``model.hidden(tokens, layout)`` for a flat decode step; compiled where it applies."""
@@ -84,7 +85,12 @@ class CompiledDecode:
                 self._compiled.popitem(last=False)
         self._compiled.move_to_end(key)
         cache, layers = self.cache, self.cache.num_layers
-        outputs = function(tokens, layout.offsets, *cache.keys, *cache.values)
+        outputs = function(tokens, layout.offsets, layout.reads, *cache.keys, *cache.values)
+        if self._declined:
+            # The trace attended through MLX: right for this step's span (the one traced),
+            # not for the next. The model's head shapes never change: no step is compiled.
+            self.usable = False
+            self._compiled.clear()
         # The old arrays leave the cache before evaluation, so MLX may update them in place.
         cache.keys = list(outputs[1 : 1 + layers])
         cache.values = list(outputs[1 + layers :])
@@ -110,14 +116,17 @@ class CompiledDecode:
         model, layers = self.model, self.cache.num_layers
         self.traces += 1
 
-        def step(tokens: mx.array, offsets: mx.array, *arrays: mx.array) -> list[mx.array]:
+        def step(
+            tokens: mx.array, offsets: mx.array, reads: mx.array, *arrays: mx.array
+        ) -> list[mx.array]:
             cache = BatchKVCache(layers)
             cache.keys = list(arrays[:layers])
             cache.values = list(arrays[layers:])
             # The traced layout keeps this step's span: any span of the same bucket splits the
-            # kernel's work the same way, and the kernel reads lengths from ``offsets``.
-            traced = attrs.evolve(layout, cache=cache, offsets=offsets)
+            # kernel's work the same way, and the kernel reads lengths from ``reads``.
+            traced = attrs.evolve(layout, cache=cache, offsets=offsets, reads=reads)
             hidden = model.hidden(tokens, traced)
+            self._declined = bool(traced.declined)
             return [hidden, *cache.arrays]  # every layer's keys, then values
 
         return mx.compile(step)
