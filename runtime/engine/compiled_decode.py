@@ -26,7 +26,11 @@ the compiled step was slower still.
 The cache's arrays go in as inputs and the updated ones come out, replacing them in the
 ``BatchKVCache`` before the step is evaluated: the old arrays are then held by the graph alone,
 and MLX writes the new positions in place rather than copying a layer's cache (checked by
-``tests/test_compiled_decode.py`` through peak memory).
+``tests/test_compiled_decode.py`` through peak memory). On CUDA the kernel writes the cache
+itself and hands the same arrays back.
+
+A model whose head shapes the kernel declines attends through MLX's masked attention, whose
+graph depends on the span: after a trace in which any layer declined, nothing is compiled.
 """
 
 from __future__ import annotations
