@@ -96,13 +96,25 @@ def main() -> int:
     weights = random_llama.random_weights(config, mx.float32)
     loaded = random_llama.loaded_in_memory(config, weights, name=args.size)
     vocab = int(config["vocab_size"])
+    calls = [0]
+    kernel = decode_attention.decode_attention
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        calls[0] += 1
+        return kernel(*args, **kwargs)
+
+    decode_attention.decode_attention = counted
     results: dict[str, Tokens] = {}
+    failed = False
+    print(f"device {mx.default_device()}")
     for name, environment in MODES.items():
         os.environ.update(environment)
+        calls[0] = 0
         results[name] = run(loaded, vocab)
-    print(f"device {mx.default_device()}, kernel available: {decode_attention.enabled()}")
+        print(f"{name}: {calls[0]} calls to the kernel (a compiled step calls it when traced)")
+        if name.startswith("kernel") and decode_attention.enabled() and not calls[0]:
+            failed = True  # on CUDA the kernel must have run
     want = results["mlx ops"]
-    failed = False
     for name, got in results.items():
         for seq_id, tokens in sorted(want.items()):
             mine = got.get(seq_id, [])

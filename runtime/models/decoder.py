@@ -18,6 +18,7 @@ import mlx.nn as nn
 
 from runtime.models.common import Layout
 from runtime.models.fused import RMSNorm
+from runtime.models.residual_norm import add_rms_norm, applies
 
 
 class DecoderLayer(nn.Module):
@@ -35,6 +36,16 @@ class DecoderLayer(nn.Module):
         out: mx.array = h + self.mlp(self.post_attention_layernorm(h))
         return out
 
+    def fused(
+        self, x: mx.array, normed: mx.array, layout: Layout, after: nn.RMSNorm
+    ) -> tuple[mx.array, mx.array]:
+        """The layer on ``x`` whose ``input_layernorm`` is ``normed``; returns its output and
+        that output normed by ``after`` (the next layer's input norm, or the final one), each
+        residual add and the norm after it one kernel (``runtime.models.residual_norm``)."""
+        norm = self.post_attention_layernorm
+        h, normed_h = add_rms_norm(x, self.self_attn(normed, layout), norm.weight, norm.eps)
+        return add_rms_norm(h, self.mlp(normed_h), after.weight, after.eps)
+
 
 class DecoderStack(nn.Module):
     """Embeddings, ``args.num_hidden_layers`` layers made by ``layer(args, index)``, final norm."""
@@ -47,7 +58,22 @@ class DecoderStack(nn.Module):
 
     def __call__(self, inputs: mx.array, layout: Layout) -> mx.array:
         h = self.embed_tokens(inputs)
+        if self._fusable(h):
+            normed = self.layers[0].input_layernorm(h)
+            after = [layer.input_layernorm for layer in self.layers[1:]] + [self.norm]
+            for layer, norm in zip(self.layers, after, strict=True):
+                h, normed = layer.fused(h, normed, layout, norm)
+            return normed
         for layer in self.layers:
             h = layer(h, layout)
         out: mx.array = self.norm(h)
         return out
+
+    def _fusable(self, h: mx.array) -> bool:
+        """Whether every add and the norm after it can run as one kernel here."""
+        norms = [self.norm]
+        for layer in self.layers:
+            if type(layer) is not DecoderLayer:  # (a subclass may add or norm otherwise)
+                return False
+            norms += [layer.input_layernorm, layer.post_attention_layernorm]
+        return all(isinstance(n, nn.RMSNorm) and applies(h, n.weight) for n in norms)
