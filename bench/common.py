@@ -1,4 +1,4 @@
-"""Shared helpers for the benchmarks: the default model's files and a median timer."""
+"""Shared helpers for the benchmarks: the default model's files and timers."""
 
 from __future__ import annotations
 
@@ -39,3 +39,15 @@ BENCH_TEXT = (
     "if it was treated with patience. One winter, a stranger arrived with a clock that had no "
     "hands and no numbers, only a face of polished black stone that seemed to swallow the light."
 )
+
+
+def per_call_ms(fn: Callable[[], object], *, repeats: int = 10, calls: int = 32) -> float:
+    """Milliseconds per call of an MLX function, calls issued ``calls`` at a time and evaluated
+    together, as a decode step issues one per layer (one warm-up call first)."""
+    import mlx.core as mx
+
+    mx.eval(fn())
+    start = time.perf_counter()
+    for _ in range(repeats):
+        mx.eval([fn() for _ in range(calls)])
+    return (time.perf_counter() - start) / (repeats * calls) * 1000

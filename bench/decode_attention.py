@@ -16,7 +16,6 @@ Run: ``python bench/decode_attention.py``.
 from __future__ import annotations
 
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import mlx.core as mx
 
+from bench.common import per_call_ms
 from runtime.engine.decode_attention import decode_attention, enabled
 from runtime.models.common import Rope
 
@@ -57,15 +57,6 @@ ROPES: dict[str, Callable[[int], Rope]] = {
         scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4096},
     ),
 }
-
-
-def timed(fn: Callable[[], object], repeats: int = 10, layers: int = 32) -> float:
-    """Milliseconds per call, calls issued ``layers`` at a time as a step issues them."""
-    mx.eval(fn())
-    start = time.perf_counter()
-    for _ in range(repeats):
-        mx.eval([fn() for _ in range(layers)])
-    return (time.perf_counter() - start) / (repeats * layers) * 1000
 
 
 def difference(a: mx.array, b: mx.array) -> float:
@@ -122,7 +113,7 @@ def check(shape: tuple[int, ...], rope_name: str) -> float:
     )
     print(
         f"{rows:>4} {cap:>5} {hkv:>3} {hq:>3} {d:>4} {longest:>5} {rope_name:>11} {err:>8.4f} "
-        f"{timed(lambda: ours(copy=False)):>9.3f} {timed(theirs):>9.3f}",
+        f"{per_call_ms(lambda: ours(copy=False)):>9.3f} {per_call_ms(theirs):>9.3f}",
         flush=True,
     )
     return err

@@ -10,25 +10,16 @@ Run: ``python bench/residual_norm.py``.
 from __future__ import annotations
 
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import mlx.core as mx
 
+from bench.common import per_call_ms
 from runtime.models.residual_norm import add_rms_norm, applies
 
 SHAPES = [(1, 4096), (16, 4096), (64, 4096), (2048, 4096), (5, 2048), (3, 3584), (7, 8192)]
-
-
-def timed(fn: Callable[[], object], repeats: int = 10, calls: int = 32) -> float:
-    mx.eval(fn())
-    start = time.perf_counter()
-    for _ in range(repeats):
-        mx.eval([fn() for _ in range(calls)])
-    return (time.perf_counter() - start) / (repeats * calls) * 1000
 
 
 def check(rows: int, width: int, dtype: mx.Dtype) -> float:
@@ -50,7 +41,7 @@ def check(rows: int, width: int, dtype: mx.Dtype) -> float:
         float(mx.abs(b.astype(mx.float32) - d.astype(mx.float32)).max().item()),  # type: ignore[arg-type]
     )
     print(
-        f"{rows:>5} {width:>5} {dtype!s:>14} {err:>8.4f} {timed(ours):>8.4f} {timed(theirs):>8.4f}",
+        f"{rows:>5} {width:>5} {dtype!s:>14} {err:>8.4f} {per_call_ms(ours):>8.4f} {per_call_ms(theirs):>8.4f}",
         flush=True,
     )
     return err
