@@ -6,6 +6,10 @@ the stack is the token embeddings, the layers, and a final RMSNorm. The module a
 names are the checkpoints' (``self_attn``, ``mlp``, ``input_layernorm``,
 ``post_attention_layernorm``; ``embed_tokens``, ``layers``, ``norm``), which loading and
 ``runtime.models.sharding`` rely on. Gemma 3 norms and scales differently and keeps its own.
+
+On CUDA, for half-precision weights, the stack runs each residual add together with the norm
+that follows it (``runtime.models.residual_norm``): every layer gets its input already normed
+and returns its output normed for the next layer, the last one by the final norm.
 """
 
 from __future__ import annotations
