@@ -274,26 +274,25 @@ class BatchLayout:
             k_all[row : row + 1, :, chunk.offset : stop] = k
             v_all[row : row + 1, :, chunk.offset : stop] = values[:, :, chunk.start : end]
             chunks.append((q, row, chunk.offset, stop))
+        if kernel:
+            # After the prefill writes: rows that do not decode (a prompt being read among
+            # them) have no position in ``reads`` and are left alone.
+            assert self.reads is not None
+            out, k_all, v_all = decode_attention.decode_attention(
+                q_dec,
+                k_dec,
+                v_dec,
+                k_all,
+                v_all,
+                self.reads,
+                rope=rope,
+                scale=scale,
+                longest=self.span,
+            )
         cache.keys[layer], cache.values[layer] = k_all, v_all
         outputs = []
         if rows:
-            if kernel:
-                # After the prefill writes: rows that do not decode (a prompt being read among
-                # them) have no position in ``reads`` and are left alone.
-                assert self.reads is not None
-                out, k_all, v_all = decode_attention.decode_attention(
-                    q_dec,
-                    k_dec,
-                    v_dec,
-                    k_all,
-                    v_all,
-                    self.reads,
-                    rope=rope,
-                    scale=scale,
-                    longest=self.span,
-                )
-                cache.keys[layer], cache.values[layer] = k_all, v_all
-            else:
+            if not kernel:
                 k_seen, v_seen = k_all, v_all
                 if self.span < k_all.shape[2]:
                     k_seen, v_seen = k_all[:, :, : self.span], v_all[:, :, : self.span]

@@ -62,7 +62,6 @@ class Rope(nn.Module):
         self.scale = 1.0
         self.mscale = 1.0
         self._freqs: mx.array | None = None
-        self._inverse: mx.array | None = None
         kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
         if kind == "linear":
             self.scale = 1.0 / float(scaling["factor"])  # type: ignore[index]
@@ -77,22 +76,17 @@ class Rope(nn.Module):
             self.base = None
         elif kind not in ("default", None):
             raise ValueError(f"unsupported rope scaling {kind!r}")
-        self.inverse_frequencies()  # now, not inside a traced step
+        if self._freqs is not None:
+            inverse = 1.0 / self._freqs.astype(mx.float32)
+        else:
+            half = dims // 2
+            inverse = mx.power(2.0, -(mx.arange(half, dtype=mx.float32) / half) * math.log2(base))
+        mx.eval(inverse)  # now: a compiled step may not evaluate arrays while it is traced
+        self._inverse = inverse
 
     def inverse_frequencies(self) -> mx.array:
         """``[dims // 2]`` float32: the angle per position of each rotated pair, as MLX's RoPE
-        computes it (for kernels that rotate in place, ``runtime.engine.decode_attention``).
-        Made once, evaluated: a compiled step may not evaluate arrays while it is traced."""
-        if self._inverse is None:
-            if self._freqs is not None:
-                inverse = 1.0 / self._freqs.astype(mx.float32)
-            else:
-                assert self.base is not None
-                half = self.dims // 2
-                exponent = mx.arange(half, dtype=mx.float32) / half
-                inverse = mx.power(2.0, -exponent * math.log2(self.base))
-            mx.eval(inverse)
-            self._inverse = inverse
+        computes it (for kernels that rotate in place, ``runtime.engine.decode_attention``)."""
         return self._inverse
 
     def __call__(self, x: mx.array, offset: int | mx.array) -> mx.array:
